@@ -1,0 +1,3 @@
+from deltafleet.cli import main
+
+raise SystemExit(main())
