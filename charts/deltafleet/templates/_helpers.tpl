@@ -1,0 +1,104 @@
+{{/* Chart name, truncated to a DNS label. */}}
+{{- define "deltafleet.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Full name: release-chart unless the release name already contains the chart name. */}}
+{{- define "deltafleet.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "deltafleet.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "deltafleet.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "deltafleet.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{ include "deltafleet.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: deltafleet
+{{- end }}
+
+{{- define "deltafleet.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "deltafleet.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "deltafleet.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+
+{{- define "deltafleet.jobImage" -}}
+{{- printf "%s:%s" .Values.compression.image.repository (default .Chart.AppVersion .Values.compression.image.tag) }}
+{{- end }}
+
+{{- define "deltafleet.rayServiceNamespace" -}}
+{{- default .Release.Namespace .Values.serve.rayService.namespace }}
+{{- end }}
+
+{{/* Watched namespaces, comma-separated; empty means all. */}}
+{{- define "deltafleet.watchNamespaces" -}}
+{{- if not .Values.watch.allNamespaces }}
+{{- if not .Values.watch.namespaces }}
+{{- fail "watch.namespaces must list at least one namespace when watch.allNamespaces is false" }}
+{{- end }}
+{{- join "," .Values.watch.namespaces }}
+{{- end }}
+{{- end }}
+
+{{/*
+What the operator may do where it watches FineTunes. kopf needs get/list/watch/patch on the
+resource (finalizers and progress annotations live in metadata), patch on status; the
+finalizers subresource lets Jobs carry blockOwnerDeletion owner references to a FineTune.
+Pods are only read: the compression result comes back in a pod's termination message.
+*/}}
+{{- define "deltafleet.watchRules" -}}
+- apiGroups: [deltafleet.dev]
+  resources: [finetunes]
+  verbs: [get, list, watch, patch, update]
+- apiGroups: [deltafleet.dev]
+  resources: [finetunes/status]
+  verbs: [get, patch, update]
+- apiGroups: [deltafleet.dev]
+  resources: [finetunes/finalizers]
+  verbs: [update]
+- apiGroups: [batch]
+  resources: [jobs]
+  verbs: [get, list, watch, create, delete]
+- apiGroups: [""]
+  resources: [pods]
+  verbs: [get, list, watch]
+- apiGroups: [""]
+  resources: [pods/log]
+  verbs: [get]
+- apiGroups: [""]
+  resources: [events]
+  verbs: [create, patch]
+{{- end }}
+
+{{- define "deltafleet.modelStoreVolume" -}}
+{{- if .Values.modelStore.claimName }}
+- name: model-store
+  persistentVolumeClaim:
+    claimName: {{ .Values.modelStore.claimName }}
+{{- else if .Values.modelStore.hostPath }}
+- name: model-store
+  hostPath:
+    path: {{ .Values.modelStore.hostPath }}
+    type: DirectoryOrCreate
+{{- end }}
+{{- end }}
