@@ -1,0 +1,294 @@
+"""DeltaBank: which tenants' deltas live where — device slots (hot), CPU memory (warm), disk.
+
+The device tier is a fixed stack of `n_slots` slots per delta-aware linear:
+signs [n_slots, N, K // 32] int32 and scales [n_slots, N] float32, so a batch passes the
+stack to the kernel as is and each row names its slot (no per-step gathering). A slot's
+scales are zero for modules its delta does not compress (zero contribution). Whole tensors
+(embeddings, lm_head, norms, biases) live beside the slot as ordinary device tensors.
+n_slots = gpu_bank_bytes // (bytes of one slot's signs and scales), at least one.
+
+A slot holding a tenant with running sequences is pinned (refcount); others are evicted
+least-recently-used. Warm deltas stay in CPU memory (pinned on CUDA) within cpu_bank_bytes,
+LRU; the rest are re-read from disk (and re-verified) when needed. Every read from disk is
+verified: content hash, base fingerprint, shapes against the model. All loading and copying
+runs on one background thread, so decoding of other tenants never waits for it.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from deltafleet.compress.format import Delta, DeltaError, check_against_model, load_delta
+
+LOADING, READY, FAILED = "loading", "ready", "failed"
+
+
+@dataclass
+class Tenant:
+    name: str
+    path: Path
+    status: str = LOADING
+    error: str | None = None
+    slot: int | None = None
+    registered_at: float = field(default_factory=time.monotonic)
+
+
+class DeltaBank:
+    def __init__(
+        self,
+        model: nn.Module,
+        linears: dict[str, tuple[int, int]],
+        fingerprint: str,
+        device: torch.device,
+        dtype: torch.dtype,
+        gpu_bank_bytes: int,
+        cpu_bank_bytes: int,
+        on_change: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.model, self.fingerprint, self.device, self.dtype = model, fingerprint, device, dtype
+        self.cpu_bank_bytes = cpu_bank_bytes
+        self.on_change = on_change
+        self.slot_bytes = sum(n * (k // 32) * 4 + n * 4 for n, k in linears.values())
+        self.n_slots = max(1, gpu_bank_bytes // max(1, self.slot_bytes))
+        self.stacks = {
+            name: (
+                torch.zeros(self.n_slots, n, k // 32, dtype=torch.int32, device=device),
+                torch.zeros(self.n_slots, n, dtype=torch.float32, device=device),
+            )
+            for name, (n, k) in linears.items()
+        }
+        self.slot_tenant: list[str | None] = [None] * self.n_slots
+        self.slot_ready = [False] * self.n_slots
+        self.slot_refs = [0] * self.n_slots
+        self.slot_whole: list[dict[str, dict[str, torch.Tensor]]] = [{} for _ in range(self.n_slots)]
+        self.slot_whole_bytes = [0] * self.n_slots
+        self.tenants: dict[str, Tenant] = {}
+        self.warm: OrderedDict[str, Delta] = OrderedDict()  # CPU tier, LRU order
+        self.device_lru: OrderedDict[str, int] = OrderedDict()
+        self.counters = {"device_hits": 0, "device_misses": 0, "cpu_hits": 0, "disk_loads": 0, "evictions": 0}
+        self._tied = _tied_groups(model)
+        self._lock = threading.RLock()
+        self._loader = ThreadPoolExecutor(1, thread_name_prefix="deltabank-loader")
+        self._copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    # ---- tenant set -------------------------------------------------------------------
+    def register(self, name: str, path: Path) -> None:
+        """Start loading (and verifying) a tenant in the background; a no-op if unchanged."""
+        with self._lock:
+            old = self.tenants.get(name)
+            if old is not None and old.path == Path(path) and old.status != FAILED:
+                return
+            if old is not None:
+                self.unregister(name)
+            self.tenants[name] = Tenant(name, Path(path))
+        self._loader.submit(self._verify_into_cpu, name)
+
+    def unregister(self, name: str) -> None:
+        with self._lock:
+            t = self.tenants.pop(name, None)
+            self.warm.pop(name, None)
+            self.device_lru.pop(name, None)
+            if t is not None and t.slot is not None and self.slot_refs[t.slot] == 0:
+                self._free_slot(t.slot)
+        self.on_change()
+
+    def names(self) -> list[str]:
+        with self._lock:
+            return sorted(self.tenants)
+
+    def status(self, name: str) -> Tenant | None:
+        with self._lock:
+            return self.tenants.get(name)
+
+    # ---- device slots (called by the decode loop) --------------------------------------
+    def acquire(self, name: str) -> int | None:
+        """The tenant's ready slot (pinned until `release`), or None while it is being brought in."""
+        with self._lock:
+            t = self.tenants.get(name)
+            if t is None or t.status != READY:
+                return None
+            if t.slot is not None:
+                if not self.slot_ready[t.slot]:
+                    return None
+                self.slot_refs[t.slot] += 1
+                self.device_lru.move_to_end(name)
+                self.counters["device_hits"] += 1
+                return t.slot
+            slot = self._free_or_evictable_slot()
+            if slot is None:
+                return None  # every slot is pinned by running sequences: wait for one to finish
+            self.counters["device_misses"] += 1
+            self.slot_tenant[slot], self.slot_ready[slot], t.slot = name, False, slot
+            self._loader.submit(self._copy_to_slot, name, slot)
+            return None
+
+    def release(self, slot: int) -> None:
+        with self._lock:
+            self.slot_refs[slot] -= 1
+            name = self.slot_tenant[slot]
+            if self.slot_refs[slot] == 0 and (name is None or name not in self.tenants):
+                self._free_slot(slot)  # tenant was removed while its sequences ran
+
+    def whole_of_slot(self, slot: int, module: str) -> dict[str, torch.Tensor] | None:
+        return self.slot_whole[slot].get(module)
+
+    # ---- figures ------------------------------------------------------------------------
+    def stats(self) -> dict:
+        with self._lock:
+            on_device = sum(1 for s in range(self.n_slots) if self.slot_ready[s] and self.slot_tenant[s])
+            return {
+                **self.counters,
+                "n_slots": self.n_slots,
+                "device_tenants": on_device,
+                "device_bytes": on_device * self.slot_bytes + sum(self.slot_whole_bytes),
+                "device_capacity_bytes": self.n_slots * self.slot_bytes,
+                "cpu_tenants": len(self.warm),
+                "cpu_bytes": sum(d.nbytes() for d in self.warm.values()),
+                "tenants": {n: t.status for n, t in self.tenants.items()},
+            }
+
+    def close(self) -> None:
+        self._loader.shutdown(wait=False, cancel_futures=True)
+
+    # ---- background work ---------------------------------------------------------------
+    def _read(self, path: Path) -> Delta:
+        delta = load_delta(path, expected_fingerprint=self.fingerprint)
+        check_against_model(delta, self.model)
+        missing = sorted(set(delta.signs) - set(self.stacks))
+        if missing:
+            raise DeltaError(f"{path}: compressed module {missing[0]!r} is not a linear this engine applies 1-bit deltas to")
+        for group in self._tied:  # a tied fine-tune stores the shared tensor once
+            have = [n for n in group if n in delta.whole]
+            for n in group:
+                if have and n not in delta.whole:
+                    delta.whole[n] = delta.whole[have[0]]
+        self.counters["disk_loads"] += 1
+        return delta
+
+    def _verify_into_cpu(self, name: str) -> None:
+        with self._lock:
+            t = self.tenants.get(name)
+        if t is None:
+            return
+        try:
+            delta = self._read(t.path)
+        except (DeltaError, OSError, RuntimeError, ValueError) as e:
+            with self._lock:
+                if self.tenants.get(name) is t:
+                    t.status, t.error = FAILED, str(e)
+            self.on_change()
+            return
+        with self._lock:
+            if self.tenants.get(name) is not t:
+                return
+            self._put_warm(name, delta)
+            t.status = READY
+        self.on_change()
+
+    def _put_warm(self, name: str, delta: Delta) -> None:
+        if self.device.type == "cuda":
+            delta = Delta(**{**delta.__dict__, **{k: {n: v.pin_memory() for n, v in getattr(delta, k).items()} for k in ("signs", "scales", "whole")}})
+        self.warm[name] = delta
+        self.warm.move_to_end(name)
+        while len(self.warm) > 1 and sum(d.nbytes() for d in self.warm.values()) > self.cpu_bank_bytes:
+            self.warm.popitem(last=False)  # stays registered: re-read from disk when needed
+        if sum(d.nbytes() for d in self.warm.values()) > self.cpu_bank_bytes:
+            self.warm.pop(name)
+
+    def _copy_to_slot(self, name: str, slot: int) -> None:
+        with self._lock:
+            t = self.tenants.get(name)
+            delta = self.warm.get(name)
+            if delta is not None:
+                self.warm.move_to_end(name)
+                self.counters["cpu_hits"] += 1
+        try:
+            if t is None:
+                raise DeltaError(f"tenant {name!r} was removed")
+            if delta is None:
+                delta = self._read(t.path)
+                with self._lock:
+                    self._put_warm(name, delta)
+            whole = self._fill_slot(slot, delta)
+        except (DeltaError, OSError, RuntimeError, ValueError) as e:
+            with self._lock:
+                if t is not None and self.tenants.get(name) is t:
+                    t.status, t.error = FAILED, str(e)
+                if self.slot_tenant[slot] == name:
+                    self._free_slot(slot)
+            self.on_change()
+            return
+        with self._lock:
+            if self.slot_tenant[slot] != name:
+                return  # the slot was taken back (tenant removed) while we copied
+            if self.tenants.get(name) is not t:
+                self._free_slot(slot)
+                return
+            self.slot_whole[slot] = whole
+            self.slot_whole_bytes[slot] = sum(v.numel() * v.element_size() for m in whole.values() for v in m.values())
+            self.slot_ready[slot] = True
+            self.device_lru[name] = slot
+        self.on_change()
+
+    @torch.inference_mode()
+    def _fill_slot(self, slot: int, delta: Delta) -> dict[str, dict[str, torch.Tensor]]:
+        stream = torch.cuda.stream(self._copy_stream) if self._copy_stream is not None else _nullctx()
+        whole: dict[str, dict[str, torch.Tensor]] = {}
+        with stream:
+            for name, (signs, scales) in self.stacks.items():
+                if name in delta.signs:
+                    signs[slot].copy_(delta.signs[name], non_blocking=True)
+                    scales[slot].copy_(delta.scales[name].expand(scales.shape[1]), non_blocking=True)
+                else:
+                    scales[slot].zero_()
+            for pname, tensor in delta.whole.items():
+                module, _, short = pname.rpartition(".")
+                whole.setdefault(module, {})[short] = tensor.to(self.device, self.dtype, non_blocking=True)
+        if self._copy_stream is not None:
+            self._copy_stream.synchronize()  # the slot is used only once its bytes have landed
+        return whole
+
+    def _free_or_evictable_slot(self) -> int | None:
+        for s in range(self.n_slots):
+            if self.slot_tenant[s] is None:
+                return s
+        for name, s in self.device_lru.items():  # least recently used first
+            if self.slot_refs[s] == 0 and self.slot_ready[s]:
+                self.counters["evictions"] += 1
+                self._free_slot(s)
+                return s
+        return None
+
+    def _free_slot(self, slot: int) -> None:
+        name = self.slot_tenant[slot]
+        if name is not None:
+            self.device_lru.pop(name, None)
+            t = self.tenants.get(name)
+            if t is not None and t.slot == slot:
+                t.slot = None
+        self.slot_tenant[slot], self.slot_ready[slot] = None, False
+        self.slot_whole[slot], self.slot_whole_bytes[slot] = {}, 0
+
+
+def _tied_groups(model: nn.Module) -> list[list[str]]:
+    by_id: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        by_id.setdefault(id(p), []).append(name)
+    return [names for names in by_id.values() if len(names) > 1]
+
+
+class _nullctx:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False

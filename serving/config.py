@@ -1,0 +1,141 @@
+"""The serve-config contract: what the operator generates and `deltafleet serve --config` reads.
+
+A pool file is a standard Ray Serve config; each application is one base-model pool:
+
+    applications:
+      - name: <pool>                      # one application per base-model pool
+        route_prefix: /<pool>             # endpoint http://<host>:8000/<pool>/v1 ; model = tenant name
+        import_path: deltafleet.serving.app:build_app
+        args: {pool: <pool>, base_model: <local path or HF id>, device: auto, dtype: auto,
+               max_batch_size: 16, max_queue: 256, gpu_bank_bytes: <int>, cpu_bank_bytes: <int>,
+               store_root: <optional dir; delta URIs must resolve inside it>}
+        deployments:
+          - name: DeltaServer
+            autoscaling_config: {min_replicas: 1, max_replicas: 4, target_ongoing_requests: 8}
+            ray_actor_options: {num_gpus: 0, num_cpus: 1}
+            user_config:
+              tenants:
+                "<namespace>/<name>": {uri: "file:///models/deltas/ns/name/g1/delta.safetensors"}
+
+`args` -> `AppArgs` (fixed for the replica's life); `user_config` -> `TenantsConfig`
+(applied by `reconfigure()` without restarting the replica: new tenants load in the
+background, removed ones unload). Tenant names may contain "/". The base model itself is
+served under the names in `BASE_ALIASES` plus the pool name, so tenants may not use them.
+
+Delta URIs: `file://<absolute path>` or a plain absolute path, nothing else (no http, s3,
+relative paths). When `store_root` is set, the resolved path (symlinks and `..` followed)
+must lie inside it, so a config cannot make a replica read arbitrary files.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal
+from urllib.parse import unquote, urlparse
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+BASE_ALIASES = ("base",)
+TENANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]*(/[A-Za-z0-9][A-Za-z0-9._\-]*)*$")
+
+
+class ConfigError(ValueError):
+    """A serve config that cannot be used; one line saying what and where."""
+
+
+class AppArgs(BaseModel):
+    """`args` of one application: fixed for the life of a replica."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    pool: str = Field(min_length=1, max_length=63, pattern=r"^[a-z0-9]([a-z0-9\-]*[a-z0-9])?$")
+    base_model: str = Field(min_length=1, description="local folder or HF id, loaded with from_pretrained")
+    device: str = Field("auto", description="auto (cuda if available else cpu), cpu, cuda, cuda:N")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    max_batch_size: int = Field(16, ge=1, le=1024)
+    max_queue: int = Field(256, ge=1)
+    gpu_bank_bytes: int = Field(4 << 30, ge=0, description="device-tier byte budget for hot deltas")
+    cpu_bank_bytes: int = Field(16 << 30, ge=0, description="CPU-tier byte budget for warm deltas")
+    store_root: str | None = Field(None, description="delta URIs must resolve inside this folder")
+    load_timeout_s: float = Field(120.0, gt=0, description="how long a request waits for its tenant to load")
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", v):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {v!r}")
+        return v
+
+    @field_validator("store_root")
+    @classmethod
+    def _root(cls, v: str | None) -> str | None:
+        if v is not None and not Path(v).is_absolute():
+            raise ValueError(f"store_root must be an absolute path, got {v!r}")
+        return v
+
+
+class TenantSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    uri: str = Field(min_length=1)
+
+
+class TenantsConfig(BaseModel):
+    """`user_config` of the DeltaServer deployment: the tenant set (diffed on every update)."""
+
+    model_config = ConfigDict(extra="forbid")
+    tenants: dict[str, TenantSpec] = Field(default_factory=dict)
+
+    @field_validator("tenants")
+    @classmethod
+    def _names(cls, v: dict[str, TenantSpec]) -> dict[str, TenantSpec]:
+        for name in v:
+            if not TENANT_NAME.fullmatch(name) or len(name) > 253:
+                raise ValueError(f"tenant name {name!r} must be segments of [A-Za-z0-9._-] separated by '/'")
+            if name in BASE_ALIASES:
+                raise ValueError(f"tenant name {name!r} is reserved for the base model")
+        return v
+
+
+def parse_args(raw: dict) -> AppArgs:
+    return _parse(AppArgs, raw, "args")
+
+
+def parse_tenants(raw: dict | None, pool: str | None = None) -> TenantsConfig:
+    cfg = _parse(TenantsConfig, raw or {}, "user_config")
+    if pool is not None and pool in cfg.tenants:
+        raise ConfigError(f"user_config.tenants: tenant name {pool!r} is the pool's own name (reserved for the base model)")
+    return cfg
+
+
+def resolve_uri(uri: str, store_root: str | None = None) -> Path:
+    """A delta URI -> an absolute local path, refusing other schemes and escapes from store_root."""
+    parsed = urlparse(uri)
+    if parsed.scheme == "file":
+        if parsed.netloc not in ("", "localhost"):
+            raise ConfigError(f"delta URI {uri!r}: file:// URIs must not name a host")
+        raw = unquote(parsed.path)
+    elif parsed.scheme == "" and uri.startswith("/"):
+        raw = uri
+    else:
+        raise ConfigError(f"delta URI {uri!r}: only file:// URIs and absolute paths are supported")
+    if not raw.startswith("/"):
+        raise ConfigError(f"delta URI {uri!r}: path must be absolute")
+    path = Path(raw).resolve()
+    if store_root is not None:
+        root = Path(store_root).resolve()
+        if path != root and root not in path.parents:
+            raise ConfigError(f"delta URI {uri!r} resolves to {path}, outside store_root {root}")
+    return path
+
+
+def _parse(model: type[BaseModel], raw: dict, where: str):
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(raw).__name__}")
+    try:
+        return model.model_validate(raw)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = ".".join(str(p) for p in err["loc"])
+        more = f" (and {len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
+        raise ConfigError(f"{where}.{loc}: {err['msg']}{more}") from None

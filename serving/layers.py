@@ -1,0 +1,119 @@
+"""How one batch applies many tenants' deltas: a delta-aware linear and per-row whole tensors.
+
+Every nn.Linear of the base (in_features a multiple of 32) is swapped for `DeltaLinear`,
+which calls the batched kernel with the batch's row -> slot map, so all tenants in a batch
+share one launch per layer. Parameters a delta stores whole (embeddings, lm_head, norms,
+biases) are applied per row: a forward hook recomputes only the rows of tenants that
+override the module, with their tensors (torch.func.functional_call), and writes them
+into the base output. Rows are sequences: every module sees batch-first inputs.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from deltafleet.kernels import delta_linear
+
+
+class BatchContext:
+    """Which bank slot each sequence of the current forward uses (-1 = the base)."""
+
+    def __init__(self, bank) -> None:
+        self.bank = bank
+        self.slot_of_seq: torch.Tensor | None = None  # [B] int64 on the model's device
+        self.slots: list[int] = []  # distinct non-negative slots in the batch
+        self.seq_index: dict[int, torch.Tensor] = {}  # slot -> batch indices of its sequences
+        self._rows: dict[int, torch.Tensor] = {}
+
+    def set(self, slot_of_seq: list[int], device: torch.device) -> None:
+        self.slot_of_seq = torch.tensor(slot_of_seq, dtype=torch.int64, device=device)
+        self.slots = sorted({s for s in slot_of_seq if s >= 0})
+        self.seq_index = {
+            s: torch.tensor([i for i, x in enumerate(slot_of_seq) if x == s], dtype=torch.int64, device=device)
+            for s in self.slots
+        }
+        self._rows = {}
+
+    def rows(self, m: int) -> torch.Tensor:
+        """Slot of each of m flattened rows ([B, S, K] -> [B*S] rows, S = m // B)."""
+        if m not in self._rows:
+            b = self.slot_of_seq.shape[0]
+            self._rows[m] = self.slot_of_seq.repeat_interleave(m // b) if m != b else self.slot_of_seq
+        return self._rows[m]
+
+
+class DeltaLinear(nn.Module):
+    """y = x·Wᵀ + α_t·(x·sign(Δ_t)ᵀ) (+ bias) for each row's tenant t, via `delta_linear`."""
+
+    def __init__(self, base: nn.Linear, name: str, ctx: BatchContext) -> None:
+        super().__init__()
+        self.weight = base.weight  # same Parameter: tied weights stay tied
+        self.bias = base.bias
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.name = name
+        self.ctx = ctx
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ctx = self.ctx
+        if not ctx.slots:
+            return F.linear(x, self.weight, self.bias)
+        x2 = x.reshape(-1, x.shape[-1])
+        rows = ctx.rows(x2.shape[0])
+        signs, scales = ctx.bank.stacks[self.name]
+        y = delta_linear(x2, self.weight, signs, scales, rows)
+        if self.bias is not None:
+            y = y + self.bias
+        for s in ctx.slots:
+            whole = ctx.bank.whole_of_slot(s, self.name)
+            if not whole:
+                continue
+            mask = rows == s
+            w = whole.get("weight", self.weight)
+            b = whole.get("bias", self.bias)
+            y[mask] = F.linear(x2[mask], w, b)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"{self.name}, in={self.in_features}, out={self.out_features}, bias={self.bias is not None}"
+
+
+def add_whole_hook(module: nn.Module, name: str, ctx: BatchContext) -> None:
+    """Recompute this module's output rows for tenants that store its parameters whole."""
+    busy = [False]
+
+    def hook(mod, args, output):
+        if busy[0] or not ctx.slots or not isinstance(output, torch.Tensor):
+            return None
+        for s in ctx.slots:
+            params = ctx.bank.whole_of_slot(s, name)
+            if not params:
+                continue
+            idx = ctx.seq_index[s]
+            sub = tuple(a.index_select(0, idx) if isinstance(a, torch.Tensor) else a for a in args)
+            busy[0] = True
+            try:
+                out = torch.func.functional_call(mod, params, sub)
+            finally:
+                busy[0] = False
+            output.index_copy_(0, idx, out.to(output.dtype))
+        return output
+
+    module.register_forward_hook(hook)
+
+
+def patch_model(model: nn.Module, ctx: BatchContext) -> dict[str, tuple[int, int]]:
+    """Swap linears for DeltaLinear and hook every other module that owns parameters.
+
+    Returns {module name: (out_features, in_features)} of the delta-aware linears."""
+    linears: dict[str, tuple[int, int]] = {}
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, nn.Linear) and mod.in_features % 32 == 0:
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, DeltaLinear(mod, name, ctx))
+            linears[name] = (mod.out_features, mod.in_features)
+        elif any(True for _ in mod.parameters(recurse=False)):
+            add_whole_hook(mod, name, ctx)
+    return linears

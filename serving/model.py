@@ -1,0 +1,32 @@
+"""Load a pool's base model (any decoder-only transformers model whose linears are nn.Linear)."""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device {device!r} requested but CUDA is not available on this replica")
+    return torch.device(device)
+
+
+def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":  # bf16 where the hardware does it well, fp32 on CPU (correct, not fast)
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return DTYPES[dtype]
+
+
+def load_base(base_model: str, device: torch.device, dtype: torch.dtype):
+    """(model, tokenizer), model in eval mode on `device`; attention via SDPA."""
+    tokenizer = AutoTokenizer.from_pretrained(base_model)
+    model = AutoModelForCausalLM.from_pretrained(base_model, torch_dtype=dtype, attn_implementation="sdpa")
+    if not model.config.is_decoder and getattr(model.config, "is_encoder_decoder", False):
+        raise ValueError(f"base model {base_model!r} is encoder-decoder; only decoder-only models are served")
+    model.to(device).eval().requires_grad_(False)
+    return model, tokenizer

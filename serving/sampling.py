@@ -1,0 +1,29 @@
+"""Per-request sampling parameters and the next-token choice for a batch of rows."""
+
+from __future__ import annotations
+
+import torch
+from pydantic import BaseModel, Field
+
+
+class SamplingParams(BaseModel):
+    max_tokens: int = Field(16, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)  # 0 = greedy
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    stop: list[str] = Field(default_factory=list, max_length=8)
+    seed: int | None = None
+
+
+def next_tokens(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]) -> list[int]:
+    """logits [B, V] -> one token per row: argmax for greedy rows, top-p sampling for the rest."""
+    out = logits.argmax(-1)
+    for i, p in enumerate(params):
+        if p.temperature == 0:
+            continue
+        probs = torch.softmax(logits[i].float() / p.temperature, dim=-1)
+        if p.top_p < 1.0:
+            sorted_p, order = probs.sort(descending=True)
+            keep = sorted_p.cumsum(0) - sorted_p < p.top_p  # smallest set whose mass reaches top_p
+            probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_p[keep])
+        out[i] = torch.multinomial(probs, 1, generator=generators[i])[0]
+    return out.tolist()
