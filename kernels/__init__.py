@@ -1,7 +1,23 @@
-"""1-bit delta kernels: packing layout, fp32 reference, Triton kernels and the dispatcher."""
+"""1-bit delta kernels: packing layout, fp32 reference, Triton kernels, the CPU path and the dispatcher.
 
+The Triton modules (triton_delta, triton_fused) are imported on first CUDA use, so importing
+this package never compiles or interprets a kernel."""
+
+from .cpu import SignCache, delta_linear_cpu
 from .dispatch import delta_linear
+from .grouping import TenantGroups, group_rows
 from .packing import pack_signs, unpack_bits, unpack_signs
 from .reference import delta_linear_reference, dense_delta_weight
 
-__all__ = ["delta_linear", "delta_linear_reference", "dense_delta_weight", "pack_signs", "unpack_bits", "unpack_signs"]
+__all__ = [
+    "SignCache",
+    "TenantGroups",
+    "delta_linear",
+    "delta_linear_cpu",
+    "delta_linear_reference",
+    "dense_delta_weight",
+    "group_rows",
+    "pack_signs",
+    "unpack_bits",
+    "unpack_signs",
+]

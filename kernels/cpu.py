@@ -1,0 +1,123 @@
+"""The CPU path of `delta_linear`: as fast as plain torch allows, no Triton.
+
+Base: one `F.linear` for the whole batch. Deltas: per tenant segment (grouping.py), one of
+
+* **byte LUT** (few rows, cold tenant): x·bᵀ with bits b ∈ {0,1} is a sum over the K/8
+  sign bytes of "sum of the x entries whose bits are set in this byte". Build that table
+  per row, lut[p, v] = Σ_j bit_j(v)·x[8p + j]  ([K/8, 256], a small matmul), then gather
+  it with the packed bytes and sum: N·K/8 gathers instead of unpacking N·K signs. Then
+  x·sᵀ = 2·x·bᵀ − rowsum(x). (The T-MAC idea, in torch.)
+* **unpack + matmul** (many rows): expand the packed bytes to ±1 through a [256, 8] table
+  (one gather, ~3× faster than shift-and-mask) and run one GEMM for the segment.
+* **cached signs** (hot tenants, optional `SignCache`): keep the unpacked ±1 matrix and
+  just run the GEMM. 32× (fp32) or 16× (bf16) the packed bytes, so it is bounded and LRU.
+
+Measured on the 2-core build machine (4096×4096, fp32, ms per tenant, shared CPU so
+noisy): 1 row: unpack+matmul 40, byte LUT 5, cached 4; 16 rows: unpack+matmul 66-98,
+byte LUT 125, cached 17. Hence LUT up to LUT_MAX_ROWS rows, unpack above; bench/kernels.py
+re-measures these on every run.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections import OrderedDict
+
+import torch
+import torch.nn.functional as F
+
+from .grouping import TenantGroups
+
+LUT_MAX_ROWS = 4
+
+if sys.byteorder != "little":  # the uint8 view of the int32 words below assumes it
+    raise ImportError("deltafleet.kernels.cpu assumes a little-endian host")
+
+_BITS = ((torch.arange(256)[:, None] >> torch.arange(8)) & 1).float()  # [256, 8]: bit j of byte v
+_SIGNS = _BITS * 2 - 1
+
+
+def sign_bytes(packed: torch.Tensor) -> torch.Tensor:
+    """[N, K/32] int32 -> [N, K/8] uint8; byte p holds the signs of columns 8p..8p+7 (bit j = column 8p+j)."""
+    return packed.contiguous().view(torch.uint8)
+
+
+def unpack_signs_fast(packed: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Same result as packing.unpack_signs for one [N, K/32] matrix, through a byte table."""
+    n = packed.shape[0]
+    return _SIGNS.to(dtype)[sign_bytes(packed).long()].reshape(n, -1)
+
+
+def signed_dot_lut(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    """x [m, K] fp32 · sign(Δ)ᵀ for one packed [N, K/32] matrix -> [m, N] fp32, via byte tables."""
+    m, k = x.shape
+    idx = sign_bytes(packed).long()  # [N, K/8]
+    lut = (x.view(m, k // 8, 8) @ _BITS.t()).transpose(1, 2)  # [m, 256, K/8]: lut[i, v, p]
+    out = torch.stack([lut[i].gather(0, idx).sum(1) for i in range(m)])  # [m, N] = x·bᵀ
+    return 2 * out - x.sum(1, keepdim=True)
+
+
+class SignCache:
+    """Unpacked ±1 sign matrices of hot (layer, tenant) pairs, LRU-bounded by bytes.
+
+    Keyed by the packed stack's storage, version counter, shape and tenant: writing a new
+    tenant into a stack in place bumps its version, so a stale entry can never be hit. An
+    entry holds a reference to its stack, so the storage cannot be freed and reused."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self.hits = self.misses = 0
+        self._entries: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+
+    def get(self, signs: torch.Tensor, tenant: int, dtype: torch.dtype) -> torch.Tensor:
+        key = (signs.data_ptr(), signs._version, tuple(signs.shape), tuple(signs.stride()), tenant, dtype)
+        entry = self._entries.get(key)
+        if entry is not None:
+            self.hits += 1
+            self._entries.move_to_end(key)
+            return entry[1]
+        self.misses += 1
+        dense = unpack_signs_fast(signs[tenant], dtype)
+        size = dense.numel() * dense.element_size()
+        if size <= self.max_bytes:
+            while self.bytes + size > self.max_bytes:
+                _, (_, old) = self._entries.popitem(last=False)
+                self.bytes -= old.numel() * old.element_size()
+            self._entries[key] = (signs, dense)
+            self.bytes += size
+        return dense
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self.bytes = 0
+
+
+def delta_linear_cpu(
+    x: torch.Tensor,
+    base_weight: torch.Tensor,
+    signs: torch.Tensor,
+    scales: torch.Tensor,
+    groups: TenantGroups,
+    sign_cache: SignCache | None = None,
+) -> torch.Tensor:
+    """y = x·Wᵀ + α_t·(x·sign(Δ_t)ᵀ) per row on CPU; fp32 accumulation, returned in x's dtype."""
+    y = F.linear(x, base_weight).float()
+    x32 = x.float()
+    # bf16 activations lose nothing to a bf16 sign GEMM (signs are exact); fp16/fp32 use fp32.
+    gemm_dtype = torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32
+    for s, tenant in enumerate(groups.tenants):
+        if tenant < 0:
+            continue
+        rows = groups.rows_of(s).long()
+        xs = x32.index_select(0, rows)
+        if sign_cache is not None:
+            dense = sign_cache.get(signs, tenant, gemm_dtype)
+            d = (xs.to(gemm_dtype) @ dense.t()).float()
+        elif rows.numel() <= LUT_MAX_ROWS:
+            d = signed_dot_lut(xs, signs[tenant])
+        else:
+            d = (xs.to(gemm_dtype) @ unpack_signs_fast(signs[tenant], gemm_dtype).t()).float()
+        alpha = scales[tenant].float()
+        y.index_add_(0, rows, d * alpha)  # alpha: scalar, or [N] broadcast over rows
+    return y.to(x.dtype)
