@@ -1,0 +1,51 @@
+"""Serve backends: how the operator applies a serve config and reads application status.
+
+Both take the WHOLE multi-application config (every pool) built by serveconfig, and apply it
+only when its hash differs from what the backend already holds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from deltafleet.operator.settings import Settings
+
+RUNNING = "RUNNING"
+
+
+class BackendError(RuntimeError):
+    """The backend could not be reached or refused the config (temporary: retried)."""
+
+
+@dataclass(frozen=True)
+class AppStatus:
+    status: str  # Ray Serve's: RUNNING, DEPLOYING, DEPLOY_FAILED, UNHEALTHY, DELETING, NOT_STARTED
+    message: str = ""
+    # Tenants the deployed config holds, when the backend can tell (ray-api); None otherwise.
+    tenants: frozenset[str] | None = None
+
+
+class Backend(Protocol):
+    name: str
+
+    def applied_hash(self) -> str | None:
+        """Hash of the config the backend holds now (None: unknown)."""
+
+    def apply(self, config: dict, digest: str) -> None:
+        """Replace the whole serve config."""
+
+    def statuses(self) -> dict[str, AppStatus]:
+        """Application (pool) name -> status, for the config applied last."""
+
+
+def make_backend(settings: Settings, api_client=None) -> Backend:
+    if settings.backend == "rayservice":
+        from deltafleet.operator.backend_rayservice import RayServiceBackend
+
+        return RayServiceBackend(settings.rayservice_namespace, settings.rayservice_name, api_client)
+    if settings.backend == "ray-api":
+        from deltafleet.operator.backend_rayapi import RayApiBackend
+
+        return RayApiBackend(settings.ray_dashboard_url)
+    raise ValueError(f"unknown serve backend {settings.backend!r}")

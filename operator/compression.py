@@ -1,0 +1,75 @@
+"""Compression bookkeeping: which spec fields make a new delta, Job names, backoff and the
+quality gate. Pure functions; the handlers call them.
+
+A FineTune's compression *input* is what changes the delta's bytes: the two models, the
+compression settings that shape it and the store it is written to. Its hash is recorded on
+the FineTune (annotation HASH_ANNOTATION) next to the status it describes, and labels every
+Job, so a change of serving settings (a new metadata.generation) never recompresses and a
+restarted operator finds the Jobs it made before it died.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+from deltafleet.operator import api
+
+HASH_ANNOTATION = f"{api.GROUP}/compression-hash"
+MANAGED_BY = "deltafleet-operator"
+
+# Labels on every compression Job (values fit the 63-char label limit: names are <= 40).
+LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+LABEL_COMPONENT = "app.kubernetes.io/component"
+LABEL_FINETUNE = f"{api.GROUP}/finetune"
+LABEL_HASH = f"{api.GROUP}/compression-hash"
+LABEL_GENERATION = f"{api.GROUP}/generation"
+LABEL_ATTEMPT = f"{api.GROUP}/attempt"
+
+# Compression settings that do not change the delta: the gate and where/how the Job runs.
+_PLACEMENT = {"min_fidelity", "gpus", "resources", "image", "node_selector", "tolerations"}
+
+
+def compression_input(spec: api.FineTuneSpec) -> dict:
+    def source(m: api.ModelSource) -> dict:
+        return {"huggingFace": m.hugging_face, "revision": m.revision, "path": m.path}
+
+    settings = spec.compression.model_dump(mode="json", exclude=_PLACEMENT)
+    return {
+        "base": source(spec.base_model),
+        "finetuned": source(spec.fine_tuned_model),
+        "compression": settings,
+        "store": spec.model_store.to_k8s() if spec.model_store else None,
+    }
+
+
+def compression_hash(spec: api.FineTuneSpec) -> str:
+    text = json.dumps(compression_input(spec), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def job_name(finetune: str, generation: int, attempt: int) -> str:
+    """`<ft>-compress-g<gen>` for the first attempt, `-r<n>` for the n-th retry: deterministic,
+    so creating it twice is a 409, never a second Job."""
+    name = f"{finetune}-compress-g{generation}"
+    return name if attempt == 0 else f"{name}-r{attempt}"
+
+
+def output_dir(namespace: str, name: str, generation: int) -> str:
+    """Where a generation's delta is written, as the Job (and the contract) sees the store."""
+    return f"{api.MODEL_STORE_MOUNT}/deltas/{namespace}/{name}/g{generation}"
+
+
+def delta_uri(namespace: str, name: str, generation: int) -> str:
+    return f"file://{output_dir(namespace, name, generation)}/delta.safetensors"
+
+
+def retry_delay(failures: int, base: float, cap: float) -> float:
+    """Exponential backoff before attempt `failures` (1 -> base, 2 -> 2*base, ...), capped."""
+    if failures <= 0:
+        return 0.0
+    return min(cap, base * 2 ** (failures - 1))
+
+
+def passes_gate(fidelity: float, min_fidelity: float) -> bool:
+    return fidelity >= min_fidelity

@@ -1,0 +1,369 @@
+"""The reconciler: one FineTune at a time, from its spec and its Jobs to its status.
+
+Every trigger (create, resume, spec update, a Job finishing, the periodic resync) calls
+`Controller.reconcile(namespace, name)`, which reads the object fresh, decides, and writes
+status itself under a per-object lock, so concurrent triggers never interleave writes.
+The serve config is rebuilt from a fresh LIST of FineTunes whenever this FineTune's
+contribution differs from what was applied last, and applied only when its hash changes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import kopf
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+from pydantic import ValidationError
+
+from deltafleet.compress.result import RESULT_FILE, CompressResult
+from deltafleet.operator import api
+from deltafleet.operator import compression as comp
+from deltafleet.operator import conditions as cond
+from deltafleet.operator import jobs
+from deltafleet.operator import serveconfig as sc
+from deltafleet.operator.backend import RUNNING, AppStatus, Backend, BackendError
+from deltafleet.operator.conditions import COMPRESSED, FALSE, READY, SERVED, TRUE, Reason
+from deltafleet.operator.settings import Settings
+from deltafleet.operator.validation import spec_problems
+
+log = logging.getLogger("deltafleet.operator")
+FAILED_APP_STATES = {"DEPLOY_FAILED", "UNHEALTHY"}
+_PER_INPUT = ("delta", "job", "retries", "endpoint")  # status that describes one compression input
+
+
+class InvalidSpec(Exception):
+    """The spec passed the schema but cannot be run; recorded as a condition, never retried."""
+
+
+@dataclass
+class ServingState:
+    """What this process last applied: the tenants (by FineTune) and the config hash."""
+
+    tenants: dict[str, sc.Tenant] = field(default_factory=dict)
+    conflicts: dict[str, str] = field(default_factory=dict)
+    digest: str | None = None
+    synced: bool = False
+
+
+def parse_time(text: str) -> float:
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp() if text else 0.0
+
+
+def eligible(ft: api.FineTune, annotations: dict, deleting: bool) -> bool:
+    """A FineTune is served iff its delta is of the current compression input and passed the gate."""
+    d = ft.status.delta
+    return (
+        not deleting
+        and d is not None
+        and annotations.get(comp.HASH_ANNOTATION) == comp.compression_hash(ft.spec)
+        and comp.passes_gate(d.fidelity.retained_improvement, ft.spec.compression.min_fidelity)
+    )
+
+
+class Controller:
+    def __init__(self, settings: Settings, backend: Backend, api_client: client.ApiClient | None = None):
+        self.settings = settings
+        self.backend = backend
+        self.custom = client.CustomObjectsApi(api_client)
+        self.batch = client.BatchV1Api(api_client)
+        self.core = client.CoreV1Api(api_client)
+        self._locks: dict[str, threading.Lock] = {}
+        self._locks_guard = threading.Lock()
+        self._serving_lock = threading.Lock()
+        self.serving = ServingState()
+        self._status_cache: tuple[float, dict[str, AppStatus]] = (0.0, {})
+
+    # ------------------------------------------------------------ API helpers
+
+    def _lock(self, key: str) -> threading.Lock:
+        with self._locks_guard:
+            return self._locks.setdefault(key, threading.Lock())
+
+    def _get(self, namespace: str, name: str) -> dict | None:
+        try:
+            return self.custom.get_namespaced_custom_object(api.GROUP, api.VERSION, namespace, api.PLURAL, name)
+        except ApiException as e:
+            if e.status == 404:
+                return None
+            raise
+
+    def _list_finetunes(self) -> list[dict]:
+        if not self.settings.namespaces:
+            return self.custom.list_cluster_custom_object(api.GROUP, api.VERSION, api.PLURAL)["items"]
+        items: list[dict] = []
+        for ns in self.settings.namespaces:
+            items += self.custom.list_namespaced_custom_object(api.GROUP, api.VERSION, ns, api.PLURAL)["items"]
+        return items
+
+    def _jobs(self, raw: dict, digest: str) -> list[dict]:
+        """This FineTune's Jobs for this compression input, oldest attempt first (owned by this
+        very object: a recreated FineTune of the same name never sees its predecessor's)."""
+        meta = raw["metadata"]
+        selector = f"{comp.LABEL_FINETUNE}={meta['name']},{comp.LABEL_HASH}={digest}"
+        items = _json(self.batch.list_namespaced_job(meta["namespace"], label_selector=selector, _preload_content=False))["items"]
+        owned = [j for j in items if any(o.get("uid") == meta["uid"] for o in j["metadata"].get("ownerReferences") or [])]
+        return sorted(owned, key=lambda j: int(j["metadata"]["labels"].get(comp.LABEL_ATTEMPT, "0")))
+
+    def _pod(self, namespace: str, job_name: str) -> dict | None:
+        """The Job's (only: restartPolicy Never, backoffLimit 0) pod, newest if there are more."""
+        selector = f"batch.kubernetes.io/job-name={job_name}"
+        items = _json(self.core.list_namespaced_pod(namespace, label_selector=selector, _preload_content=False))["items"]
+        return sorted(items, key=lambda p: p["metadata"].get("creationTimestamp", ""))[-1] if items else None
+
+    def _create_job(self, raw: dict, manifest: dict) -> None:
+        kopf.adopt(manifest, owner=raw)
+        try:
+            self.batch.create_namespaced_job(raw["metadata"]["namespace"], manifest)
+            log.info("created Job %s/%s", raw["metadata"]["namespace"], manifest["metadata"]["name"])
+        except ApiException as e:
+            if e.status != 409:  # 409: it exists (an earlier incarnation made it) -- that is success
+                raise
+        if self.settings.exit_after_job_create:
+            log.warning("exit_after_job_create: exiting right after creating %s", manifest["metadata"]["name"])
+            os._exit(3)
+
+    # ------------------------------------------------------------ compression
+
+    def _compression(self, raw: dict, ft: api.FineTune, digest: str, status: dict, conds: list, gen: int) -> list:
+        """Advance compression; returns the new conditions (status dict updated in place)."""
+        meta = raw["metadata"]
+        limit = ft.spec.backoff_limit
+        jobs_ = self._jobs(raw, digest)
+        outcomes = [(j, jobs.outcome(j, self._pod(meta["namespace"], j["metadata"]["name"]))) for j in jobs_]
+        for j, o in outcomes:
+            if o.state != jobs.SUCCEEDED:
+                continue
+            job_gen = int(j["metadata"]["labels"][comp.LABEL_GENERATION])
+            result = o.result or self._result_file(meta["namespace"], meta["name"], job_gen)
+            if result is not None:
+                delta = api.DeltaStatus.from_result(result, generation=job_gen)
+                delta.uri = comp.delta_uri(meta["namespace"], meta["name"], job_gen)
+                status["delta"] = delta.to_k8s()
+                status["job"] = j["metadata"]["name"]
+                return conds
+        failures = [(j, o) for j, o in outcomes if o.state == jobs.FAILED]
+        failures += [(j, jobs.Outcome(jobs.FAILED, f"{Reason.RESULT_UNREADABLE}: the Job succeeded but neither its termination message nor {RESULT_FILE} holds a result", o.finished_at))
+                     for j, o in outcomes if o.state == jobs.SUCCEEDED]
+        failures.sort(key=lambda jo: int(jo[0]["metadata"]["labels"][comp.LABEL_ATTEMPT]))
+        running = [j for j, o in outcomes if o.state == jobs.RUNNING]
+        status["retries"] = len(failures)
+        attempts = limit + 1
+        if running:
+            status["job"] = running[-1]["metadata"]["name"]
+            msg = f"Job {status['job']} is compressing (attempt {len(failures) + 1} of {attempts})"
+            return cond.set_condition(conds, COMPRESSED, FALSE, Reason.JOB_CREATED, msg, gen)[0]
+        if len(failures) >= attempts:
+            last = failures[-1]
+            msg = f"all {attempts} attempts failed; last ({last[0]['metadata']['name']}): {last[1].reason}"
+            return cond.set_condition(conds, COMPRESSED, FALSE, Reason.BACKOFF_LIMIT_EXCEEDED, msg, gen)[0]
+        if failures:
+            last_job, last = failures[-1]
+            wait = comp.retry_delay(len(failures), self.settings.retry_base_seconds, self.settings.retry_max_seconds)
+            due = parse_time(last.finished_at) + wait
+            if time.time() < due:
+                msg = f"attempt {len(failures)} of {attempts} failed ({last_job['metadata']['name']}): {last.reason}; retrying in {due - time.time():.0f}s"
+                return cond.set_condition(conds, COMPRESSED, FALSE, Reason.JOB_FAILED_RETRYING, msg, gen)[0]
+        # Start the next attempt. The generation is the one the first attempt was made for
+        # (a serving-only change since then must not rename the attempts of this input).
+        job_gen = int(jobs_[0]["metadata"]["labels"][comp.LABEL_GENERATION]) if jobs_ else gen
+        attempt = int(jobs_[-1]["metadata"]["labels"][comp.LABEL_ATTEMPT]) + 1 if jobs_ else 0
+        manifest = jobs.build_job(ft, digest, job_gen, attempt, self.settings)
+        self._create_job(raw, manifest)
+        status["job"] = manifest["metadata"]["name"]
+        msg = f"created Job {status['job']} (attempt {len(failures) + 1} of {attempts})"
+        return cond.set_condition(conds, COMPRESSED, FALSE, Reason.JOB_CREATED, msg, gen)[0]
+
+    def _result_file(self, namespace: str, name: str, generation: int) -> CompressResult | None:
+        """Fallback when the termination message is missing: result.json on the store, if this
+        process has the (default) store mounted."""
+        if not Path(self.settings.operator_store_path or "/nonexistent").is_dir():
+            return None
+        path = Path(self.settings.operator_store_path) / "deltas" / namespace / name / f"g{generation}" / RESULT_FILE
+        try:
+            return CompressResult.model_validate_json(path.read_text())
+        except (OSError, ValidationError):
+            return None
+
+    # ------------------------------------------------------------ serving
+
+    def _statuses(self) -> dict[str, AppStatus]:
+        at, cached = self._status_cache
+        if time.monotonic() - at < 1.0:
+            return cached
+        statuses = self.backend.statuses()
+        self._status_cache = (time.monotonic(), statuses)
+        return statuses
+
+    def sync_serving(self, exclude: str | None = None) -> None:
+        """Build the whole serve config from a fresh LIST and apply it if its hash changed."""
+        with self._serving_lock:
+            tenants: dict[str, sc.Tenant] = {}
+            for raw in self._list_finetunes():
+                meta = raw["metadata"]
+                key = f"{meta['namespace']}/{meta['name']}"
+                if key == exclude:
+                    continue
+                try:
+                    ft = api.FineTune.model_validate(raw)
+                except ValidationError:
+                    continue
+                if eligible(ft, meta.get("annotations") or {}, bool(meta.get("deletionTimestamp"))):
+                    tenants[key] = sc.tenant_of(ft, meta.get("creationTimestamp", ""), self.settings)
+            config = sc.build_serve_config(list(tenants.values()), self.settings)
+            digest = sc.config_hash(config)
+            if digest != self.backend.applied_hash():
+                self.backend.apply(config, digest)
+                self._status_cache = (0.0, {})
+                log.info("applied serve config %s: %d pool(s), %d tenant(s)", digest, len(config["applications"]), len(tenants))
+            _, conflicts = sc.split_pools(list(tenants.values()))
+            self.serving = ServingState(tenants, conflicts, digest, True)
+
+    def _serving(self, raw: dict, ft: api.FineTune, status: dict, conds: list, gen: int) -> list:
+        meta = raw["metadata"]
+        key = f"{meta['namespace']}/{meta['name']}"
+        status["pool"], status["modelName"] = ft.pool(), ft.model_name()
+        mine = sc.tenant_of(ft, meta.get("creationTimestamp", ""), self.settings) if eligible(ft, meta.get("annotations") or {}, False) else None
+        if not self.serving.synced or self.serving.tenants.get(key) != mine:
+            self.sync_serving()
+        if mine is None:
+            status["endpoint"] = None
+            msg = "not served: " + (cond.get_condition(conds, COMPRESSED) or {}).get("message", "no delta yet")
+            return cond.set_condition(conds, SERVED, FALSE, Reason.WAITING_FOR_DELTA, msg, gen)[0]
+        if key in self.serving.conflicts:
+            status["endpoint"] = None
+            return cond.set_condition(conds, SERVED, FALSE, Reason.POOL_BASE_CONFLICT, self.serving.conflicts[key], gen)[0]
+        app = self._statuses().get(mine.pool)
+        if app is not None and app.status == RUNNING and (app.tenants is None or mine.model in app.tenants):
+            status["endpoint"] = f"{self.settings.endpoint_base}/{mine.pool}/v1"
+            msg = f"model {mine.model!r} served by application {mine.pool!r} at {status['endpoint']}"
+            return cond.set_condition(conds, SERVED, TRUE, Reason.APPLICATION_RUNNING, msg, gen)[0]
+        if app is not None and app.status in FAILED_APP_STATES:
+            msg = f"application {mine.pool!r} is {app.status}: {app.message.strip()[:500]}"
+            return cond.set_condition(conds, SERVED, FALSE, Reason.APPLICATION_FAILED, msg, gen)[0]
+        state = app.status if app else "not reported yet"
+        msg = f"serve config {self.serving.digest} applied; application {mine.pool!r}: {state}"
+        return cond.set_condition(conds, SERVED, FALSE, Reason.CONFIG_APPLIED, msg, gen)[0]
+
+    # ------------------------------------------------------------ the reconcile
+
+    def reconcile(self, namespace: str, name: str) -> None:
+        with self._lock(f"{namespace}/{name}"):
+            raw = self._get(namespace, name)
+            if raw is None or raw["metadata"].get("deletionTimestamp"):
+                return
+            self._reconcile(raw)
+
+    def _reconcile(self, raw: dict) -> None:
+        meta = raw["metadata"]
+        namespace, name, gen = meta["namespace"], meta["name"], meta.get("generation", 1)
+        try:
+            ft = api.FineTune.model_validate(raw)
+            problems = spec_problems(ft, self.settings)
+        except ValidationError as e:
+            err = e.errors()[0]
+            problems = [f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}"]
+        if problems:
+            conds = (raw.get("status") or {}).get("conditions") or []
+            conds = cond.set_condition(conds, COMPRESSED, FALSE, Reason.INVALID_SPEC, "; ".join(problems), gen)[0]
+            conds = cond.set_condition(conds, SERVED, FALSE, Reason.WAITING_FOR_DELTA, "the spec cannot be compressed", gen)[0]
+            self._write(raw, dict(raw.get("status") or {}), conds, gen)
+            raise InvalidSpec("; ".join(problems))
+
+        digest = comp.compression_hash(ft.spec)
+        if (meta.get("annotations") or {}).get(comp.HASH_ANNOTATION) != digest:
+            # A new compression input: forget the old delta FIRST (status), then record the
+            # new hash (annotation); a crash in between only repeats this step.
+            old = raw.get("status") or {}
+            if any(old.get(k) is not None for k in _PER_INPUT):
+                self._patch_status(raw, {k: None for k in _PER_INPUT})
+            self.custom.patch_namespaced_custom_object(
+                api.GROUP, api.VERSION, namespace, api.PLURAL, name, {"metadata": {"annotations": {comp.HASH_ANNOTATION: digest}}}
+            )
+            raw = self._get(namespace, name)
+            if raw is None or raw["metadata"].get("deletionTimestamp"):
+                return
+            ft = api.FineTune.model_validate(raw)
+
+        status = json.loads(json.dumps(raw.get("status") or {}))
+        conds = status.get("conditions") or []
+        if ft.status.delta is None:
+            conds = self._compression(raw, ft, digest, status, conds, gen)
+            if status.get("delta"):
+                # Record the delta before any serve config names it.
+                self._patch_status(raw, {"delta": status["delta"], "job": status.get("job"), "retries": status.get("retries")})
+                raw = {**raw, "status": {**(raw.get("status") or {}), "delta": status["delta"]}}
+                ft = api.FineTune.model_validate(raw)
+        delta = ft.status.delta
+        if delta is not None:
+            fid, floor = delta.fidelity.retained_improvement, ft.spec.compression.min_fidelity
+            figures = f"delta {delta.bytes} bytes ({delta.compression_ratio:.1f}x smaller), retained improvement {fid:.3f}"
+            if comp.passes_gate(fid, floor):
+                conds = cond.set_condition(conds, COMPRESSED, TRUE, Reason.DELTA_READY, figures, gen)[0]
+            else:
+                msg = f"{figures} is below minFidelity {floor}: not served"
+                conds = cond.set_condition(conds, COMPRESSED, FALSE, Reason.FIDELITY_BELOW_THRESHOLD, msg, gen)[0]
+        conds = self._serving(raw, ft, status, conds, gen)
+        self._write(raw, status, conds, gen)
+
+    # ------------------------------------------------------------ writing status
+
+    def _patch_status(self, raw: dict, status: dict) -> None:
+        meta = raw["metadata"]
+        self.custom.patch_namespaced_custom_object_status(
+            api.GROUP, api.VERSION, meta["namespace"], api.PLURAL, meta["name"], {"status": status}
+        )
+
+    def _write(self, raw: dict, status: dict, conds: list, gen: int) -> None:
+        """Ready and phase from the conditions; one status patch if anything changed; an Event
+        per condition transition."""
+        old_status = raw.get("status") or {}
+        conds, _ = cond.reduce_ready(conds, gen)
+        status["conditions"] = conds
+        status["phase"] = cond.reduce_phase(conds)
+        status["observedGeneration"] = gen
+        transitions = cond.transitions(old_status.get("conditions") or [], conds)
+        if _strip_none(status) != _strip_none(old_status):
+            self._patch_status(raw, status)
+        for t in transitions:
+            kopf.event(raw, type=t.event_type, reason=t.reason, message=f"{t.type}={t.status}: {t.message}")
+
+    # ------------------------------------------------------------ deletion
+
+    def finalize(self, raw: dict) -> None:
+        """Take the tenant out of its pool, then (deletionPolicy Delete) its delta files."""
+        meta = raw["metadata"]
+        key = f"{meta['namespace']}/{meta['name']}"
+        with self._lock(key):
+            self.sync_serving(exclude=key)
+            policy = (raw.get("spec") or {}).get("deletionPolicy", api.DeletionPolicy.Delete.value)
+            store = (raw.get("spec") or {}).get("modelStore")
+            mounted = bool(self.settings.operator_store_path) and Path(self.settings.operator_store_path).is_dir()
+            if policy == api.DeletionPolicy.Delete.value and not store and mounted:
+                folder = Path(self.settings.operator_store_path) / "deltas" / meta["namespace"] / meta["name"]
+                if folder.exists():
+                    shutil.rmtree(folder)
+                    log.info("deleted %s", folder)
+            elif policy == api.DeletionPolicy.Delete.value:
+                log.warning("%s: deletionPolicy Delete but this operator has no access to its store; files kept", key)
+
+
+def _strip_none(d):
+    if isinstance(d, dict):
+        return {k: _strip_none(v) for k, v in d.items() if v is not None}
+    if isinstance(d, list):
+        return [_strip_none(v) for v in d]
+    return d
+
+
+def _json(response) -> dict:
+    """A raw API response as the API's own JSON (camelCase), not the typed client's snake_case."""
+    return json.loads(response.data)

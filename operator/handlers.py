@@ -1,0 +1,107 @@
+"""kopf wiring: which events call the reconciler, with what retries, timeouts and backoff.
+
+Handlers are registered into a fresh registry by `register()`, because their timing (resync
+interval, delete attempts) comes from the operator's settings at start-up.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import kopf
+from kubernetes.client.exceptions import ApiException
+
+from deltafleet.operator import api
+from deltafleet.operator import compression as comp
+from deltafleet.operator.backend import BackendError
+from deltafleet.operator.controller import Controller, InvalidSpec
+from deltafleet.operator.settings import Settings
+
+PREFIX = api.GROUP  # finalizer and progress annotations: deltafleet.dev/…
+FINALIZER = f"{PREFIX}/finalizer"
+JOB_SELECTOR = {comp.LABEL_MANAGED_BY: comp.MANAGED_BY}
+
+
+def configure(kopf_settings: kopf.OperatorSettings, settings: Settings) -> None:
+    kopf_settings.persistence.finalizer = FINALIZER
+    # Annotations, not status: the CRD's status schema is structural and would prune status.kopf.
+    kopf_settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=PREFIX)
+    kopf_settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=PREFIX, key="last-handled-configuration")
+    # Watches end on the server's side before a silent network drop could stall them.
+    kopf_settings.watching.server_timeout = 300
+    kopf_settings.watching.client_timeout = 330
+    kopf_settings.watching.connect_timeout = 30
+    kopf_settings.networking.request_timeout = 60
+    # Our own Events (one per condition transition) are explicit; only warnings from logs are posted.
+    kopf_settings.posting.level = logging.WARNING
+    kopf_settings.execution.max_workers = 8
+    kopf_settings.batching.error_delays = [1, 5, 15, 60]
+
+
+def _run(ctl: Controller, namespace: str, name: str) -> None:
+    """Translate the reconciler's failures into kopf's vocabulary."""
+    try:
+        ctl.reconcile(namespace, name)
+    except InvalidSpec as e:
+        raise kopf.PermanentError(f"invalid spec: {e}") from None
+    except BackendError as e:
+        raise kopf.TemporaryError(f"serve backend: {e}", delay=ctl.settings.resync_seconds) from None
+    except ApiException as e:
+        raise kopf.TemporaryError(f"Kubernetes API: HTTP {e.status} {e.reason}", delay=5) from None
+
+
+def register(registry: kopf.OperatorRegistry, ctl: Controller) -> None:
+    settings = ctl.settings
+    ft = dict(group=api.GROUP, version=api.VERSION, plural=api.PLURAL, registry=registry)
+    change = dict(retries=20, backoff=5, timeout=600)
+
+    @kopf.on.startup(registry=registry)
+    def startup(settings: kopf.OperatorSettings, **_):
+        configure(settings, ctl.settings)
+
+    @kopf.on.create(**ft, id="create", **change)
+    def on_create(namespace, name, **_):
+        _run(ctl, namespace, name)
+
+    @kopf.on.resume(**ft, id="resume", **change)
+    def on_resume(namespace, name, **_):
+        _run(ctl, namespace, name)
+
+    # Spec only: status and our own annotations change on every reconcile and must not loop.
+    @kopf.on.update(**ft, id="update", field="spec", **change)
+    def on_update(namespace, name, **_):
+        _run(ctl, namespace, name)
+
+    # Follows Jobs in flight, backoff deadlines and the serve backend's status; idle-safe.
+    @kopf.timer(**ft, id="resync", interval=settings.resync_seconds, initial_delay=settings.resync_seconds,
+                retries=None, backoff=settings.resync_seconds, timeout=600)
+    def resync(namespace, name, **_):
+        try:
+            _run(ctl, namespace, name)
+        except kopf.PermanentError:
+            pass  # already recorded as a condition; the spec must change first
+
+    @kopf.on.event("batch", "v1", "jobs", labels=JOB_SELECTOR, registry=registry)
+    def on_job(namespace, labels, body, type, **_):
+        """A compression Job changed: reconcile its FineTune now instead of at the next resync."""
+        done = any(c.get("status") == "True" and c.get("type") in ("Complete", "Failed")
+                   for c in (body.get("status") or {}).get("conditions") or [])
+        if done and labels.get(comp.LABEL_FINETUNE):
+            try:
+                _run(ctl, namespace, labels[comp.LABEL_FINETUNE])
+            except (kopf.TemporaryError, kopf.PermanentError) as e:
+                logging.getLogger("deltafleet.operator").info("job event for %s: %s", labels[comp.LABEL_FINETUNE], e)
+
+    @kopf.on.delete(**ft, id="finalize", retries=settings.delete_attempts, backoff=5, timeout=120)
+    def on_delete(body, retry, namespace, name, **_):
+        """Bounded: after delete_attempts failures the finalizer goes anyway, with a Warning,
+        so nothing hangs in Terminating."""
+        try:
+            ctl.finalize(dict(body))
+        except Exception as e:  # noqa: BLE001 -- every failure counts against the bound
+            if retry + 1 >= settings.delete_attempts:
+                kopf.warn(body, reason="FinalizerDropped",
+                          message=f"gave up cleaning up {namespace}/{name} after {retry + 1} attempts: {e}")
+                return
+            raise kopf.TemporaryError(f"cleanup of {namespace}/{name}: {e}", delay=min(60, 5 * 2 ** retry)) from None
+        kopf.info(body, reason="Deleted", message=f"removed from pool; deletionPolicy {(body.get('spec') or {}).get('deletionPolicy', 'Delete')}")

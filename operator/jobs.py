@@ -1,0 +1,232 @@
+"""The compression Job: its manifest (a pure function of the FineTune and the operator
+settings) and what a finished Job means (a pure function of the Job and its pod).
+
+Retries: the Job itself has `backoffLimit: 0` and the operator makes a new Job per attempt
+(`-r<n>`). Job-level retries would reuse one Job, overwrite the failed pod's termination
+message with the next one and let the cluster choose the timing; one Job per attempt keeps
+every attempt's exit code and message in the API for `kubectl describe`, lets the status
+say "attempt 2 of 4 failed: …" and gives an exponential backoff the operator controls.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pydantic import ValidationError
+
+from deltafleet.compress.result import CompressResult
+from deltafleet.operator import api
+from deltafleet.operator import compression as comp
+from deltafleet.operator.settings import Settings
+
+CONTAINER = "compress"
+TERMINATION_LOG = "/dev/termination-log"
+STORE_VOLUME, TMP_VOLUME = "model-store", "tmp"
+
+
+def compress_args(ft: api.FineTune, generation: int) -> list[str]:
+    """`deltafleet compress …` arguments (the CLI of compress/cli.py)."""
+    spec, c = ft.spec, ft.spec.compression
+    args = [
+        "--base", spec.base_model.reference(),
+        "--finetuned", spec.fine_tuned_model.reference(),
+        "--out", comp.output_dir(ft.metadata.namespace or "", ft.metadata.name, generation),
+        "--finetune-id", f"{ft.metadata.namespace}/{ft.metadata.name}",
+        "--steps", str(c.steps),
+        "--lr", repr(c.lr),
+        "--batch-size", str(c.batch_size),
+        "--loss", str(c.loss),
+        "--samples", str(c.calibration.samples),
+        "--seq-len", str(c.calibration.seq_len),
+        "--dtype", str(c.dtype),
+        "--seed", str(c.seed),
+        "--device", "cuda" if c.gpus > 0 else "cpu",
+        "--termination-log", TERMINATION_LOG,
+    ]
+    if spec.base_model.revision:
+        args += ["--base-revision", spec.base_model.revision]
+    if spec.fine_tuned_model.revision:
+        args += ["--finetuned-revision", spec.fine_tuned_model.revision]
+    if c.calibration.path:
+        args += ["--calibration", f"{api.MODEL_STORE_MOUNT}/{c.calibration.path}"]
+    if c.scale_per_row:
+        args.append("--scale-per-row")
+    if c.compress_embeddings:
+        args.append("--compress-embeddings")
+    return args
+
+
+def store_volume(ft: api.FineTune, settings: Settings) -> dict:
+    store = ft.spec.model_store
+    claim = store.claim_name if store else settings.store_claim
+    host = store.host_path if store else settings.store_host_path
+    if claim:
+        return {"name": STORE_VOLUME, "persistentVolumeClaim": {"claimName": claim}}
+    if host:
+        return {"name": STORE_VOLUME, "hostPath": {"path": host, "type": "DirectoryOrCreate"}}
+    raise ValueError("no model store: set spec.modelStore or the operator's --store-claim / --store-host-path")
+
+
+def hf_token_env(ft: api.FineTune) -> list[dict]:
+    """HF_TOKEN from the first token Secret named (the fine-tune's, else the base's)."""
+    ref = ft.spec.fine_tuned_model.token_secret_ref or ft.spec.base_model.token_secret_ref
+    if ref is None:
+        return []
+    return [{"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}}]
+
+
+def resources(c: api.Compression, gpu_resource: str) -> dict:
+    out: dict = {}
+    if c.resources and c.resources.requests:
+        out["requests"] = dict(c.resources.requests)
+    if c.resources and c.resources.limits:
+        out["limits"] = dict(c.resources.limits)
+    if c.gpus > 0:  # extended resources: limits only (requests default to them)
+        out.setdefault("limits", {})[gpu_resource] = c.gpus
+    return out
+
+
+def labels(ft: api.FineTune, digest: str, generation: int, attempt: int) -> dict[str, str]:
+    return {
+        comp.LABEL_MANAGED_BY: comp.MANAGED_BY,
+        comp.LABEL_COMPONENT: "compression",
+        comp.LABEL_FINETUNE: ft.metadata.name,
+        comp.LABEL_HASH: digest,
+        comp.LABEL_GENERATION: str(generation),
+        comp.LABEL_ATTEMPT: str(attempt),
+    }
+
+
+def build_job(ft: api.FineTune, digest: str, generation: int, attempt: int, settings: Settings) -> dict:
+    """The Job of one compression attempt (owner reference added by the caller with kopf.adopt)."""
+    c = ft.spec.compression
+    uid = settings.job_run_as_user
+    container = {
+        "name": CONTAINER,
+        "image": c.image or settings.job_image,
+        "imagePullPolicy": settings.job_image_pull_policy,
+        "command": ["deltafleet", "compress"],
+        "args": compress_args(ft, generation),
+        "env": [
+            {"name": "HOME", "value": "/tmp"},
+            {"name": "HF_HOME", "value": "/tmp/hf"},  # the root FS is read-only; caches go to the emptyDir
+            {"name": "DELTAFLEET_TERMINATION_LOG", "value": TERMINATION_LOG},
+            {"name": "PYTHONUNBUFFERED", "value": "1"},
+            *hf_token_env(ft),
+        ],
+        "resources": resources(c, settings.gpu_resource),
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "runAsNonRoot": True,
+            "capabilities": {"drop": ["ALL"]},
+        },
+        "terminationMessagePath": TERMINATION_LOG,
+        # The result JSON on success; the log tail when the process dies without writing one.
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        "volumeMounts": [
+            {"name": STORE_VOLUME, "mountPath": api.MODEL_STORE_MOUNT},
+            {"name": TMP_VOLUME, "mountPath": "/tmp"},
+        ],
+    }
+    pod_spec: dict = {
+        "restartPolicy": "Never",
+        "automountServiceAccountToken": False,  # the Job never talks to the API server
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": uid,
+            "runAsGroup": uid,
+            "fsGroup": uid,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": [container],
+        "volumes": [store_volume(ft, settings), {"name": TMP_VOLUME, "emptyDir": {}}],
+    }
+    if settings.job_service_account:
+        pod_spec["serviceAccountName"] = settings.job_service_account
+    if c.node_selector:
+        pod_spec["nodeSelector"] = dict(c.node_selector)
+    if c.tolerations:
+        pod_spec["tolerations"] = [t.to_k8s() for t in c.tolerations]
+    job_labels = labels(ft, digest, generation, attempt)
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {
+            "name": comp.job_name(ft.metadata.name, generation, attempt),
+            "namespace": ft.metadata.namespace,
+            "labels": job_labels,
+        },
+        "spec": {
+            "backoffLimit": 0,
+            "activeDeadlineSeconds": ft.spec.active_deadline_seconds,
+            "template": {"metadata": {"labels": job_labels}, "spec": pod_spec},
+        },
+    }
+
+
+# ---------------------------------------------------------------- reading a finished Job
+
+RUNNING, SUCCEEDED, FAILED = "Running", "Succeeded", "Failed"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    state: str  # Running, Succeeded or Failed
+    reason: str = ""  # one line for the status: exit code, Job condition reason, message
+    finished_at: str = ""  # RFC 3339, when the Job finished (backoff counts from here)
+    result: CompressResult | None = None
+
+
+def _job_condition(job: dict, type_: str) -> dict | None:
+    for c in (job.get("status") or {}).get("conditions") or []:
+        if c.get("type") == type_ and c.get("status") == "True":
+            return c
+    return None
+
+
+def terminated_state(pod: dict | None) -> dict:
+    if not pod:
+        return {}
+    for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+        if cs.get("name") == CONTAINER:
+            return (cs.get("state") or {}).get("terminated") or {}
+    return {}
+
+
+def parse_result(text: str | None) -> CompressResult | None:
+    if not text or not text.strip().startswith("{"):
+        return None
+    try:
+        return CompressResult.model_validate_json(text.strip())
+    except ValidationError:
+        return None
+
+
+def outcome(job: dict, pod: dict | None) -> Outcome:
+    """What a Job says: still running, succeeded (with the result from the termination
+    message, if it parsed) or failed (with the pod's exit code and message)."""
+    done = _job_condition(job, "Complete") or _job_condition(job, "SuccessCriteriaMet")
+    failed = _job_condition(job, "Failed") or _job_condition(job, "FailureTarget")
+    term = terminated_state(pod)
+    if done and not failed:
+        return Outcome(SUCCEEDED, "", done.get("lastTransitionTime", ""), parse_result(term.get("message")))
+    if not failed:
+        return Outcome(RUNNING)
+    parts = [failed.get("reason") or "Failed"]
+    if term:
+        parts.append(f"exit code {term.get('exitCode')}")
+        if term.get("reason") and term.get("reason") not in ("Error", "Completed"):
+            parts.append(term["reason"])
+        message = _last_line(term.get("message") or "")
+        if message:
+            parts.append(message)
+    elif failed.get("message"):
+        parts.append(failed["message"])
+    return Outcome(FAILED, ": ".join(parts), failed.get("lastTransitionTime", ""))
+
+
+def _last_line(text: str) -> str:
+    """The last meaningful line of a log tail (a Python traceback ends with the error)."""
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    return lines[-1][:300] if lines else ""

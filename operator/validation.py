@@ -1,0 +1,34 @@
+"""What the CRD schema cannot check: rules that need the operator's settings or span fields.
+Each problem is one line naming the field; any problem makes the spec impossible (a
+PermanentError with an InvalidSpec condition), never retried until the spec changes."""
+
+from __future__ import annotations
+
+import re
+
+from deltafleet.operator import api
+from deltafleet.operator import compression as comp
+from deltafleet.operator.settings import Settings
+
+# The serving app's tenant names (serving/config.py TENANT_NAME): '/'-separated segments.
+TENANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]*(/[A-Za-z0-9][A-Za-z0-9._\-]*)*$")
+RESERVED_MODEL_NAMES = ("base",)
+MAX_LABEL = 63
+
+
+def spec_problems(ft: api.FineTune, settings: Settings) -> list[str]:
+    spec, name = ft.spec, ft.metadata.name
+    problems = []
+    if spec.base_model == spec.fine_tuned_model:
+        problems.append("spec.fineTunedModel: is the same model as spec.baseModel; there is nothing to compress")
+    last_job = comp.job_name(name, max(ft.metadata.generation or 1, 1), spec.backoff_limit)
+    if len(last_job) > MAX_LABEL:
+        problems.append(f"metadata.name: {name!r} is too long: Job name {last_job!r} would exceed {MAX_LABEL} characters")
+    model = ft.model_name()
+    if not TENANT_NAME.fullmatch(model):
+        problems.append(f"spec.serving.modelName: {model!r} must be segments of [A-Za-z0-9._-] separated by '/'")
+    if model in RESERVED_MODEL_NAMES or model == ft.pool():
+        problems.append(f"spec.serving.modelName: {model!r} is reserved for the pool's base model")
+    if spec.model_store is None and not (settings.store_claim or settings.store_host_path):
+        problems.append("spec.modelStore: not set and the operator has no default store (--store-claim / --store-host-path)")
+    return problems

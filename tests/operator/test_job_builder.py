@@ -1,0 +1,124 @@
+"""The compression Job manifest and the reading of finished Jobs (pure functions)."""
+
+import pytest
+from kubernetes_validate import validate
+from op_factories import finetune
+
+from deltafleet.compress.result import CompressResult
+from deltafleet.operator import compression as comp
+from deltafleet.operator import jobs
+from deltafleet.operator.settings import Settings
+
+SETTINGS = Settings(store_host_path="/srv/models", job_image="example/deltafleet-ml:1")
+
+
+def build(**kw):
+    ft = finetune(**kw)
+    return ft, jobs.build_job(ft, comp.compression_hash(ft.spec), 3, 0, SETTINGS)
+
+
+def test_job_is_a_valid_batch_v1_job():
+    _, job = build(spec={"compression": {"gpus": 1, "nodeSelector": {"gpu": "a100"},
+                                         "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+                                         "resources": {"requests": {"cpu": 4, "memory": "32Gi"}}}})
+    validate(job, "1.31.0", strict=True)
+
+
+def test_job_name_labels_and_retry_policy():
+    ft, job = build()
+    assert job["metadata"]["name"] == "support-bot-compress-g3"
+    assert jobs.build_job(ft, "h", 3, 2, SETTINGS)["metadata"]["name"] == "support-bot-compress-g3-r2"
+    spec = job["spec"]
+    assert spec["backoffLimit"] == 0  # the operator retries, one Job per attempt
+    assert spec["activeDeadlineSeconds"] == ft.spec.active_deadline_seconds
+    labels = job["metadata"]["labels"]
+    assert labels[comp.LABEL_HASH] == comp.compression_hash(ft.spec)
+    assert labels[comp.LABEL_FINETUNE] == "support-bot" and labels[comp.LABEL_ATTEMPT] == "0"
+    assert spec["template"]["metadata"]["labels"] == labels
+
+
+def test_container_command_security_and_store():
+    _, job = build(spec={"compression": {"steps": 7, "gpus": 2}, "fineTunedModel": {"path": None, "huggingFace": "org/ft", "tokenSecretRef": {"name": "hf"}}})
+    pod = job["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    assert c["image"] == "example/deltafleet-ml:1"
+    assert c["command"] == ["deltafleet", "compress"]
+    args = c["args"]
+    assert args[args.index("--base") + 1] == "/models/bases/tiny"
+    assert args[args.index("--finetuned") + 1] == "org/ft"
+    assert args[args.index("--out") + 1] == "/models/deltas/team-a/support-bot/g3"
+    assert args[args.index("--steps") + 1] == "7"
+    assert c["terminationMessagePolicy"] == "FallbackToLogsOnError"
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    assert c["securityContext"]["allowPrivilegeEscalation"] is False
+    assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] > 0
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == 2
+    env = {e["name"]: e for e in c["env"]}
+    assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "hf", "key": "token"}
+    assert env["HF_HOME"]["value"].startswith("/tmp/")
+    mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes[mounts["/models"]]["hostPath"]["path"] == "/srv/models"
+    assert "emptyDir" in volumes[mounts["/tmp"]]
+    assert pod["restartPolicy"] == "Never"
+
+
+def test_own_store_and_claim_win_over_default():
+    _, job = build(spec={"modelStore": {"claimName": "team-store"}})
+    vols = job["spec"]["template"]["spec"]["volumes"]
+    assert {"name": "model-store", "persistentVolumeClaim": {"claimName": "team-store"}} in vols
+
+
+def test_no_store_is_refused():
+    ft = finetune()
+    with pytest.raises(ValueError, match="no model store"):
+        jobs.build_job(ft, "h", 1, 0, Settings())
+
+
+def test_compression_hash_ignores_gate_placement_and_serving():
+    a = finetune()
+    b = finetune(spec={"compression": {"minFidelity": 0.99, "gpus": 4, "image": "x/y:2"}, "serving": {"maxReplicas": 9}, "backoffLimit": 7})
+    c = finetune(finetuned="finetunes/other")
+    d = finetune(spec={"compression": {"steps": 3}})
+    assert comp.compression_hash(a.spec) == comp.compression_hash(b.spec)
+    assert comp.compression_hash(a.spec) != comp.compression_hash(c.spec)
+    assert comp.compression_hash(a.spec) != comp.compression_hash(d.spec)
+
+
+def test_retry_delay_doubles_and_caps():
+    assert [comp.retry_delay(n, 10, 60) for n in range(6)] == [0, 10, 20, 40, 60, 60]
+
+
+RESULT = CompressResult.model_validate({
+    "delta_uri": "file:///models/deltas/a/b/g1/delta.safetensors", "base_model": "b", "finetuned_model": "f",
+    "base_fingerprint": "abc", "seconds": 1.5,
+    "sizes": {"delta_bytes": 10, "finetuned_bytes": 160, "compression_ratio": 16.0},
+    "fidelity": {"loss_base": 3, "loss_finetuned": 2, "loss_initial": 2.5, "loss_delta": 2.1, "retained_improvement": 0.9,
+                 "retained_improvement_initial": 0.5, "kl": 0.01, "kl_initial": 0.1, "eval_tokens": 100},
+})
+
+
+def job_with(cond_type):
+    return {"status": {"conditions": [{"type": cond_type, "status": "True", "reason": "DeadlineExceeded" if cond_type == "Failed" else "",
+                                       "lastTransitionTime": "2026-01-01T00:00:05Z"}]}}
+
+
+def pod_with(code, message):
+    return {"status": {"containerStatuses": [{"name": "compress", "state": {"terminated": {"exitCode": code, "message": message}}}]}}
+
+
+def test_outcome_success_reads_the_termination_message():
+    o = jobs.outcome(job_with("Complete"), pod_with(0, RESULT.termination_message()))
+    assert o.state == jobs.SUCCEEDED and o.result == RESULT
+
+
+def test_outcome_failure_names_exit_code_and_last_log_line():
+    o = jobs.outcome(job_with("Failed"), pod_with(2, "Traceback...\n  File x\nValueError: --base: no such folder /models/x\n"))
+    assert o.state == jobs.FAILED
+    assert "exit code 2" in o.reason and "ValueError: --base: no such folder" in o.reason and "DeadlineExceeded" in o.reason
+    assert o.finished_at == "2026-01-01T00:00:05Z"
+
+
+def test_outcome_running_and_garbage_message():
+    assert jobs.outcome({"status": {}}, None).state == jobs.RUNNING
+    assert jobs.outcome(job_with("Complete"), pod_with(0, "not json")).result is None

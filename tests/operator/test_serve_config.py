@@ -1,0 +1,88 @@
+"""The serve config: a pure, deterministic function of the gate-passed FineTunes."""
+
+import random
+
+import yaml
+from op_factories import delta_status, finetune
+
+from deltafleet.operator import serveconfig as sc
+from deltafleet.operator.controller import eligible
+from deltafleet.operator import compression as comp
+from deltafleet.operator.settings import Settings
+
+SETTINGS = Settings(replica_store_path="/mnt/store", replica_cpus=1, max_batch_size=16)
+
+
+def tenant(name, ns="team-a", base="bases/tiny", created="2026-01-01T00:00:00Z", **serving):
+    ft = finetune(name=name, namespace=ns, base=base, created=created, spec={"serving": serving},
+                  status={"delta": delta_status(f"file:///models/deltas/{ns}/{name}/g1/delta.safetensors")})
+    return sc.tenant_of(ft, created, SETTINGS)
+
+
+def test_contract_shape_of_one_pool():
+    t = tenant("bot", pool="tiny", maxReplicas=4, gpusPerReplica=0)
+    config = sc.build_serve_config([t], SETTINGS)
+    assert config == {"applications": [{
+        "name": "tiny",
+        "route_prefix": "/tiny",
+        "import_path": "deltafleet.serving.app:build_app",
+        "args": {"pool": "tiny", "base_model": "/mnt/store/bases/tiny", "device": "auto", "dtype": "auto",
+                 "max_batch_size": 16, "store_root": "/mnt/store"},
+        "deployments": [{
+            "name": "DeltaServer",
+            "autoscaling_config": {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 8},
+            "ray_actor_options": {"num_gpus": 0, "num_cpus": 1},
+            "user_config": {"tenants": {"team-a/bot": {"uri": "file:///mnt/store/deltas/team-a/bot/g1/delta.safetensors"}}},
+        }],
+    }]}
+
+
+def test_two_tenants_one_base_make_one_application_two_bases_two():
+    a, b = tenant("a", pool="p1"), tenant("b", ns="team-b", pool="p1", maxReplicas=8, targetOngoingRequests=2)
+    c = tenant("c", base="bases/other", pool="p2")
+    apps = sc.build_serve_config([c, b, a], SETTINGS)["applications"]
+    assert [app["name"] for app in apps] == ["p1", "p2"]
+    dep = apps[0]["deployments"][0]
+    assert list(dep["user_config"]["tenants"]) == ["team-a/a", "team-b/b"]
+    assert dep["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 8, "target_ongoing_requests": 2}
+    assert list(apps[1]["deployments"][0]["user_config"]["tenants"]) == ["team-a/c"]
+
+
+def test_order_does_not_change_bytes_or_hash():
+    ts = [tenant(f"t{i}", pool=f"p{i % 3}") for i in range(9)]
+    first = sc.build_serve_config(ts, SETTINGS)
+    for seed in range(5):
+        shuffled = ts[:]
+        random.Random(seed).shuffle(shuffled)
+        again = sc.build_serve_config(shuffled, SETTINGS)
+        assert yaml.safe_dump(again) == yaml.safe_dump(first)
+        assert sc.config_hash(again) == sc.config_hash(first)
+    assert sc.config_hash(sc.build_serve_config(ts[:-1], SETTINGS)) != sc.config_hash(first)
+
+
+def test_hash_is_independent_of_dict_order():
+    assert sc.config_hash({"a": 1, "b": {"c": 2, "d": 3}}) == sc.config_hash({"b": {"d": 3, "c": 2}, "a": 1})
+
+
+def test_pool_base_conflict_oldest_wins():
+    old = tenant("old", pool="p", created="2026-01-01T00:00:00Z")
+    new = tenant("new", base="bases/other", pool="p", created="2026-02-01T00:00:00Z")
+    pools, conflicts = sc.split_pools([new, old])
+    assert [t.name for t in pools["p"]] == ["old"]
+    assert "team-a/new" in conflicts and "bases/tiny" in conflicts["team-a/new"]
+    assert list(sc.build_serve_config([new, old], SETTINGS)["applications"][0]["deployments"][0]["user_config"]["tenants"]) == ["team-a/old"]
+
+
+def test_empty_config_has_no_applications():
+    assert sc.build_serve_config([], SETTINGS) == {"applications": []}
+
+
+def test_eligibility_needs_current_hash_and_gate():
+    ft = finetune(status={"delta": delta_status(fidelity=0.7)}, spec={"compression": {"minFidelity": 0.6}})
+    current = {comp.HASH_ANNOTATION: comp.compression_hash(ft.spec)}
+    assert eligible(ft, current, deleting=False)
+    assert not eligible(ft, current, deleting=True)
+    assert not eligible(ft, {comp.HASH_ANNOTATION: "stale"}, deleting=False)
+    strict = finetune(status={"delta": delta_status(fidelity=0.7)}, spec={"compression": {"minFidelity": 0.8}})
+    assert not eligible(strict, {comp.HASH_ANNOTATION: comp.compression_hash(strict.spec)}, deleting=False)
+    assert not eligible(finetune(), current, deleting=False)  # no delta yet

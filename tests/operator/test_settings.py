@@ -1,0 +1,47 @@
+"""Operator settings: flags with env defaults named like the chart's Deployment env."""
+
+import re
+from pathlib import Path
+
+import pytest
+
+from deltafleet.operator.settings import parse_settings
+from deltafleet.operator.validation import spec_problems
+from op_factories import finetune
+
+CHART = Path(__file__).resolve().parents[2] / "charts" / "deltafleet" / "templates" / "deployment.yaml"
+
+
+def test_env_defaults_and_flags_override():
+    env = {"DELTAFLEET_SERVE_BACKEND": "ray-api", "DELTAFLEET_RAY_DASHBOARD_URL": "http://ray:8265/",
+           "DELTAFLEET_NAMESPACES": "b, a", "DELTAFLEET_MODEL_STORE_HOST_PATH": "/srv/m", "DELTAFLEET_SERVE_MAX_BATCH_SIZE": "32"}
+    s, _ = parse_settings([], env)
+    assert (s.backend, s.ray_dashboard_url, s.namespaces, s.store_host_path, s.max_batch_size) == ("ray-api", "http://ray:8265", ("a", "b"), "/srv/m", 32)
+    assert s.endpoint_base == "http://ray:8000"
+    s, _ = parse_settings(["--backend", "rayservice", "-n", "x"], env)
+    assert s.backend == "rayservice" and s.namespaces == ("x",)
+    assert s.endpoint_base == "http://deltafleet-serve-svc.deltafleet-system.svc:8000"
+
+
+def test_conflicting_store_flags_are_refused():
+    with pytest.raises(SystemExit, match="not both"):
+        parse_settings(["--store-claim", "a", "--store-host-path", "/b"], {})
+
+
+def test_every_env_the_chart_sets_is_read():
+    if not CHART.exists():
+        pytest.skip("chart not present")
+    chart_env = set(re.findall(r"- name: (DELTAFLEET_[A-Z_]+)", CHART.read_text()))
+    help_text = __import__("deltafleet.operator.settings", fromlist=["build_parser"]).build_parser({}).format_help()
+    read = set(re.findall(r"DELTAFLEET_[A-Z_]+", help_text.replace("\n", " ").replace(" ", "")))
+    assert chart_env <= read, f"chart sets env the operator ignores: {sorted(chart_env - read)}"
+
+
+def test_spec_problems_name_the_field():
+    s, _ = parse_settings([], {})
+    problems = spec_problems(finetune(finetuned="bases/tiny"), s)
+    assert any(p.startswith("spec.fineTunedModel:") for p in problems)
+    assert any(p.startswith("spec.modelStore:") for p in problems)
+    s, _ = parse_settings(["--store-host-path", "/srv"], {})
+    assert spec_problems(finetune(), s) == []
+    assert any("modelName" in p for p in spec_problems(finetune(spec={"serving": {"modelName": "a:b"}}), s))
