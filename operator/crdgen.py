@@ -8,6 +8,7 @@ documents everything.
 
     deltafleet crds                 # print the YAML
     deltafleet crds --out crds/     # write crds/finetunes.deltafleet.dev.yaml
+    deltafleet crds --out crds/ --out charts/deltafleet/files/crds/   # and the chart's copy
 """
 
 from __future__ import annotations
@@ -153,7 +154,8 @@ def openapi_schema() -> dict[str, Any]:
 PRINTER_COLUMNS = [
     {"name": "Ready", "type": "string", "jsonPath": '.status.conditions[?(@.type=="Ready")].status', "description": "Compressed and served."},
     {"name": "Phase", "type": "string", "jsonPath": ".status.phase", "description": "One-word state (display only)."},
-    {"name": "Base", "type": "string", "jsonPath": ".spec.baseModel.huggingFace", "description": "Base model (Hub id)."},
+    # A union: whichever source the base has (the table shows the first match).
+    {"name": "Base", "type": "string", "jsonPath": ".spec.baseModel['huggingFace','path']", "description": "Base model: Hub id or model-store path."},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
     {"name": "Pool", "type": "string", "jsonPath": ".status.pool", "priority": 1, "description": "Ray Serve pool serving it."},
     {"name": "Fidelity", "type": "number", "jsonPath": ".status.delta.fidelity.retainedImprovement", "priority": 1, "description": "Share of the fine-tune's improvement kept."},
@@ -212,17 +214,18 @@ def render() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="deltafleet crds", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", metavar="DIR", help=f"write DIR/{FILE_NAME} instead of printing")
+    parser.add_argument("--out", metavar="DIR", action="append", help=f"write DIR/{FILE_NAME} instead of printing (repeatable)")
     args = parser.parse_args(argv)
     text = render()
-    if args.out is None:
+    if not args.out:
         sys.stdout.write(text)
         return 0
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        print(f"deltafleet crds: --out {out} is not a directory", file=sys.stderr)
-        return 2
-    out.mkdir(parents=True, exist_ok=True)
-    (out / FILE_NAME).write_text(text)
-    print(f"wrote {out / FILE_NAME}")
+    for out in map(Path, args.out):
+        if out.exists() and not out.is_dir():
+            print(f"deltafleet crds: --out {out} is not a directory", file=sys.stderr)
+            return 2
+    for out in map(Path, args.out):
+        out.mkdir(parents=True, exist_ok=True)
+        (out / FILE_NAME).write_text(text)
+        print(f"wrote {out / FILE_NAME}")
     return 0

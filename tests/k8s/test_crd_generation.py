@@ -9,7 +9,7 @@ from deltafleet.operator import crdgen
 ROOT = Path(__file__).resolve().parents[2]
 CRD_FILE = ROOT / "crds" / crdgen.FILE_NAME
 CHART_COPY = ROOT / "charts/deltafleet/files/crds" / crdgen.FILE_NAME
-REGENERATE = "run: deltafleet crds --out crds/ && cp crds/*.yaml charts/deltafleet/files/crds/"
+REGENERATE = "run: make crds (deltafleet crds --out crds/ --out charts/deltafleet/files/crds/)"
 
 
 def walk(node, path="openAPIV3Schema"):
@@ -37,8 +37,9 @@ def test_chart_copy_matches_crds_folder():
 def test_cli_prints_and_writes(tmp_path, capsys):
     assert crdgen.main([]) == 0
     assert capsys.readouterr().out == crdgen.render()
-    assert crdgen.main(["--out", str(tmp_path / "x")]) == 0
+    assert crdgen.main(["--out", str(tmp_path / "x"), "--out", str(tmp_path / "y")]) == 0
     assert (tmp_path / "x" / crdgen.FILE_NAME).read_text() == crdgen.render()
+    assert (tmp_path / "y" / crdgen.FILE_NAME).read_text() == crdgen.render()
     (tmp_path / "file").write_text("")
     assert crdgen.main(["--out", str(tmp_path / "file")]) == 2
     assert "is not a directory" in capsys.readouterr().err
