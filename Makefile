@@ -28,7 +28,7 @@ demo: install
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/deltafleet demo
 
 crds: install
-	$(BIN)/deltafleet crds --out crds/
+	$(BIN)/deltafleet crds --out crds/ --out charts/deltafleet/files/crds/
 
 bench: install
 	$(BIN)/python bench/kernels.py && $(BIN)/python bench/fidelity.py && $(BIN)/python bench/serving.py
