@@ -124,12 +124,8 @@ def model_schema(model: type, where: str) -> dict[str, Any]:
 def openapi_schema() -> dict[str, Any]:
     spec = model_schema(api.FineTuneSpec, "spec")
     status = model_schema(api.FineTuneStatus, "status")
-    # kopf keeps handler progress under status.kopf unless told otherwise; let it survive pruning.
-    status["properties"]["kopf"] = {
-        "description": "Bookkeeping of the operator framework (kopf): progress of handlers. Not part of the API.",
-        "type": "object",
-        "x-kubernetes-preserve-unknown-fields": True,
-    }
+    # No status.kopf: the operator keeps kopf's progress in annotations (operator/handlers.py),
+    # so nothing in this schema preserves unknown fields.
     return {
         "description": " ".join(api.FineTune.__doc__.split()),
         "type": "object",
