@@ -1,0 +1,43 @@
+"""Small problems shared by the kernel tests: tenant popularity mixes and random deltas."""
+
+import torch
+
+from deltafleet.kernels import pack_signs
+
+# name -> (number of tenants T, rows M); odd row counts on purpose.
+MIXES = {
+    "distinct": (13, 13),  # every row its own tenant (decode across a fleet)
+    "uniform": (4, 21),
+    "zipf": (8, 37),  # one hot tenant with more rows than a row tile
+    "identical": (4, 37),  # a big stack, one tenant used
+    "single": (1, 19),  # one tenant, one segment (the fused path)
+    "single-row": (1, 1),  # batch-1 decode of one tenant
+}
+
+
+def tenant_rows(mix: str, gen: torch.Generator, base_rows: bool = True) -> tuple[int, torch.Tensor]:
+    t, m = MIXES[mix]
+    if mix == "distinct":
+        rows = torch.randperm(m, generator=gen)
+    elif mix == "uniform":
+        rows = torch.randint(0, t, (m,), generator=gen)
+    elif mix == "zipf":
+        p = 1.0 / torch.arange(1, t + 1).float() ** 1.2
+        rows = torch.multinomial(p, m, replacement=True, generator=gen)
+    elif mix == "identical":
+        rows = torch.full((m,), 2)
+    else:
+        rows = torch.zeros(m, dtype=torch.long)
+    if base_rows and not mix.startswith("single"):
+        rows[1::5] = -1  # the base model is a tenant too
+    return t, rows
+
+
+def problem(t: int, m: int, n: int, k: int, dtype: torch.dtype, per_row: bool, gen: torch.Generator, device="cpu"):
+    """x [M, K], W [N, K], signs [T, N, K/32], scales [T] or [T, N], with deltas ~ base / 5."""
+    x = torch.randn(m, k, generator=gen).to(dtype)
+    w = (torch.randn(n, k, generator=gen) / k**0.5).to(dtype)
+    signs = torch.stack([pack_signs(torch.randn(n, k, generator=gen)) for _ in range(t)])
+    shape = (t, n) if per_row else (t,)
+    scales = (torch.rand(shape, generator=gen) + 0.5) * 0.2 / k**0.5
+    return x.to(device), w.to(device), signs.to(device), scales.to(device)

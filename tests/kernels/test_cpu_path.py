@@ -1,0 +1,125 @@
+"""The CPU path of `delta_linear` (what the dispatcher runs without CUDA) against the reference."""
+
+import pytest
+import torch
+
+from kernel_cases import MIXES, problem, tenant_rows
+
+from deltafleet.kernels import SignCache, delta_linear, delta_linear_reference, group_rows, unpack_signs
+from deltafleet.kernels import cpu
+from deltafleet.kernels.cpu import signed_dot_lut, unpack_signs_fast
+
+N, K = 48, 96
+
+
+def check(y, ref, dtype):
+    assert y.dtype == dtype and y.shape == ref.shape
+    tol = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 1.6e-2}[dtype]
+    err = (y.float() - ref).abs().max().item()
+    assert err <= tol * max(ref.abs().max().item(), 1.0), f"max error {err}"
+
+
+@pytest.mark.parametrize("cache", [False, True], ids=["cold", "cached"])
+@pytest.mark.parametrize("per_row", [False, True], ids=["per-matrix", "per-row"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("mix", list(MIXES))
+def test_cpu_path_matches_reference(mix, dtype, per_row, cache):
+    gen = torch.Generator().manual_seed(hash((mix, per_row, str(dtype))) % 2**31)
+    t, rows = tenant_rows(mix, gen)
+    x, w, signs, scales = problem(t, rows.numel(), N, K, dtype, per_row, gen)
+    ref = delta_linear_reference(x, w, signs, scales, rows)
+    y = delta_linear(x, w, signs, scales, rows, sign_cache=SignCache(1 << 24) if cache else None)
+    check(y, ref, dtype)
+
+
+@pytest.mark.parametrize("m", [1, cpu.LUT_MAX_ROWS, cpu.LUT_MAX_ROWS + 1, 9])
+def test_lut_and_unpack_agree_across_the_row_threshold(m):
+    gen = torch.Generator().manual_seed(m)
+    x, w, signs, scales = problem(1, m, N, K, torch.float32, False, gen)
+    exact = x @ unpack_signs(signs[0]).t()
+    torch.testing.assert_close(signed_dot_lut(x, signs[0]), exact, rtol=1e-5, atol=1e-4)
+    ref = delta_linear_reference(x, w, signs, scales, torch.zeros(m, dtype=torch.long))
+    check(delta_linear(x, w, signs, scales, torch.zeros(m, dtype=torch.long)), ref, torch.float32)
+
+
+def test_byte_table_unpack_matches_the_layout():
+    packed = torch.randint(-(2**31), 2**31 - 1, (5, 4), dtype=torch.int32)
+    assert torch.equal(unpack_signs_fast(packed), unpack_signs(packed))
+
+
+def test_non_contiguous_inputs_on_cpu():
+    gen = torch.Generator().manual_seed(1)
+    t, rows = tenant_rows("uniform", gen)
+    x, w, signs, scales = problem(2 * t, rows.numel(), N, K, torch.float32, True, gen)
+    ref = delta_linear_reference(x, w, signs[::2].contiguous(), scales[::2].contiguous(), rows)
+    y = delta_linear(x.t().contiguous().t(), w.t().contiguous().t(), signs[::2], scales[::2], rows)
+    check(y, ref, torch.float32)
+
+
+def test_precomputed_groups_give_the_same_result():
+    gen = torch.Generator().manual_seed(2)
+    t, rows = tenant_rows("zipf", gen)
+    x, w, signs, scales = problem(t, rows.numel(), N, K, torch.float32, False, gen)
+    groups = group_rows(rows, t)
+    assert torch.equal(delta_linear(x, w, signs, scales, rows, groups=groups), delta_linear(x, w, signs, scales, rows))
+
+
+def test_sign_cache_hits_and_never_serves_a_stale_tenant():
+    gen = torch.Generator().manual_seed(4)
+    x, w, signs, scales = problem(2, 3, N, K, torch.float32, False, gen)
+    rows = torch.tensor([0, 1, 0])
+    cache = SignCache(1 << 24)
+    delta_linear(x, w, signs, scales, rows, sign_cache=cache)
+    delta_linear(x, w, signs, scales, rows, sign_cache=cache)
+    assert (cache.misses, cache.hits) == (2, 2)
+    signs[1] = ~signs[1]  # a new tenant loaded into slot 1, in place
+    ref = delta_linear_reference(x, w, signs, scales, rows)
+    check(delta_linear(x, w, signs, scales, rows, sign_cache=cache), ref, torch.float32)
+
+
+def test_sign_cache_stays_within_its_byte_budget():
+    gen = torch.Generator().manual_seed(5)
+    x, w, signs, scales = problem(4, 4, N, K, torch.float32, False, gen)
+    one = N * K * 4
+    cache = SignCache(2 * one)
+    delta_linear(x, w, signs, scales, torch.arange(4), sign_cache=cache)
+    assert cache.bytes == 2 * one and cache.misses == 4
+
+
+def test_grouping_is_a_stable_sort_into_segments():
+    g = group_rows(torch.tensor([2, -1, 0, 2, 0, -1]), 3)
+    assert g.tenants == (-1, 0, 2)
+    assert g.starts == (0, 2, 4, 6)
+    assert g.order.tolist() == [1, 5, 2, 4, 0, 3]
+    assert g.max_rows == 2 and g.num_segments == 3
+
+
+@pytest.mark.parametrize(
+    "change, error, match",
+    [
+        (dict(tenant_of_row=torch.tensor([0, 3, 0])), IndexError, r"tenant 3, outside \[-1, 3\)"),
+        (dict(tenant_of_row=torch.tensor([0, -2, 0])), IndexError, r"tenant -2, outside \[-1, 3\)"),
+        (dict(tenant_of_row=torch.tensor([0.0, 1.0, 0.0])), TypeError, "integer tensor"),
+        (dict(tenant_of_row=torch.tensor([0, 1])), ValueError, r"tenant_of_row must be \[M=3\]"),
+        (dict(x=torch.randn(3, 40), base_weight=torch.randn(8, 40)), ValueError, "K=40 is not a multiple of 32"),
+        (dict(base_weight=torch.randn(8, 64).half()), TypeError, "dtype mismatch: x is torch.float32 but base_weight is torch.float16"),
+        (dict(x=torch.randn(3, 64).double(), base_weight=torch.randn(8, 64).double()), TypeError, "float16, bfloat16 or float32"),
+        (dict(signs=torch.zeros(3, 8, 2)), TypeError, "packed int32"),
+        (dict(signs=torch.zeros(3, 9, 2, dtype=torch.int32)), ValueError, r"base_weight is \[N=8, K=64\] but x has K=64 and signs N=9"),
+        (dict(signs=torch.zeros(3, 8, 3, dtype=torch.int32)), ValueError, r"signs must be \[T, N, K/32=2\]"),
+        (dict(scales=torch.ones(2)), ValueError, r"scales must be \[T=3\] or \[T=3, N=8\]"),
+        (dict(scales=torch.ones(3, dtype=torch.int64)), TypeError, "scales must be floating point"),
+        (dict(x=torch.randn(3, 64, device="meta")), ValueError, "device mismatch"),
+    ],
+)
+def test_bad_arguments_get_one_clear_error(change, error, match):
+    args = dict(
+        x=torch.randn(3, 64),
+        base_weight=torch.randn(8, 64),
+        signs=torch.zeros(3, 8, 2, dtype=torch.int32),
+        scales=torch.ones(3),
+        tenant_of_row=torch.tensor([0, 1, -1]),
+    )
+    args.update(change)
+    with pytest.raises(error, match=match):
+        delta_linear(**args)
