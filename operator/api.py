@@ -66,6 +66,7 @@ class _Model(BaseModel):
 # ---------------------------------------------------------------- small shared types
 
 _DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+_DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
 _QUANTITY = r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
 _HF_REPO_ID = r"^[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?(/[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?)?$"
 
@@ -100,8 +101,8 @@ RelativePath = Annotated[
 class SecretKeyRef(_Model):
     """A key of a Secret in the FineTune's namespace."""
 
-    name: str = Field(description="Name of the Secret (same namespace as the FineTune).", min_length=1, max_length=253)
-    key: str = Field("token", description="Key inside the Secret whose value is used.", min_length=1, max_length=253)
+    name: str = Field(description="Name of the Secret (same namespace as the FineTune).", min_length=1, max_length=253, pattern=_DNS_SUBDOMAIN)
+    key: str = Field("token", description="Key inside the Secret whose value is used.", min_length=1, max_length=253, pattern=r"^[-._a-zA-Z0-9]+$")
 
 
 # ---------------------------------------------------------------- model sources
@@ -168,6 +169,7 @@ class ModelStore(_Model):
         description="PersistentVolumeClaim in the FineTune's namespace (ReadWriteMany when Jobs and replicas share it across nodes).",
         min_length=1,
         max_length=253,
+        pattern=_DNS_SUBDOMAIN,
     )
     host_path: str | None = Field(
         None, description="Absolute directory on the node (single-node clusters and tests).", min_length=2, max_length=1024, pattern=r"^/"
@@ -210,6 +212,13 @@ class Calibration(_Model):
 class Toleration(_Model):
     """A Kubernetes toleration for the compression Job's pod (same fields as a Pod's)."""
 
+    model_config = ConfigDict(
+        json_schema_extra=_cel_schema(
+            cel("!(self.operator == 'Exists' && has(self.value))", "value must be empty when operator is Exists", "value"),
+            cel("!has(self.tolerationSeconds) || (has(self.effect) && self.effect == 'NoExecute')", "tolerationSeconds applies only to effect NoExecute", "tolerationSeconds"),
+        )
+    )
+
     key: str | None = Field(None, description="Taint key the toleration applies to; empty with operator Exists matches all taints.", max_length=316)
     operator: Literal["Exists", "Equal"] = Field("Equal", description="Exists or Equal (default).")
     value: str | None = Field(None, description="Taint value to match when operator is Equal.", max_length=63)
@@ -217,6 +226,14 @@ class Toleration(_Model):
         None, description="Taint effect to match; empty matches all effects."
     )
     toleration_seconds: int | None = Field(None, description="For NoExecute: how long the pod stays bound after the taint appears.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Toleration":
+        if self.operator == "Exists" and self.value is not None:
+            raise ValueError("value must be empty when operator is Exists")
+        if self.toleration_seconds is not None and self.effect != "NoExecute":
+            raise ValueError("tolerationSeconds applies only to effect NoExecute")
+        return self
 
 
 class Resources(_Model):

@@ -76,6 +76,7 @@ def test_bad_model_sources_are_refused(source, message):
         ({"deletionPolicy": "Orphan"}, "deletionPolicy"),
         ({"modelStore": {"claimName": "a", "hostPath": "/b"}}, "modelStore"),
         ({"surprise": 1}, "surprise"),
+        ({"compression": {"tolerations": [{"key": "k", "operator": "Exists", "value": "v"}]}}, "compression.tolerations.0"),
     ],
 )
 def test_bad_fields_are_refused_with_their_location(spec, where):
