@@ -89,3 +89,19 @@ def test_crd_object_validates_against_the_kubernetes_schema():
     import kubernetes_validate
 
     kubernetes_validate.validate(yaml.safe_load(CRD_FILE.read_text()), "1.31.0", strict=True)
+
+
+def test_generator_refuses_what_a_crd_cannot_say():
+    import pytest
+    from pydantic import BaseModel, Field
+
+    class Undocumented(BaseModel):
+        steps: int = 3
+
+    class Union(BaseModel):
+        value: int | list[int] = Field(0, description="either")
+
+    with pytest.raises(crdgen.SchemaError, match=r"x\.steps: has no description"):
+        crdgen.model_schema(Undocumented, "x")
+    with pytest.raises(crdgen.SchemaError, match=r"x\.value: a union of types is not structural"):
+        crdgen.model_schema(Union, "x")
