@@ -16,7 +16,7 @@ import shutil
 import threading
 import time
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 
 import kopf
@@ -161,6 +161,8 @@ class Controller:
             status["job"] = running[-1]["metadata"]["name"]
             msg = f"Job {status['job']} is compressing (attempt {len(failures) + 1} of {attempts})"
             return cond.set_condition(conds, COMPRESSED, FALSE, Reason.JOB_CREATED, msg, gen)[0]
+        if failures:
+            status["job"] = failures[-1][0]["metadata"]["name"]
         if len(failures) >= attempts:
             last = failures[-1]
             msg = f"all {attempts} attempts failed; last ({last[0]['metadata']['name']}): {last[1].reason}"
@@ -170,7 +172,8 @@ class Controller:
             wait = comp.retry_delay(len(failures), self.settings.retry_base_seconds, self.settings.retry_max_seconds)
             due = parse_time(last.finished_at) + wait
             if time.time() < due:
-                msg = f"attempt {len(failures)} of {attempts} failed ({last_job['metadata']['name']}): {last.reason}; retrying in {due - time.time():.0f}s"
+                when = datetime.fromtimestamp(due, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+                msg = f"attempt {len(failures)} of {attempts} failed ({last_job['metadata']['name']}): {last.reason}; next attempt after {when}"
                 return cond.set_condition(conds, COMPRESSED, FALSE, Reason.JOB_FAILED_RETRYING, msg, gen)[0]
         # Start the next attempt. The generation is the one the first attempt was made for
         # (a serving-only change since then must not rename the attempts of this input).
@@ -232,8 +235,15 @@ class Controller:
         key = f"{meta['namespace']}/{meta['name']}"
         status["pool"], status["modelName"] = ft.pool(), ft.model_name()
         mine = sc.tenant_of(ft, meta.get("creationTimestamp", ""), self.settings) if eligible(ft, meta.get("annotations") or {}, False) else None
-        if not self.serving.synced or self.serving.tenants.get(key) != mine:
-            self.sync_serving()
+        try:
+            if not self.serving.synced or self.serving.tenants.get(key) != mine:
+                self.sync_serving()
+            app = self._statuses().get(mine.pool) if mine is not None else None
+        except BackendError as e:
+            # Recorded, not raised: the compression status above must still be written; the
+            # next resync retries the backend.
+            status["endpoint"] = None
+            return cond.set_condition(conds, SERVED, FALSE, Reason.BACKEND_UNAVAILABLE, str(e), gen)[0]
         if mine is None:
             status["endpoint"] = None
             msg = "not served: " + (cond.get_condition(conds, COMPRESSED) or {}).get("message", "no delta yet")
@@ -241,7 +251,6 @@ class Controller:
         if key in self.serving.conflicts:
             status["endpoint"] = None
             return cond.set_condition(conds, SERVED, FALSE, Reason.POOL_BASE_CONFLICT, self.serving.conflicts[key], gen)[0]
-        app = self._statuses().get(mine.pool)
         if app is not None and app.status == RUNNING and (app.tenants is None or mine.model in app.tenants):
             status["endpoint"] = f"{self.settings.endpoint_base}/{mine.pool}/v1"
             msg = f"model {mine.model!r} served by application {mine.pool!r} at {status['endpoint']}"

@@ -1,0 +1,110 @@
+"""Fixtures of the operator's integration tests: the model store with the toy models, the
+chart's RBAC (the operator always runs as the chart's ServiceAccount, never as admin), a
+local Ray, a RayService CRD, and operator subprocesses that are stopped after each test."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+from op_harness import CHART, RAY_NS, RAYSERVICE, SYSTEM_NS, LocalRay, OperatorProcess, kuberay_crd, wait_for
+
+
+
+@pytest.fixture(scope="session")
+def store():
+    """The model store (a hostPath): two base folders (same weights, two pools) and a fine-tune."""
+    from deltafleet.toymodels import toy_pair
+
+    base, ft = toy_pair("llama")
+    root = Path(tempfile.mkdtemp(prefix="deltafleet-store-"))
+    shutil.copytree(base, root / "bases" / "tiny")
+    shutil.copytree(base, root / "bases" / "tiny-b")
+    shutil.copytree(ft, root / "finetunes" / "tiny-code")
+    (root / "deltas").mkdir()
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def chart(k8s):
+    """Two releases of the chart: `deltafleet` (CRD, ray-api backend) and `deltafleet-rs`
+    (rayservice backend, RBAC for one RayService). Returns {backend: SA kubeconfig}."""
+    k8s.kubectl("create", "namespace", SYSTEM_NS, check=False)
+    k8s.kubectl("create", "namespace", RAY_NS, check=False)
+    k8s.helm("install", "deltafleet", CHART, "-n", SYSTEM_NS, "--set", "serve.backend=ray-api",
+             "--set", "watch.allNamespaces=true", "--set", "tests.enabled=false")
+    k8s.helm("install", "deltafleet-rs", CHART, "-n", SYSTEM_NS, "--set", "serve.backend=rayservice",
+             "--set", "crds.enabled=false", "--set", f"serve.rayService.name={RAYSERVICE}",
+             "--set", f"serve.rayService.namespace={RAY_NS}", "--set", "watch.allNamespaces=true", "--set", "tests.enabled=false")
+    k8s.kubectl("wait", "--for=condition=Established", "crd/finetunes.deltafleet.dev", "--timeout=60s")
+    return {
+        "ray-api": k8s.sa_kubeconfig(SYSTEM_NS, "deltafleet"),
+        "rayservice": k8s.sa_kubeconfig(SYSTEM_NS, "deltafleet-rs"),
+    }
+
+
+@pytest.fixture(scope="session")
+def rayservice_crd(k8s):
+    crd = kuberay_crd()
+    # Too big for client-side apply's last-applied annotation: create (or replace) it.
+    if k8s.kubectl("get", "crd", "rayservices.ray.io", check=False).returncode != 0:
+        k8s.kubectl("create", "-f", crd)
+    k8s.kubectl("wait", "--for=condition=Established", "crd/rayservices.ray.io", "--timeout=60s")
+    return crd
+
+
+@pytest.fixture
+def rayservice(k8s, chart, rayservice_crd):
+    """A RayService object (no KubeRay runs: tests write its status as KubeRay would)."""
+    manifest = f"""
+apiVersion: ray.io/v1
+kind: RayService
+metadata: {{name: {RAYSERVICE}, namespace: {RAY_NS}}}
+spec:
+  serveConfigV2: ""
+  rayClusterConfig:
+    headGroupSpec:
+      rayStartParams: {{}}
+      template:
+        spec:
+          containers: [{{name: ray-head, image: rayproject/ray:2.40.0}}]
+"""
+    k8s.kubectl("delete", "rayservice", RAYSERVICE, "-n", RAY_NS, "--ignore-not-found", check=False)
+    k8s.kubectl("apply", "-f", "-", input=manifest)
+    yield RAYSERVICE
+    k8s.kubectl("delete", "rayservice", RAYSERVICE, "-n", RAY_NS, "--ignore-not-found", check=False)
+
+
+@pytest.fixture(scope="session")
+def local_ray():
+    ray = LocalRay().start()
+    yield ray
+    ray.stop()
+
+
+@pytest.fixture
+def run_operator(chart, store, tmp_path):
+    """Start `deltafleet operator` as the chart's ServiceAccount, watching the test's namespace."""
+    started: list[OperatorProcess] = []
+
+    def start(namespace: str, backend: str, *extra: str, env: dict | None = None, ray: LocalRay | None = None) -> OperatorProcess:
+        args = [
+            "--backend", backend, "-n", namespace,
+            "--store-host-path", str(store), "--operator-store-path", str(store), "--replica-store-path", str(store),
+            "--job-image", "deltafleet-ml:test", "--resync-seconds", "1", "--retry-base-seconds", "1",
+            "--delete-attempts", "3", "--replica-cpus", "1",
+            "--rayservice-name", RAYSERVICE, "--rayservice-namespace", RAY_NS,
+        ]
+        if ray is not None:
+            args += ["--ray-dashboard-url", ray.dashboard_url, "--serve-url", ray.serve_url]
+        proc = OperatorProcess(chart[backend], args + list(extra), tmp_path, env).start()
+        started.append(proc)
+        wait_for(lambda: proc.healthy() or proc.proc.poll() is not None, 60, "the operator's /healthz", on_timeout=proc.log)
+        return proc
+
+    yield start
+    for proc in started:
+        proc.stop()

@@ -1,0 +1,76 @@
+"""The whole path against the real test control plane and a real local Ray (ray-api backend):
+kubectl apply -> Job -> the real `deltafleet compress` -> Compressed -> serve config on Ray
+-> an HTTP completion -> serving change without recompression -> quality gate -> delete."""
+
+import pytest
+from op_harness import FineTunes, finetune_yaml, http_json, wait_for
+
+from deltafleet.operator.serveconfig import tenants_of_application
+
+pytestmark = [pytest.mark.cluster, pytest.mark.ray, pytest.mark.slow]
+
+
+def test_finetune_to_served_tenant_and_back(k8s, namespace, run_operator, local_ray, store, tmp_path):
+    op = run_operator(namespace, "ray-api", ray=local_ray)
+    fts = FineTunes(k8s, namespace, tmp_path)
+    fts.apply(finetune_yaml("bot", namespace, pool="tiny"))
+    fts.apply(finetune_yaml("strict", namespace, pool="tiny", min_fidelity=1.0))
+
+    # The Job of generation 1, as the operator built it.
+    job = wait_for(lambda: next((j for j in fts.jobs() if j["metadata"]["name"] == "bot-compress-g1"), None), 60,
+                   "Job bot-compress-g1", on_timeout=op.log)
+    owner = job["metadata"]["ownerReferences"][0]
+    assert (owner["kind"], owner["name"], owner["controller"]) == ("FineTune", "bot", True)
+    assert job["spec"]["backoffLimit"] == 0
+    pod = job["spec"]["template"]["spec"]
+    args = pod["containers"][0]["args"]
+    assert args[args.index("--out") + 1] == f"/models/deltas/{namespace}/bot/g1"
+    assert args[args.index("--steps") + 1] == "2"
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["containers"][0]["securityContext"]["readOnlyRootFilesystem"] is True
+    assert {"name": "model-store", "hostPath": {"path": str(store), "type": "DirectoryOrCreate"}} in pod["volumes"]
+
+    # Compressed, with the figures of the real run.
+    ft = fts.wait_condition("bot", "Compressed", "True", 420, log=op.log)
+    delta = ft["status"]["delta"]
+    path = store / "deltas" / namespace / "bot" / "g1" / "delta.safetensors"
+    assert delta["uri"] == f"file:///models/deltas/{namespace}/bot/g1/delta.safetensors"
+    assert delta["bytes"] == path.stat().st_size
+    assert delta["compressionRatio"] > 1
+    assert delta["fidelity"]["retainedImprovement"] >= 0.0
+
+    # The quality gate: compressed, but below its minFidelity: never served.
+    strict = fts.wait_condition("strict", "Compressed", "False", 420, reason="FidelityBelowThreshold", log=op.log)
+    assert strict["status"]["phase"] == "Rejected"
+
+    # Served on the local Ray, Ready, and answering.
+    ft = fts.wait_condition("bot", "Ready", "True", 420, log=lambda: op.log() + "\n" + str(local_ray.applications()))
+    app = local_ray.applications()["tiny"]
+    assert tenants_of_application(app["deployed_app_config"]) == {
+        f"{namespace}/bot": {"uri": f"file://{store}/deltas/{namespace}/bot/g1/delta.safetensors"}}
+    assert ft["status"]["endpoint"] == f"{local_ray.serve_url}/tiny/v1"
+    assert ft["status"]["modelName"] == f"{namespace}/bot"
+    assert ft["status"]["phase"] == "Serving"
+    code, body = http_json("POST", ft["status"]["endpoint"] + "/completions",
+                           {"model": f"{namespace}/bot", "prompt": "def main(", "max_tokens": 4, "temperature": 0})
+    assert code == 200, body
+    assert body["model"] == f"{namespace}/bot" and isinstance(body["choices"][0]["text"], str)
+    assert body["usage"]["completion_tokens"] >= 1
+    reasons = fts.event_reasons("bot")
+    assert {"JobCreated", "DeltaReady", "ApplicationRunning", "Ready"} <= set(reasons), reasons
+    assert "FidelityBelowThreshold" in fts.event_reasons("strict")
+
+    # A serving change is a new generation but no new Job: only the serve config changes.
+    fts.patch("bot", {"spec": {"serving": {"maxReplicas": 2}}})
+    wait_for(lambda: local_ray.applications()["tiny"]["deployed_app_config"]["deployments"][0]
+             ["autoscaling_config"]["max_replicas"] == 2, 120, "max_replicas 2 on Ray", on_timeout=op.log)
+    fts.wait_condition("bot", "Ready", "True", 120, log=op.log)
+    assert fts.get("bot")["status"]["observedGeneration"] == 2
+    assert fts.job_names() == ["bot-compress-g1", "strict-compress-g1"]
+
+    # Delete: out of Ray, files gone (deletionPolicy Delete), the object gone.
+    k8s.kubectl("-n", namespace, "delete", "finetune", "bot", "--wait=false")
+    wait_for(lambda: fts.get("bot") is None, 120, "FineTune bot to disappear", on_timeout=op.log)
+    assert "tiny" not in local_ray.applications()  # its only served tenant left, so the pool went
+    assert not path.parent.parent.exists()
+    assert fts.get("strict") is not None
