@@ -1,0 +1,160 @@
+"""The Ray Serve application of one pool: an OpenAI-compatible API over one Engine per replica.
+
+    import_path: deltafleet.serving.app:build_app      args: see serving/config.py (AppArgs)
+
+The tenant travels in the request body (`model`), never as Serve's multiplexed model id
+(batching by that id would split the cross-tenant batches this engine exists for).
+`reconfigure(user_config)` diffs the tenant set; Serve calls it on every config update
+without restarting the replica. The engine's decode loop runs in its own thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from ray import serve
+
+from .config import BASE_ALIASES, ConfigError, parse_args, parse_tenants, resolve_uri
+from .engine import BASE_TENANT, BadRequest, Engine, EngineError, Event
+from .openai_api import (
+    ChatRequest, CompletionRequest, chat_body, chat_prompt, completion_body, error_body, models_body, new_id, usage,
+)
+
+api = FastAPI(title="deltafleet pool")
+
+
+@api.exception_handler(RequestValidationError)
+async def _bad_request(request: Request, exc: RequestValidationError):
+    err = exc.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"] if p != "body")
+    return JSONResponse(error_body(f"{loc}: {err['msg']}", "invalid_request_error", 400, loc or None), status_code=400)
+
+
+# Helpers sit above the class: serve.ingress pickles the routes at decoration time.
+def _data(obj: dict) -> str:
+    return f"data: {json.dumps(obj)}\n\n"
+
+
+def _error(e: EngineError) -> JSONResponse:
+    return JSONResponse(error_body(str(e), e.type, e.status), status_code=e.status)
+
+
+@serve.deployment(name="DeltaServer", max_ongoing_requests=256, health_check_period_s=10)
+@serve.ingress(api)
+class DeltaServer:
+    def __init__(self, args: dict) -> None:
+        self.args = parse_args(args)
+        a = self.args
+        self.engine = Engine(
+            a.base_model, device=a.device, dtype=a.dtype, max_batch_size=a.max_batch_size, max_queue=a.max_queue,
+            gpu_bank_bytes=a.gpu_bank_bytes, cpu_bank_bytes=a.cpu_bank_bytes, load_timeout_s=a.load_timeout_s,
+        )
+        self.base_names = (a.pool, *BASE_ALIASES)
+        self.uris: dict[str, str] = {}
+        from .metrics import PoolMetrics
+
+        self.metrics = PoolMetrics(a.pool)
+
+    def reconfigure(self, user_config: dict) -> None:
+        """Apply a new tenant set: load new ones in the background, unload removed ones."""
+        cfg = parse_tenants(user_config, pool=self.args.pool)
+        paths = {name: resolve_uri(spec.uri, self.args.store_root) for name, spec in cfg.tenants.items()}
+        self.engine.set_tenants(paths)
+        self.uris = {name: spec.uri for name, spec in cfg.tenants.items()}
+
+    def check_health(self) -> None:
+        if not self.engine._thread.is_alive():
+            raise RuntimeError("the engine's decode loop has stopped")
+        self.metrics.bank(self.engine.bank.stats())
+
+    # ---- API ---------------------------------------------------------------------------
+    @api.get("/v1/models")
+    async def models(self):
+        names = [(n, "deltafleet-base") for n in self.base_names]
+        names += [(n, n.split("/")[0] if "/" in n else "deltafleet") for n in self.engine.bank.names()]
+        return models_body(names)
+
+    @api.get("/debug/replica")
+    async def replica(self):
+        """Process id (tests check it survives reconfigure), tenant states and engine figures."""
+        return {"pid": os.getpid(), "pool": self.args.pool, "uris": self.uris, **self.engine.stats()}
+
+    @api.post("/v1/completions")
+    async def completions(self, body: CompletionRequest, request: Request):
+        return await self._serve(body, body.prompt, completion_body, "cmpl", request)
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, body: ChatRequest, request: Request):
+        return await self._serve(body, chat_prompt(self.engine.tokenizer, body.messages), chat_body, "chatcmpl", request)
+
+    # ---- one request --------------------------------------------------------------------
+    async def _serve(self, body, prompt, shape, prefix: str, request: Request):
+        t0 = time.monotonic()
+        tenant = BASE_TENANT if body.model in self.base_names else body.model
+        try:
+            stream = self.engine.submit(tenant, prompt, body.sampling(16), loop=asyncio.get_running_loop())
+        except EngineError as e:  # unknown names are not recorded as a tag (unbounded cardinality)
+            self._record("<unknown>" if e.status == 404 else body.model, e.type, 0, 0, t0, None)
+            return _error(e)
+        events = stream.__aiter__()
+        first = await events.__anext__()  # errors before the first token get a proper HTTP status
+        ttft = time.monotonic() - t0
+        if first.error:
+            self._record(body.model, first.error.type, 0, 0, t0, None)
+            return _error(first.error)
+        rid = new_id(prefix)
+        if not body.stream:
+            text, last = [first.text], first
+            try:
+                async for ev in events:
+                    if ev.error:
+                        return _error(ev.error)
+                    text.append(ev.text)
+                    last = ev
+            finally:
+                stream.cancel()  # a no-op when finished; frees the row when the client went away
+            self._record(body.model, "ok", last.prompt_tokens, last.completion_tokens, t0, ttft)
+            return shape(rid, body.model, "".join(text), last.finish_reason, usage(last.prompt_tokens, last.completion_tokens))
+        return StreamingResponse(self._sse(stream, events, first, rid, body, shape, t0, ttft), media_type="text/event-stream")
+
+    async def _sse(self, stream, events, first: Event, rid, body, shape, t0, ttft):
+        chat, last = shape is chat_body, first
+        try:
+            kw = {"first": True} if chat else {}
+            yield _data(shape(rid, body.model, first.text, first.finish_reason, None, chunk=True, **kw))
+            async for ev in events:
+                if ev.error:
+                    yield _data(error_body(str(ev.error), ev.error.type, ev.error.status))
+                    break
+                last = ev
+                yield _data(shape(rid, body.model, ev.text, ev.finish_reason, None, chunk=True))
+            yield "data: [DONE]\n\n"
+            self._record(body.model, "ok", last.prompt_tokens, last.completion_tokens, t0, ttft)
+        finally:
+            stream.cancel()  # client disconnected mid-stream: the engine drops the row next step
+
+    def _record(self, model: str, outcome: str, prompt: int, completion: int, t0: float, ttft: float | None) -> None:
+        self.metrics.request(model, outcome, prompt, completion, time.monotonic() - t0, ttft)
+
+    def __del__(self):
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.close()
+
+
+def build_app(args: dict) -> serve.Application:
+    """Ray Serve `import_path` entry: validate args here so a bad config fails at deploy time."""
+    try:
+        parse_args(dict(args))
+    except ConfigError as e:
+        raise ValueError(f"deltafleet pool args: {e}") from None
+    return DeltaServer.bind(dict(args))
+
+
+__all__ = ["DeltaServer", "build_app", "BadRequest", "ConfigError"]

@@ -1,0 +1,60 @@
+"""`run_serving_demo`: one pool with the given tenants on a local Ray, queried over HTTP with
+the official `openai` client, then shut down. `deltafleet demo` calls it."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+PROMPT = "def fibonacci(n):"
+
+
+def pool_config(pool: str, base_dir: Path, deltas: dict[str, Path], **args) -> dict:
+    """The serve config the operator would generate for this pool (one application)."""
+    return {
+        "applications": [
+            {
+                "name": pool,
+                "route_prefix": f"/{pool}",
+                "import_path": "deltafleet.serving.app:build_app",
+                "args": {"pool": pool, "base_model": str(base_dir), "device": "auto", "dtype": "auto", **args},
+                "deployments": [
+                    {
+                        "name": "DeltaServer",
+                        "num_replicas": 1,
+                        "ray_actor_options": {"num_cpus": 0},
+                        "user_config": {"tenants": {n: {"uri": Path(p).resolve().as_uri()} for n, p in deltas.items()}},
+                    }
+                ],
+            }
+        ]
+    }
+
+
+def run_serving_demo(base_dir: Path, deltas: dict[str, Path], pool: str = "demo", max_tokens: int = 24) -> dict[str, str]:
+    """Serve base + tenants, ask each the same prompt (greedy), print and return the answers."""
+    import openai
+    import ray
+    from ray import serve
+
+    from .cli import deploy, validate, wait_running
+
+    cfg = pool_config(pool, Path(base_dir), deltas)
+    validate(cfg)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    try:
+        (url,) = deploy(cfg, port=port)
+        wait_running([pool])
+        client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=300)
+        print(f"pool {pool!r} at {url}; models: {[m.id for m in client.models.list().data]}")
+        answers = {}
+        for model in [pool, *deltas]:
+            out = client.completions.create(model=model, prompt=PROMPT, max_tokens=max_tokens, temperature=0)
+            answers[model] = out.choices[0].text
+            print(f"--- {model}\n{PROMPT}{answers[model]}")
+        return answers
+    finally:
+        serve.shutdown()
+        ray.shutdown()

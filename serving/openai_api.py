@@ -1,0 +1,114 @@
+"""The OpenAI-compatible surface: request models, response/chunk shapes and the error shape.
+
+Pure functions and pydantic models (no Ray), so they are testable on their own. Fields the
+engine does not implement are accepted and ignored when harmless (user, logprobs=null, ...)
+and refused with a 400 when they would change the answer (n > 1).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from .sampling import SamplingParams
+
+
+class _Common(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+    n: int = Field(1, ge=1, le=1, description="only n=1 is supported")
+
+    def sampling(self, default_max_tokens: int) -> SamplingParams:
+        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        return SamplingParams(
+            max_tokens=self.max_tokens or default_max_tokens, temperature=self.temperature,
+            top_p=self.top_p, stop=[s for s in stop if s], seed=self.seed,
+        )
+
+
+class CompletionRequest(_Common):
+    prompt: str | list[int] | list[str]
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, v):
+        if isinstance(v, list) and v and isinstance(v[0], str):
+            if len(v) != 1:
+                raise ValueError("only one prompt per request is supported")
+            return v[0]
+        return v
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: str | list[dict[str, Any]]
+
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.get("text", "") for part in self.content if part.get("type") == "text")
+
+
+class ChatRequest(_Common):
+    messages: list[ChatMessage] = Field(min_length=1)
+
+
+def chat_prompt(tokenizer, messages: list[ChatMessage]) -> str | list[int]:
+    """The tokenizer's chat template when it has one; otherwise a plain documented fallback:
+    one "<role>: <content>" line per message, then "assistant:" for the model to continue."""
+    msgs = [{"role": m.role, "content": m.text()} for m in messages]
+    if getattr(tokenizer, "chat_template", None):
+        return list(tokenizer.apply_chat_template(msgs, tokenize=True, add_generation_prompt=True))
+    return "".join(f"{m['role']}: {m['content']}\n" for m in msgs) + "assistant:"
+
+
+def error_body(message: str, type_: str, code: int | str | None = None, param: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}
+
+
+def completion_body(rid: str, model: str, text: str, finish: str | None, use: dict | None, chunk: bool = False) -> dict:
+    body = {
+        "id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
+        "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}],
+    }
+    if use is not None:
+        body["usage"] = use
+    return body
+
+
+def chat_body(rid: str, model: str, text: str, finish: str | None, use: dict | None, chunk: bool = False, first: bool = False) -> dict:
+    if chunk:
+        delta = {"role": "assistant", "content": text} if first else {"content": text}
+        choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+        body = {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model, "choices": [choice]}
+    else:
+        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish, "logprobs": None}
+        body = {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model, "choices": [choice]}
+    if use is not None:
+        body["usage"] = use
+    return body
+
+
+def models_body(names: list[tuple[str, str]]) -> dict:
+    """names: (id, owned_by) pairs."""
+    now = int(time.time())
+    return {"object": "list", "data": [{"id": n, "object": "model", "created": now, "owned_by": o} for n, o in names]}

@@ -1,0 +1,132 @@
+"""The pool on real Ray Serve (CPU, loopback): OpenAI API, streaming, hot-added tenants."""
+
+from __future__ import annotations
+
+import json
+import socket
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+ray = pytest.importorskip("ray")
+from ray import serve  # noqa: E402
+
+from deltafleet.serving.app import DeltaServer  # noqa: E402
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+POOL = "toy"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _deploy(toy, tenants: list[str]):
+    args = dict(pool=POOL, base_model=str(toy.base_dir), device="cpu", dtype="float32", max_batch_size=8,
+                store_root=str(toy.base_dir.parent))
+    cfg = {"tenants": {n: {"uri": toy.deltas[n].as_uri()} for n in tenants}}
+    # A fixed version: a redeploy that changes only user_config reconfigures, never restarts
+    # (config-file deploys get this from Ray, which versions by import_path and args).
+    app = DeltaServer.options(user_config=cfg, version="1", ray_actor_options={"num_cpus": 0}).bind(args)
+    serve.run(app, name=POOL, route_prefix=f"/{POOL}", blocking=False)
+
+
+@pytest.fixture(scope="module")
+def url(toy):
+    port = _free_port()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, namespace="deltafleet-test")
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        _deploy(toy, ["team-a/alpha", "team-a/beta"])
+        base = f"http://127.0.0.1:{port}/{POOL}"
+        _wait_ready(base, ["team-a/alpha", "team-a/beta"])
+        yield base
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def _wait_ready(base: str, names: list[str], timeout: float = 120) -> dict:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            r = httpx.get(f"{base}/debug/replica", timeout=10)
+            if r.status_code == 200 and all(r.json()["bank"]["tenants"].get(n) == "ready" for n in names):
+                return r.json()
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"tenants {names} not ready at {base}")
+
+
+def _complete(base: str, model: str, prompt: str) -> dict:
+    r = httpx.post(f"{base}/v1/completions", json={"model": model, "prompt": prompt, "max_tokens": 12, "temperature": 0}, timeout=120)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_concurrent_tenants_match_the_engine_alone(url, toy, reference_greedy):
+    models = ["team-a/alpha", "team-a/beta", POOL, "base"]
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda m: _complete(url, m, "The quick brown fox"), models * 2))
+    ids = toy.tokenizer("The quick brown fox").input_ids
+    dirs = {"team-a/alpha": toy.merged_dirs["team-a/alpha"], "team-a/beta": toy.merged_dirs["team-a/beta"],
+            POOL: toy.base_dir, "base": toy.base_dir}
+    for model, ans in zip(models * 2, answers):
+        want = toy.tokenizer.decode(reference_greedy(dirs[model], ids, 12), skip_special_tokens=True)
+        assert ans["model"] == model and ans["choices"][0]["text"] == want
+        assert ans["usage"]["prompt_tokens"] == len(ids)
+
+
+def test_streaming_sse(url):
+    whole = _complete(url, "team-a/beta", "def add(a, b):")["choices"][0]["text"]
+    body = {"model": "team-a/beta", "prompt": "def add(a, b):", "max_tokens": 12, "temperature": 0, "stream": True}
+    chunks = []
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=120) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                chunks.append(line[6:])
+    assert chunks[-1] == "[DONE]"
+    parts = [json.loads(c)["choices"][0] for c in chunks[:-1]]
+    assert len(parts) > 2 and "".join(p["text"] for p in parts) == whole
+    assert parts[-1]["finish_reason"] in ("length", "stop")
+
+
+def test_models_errors_and_openai_client(url):
+    ids = [m["id"] for m in httpx.get(f"{url}/v1/models").json()["data"]]
+    assert {"team-a/alpha", "team-a/beta", POOL, "base"} <= set(ids)
+    r = httpx.post(f"{url}/v1/completions", json={"model": "nobody/here", "prompt": "hi"})
+    assert r.status_code == 404 and r.json()["error"]["type"] == "model_not_found"
+    r = httpx.post(f"{url}/v1/completions", json={"model": "team-a/alpha", "prompt": "hi", "temperature": 9})
+    assert r.status_code == 400 and "temperature" in r.json()["error"]["message"]
+
+    import openai
+
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+    chat = client.chat.completions.create(
+        model="team-a/alpha", messages=[{"role": "user", "content": "Serving many"}], max_tokens=8, temperature=0)
+    assert chat.choices[0].message.role == "assistant" and chat.usage.completion_tokens > 0
+    streamed = client.chat.completions.create(
+        model="team-a/alpha", messages=[{"role": "user", "content": "Serving many"}], max_tokens=8, temperature=0, stream=True)
+    text = "".join(c.choices[0].delta.content or "" for c in streamed)
+    assert text == chat.choices[0].message.content
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="nobody/here", prompt="hi", max_tokens=4)
+
+
+def test_tenant_hot_added_without_restarting_the_replica(url, toy):
+    before = httpx.get(f"{url}/debug/replica").json()
+    assert "team-b/gamma" not in before["bank"]["tenants"]
+    _deploy(toy, ["team-a/alpha", "team-b/gamma"])  # new user_config: beta removed, gamma added
+    after = _wait_ready(url, ["team-b/gamma"])
+    assert after["pid"] == before["pid"]
+    assert "team-a/beta" not in after["bank"]["tenants"]
+    assert _complete(url, "team-b/gamma", "one base saves")["choices"][0]["text"]
+    r = httpx.post(f"{url}/v1/completions", json={"model": "team-a/beta", "prompt": "hi"})
+    assert r.status_code == 404
