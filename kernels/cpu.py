@@ -12,10 +12,14 @@ Base: one `F.linear` for the whole batch. Deltas: per tenant segment (grouping.p
 * **cached signs** (hot tenants, optional `SignCache`): keep the unpacked ±1 matrix and
   just run the GEMM. 32× (fp32) or 16× (bf16) the packed bytes, so it is bounded and LRU.
 
-Measured on the 2-core build machine (4096×4096, fp32, ms per tenant, shared CPU so
-noisy): 1 row: unpack+matmul 40, byte LUT 5, cached 4; 16 rows: unpack+matmul 66-98,
-byte LUT 125, cached 17. Hence LUT up to LUT_MAX_ROWS rows, unpack above; bench/kernels.py
-re-measures these on every run.
+Measured on the 2-core build machine (1 torch thread, best of 7, fp32, ms for one tenant
+segment; the CPU was shared, so treat as rough):
+
+    4096×4096   rows=1: LUT 11.9, unpack+GEMM 81, cached 4.5    rows=8: LUT 120, unpack 116, cached 21
+    2048×2048   rows=1: LUT 2.6,  unpack+GEMM 15, cached 2.0    rows=8: LUT 15,  unpack 18,  cached 2.7
+
+Hence the LUT up to LUT_MAX_ROWS rows and unpack above; bench/kernels.py re-measures the
+crossover on every CPU run.
 """
 
 from __future__ import annotations
