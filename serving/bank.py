@@ -5,7 +5,7 @@ signs [n_slots, N, K // 32] int32 and scales [n_slots, N] float32, so a batch pa
 stack to the kernel as is and each row names its slot (no per-step gathering). A slot's
 scales are zero for modules its delta does not compress (zero contribution). Whole tensors
 (embeddings, lm_head, norms, biases) live beside the slot as ordinary device tensors.
-n_slots = gpu_bank_bytes // (bytes of one slot's signs and scales), at least one.
+n_slots = gpu_bank_bytes // (bytes of one slot's signs and scales), at least one, at most MAX_SLOTS.
 
 A slot holding a tenant with running sequences is pinned (refcount); others are evicted
 least-recently-used. Warm deltas stay in CPU memory (pinned on CUDA) within cpu_bank_bytes,
@@ -30,6 +30,7 @@ from torch import nn
 from deltafleet.compress.format import Delta, DeltaError, check_against_model, load_delta
 
 LOADING, READY, FAILED = "loading", "ready", "failed"
+MAX_SLOTS = 256
 
 
 @dataclass
@@ -58,7 +59,9 @@ class DeltaBank:
         self.cpu_bank_bytes = cpu_bank_bytes
         self.on_change = on_change
         self.slot_bytes = sum(n * (k // 32) * 4 + n * 4 for n, k in linears.values())
-        self.n_slots = max(1, gpu_bank_bytes // max(1, self.slot_bytes))
+        # The stack is allocated up front, so the budget is reserved; MAX_SLOTS keeps a large
+        # budget over a tiny model from allocating thousands of slots nobody will fill.
+        self.n_slots = min(MAX_SLOTS, max(1, gpu_bank_bytes // max(1, self.slot_bytes)))
         self.stacks = {
             name: (
                 torch.zeros(self.n_slots, n, k // 32, dtype=torch.int32, device=device),

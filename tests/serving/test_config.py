@@ -1,0 +1,59 @@
+"""The serve-config contract: args, tenants, URI resolution (pure logic, no servers)."""
+
+from __future__ import annotations
+
+import pytest
+
+from deltafleet.serving.cli import main, validate
+from deltafleet.serving.config import ConfigError, parse_args, parse_tenants, resolve_uri
+from deltafleet.serving.demo import pool_config
+
+
+def test_args_defaults_and_clear_errors():
+    a = parse_args({"pool": "llama2-7b", "base_model": "/models/llama"})
+    assert a.device == "auto" and a.max_batch_size == 16 and a.store_root is None
+    with pytest.raises(ConfigError, match=r"^args\.max_batch_size: .*greater than or equal to 1"):
+        parse_args({"pool": "p", "base_model": "m", "max_batch_size": 0})
+    with pytest.raises(ConfigError, match=r"args\.device: .*cuda:N"):
+        parse_args({"pool": "p", "base_model": "m", "device": "tpu"})
+    with pytest.raises(ConfigError, match=r"args\.bogus: Extra inputs"):
+        parse_args({"pool": "p", "base_model": "m", "bogus": 1})
+
+
+def test_tenant_names_may_hold_slashes_but_not_base_names():
+    cfg = parse_tenants({"tenants": {"team-a/support": {"uri": "/d/x.safetensors"}}}, pool="p")
+    assert list(cfg.tenants) == ["team-a/support"]
+    for bad in ("base", "../x", "a//b", "/abs"):
+        with pytest.raises(ConfigError, match="user_config.tenants"):
+            parse_tenants({"tenants": {bad: {"uri": "/d/x"}}}, pool="p")
+    with pytest.raises(ConfigError, match="pool's own name"):
+        parse_tenants({"tenants": {"p": {"uri": "/d/x"}}}, pool="p")
+
+
+def test_uris_file_or_absolute_only_and_never_outside_store_root(tmp_path):
+    root = tmp_path / "store"
+    (root / "ns").mkdir(parents=True)
+    assert resolve_uri(f"file://{root}/ns/d.safetensors", str(root)) == root / "ns" / "d.safetensors"
+    assert resolve_uri(f"{root}/ns/d.safetensors") == root / "ns" / "d.safetensors"
+    for uri in ("s3://bucket/d", "http://x/d", "relative/d.safetensors", "file://evil-host/d"):
+        with pytest.raises(ConfigError, match="delta URI"):
+            resolve_uri(uri, str(root))
+    with pytest.raises(ConfigError, match="outside store_root"):
+        resolve_uri(f"file://{root}/ns/../../etc/passwd", str(root))
+    (root / "ns" / "link").symlink_to("/etc")
+    with pytest.raises(ConfigError, match="outside store_root"):
+        resolve_uri(f"{root}/ns/link/passwd", str(root))
+
+
+def test_cli_refuses_bad_configs_with_one_line(tmp_path, capsys):
+    cfg = pool_config("toy", tmp_path, {"a/b": tmp_path / "d.safetensors"})
+    validate(cfg)  # the demo's generated config is valid
+    cfg["applications"][0]["args"]["max_batch_size"] = -1
+    path = tmp_path / "pool.yaml"
+    import yaml
+
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["--config", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "applications[0] (toy): args.max_batch_size" in err
+    assert main(["--config", str(tmp_path / "missing.yaml")]) == 2
