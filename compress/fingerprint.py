@@ -10,7 +10,7 @@ fine-tune) differ in sampled values with overwhelming probability.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 
@@ -18,8 +18,15 @@ SAMPLE = 4096
 
 
 def fingerprint_tensors(named: Iterable[tuple[str, torch.Tensor]]) -> str:
+    tensors = dict(named)
+    return fingerprint_lazy(tensors, tensors.__getitem__)
+
+
+def fingerprint_lazy(names: Iterable[str], get: Callable[[str], torch.Tensor]) -> str:
+    """The same fingerprint, reading one tensor at a time (e.g. from a safetensors checkpoint)."""
     h = hashlib.sha256()
-    for name, t in sorted(named, key=lambda kv: kv[0]):
+    for name in sorted(names):
+        t = get(name)
         flat = t.detach().reshape(-1)
         step = max(1, flat.numel() // SAMPLE)
         sample = flat[::step][:SAMPLE].to("cpu", torch.bfloat16).view(torch.int16)

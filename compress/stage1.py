@@ -1,0 +1,58 @@
+"""Stage 1 of BitDelta: Δ = W_ft − W_base → packed sign(Δ) and α = mean|Δ|, one tensor at a time.
+
+Base and fine-tune are streamed from their safetensors files tensor by tensor (only the
+pair being compared is ever in memory, on `device`). Parameters that are not 1-bit
+compressed are stored whole where they differ from the base.
+"""
+
+from __future__ import annotations
+
+import torch
+from tqdm.auto import tqdm
+
+from deltafleet.kernels.packing import pack_signs
+
+from .checkpoint import Checkpoint, empty_model
+from .fingerprint import fingerprint_lazy
+from .format import Delta
+from .linears import compressed_modules
+
+
+def sign_and_scale(delta: torch.Tensor, per_row: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed sign(Δ) and the L2-optimal scale for it: mean|Δ| (per matrix, or per output row)."""
+    d = delta.float()
+    scale = d.abs().mean(dim=1) if per_row else d.abs().mean()
+    return pack_signs(d), scale.float().cpu()
+
+
+def extract(
+    base: Checkpoint,
+    ft: Checkpoint,
+    per_row: bool = False,
+    compress_embeddings: bool = False,
+    device: str | torch.device = "cpu",
+) -> Delta:
+    """The stage-1 delta of `ft` against `base` (both already checked compatible)."""
+    skeleton = empty_model(base.dir)
+    compressed = compressed_modules(skeleton, compress_embeddings)
+    param_names = [n for n, _ in skeleton.named_parameters()]  # tied weights once, by first name
+    missing = [n for n in param_names if n not in base]
+    if missing:
+        raise ValueError(f"base {base.dir}: checkpoint lacks parameter {missing[0]!r} of {base.architecture}")
+    delta = Delta(
+        base_model=base.source,
+        base_fingerprint=fingerprint_lazy(param_names, base.get),
+        finetuned_model=ft.source,
+    )
+    weight_of = {f"{m}.weight": m for m in compressed}
+    for name in tqdm(param_names, desc="stage 1: sign + scale", unit="tensor", leave=False):
+        b = base.get(name).to(device)
+        f = ft.get(name).to(device)
+        if name in weight_of:
+            module = weight_of[name]
+            delta.signs[module], delta.scales[module] = sign_and_scale(f.float() - b.float(), per_row)
+            delta.signs[module] = delta.signs[module].cpu()
+        elif not torch.equal(b, f):
+            delta.whole[name] = f.cpu()
+        del b, f
+    return delta
