@@ -50,7 +50,7 @@ def check(settings: Settings) -> int:
         print(f"FAIL Kubernetes API: HTTP {e.status} {e.reason}")
         return 1
     except Exception as e:  # noqa: BLE001 -- a check reports, it does not crash
-        print(f"FAIL Kubernetes API: {e}")
+        print(f"FAIL Kubernetes API: {getattr(e, 'reason', None) or e}")
         return 1
     try:
         apps = make_backend(settings, api_client).statuses()

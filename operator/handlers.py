@@ -81,8 +81,8 @@ def register(registry: kopf.OperatorRegistry, ctl: Controller) -> None:
         except kopf.PermanentError:
             pass  # already recorded as a condition; the spec must change first
 
-    @kopf.on.event("batch", "v1", "jobs", labels=JOB_SELECTOR, registry=registry)
-    def on_job(namespace, labels, body, type, **_):
+    @kopf.on.event("batch", "v1", "jobs", labels=JOB_SELECTOR, registry=registry, id="job-finished")
+    def on_job(namespace, labels, body, **_):
         """A compression Job changed: reconcile its FineTune now instead of at the next resync."""
         done = any(c.get("status") == "True" and c.get("type") in ("Complete", "Failed")
                    for c in (body.get("status") or {}).get("conditions") or [])

@@ -31,7 +31,6 @@ def compress_args(ft: api.FineTune, generation: int) -> list[str]:
         "--base", spec.base_model.reference(),
         "--finetuned", spec.fine_tuned_model.reference(),
         "--out", comp.output_dir(ft.metadata.namespace or "", ft.metadata.name, generation),
-        "--finetune-id", f"{ft.metadata.namespace}/{ft.metadata.name}",
         "--steps", str(c.steps),
         "--lr", repr(c.lr),
         "--batch-size", str(c.batch_size),
@@ -43,10 +42,6 @@ def compress_args(ft: api.FineTune, generation: int) -> list[str]:
         "--device", "cuda" if c.gpus > 0 else "cpu",
         "--termination-log", TERMINATION_LOG,
     ]
-    if spec.base_model.revision:
-        args += ["--base-revision", spec.base_model.revision]
-    if spec.fine_tuned_model.revision:
-        args += ["--finetuned-revision", spec.fine_tuned_model.revision]
     if c.calibration.path:
         args += ["--calibration", f"{api.MODEL_STORE_MOUNT}/{c.calibration.path}"]
     if c.scale_per_row:

@@ -15,8 +15,8 @@ from op_harness import CHART, RAY_NS, RAYSERVICE, SYSTEM_NS, LocalRay, OperatorP
 
 @pytest.fixture(scope="session")
 def store():
-    """The model store (a hostPath): two base folders (same weights, two pools) and a fine-tune."""
-    from deltafleet.toymodels import toy_pair
+    """The model store (a hostPath): two base folders (same weights, two pools), a fine-tune, calibration text."""
+    from deltafleet.toymodels import toy_eval_text, toy_pair
 
     base, ft = toy_pair("llama")
     root = Path(tempfile.mkdtemp(prefix="deltafleet-store-"))
@@ -24,6 +24,9 @@ def store():
     shutil.copytree(base, root / "bases" / "tiny-b")
     shutil.copytree(ft, root / "finetunes" / "tiny-code")
     (root / "deltas").mkdir()
+    # Calibration from a file: sampling it from the fine-tune would dominate the test's time.
+    (root / "data").mkdir()
+    shutil.copy(toy_eval_text("llama"), root / "data" / "cal.txt")
     yield root
     shutil.rmtree(root, ignore_errors=True)
 

@@ -161,43 +161,6 @@ def kuberay_crd() -> Path:
     return Path(out.stdout.strip().splitlines()[-1])
 
 
-def kubectl_json(k8s, *args) -> dict:
-    return json.loads(k8s.kubectl(*args, "-o", "json").stdout)
-
-
-def finetune_yaml(name: str, namespace: str, *, base: str = "bases/tiny", finetuned: str = "finetunes/tiny-code",
-                  pool: str | None = None, min_fidelity: float = 0.0, backoff_limit: int = 1, steps: int = 2) -> str:
-    pool_line = f"\n    pool: {pool}" if pool else ""
-    return f"""
-apiVersion: deltafleet.dev/v1alpha1
-kind: FineTune
-metadata:
-  name: {name}
-  namespace: {namespace}
-spec:
-  baseModel: {{path: {base}}}
-  fineTunedModel: {{path: {finetuned}}}
-  compression:
-    steps: {steps}
-    batchSize: 2
-    gpus: 0
-    minFidelity: {min_fidelity}
-    calibration: {{samples: 4, seqLen: 32}}
-  serving:{pool_line}
-    gpusPerReplica: 0
-    minReplicas: 1
-    maxReplicas: 1
-  backoffLimit: {backoff_limit}
-  activeDeadlineSeconds: 600
-"""
-
-
-def apply(k8s, manifest: str, tmp_path: Path, name: str = "ft.yaml") -> subprocess.CompletedProcess:
-    path = tmp_path / name
-    path.write_text(manifest)
-    return k8s.kubectl("apply", "-f", path)
-
-
 class FineTunes:
     """kubectl-level access to one namespace's FineTunes, Jobs and Events (admin: the test's view)."""
 
@@ -258,7 +221,7 @@ spec:
     batchSize: 2
     gpus: 0
     minFidelity: {min_fidelity}
-    calibration: {{samples: 4, seqLen: 32}}
+    calibration: {{path: data/cal.txt, samples: 4, seqLen: 32}}
   serving:{pool_line}
     gpusPerReplica: 0
     minReplicas: 1

@@ -122,3 +122,14 @@ def test_outcome_failure_names_exit_code_and_last_log_line():
 def test_outcome_running_and_garbage_message():
     assert jobs.outcome({"status": {}}, None).state == jobs.RUNNING
     assert jobs.outcome(job_with("Complete"), pod_with(0, "not json")).result is None
+
+
+def test_job_args_parse_with_the_real_compress_cli():
+    from deltafleet.compress.cli import parser
+
+    _, job = build(spec={"compression": {"steps": 5, "lr": 0.001, "batchSize": 3, "loss": "kl", "scalePerRow": True,
+                                         "calibration": {"path": "data/cal.txt", "samples": 9, "seqLen": 64}}})
+    args = parser().parse_args(job["spec"]["template"]["spec"]["containers"][0]["args"])
+    assert (args.steps, args.lr, args.batch_size, args.loss, args.scale_per_row) == (5, 0.001, 3, "kl", True)
+    assert (args.samples, args.seq_len, args.calibration, args.device) == (9, 64, "/models/data/cal.txt", "cpu")
+    assert args.termination_log == "/dev/termination-log"
