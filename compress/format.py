@@ -11,8 +11,8 @@ Tensors (safetensors only; nothing is ever unpickled):
 
 `__metadata__` (all strings; JSON where structured): format_version, method, base_model,
 base_fingerprint (compress/fingerprint.py), finetuned_model, settings, fidelity, sizes,
-content_sha256 (a hash of every tensor's name, dtype, shape and bytes, so a tampered or
-corrupt file is refused even when it still parses).
+content_sha256 (a hash of every tensor's name, dtype, shape and bytes and of every other
+metadata field, so a tampered or corrupt file is refused even when it still parses).
 
 Files are written to a temporary name in the same folder, fsynced and renamed, so a crash
 never leaves a file that looks valid.
@@ -70,8 +70,13 @@ class Delta:
         return Delta(**{**self.__dict__, "signs": move(self.signs), "scales": move(self.scales), "whole": move(self.whole)})
 
 
-def content_hash(tensors: dict[str, torch.Tensor]) -> str:
+def content_hash(tensors: dict[str, torch.Tensor], meta: dict[str, str] | None = None) -> str:
+    """sha256 over the tensors and the metadata (all but content_sha256 itself): a changed
+    fingerprint or fidelity figure is as much tampering as a changed weight."""
     h = hashlib.sha256()
+    for key in sorted(meta or {}):
+        if key != "content_sha256":
+            h.update(f"meta|{key}|{meta[key]}\n".encode())
     for name in sorted(tensors):
         t = tensors[name].detach().to("cpu").contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
@@ -93,8 +98,8 @@ def save_delta(delta: Delta, path: str | os.PathLike) -> Path:
         "settings": json.dumps(delta.settings, sort_keys=True),
         "fidelity": json.dumps(delta.fidelity, sort_keys=True),
         "sizes": json.dumps(delta.sizes, sort_keys=True),
-        "content_sha256": content_hash(tensors),
     }
+    meta["content_sha256"] = content_hash(tensors, meta)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
     os.close(fd)
     try:
@@ -105,18 +110,32 @@ def save_delta(delta: Delta, path: str | os.PathLike) -> Path:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _fsync_dir(path.parent)  # make the rename itself durable
     return path
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems cannot fsync a directory; the rename is still atomic
+    finally:
+        os.close(fd)
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """The file's metadata, JSON fields decoded, without reading tensors."""
     path = _existing(path)
+    return _decode_meta(path, _raw_metadata(path))
+
+
+def _raw_metadata(path: Path) -> dict[str, str]:
     try:
         with safe_open(str(path), framework="pt") as f:
-            raw = f.metadata() or {}
+            return f.metadata() or {}
     except (SafetensorError, OSError, ValueError) as e:
         raise DeltaError(f"{path}: not a readable safetensors delta ({_one_line(e)})") from None
-    return _decode_meta(path, raw)
 
 
 def load_delta(
@@ -126,7 +145,8 @@ def load_delta(
 ) -> Delta:
     """Read, verify (format, content hash, structure, base fingerprint) and return a Delta."""
     path = _existing(path)
-    meta = read_metadata(path)
+    raw = _raw_metadata(path)
+    meta = _decode_meta(path, raw)
     if expected_fingerprint is not None and meta["base_fingerprint"] != expected_fingerprint:
         raise DeltaError(
             f"{path}: delta was built for base {meta['base_model']!r} (fingerprint {meta['base_fingerprint']}), "
@@ -139,7 +159,7 @@ def load_delta(
                 tensors[name] = f.get_tensor(name)
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise DeltaError(f"{path}: truncated or corrupt tensor data ({_one_line(e)})") from None
-    if content_hash(tensors) != meta["content_sha256"]:
+    if content_hash(tensors, raw) != meta["content_sha256"]:
         raise DeltaError(f"{path}: content hash mismatch: the file was modified or corrupted after it was written")
     delta = Delta(
         base_model=meta["base_model"],

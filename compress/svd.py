@@ -42,3 +42,16 @@ def apply_low_rank(model, base: Checkpoint, ft: Checkpoint, bitdelta: Delta) -> 
         w.copy_((wb + low_rank(wf - wb, r)).to(w.device, w.dtype))
         total += r * (n + k) * FACTOR_BYTES
     return total
+
+
+def evaluate_low_rank(base: str, finetuned: str, bitdelta: Delta, samples: torch.Tensor, batch_size: int,
+                      device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    """(EvalStats, bytes) of the low-rank baseline at `bitdelta`'s budget, against the fine-tune."""
+    from .api import load_model
+    from .fidelity import evaluate
+
+    base_ck, ft_ck = Checkpoint(base, "base"), Checkpoint(finetuned, "fine-tune")
+    teacher = load_model(ft_ck.dir, torch.device(device), dtype)
+    model = load_model(ft_ck.dir, torch.device(device), dtype)
+    nbytes = apply_low_rank(model, base_ck, ft_ck, bitdelta)
+    return evaluate(model, teacher, samples, batch_size), nbytes

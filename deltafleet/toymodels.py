@@ -111,7 +111,9 @@ def toy_delta(family: str = "llama", **compress_settings) -> Path:
     from deltafleet.compress import CompressSettings, compress
 
     base, ft = toy_pair(family)
-    settings = CompressSettings(**{**TOY_COMPRESS_SETTINGS, "eval_data": str(toy_eval_text(family)), **compress_settings})
+    # Calibration from the fine-tune's training text: sampling the model would dominate test time.
+    defaults = {**TOY_COMPRESS_SETTINGS, "calibration": str(toy_train_text(family)), "eval_data": str(toy_eval_text(family))}
+    settings = CompressSettings(**{**defaults, **compress_settings})
     digest = hashlib.sha256(json.dumps(dataclasses.asdict(settings), sort_keys=True, default=str).encode()).hexdigest()[:12]
     out = cache_root() / "deltas" / f"{base.parent.name}-{digest}"
     delta = out / "delta.safetensors"
@@ -136,6 +138,7 @@ def _pair_dir(family: str, recipe: ToyRecipe) -> Path:
             tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=root))
             try:
                 _build(family, recipe, tmp)
+                os.chmod(tmp, 0o755)  # mkdtemp makes it private; readers may run as another user
                 (tmp / "DONE").write_text(json.dumps(dataclasses.asdict(recipe)))
                 shutil.rmtree(folder, ignore_errors=True)
                 os.replace(tmp, folder)
