@@ -75,6 +75,9 @@ class CompressSettings:
             raise InputError(f"--loss {self.loss}: choose mse or kl")
         if self.seq_len < 2:
             raise InputError("--seq-len must be at least 2 (next-token loss needs two tokens)")
+        for what, path in (("calibration", self.calibration), ("eval data", self.eval_data)):
+            if path and not Path(path).exists():  # fail before the slow steps, not after them
+                raise InputError(f"{what} {path}: no such file or folder")
 
 
 def log(msg: str) -> None:

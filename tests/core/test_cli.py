@@ -1,0 +1,147 @@
+"""The CLIs: a successful compress writes what a Job reports; every bad input is refused with a
+one-line message naming what and where, and a non-zero exit (no traceback)."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from deltafleet.cli import main
+from deltafleet.compress.result import CompressResult
+
+
+def run(capsys, *argv) -> tuple[int, str, str]:
+    rc = main(list(argv))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def refused(capsys, *argv, match: str) -> str:
+    rc, _, err = run(capsys, *argv)
+    assert rc == 2, err
+    assert "Traceback" not in err, err
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and errors[0] == err.strip().splitlines()[-1], err  # progress lines may precede it
+    line = errors[0]
+    assert match in line, line
+    return line
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    from deltafleet.toymodels import toy_eval_text, toy_pair, toy_train_text
+
+    base, ft = toy_pair("llama")
+    return {"base": str(base), "ft": str(ft), "cal": str(toy_train_text("llama")), "eval": str(toy_eval_text("llama"))}
+
+
+FAST = ["--steps", "2", "--samples", "4", "--eval-samples", "4", "--seq-len", "64", "--lr", "1e-3"]
+
+
+def test_compress_cli_writes_delta_result_and_termination_log(llama, tmp_path, capsys, monkeypatch):
+    log = tmp_path / "termination-log"
+    monkeypatch.setenv("DELTAFLEET_TERMINATION_LOG", str(log))
+    rc, out, _ = run(capsys, "compress", "--base", llama["base"], "--finetuned", llama["ft"], "--out", str(tmp_path / "o"),
+                     "--calibration", llama["cal"], "--eval-data", llama["eval"], *FAST)
+    assert rc == 0
+    assert "retained" in out
+    result = CompressResult.model_validate_json(log.read_text())
+    assert result == CompressResult.model_validate_json((tmp_path / "o" / "result.json").read_text())
+    assert result.delta_uri == str((tmp_path / "o" / "delta.safetensors").resolve())
+
+    rc, out, _ = run(capsys, "inspect", result.delta_uri)
+    assert rc == 0 and "ratio" in out and "matrices" in out
+    rc, out, _ = run(capsys, "inspect", "--json", result.delta_uri)
+    info = json.loads(out)
+    assert info["compressed_matrices"] == 28 and info["file_bytes"] == result.sizes.delta_bytes
+    assert info["compression_ratio"] == pytest.approx(result.sizes.compression_ratio)
+
+
+def test_missing_paths(llama, tmp_path, capsys):
+    missing = str(tmp_path / "nope")
+    line = refused(capsys, "compress", "--base", missing, "--finetuned", llama["ft"], "--out", str(tmp_path / "o"),
+                   match="no such folder")
+    assert line.startswith("deltafleet compress: error: base ") and missing in line
+    refused(capsys, "compress", "--base", llama["base"], "--finetuned", missing, "--out", str(tmp_path / "o"),
+            match=f"fine-tune {missing}: no such folder")
+    refused(capsys, "compress", "--base", llama["base"], "--finetuned", llama["ft"], "--out", str(tmp_path / "o"),
+            "--calibration", missing, *FAST, match=f"calibration {missing}: no such file or folder")
+    refused(capsys, "merge", "--base", llama["base"], "--delta", missing, "--out", str(tmp_path / "m"),
+            match=f"{missing}: no such delta file")
+    refused(capsys, "inspect", missing, match="no such delta file")
+
+
+def test_not_a_safetensors_checkpoint(llama, tmp_path, capsys):
+    folder = tmp_path / "pickled"
+    folder.mkdir()
+    shutil.copy(f"{llama['base']}/config.json", folder)
+    (folder / "pytorch_model.bin").write_bytes(b"pickle")
+    refused(capsys, "compress", "--base", str(folder), "--finetuned", llama["ft"], "--out", str(tmp_path / "o"),
+            match="only pickle .bin weights found")
+
+
+def test_different_architectures(llama, tmp_path, capsys):
+    from deltafleet.toymodels import toy_pair
+
+    qwen_ft = str(toy_pair("qwen2")[1])
+    line = refused(capsys, "compress", "--base", llama["base"], "--finetuned", qwen_ft, "--out", str(tmp_path / "o"),
+                   match="different architectures")
+    assert "LlamaForCausalLM" in line and "Qwen2ForCausalLM" in line
+
+
+def test_different_shapes(llama, tmp_path, capsys):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(llama["base"])
+    config.intermediate_size += 32
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "wide")
+    line = refused(capsys, "compress", "--base", llama["base"], "--finetuned", str(tmp_path / "wide"),
+                   "--out", str(tmp_path / "o"), match="different shapes for model.layers.0.mlp")
+    assert "(384, 128)" in line or "(128, 384)" in line
+
+
+@pytest.fixture(scope="module")
+def delta_file(llama, tmp_path_factory):
+    from deltafleet.toymodels import toy_delta
+
+    return toy_delta("llama")
+
+
+def test_wrong_base_refused(llama, delta_file, tmp_path, capsys):
+    line = refused(capsys, "merge", "--base", llama["ft"], "--delta", str(delta_file), "--out", str(tmp_path / "m"),
+                   match="wrong base model")
+    assert str(delta_file) in line
+    assert not (tmp_path / "m").exists()
+
+
+def test_wrong_base_real_process(llama, delta_file, tmp_path):
+    """The installed command, as a Job would run it: exit code 2, one line on stderr, no traceback."""
+    proc = subprocess.run([sys.executable, "-m", "deltafleet", "merge", "--base", llama["ft"], "--delta", str(delta_file),
+                           "--out", str(tmp_path / "m")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    errors = [l for l in proc.stderr.splitlines() if "error:" in l]
+    assert len(errors) == 1 and "wrong base model" in errors[0]
+
+
+def test_truncated_and_tampered_delta(delta_file, tmp_path, capsys):
+    data = delta_file.read_bytes()
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(data[: len(data) // 2])
+    line = refused(capsys, "inspect", str(truncated), match=str(truncated))
+    assert "readable" in line or "truncated" in line
+    tampered = tmp_path / "tampered.safetensors"
+    flipped = bytearray(data)
+    flipped[len(data) - 1000] ^= 0x01
+    tampered.write_bytes(bytes(flipped))
+    refused(capsys, "inspect", str(tampered), match="content hash mismatch")
+
+
+def test_delta_for_other_architecture_refused(delta_file, tmp_path, capsys):
+    from deltafleet.toymodels import toy_pair
+
+    refused(capsys, "merge", "--base", str(toy_pair("qwen2")[0]), "--delta", str(delta_file), "--out", str(tmp_path / "m"),
+            match="wrong base model")
