@@ -5,6 +5,8 @@ import os
 
 import pytest
 
+pytest_plugins = ["cluster.fixtures"]
+
 # Deterministic, quiet CPU runs.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -14,9 +14,14 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 tools="$here/tools"
 binaries=(etcd kube-apiserver kube-controller-manager kubectl helm)
 
-k8s_version="$(awk '$1 == "k8s.io/kubernetes" {print $2; exit}' "$tools/k8s/go.mod")"
+# The version go.mod requires of a module (inside a require block or on a require line).
+required() { awk -v m="$1" '$1 == m {print $2; exit} $1 == "require" && $2 == m {print $3; exit}' "$2"; }
+k8s_version="$(required k8s.io/kubernetes "$tools/k8s/go.mod")"
+helm_version="$(required helm.sh/helm/v3 "$tools/helm/go.mod")"
+[[ -n "$k8s_version" && -n "$helm_version" ]] || { echo "build-tools.sh: cannot read the pinned versions from $tools/*/go.mod" >&2; exit 1; }
+# This script is part of the key: its build flags (versions stamped in) shape the binaries.
 pins_hash="$(cat "$tools"/k8s/go.mod "$tools"/k8s/go.sum "$tools"/k8s/etcd/main.go \
-  "$tools"/helm/go.mod "$tools"/helm/go.sum | sha256sum | cut -c1-10)"
+  "$tools"/helm/go.mod "$tools"/helm/go.sum "${BASH_SOURCE[0]}" | sha256sum | cut -c1-10)"
 cache_root="${DELTAFLEET_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/deltafleet}"
 bin_dir="$cache_root/k8s-$k8s_version-$pins_hash/bin"
 
@@ -56,17 +61,30 @@ progress() {
   return 0
 }
 
-build() {  # build <label> <module dir> <packages...>
-  local label="$1" dir="$2"; shift 2
+build() {  # build <label> <module dir> <ldflags> <packages...>
+  local label="$1" dir="$2" ldflags="$3"; shift 3
   echo "cluster tools: [$label] go build $*"
-  (cd "$dir" && go build -v -ldflags="-s -w" -o "$stage/" "$@") 2>&1 | progress "$label"
+  (cd "$dir" && go build -v -ldflags="-s -w $ldflags" -o "$stage/" "$@") 2>&1 | progress "$label"
   return "${PIPESTATUS[0]}"
 }
 
+# Stamp the release versions the way the upstream Makefiles do: the API server reports its
+# version to clients (helm checks charts' kubeVersion against it), kubectl and helm print theirs.
+minor="${k8s_version#v1.}"; minor="${minor%%.*}"
+k8s_ldflags=""
+for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+  k8s_ldflags+=" -X $pkg.gitVersion=$k8s_version -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor"
+  k8s_ldflags+=" -X $pkg.gitTreeState=clean -X $pkg.buildDate=1970-01-01T00:00:00Z"
+done
+helm_ldflags="-X helm.sh/helm/v3/internal/version.version=$helm_version -X helm.sh/helm/v3/internal/version.gitTreeState=clean"
+for pkg in helm.sh/helm/v3/pkg/lint/rules helm.sh/helm/v3/pkg/chartutil; do
+  helm_ldflags+=" -X $pkg.k8sVersionMajor=1 -X $pkg.k8sVersionMinor=$minor"
+done
+
 # One go build per module so the control-plane binaries share one compile of their packages.
-build k8s "$tools/k8s" ./etcd k8s.io/kubernetes/cmd/kube-apiserver \
+build k8s "$tools/k8s" "$k8s_ldflags" ./etcd k8s.io/kubernetes/cmd/kube-apiserver \
   k8s.io/kubernetes/cmd/kube-controller-manager k8s.io/kubernetes/cmd/kubectl
-build helm "$tools/helm" helm.sh/helm/v3/cmd/helm
+build helm "$tools/helm" "$helm_ldflags" helm.sh/helm/v3/cmd/helm
 
 for b in "${binaries[@]}"; do
   [[ -x "$stage/$b" ]] || { echo "build-tools.sh: $b was not built (see output above)" >&2; exit 1; }
@@ -75,5 +93,6 @@ mkdir -p "$bin_dir"
 for b in "${binaries[@]}"; do mv -f "$stage/$b" "$bin_dir/$b"; done
 echo "cluster tools: built in $((SECONDS - start))s"
 "$bin_dir/kube-apiserver" --version
+"$bin_dir/kubectl" version --client
 "$bin_dir/helm" version --short
 echo "$bin_dir"

@@ -1,0 +1,343 @@
+"""A real Kubernetes control plane on loopback for the tests: etcd, kube-apiserver (RBAC,
+service-account tokens) and kube-controller-manager (Job controller, garbage collector,
+service-account and namespace controllers, …), plus the pod runner that stands in for a
+kubelet. Everything lives in one temp folder and on free 127.0.0.1 ports; `stop()` ends
+every process it started and removes the folder."""
+
+from __future__ import annotations
+
+import http.client
+import os
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+from .binaries import require_binaries
+from .certs import PKI
+from .podrunner import NODE_NAME, _die_with_parent
+
+HERE = Path(__file__).resolve().parent
+READY_TIMEOUT_S = 90  # generous for a loaded 2-core CI machine; ~10 s when idle
+
+
+class CommandError(subprocess.CalledProcessError):
+    """A failed kubectl/helm call whose message carries the tool's own output."""
+
+    def __str__(self) -> str:
+        return (
+            f"{' '.join(map(str, self.cmd))} exited {self.returncode}\n"
+            f"stdout: {(self.stdout or '').strip()[-2000:]}\nstderr: {(self.stderr or '').strip()[-2000:]}"
+        )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_kubeconfig(path: Path, server: str, ca: Path, user: dict, name: str) -> Path:
+    cfg = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "deltafleet-test", "cluster": {"server": server, "certificate-authority": str(ca)}}],
+        "users": [{"name": name, "user": user}],
+        "contexts": [{"name": name, "context": {"cluster": "deltafleet-test", "user": name}}],
+        "current-context": name,
+    }
+    path.write_text(yaml.safe_dump(cfg))
+    path.chmod(0o600)
+    return path
+
+
+class Process:
+    """One component: its own session (so a kill reaches its children) and a log file."""
+
+    def __init__(self, name: str, argv: list[str], log: Path, env: dict | None = None):
+        self.name, self.log = name, log
+        self._log_fh = open(log, "ab")
+        self.popen = subprocess.Popen(
+            argv, stdout=self._log_fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True, env=env, preexec_fn=_die_with_parent,
+        )
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def stop(self, grace_s: float = 10) -> None:
+        if self.alive():
+            try:
+                os.killpg(self.popen.pid, signal.SIGTERM)
+                self.popen.wait(grace_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.popen.pid, signal.SIGKILL)
+                self.popen.wait()
+            except ProcessLookupError:
+                pass
+        # The session may hold children that outlived their leader: end them too.
+        try:
+            os.killpg(self.popen.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        self._log_fh.close()
+
+    def tail(self, n: int = 30) -> str:
+        lines = self.log.read_text(errors="replace").splitlines()
+        return "\n".join(lines[-n:])
+
+
+class Cluster:
+    def __init__(self, workdir: Path | None = None, keep_workdir: bool = False):
+        self.bin_dir = require_binaries()
+        self._own_workdir = workdir is None
+        self.workdir = Path(workdir or tempfile.mkdtemp(prefix="deltafleet-k8s-"))
+        self.keep_workdir = keep_workdir
+        self.processes: list[Process] = []
+        self.pki = PKI(self.workdir / "pki")
+        self.port = free_port()
+        self.server = f"https://127.0.0.1:{self.port}"
+        self.kubeconfig = write_kubeconfig(
+            self.workdir / "admin.kubeconfig", self.server, self.pki.ca_crt,
+            {"client-certificate": str(self.pki.admin_crt), "client-key": str(self.pki.admin_key)},
+            "admin",
+        )
+        self._cm_kubeconfig = write_kubeconfig(
+            self.workdir / "controller-manager.kubeconfig", self.server, self.pki.ca_crt,
+            {"client-certificate": str(self.pki.controller_manager_crt),
+             "client-key": str(self.pki.controller_manager_key)},
+            "controller-manager",
+        )
+        self.pods_dir = self.workdir / "pods"
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def start(self) -> "Cluster":
+        t0 = time.monotonic()
+        try:
+            self._start_etcd()
+            self._start_apiserver()
+            self._wait(self._apiserver_ready, "kube-apiserver /readyz")
+            self._start_controller_manager()
+            self._start_pod_runner()
+            # Pods need their namespace's `default` ServiceAccount (the admission plugin
+            # rejects them otherwise): its existence shows the controllers are working.
+            self._wait(self._default_sa_exists, "ServiceAccount default/default (controller-manager)")
+            self._wait(self._node_registered, "the pod runner's Node")
+        except BaseException:
+            self.stop()
+            raise
+        self.startup_s = time.monotonic() - t0
+        return self
+
+    def stop(self) -> None:
+        for p in reversed(self.processes):
+            p.stop()
+        self.processes.clear()
+        if self._own_workdir and not self.keep_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def pids(self) -> list[int]:
+        return [p.popen.pid for p in self.processes]
+
+    # -- what tests use --------------------------------------------------------------------
+    def kubectl(self, *args, kubeconfig: Path | str | None = None, input: str | None = None,
+                check: bool = True) -> subprocess.CompletedProcess:
+        argv = [str(self.bin_dir / "kubectl"), f"--kubeconfig={kubeconfig or self.kubeconfig}", *map(str, args)]
+        return self._run(argv, input=input, check=check)
+
+    def helm(self, *args, check: bool = True) -> subprocess.CompletedProcess:
+        home = self.workdir / "helm"
+        env = dict(os.environ, KUBECONFIG=str(self.kubeconfig),
+                   HELM_CACHE_HOME=str(home / "cache"), HELM_CONFIG_HOME=str(home / "config"),
+                   HELM_DATA_HOME=str(home / "data"))
+        return self._run([str(self.bin_dir / "helm"), *map(str, args)], env=env, check=check)
+
+    def api(self, kubeconfig: Path | str | None = None):
+        """A fresh kubernetes.client.ApiClient (admin unless another kubeconfig is given)."""
+        from kubernetes import config
+
+        return config.new_client_from_config(config_file=str(kubeconfig or self.kubeconfig))
+
+    def sa_kubeconfig(self, namespace: str, name: str, expiration_s: int = 3600) -> Path:
+        """A kubeconfig that acts as ServiceAccount `namespace/name`, with a token from the
+        TokenRequest API: exactly that account's RBAC, nothing more."""
+        from kubernetes import client
+
+        with self.api() as api:
+            tr = client.CoreV1Api(api).create_namespaced_service_account_token(
+                name, namespace,
+                client.AuthenticationV1TokenRequest(spec=client.V1TokenRequestSpec(
+                    audiences=[], expiration_seconds=expiration_s)),
+            )
+        path = self.workdir / "sa-kubeconfigs" / f"{namespace}.{name}.kubeconfig"
+        path.parent.mkdir(exist_ok=True)
+        return write_kubeconfig(path, self.server, self.pki.ca_crt, {"token": tr.status.token},
+                                f"system:serviceaccount:{namespace}:{name}")
+
+    def create_namespace(self, name: str) -> str:
+        from kubernetes import client
+
+        with self.api() as api:
+            client.CoreV1Api(api).create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=name)))
+        return name
+
+    def pod_log(self, namespace: str, pod: str, container: str | None = None) -> str:
+        """What the pod's processes printed (stdout and stderr), as the pod runner recorded it.
+        `kubectl logs` cannot work here: there is no kubelet to serve logs."""
+        d = self.pods_dir / namespace / pod / "logs"
+        files = [d / f"{container}.log"] if container else sorted(d.glob("*.log"))
+        if not files or not all(f.exists() for f in files):
+            raise FileNotFoundError(f"no log for pod {namespace}/{pod}" + (f" container {container}" if container else "")
+                                    + f" under {d} (the pod runner has not started it)")
+        return "".join(f.read_text(errors="replace") for f in files)
+
+    def wait_for(self, check, what: str, timeout_s: float = 120, interval_s: float = 0.5):
+        """Polls `check()` until it returns something truthy (returned) or times out."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            value = check()
+            if value:
+                return value
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"timed out after {timeout_s}s waiting for {what}")
+            time.sleep(interval_s)
+
+    def wait_job(self, namespace: str, name: str, timeout_s: float = 120) -> str:
+        """Waits for the Job controller to finish Job `namespace/name`: "Complete" or "Failed"."""
+        from kubernetes import client
+
+        with self.api() as api:
+            batch = client.BatchV1Api(api)
+
+            def finished():
+                job = batch.read_namespaced_job(name, namespace)
+                done = [c.type for c in job.status.conditions or []
+                        if c.type in ("Complete", "Failed") and c.status == "True"]
+                return done[0] if done else None
+
+            return self.wait_for(finished, f"Job {namespace}/{name} to complete or fail", timeout_s)
+
+    def _run(self, argv: list[str], input: str | None = None, env: dict | None = None,
+             check: bool = True) -> subprocess.CompletedProcess:
+        r = subprocess.run(argv, input=input, env=env, capture_output=True, text=True, timeout=300)
+        if check and r.returncode != 0:
+            raise CommandError(r.returncode, argv, r.stdout, r.stderr)
+        return r
+
+    # -- components ------------------------------------------------------------------------
+    def _spawn(self, name: str, argv: list[str], env: dict | None = None) -> Process:
+        p = Process(name, argv, self.workdir / f"{name}.log", env)
+        self.processes.append(p)
+        return p
+
+    def _start_etcd(self) -> None:
+        client, peer = free_port(), free_port()
+        self.etcd_url = f"http://127.0.0.1:{client}"
+        self._spawn("etcd", [
+            str(self.bin_dir / "etcd"),
+            "--name=default",
+            f"--data-dir={self.workdir / 'etcd'}",
+            f"--listen-client-urls={self.etcd_url}",
+            f"--advertise-client-urls={self.etcd_url}",
+            f"--listen-peer-urls=http://127.0.0.1:{peer}",
+            f"--initial-advertise-peer-urls=http://127.0.0.1:{peer}",
+            f"--initial-cluster=default=http://127.0.0.1:{peer}",
+            "--unsafe-no-fsync",  # throwaway data: skip fsync, it dominates on shared disks
+            "--log-level=warn",
+        ])
+
+    def _start_apiserver(self) -> None:
+        pki = self.pki
+        self._spawn("kube-apiserver", [
+            str(self.bin_dir / "kube-apiserver"),
+            f"--etcd-servers={self.etcd_url}",
+            "--bind-address=127.0.0.1",
+            "--advertise-address=127.0.0.1",
+            f"--secure-port={self.port}",
+            f"--tls-cert-file={pki.serving_crt}",
+            f"--tls-private-key-file={pki.serving_key}",
+            f"--client-ca-file={pki.ca_crt}",
+            "--authorization-mode=Node,RBAC",
+            "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+            f"--service-account-key-file={pki.sa_pub}",
+            f"--service-account-signing-key-file={pki.sa_key}",
+            "--service-cluster-ip-range=10.0.0.0/24",
+            "--allow-privileged=false",
+            "--profiling=false",
+            "--v=1",
+        ])
+
+    def _start_controller_manager(self) -> None:
+        self._spawn("kube-controller-manager", [
+            str(self.bin_dir / "kube-controller-manager"),
+            f"--kubeconfig={self._cm_kubeconfig}",
+            "--leader-elect=false",
+            # Each controller acts as its own kube-system ServiceAccount with its bootstrap
+            # role (system:controller:job-controller, …), as in a real cluster.
+            "--use-service-account-credentials=true",
+            "--secure-port=0",  # no serving endpoint: readiness is observed through the API
+            # All default controllers (job, garbage-collector, serviceaccount(-token), namespace,
+            # pod-garbage-collector, ttl-after-finished, replicaset, deployment, cronjob, …) except
+            # node-lifecycle: the runner's Node sends no heartbeats, and that controller would
+            # taint it and evict the pods after five minutes.
+            "--controllers=*,-node-lifecycle-controller,-taint-eviction-controller",
+            f"--service-account-private-key-file={self.pki.sa_key}",
+            f"--root-ca-file={self.pki.ca_crt}",
+            "--profiling=false",
+            "--v=1",
+        ])
+
+    def _start_pod_runner(self) -> None:
+        env = dict(os.environ)
+        env.pop("KUBECONFIG", None)
+        self._spawn("pod-runner", [
+            sys.executable, str(HERE / "podrunner.py"),
+            f"--kubeconfig={self.kubeconfig}",
+            f"--workdir={self.pods_dir}",
+        ], env=env)
+
+    # -- readiness -------------------------------------------------------------------------
+    def _wait(self, check, what: str) -> None:
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        last = None
+        while time.monotonic() < deadline:
+            dead = [p for p in self.processes if not p.alive()]
+            if dead:
+                p = dead[0]
+                raise RuntimeError(f"{p.name} exited with {p.popen.returncode} while waiting for {what}; "
+                                   f"last log lines ({p.log}):\n{p.tail()}")
+            try:
+                if check():
+                    return
+            except Exception as e:  # not up yet: connection refused, 403 during bootstrap, …
+                last = e
+            time.sleep(0.25)
+        logs = "\n".join(f"--- {p.name}:\n{p.tail(15)}" for p in self.processes)
+        raise TimeoutError(f"timed out after {READY_TIMEOUT_S}s waiting for {what} (last error: {last})\n{logs}")
+
+    def _get(self, path: str) -> tuple[int, bytes]:
+        ctx = ssl.create_default_context(cafile=str(self.pki.ca_crt))
+        ctx.load_cert_chain(str(self.pki.admin_crt), str(self.pki.admin_key))
+        conn = http.client.HTTPSConnection("127.0.0.1", self.port, context=ctx, timeout=5)
+        try:
+            conn.request("GET", path)
+            r = conn.getresponse()
+            return r.status, r.read()
+        finally:
+            conn.close()
+
+    def _apiserver_ready(self) -> bool:
+        return self._get("/readyz")[0] == 200
+
+    def _default_sa_exists(self) -> bool:
+        return self._get("/api/v1/namespaces/default/serviceaccounts/default")[0] == 200
+
+    def _node_registered(self) -> bool:
+        return self._get(f"/api/v1/nodes/{NODE_NAME}")[0] == 200

@@ -1,0 +1,38 @@
+"""pytest fixtures for the real test control plane (registered in tests/conftest.py).
+
+    def test_x(k8s, namespace):
+        k8s.kubectl("-n", namespace, "apply", "-f", "job.yaml")
+
+`k8s` starts etcd, kube-apiserver, kube-controller-manager and the pod runner once per
+session; `namespace` is a fresh namespace per test, deleted afterwards."""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+import pytest
+
+from .binaries import ToolsMissing
+from .controlplane import Cluster
+
+
+@pytest.fixture(scope="session")
+def k8s():
+    try:
+        cluster = Cluster(keep_workdir=bool(os.environ.get("DELTAFLEET_KEEP_CLUSTER"))).start()
+    except ToolsMissing as e:
+        pytest.fail(str(e), pytrace=False)
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def namespace(k8s, request):
+    name = f"t-{request.node.name[:40].lower().replace('_', '-').strip('-')}-{uuid.uuid4().hex[:5]}"
+    name = "".join(ch for ch in name if ch.isalnum() or ch == "-")
+    k8s.create_namespace(name)
+    yield name
+    k8s.kubectl("delete", "namespace", name, "--wait=false", check=False)

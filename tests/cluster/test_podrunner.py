@@ -1,0 +1,165 @@
+"""The pod runner stands in for a kubelet: real Jobs, driven by the real Job controller, run
+their pods' commands as local processes and finish Complete or Failed."""
+
+import os
+import sys
+import textwrap
+
+import pytest
+from kubernetes import client
+
+pytestmark = pytest.mark.cluster
+
+
+def job_yaml(name: str, command: list[str], *, backoff: int = 0, extra_container: str = "",
+             extra_pod: str = "") -> str:
+    container = textwrap.indent(extra_container.strip("\n"), " " * 8) if extra_container else ""
+    pod = textwrap.indent(extra_pod.strip("\n"), " " * 6) if extra_pod else ""
+    return f"""
+apiVersion: batch/v1
+kind: Job
+metadata: {{name: {name}}}
+spec:
+  backoffLimit: {backoff}
+  template:
+    spec:
+      restartPolicy: Never
+      containers:
+      - name: main
+        image: ignored.example/unused:latest
+        command: {command}
+{container}
+{pod}
+"""
+
+
+def job_pods(k8s, namespace: str, job: str) -> list:
+    with k8s.api() as api:
+        return client.CoreV1Api(api).list_namespaced_pod(namespace, label_selector=f"job-name={job}").items
+
+
+def terminated(pod):
+    return pod.status.container_statuses[0].state.terminated
+
+
+def test_job_completes(k8s, namespace):
+    k8s.kubectl("-n", namespace, "apply", "-f", "-",
+                input=job_yaml("hello", ["python", "-c", "import sys; print(1); print(sys.prefix)"]))
+    assert k8s.wait_job(namespace, "hello") == "Complete"
+    [pod] = job_pods(k8s, namespace, "hello")
+    assert pod.spec.node_name == "deltafleet-test-node"
+    assert pod.status.phase == "Succeeded"
+    assert terminated(pod).exit_code == 0 and terminated(pod).reason == "Completed"
+    out = k8s.pod_log(namespace, pod.metadata.name).splitlines()
+    # `python` resolved to the project's venv (the one running the tests): first on the pod's PATH.
+    assert out[0] == "1" and os.path.samefile(out[1], sys.prefix)
+
+
+def test_job_fails_with_exit_code_and_termination_message(k8s, namespace):
+    k8s.kubectl("-n", namespace, "apply", "-f", "-", input=job_yaml(
+        "boom", ["sh", "-c", "echo starting; echo 'bad input: x' > /dev/termination-log; exit 3"]))
+    assert k8s.wait_job(namespace, "boom") == "Failed"
+    [pod] = job_pods(k8s, namespace, "boom")
+    assert pod.status.phase == "Failed"
+    t = terminated(pod)
+    assert (t.exit_code, t.reason, t.message) == (3, "Error", "bad input: x\n")
+    assert k8s.pod_log(namespace, pod.metadata.name) == "starting\n"
+
+
+def test_termination_message_falls_back_to_logs_on_error(k8s, namespace):
+    k8s.kubectl("-n", namespace, "apply", "-f", "-", input=job_yaml(
+        "fallback", ["sh", "-c", "echo one; echo two >&2; exit 1"],
+        extra_container="terminationMessagePolicy: FallbackToLogsOnError"))
+    assert k8s.wait_job(namespace, "fallback") == "Failed"
+    [pod] = job_pods(k8s, namespace, "fallback")
+    assert (terminated(pod).exit_code, terminated(pod).message) == (1, "one\ntwo")
+
+
+def test_backoff_retries_create_new_pods(k8s, namespace):
+    k8s.kubectl("-n", namespace, "apply", "-f", "-", input=job_yaml("retry", ["false"], backoff=1))
+    assert k8s.wait_job(namespace, "retry") == "Failed"
+    pods = job_pods(k8s, namespace, "retry")
+    assert len(pods) == 2 and all(terminated(p).exit_code == 1 for p in pods)
+
+
+def test_mounts_env_and_termination_path_are_remapped(k8s, namespace, tmp_path):
+    (tmp_path / "input.txt").write_text("from the host")
+    k8s.kubectl("-n", namespace, "create", "configmap", "settings", "--from-literal=mode=fast")
+    k8s.kubectl("-n", namespace, "create", "secret", "generic", "creds", "--from-literal=token=s3cret")
+    script = (
+        "import os, pathlib as p; "
+        "print(p.Path('/host/input.txt').read_text()); "
+        "print(p.Path('/etc/settings/mode').read_text()); "
+        "print(os.environ['TOKEN'], os.environ['POD'], os.environ['NS'] == os.environ['EXPECT_NS']); "
+        "print(os.environ['OUT']); "
+        "p.Path(os.environ['OUT']).mkdir(); p.Path(os.environ['OUT'], 'result.json').write_text('{}'); "
+        "p.Path('/msg/termination').write_text('all done')"
+    )
+    k8s.kubectl("-n", namespace, "apply", "-f", "-", input=job_yaml(
+        "mounts", ["python", "-c", script],
+        extra_container=f"""
+terminationMessagePath: /msg/termination
+env:
+- {{name: TOKEN, valueFrom: {{secretKeyRef: {{name: creds, key: token}}}}}}
+- {{name: POD, valueFrom: {{fieldRef: {{fieldPath: metadata.name}}}}}}
+- {{name: NS, valueFrom: {{fieldRef: {{fieldPath: metadata.namespace}}}}}}
+- {{name: EXPECT_NS, value: {namespace}}}
+- {{name: OUT, value: /scratch/out}}
+volumeMounts:
+- {{name: host, mountPath: /host}}
+- {{name: settings, mountPath: /etc/settings}}
+- {{name: scratch, mountPath: /scratch}}
+""",
+        extra_pod=f"""
+volumes:
+- {{name: host, hostPath: {{path: {tmp_path}}}}}
+- {{name: settings, configMap: {{name: settings}}}}
+- {{name: scratch, emptyDir: {{}}}}
+"""))
+    assert k8s.wait_job(namespace, "mounts") == "Complete", k8s.pod_log(namespace, job_pods(k8s, namespace, "mounts")[0].metadata.name)
+    [pod] = job_pods(k8s, namespace, "mounts")
+    lines = k8s.pod_log(namespace, pod.metadata.name).splitlines()
+    assert lines[:3] == ["from the host", "fast", f"s3cret {pod.metadata.name} True"]
+    scratch = lines[3]
+    assert scratch.endswith("/volumes/scratch/out") and os.path.exists(os.path.join(scratch, "result.json"))
+    # The termination message path was remapped; the text written there is returned verbatim.
+    assert terminated(pod).message == "all done"
+
+
+def test_deleting_a_job_deletes_its_pods_and_kills_their_processes(k8s, namespace):
+    k8s.kubectl("-n", namespace, "apply", "-f", "-", input=job_yaml("sleeper", ["sleep", "300"]))
+
+    def running_pid():
+        pods = job_pods(k8s, namespace, "sleeper")
+        if pods and pods[0].status.phase == "Running":
+            return int(pods[0].status.container_statuses[0].container_id.removeprefix("local://"))
+
+    pid = k8s.wait_for(running_pid, "the sleeper pod to run")
+    os.kill(pid, 0)  # the process is alive
+    k8s.kubectl("-n", namespace, "delete", "job", "sleeper", "--cascade=background")
+    k8s.wait_for(lambda: not job_pods(k8s, namespace, "sleeper"), "the garbage collector to delete the pod")
+    k8s.wait_for(lambda: not _alive(pid), f"process {pid} to be killed")
+
+
+def test_pods_not_for_the_runner_stay_pending(k8s, namespace):
+    with k8s.api() as api:
+        core = client.CoreV1Api(api)
+        core.create_namespaced_pod(namespace, client.V1Pod(
+            metadata=client.V1ObjectMeta(name="plain"),
+            spec=client.V1PodSpec(containers=[client.V1Container(name="c", image="x", command=["true"])])))
+        # Give the runner a chance to (wrongly) pick it up, while a Job pod in the same
+        # namespace is run: once that finishes, the runner has seen both.
+        k8s.kubectl("-n", namespace, "apply", "-f", "-", input=job_yaml("marker", ["true"]))
+        assert k8s.wait_job(namespace, "marker") == "Complete"
+        plain = core.read_namespaced_pod("plain", namespace)
+        assert plain.status.phase == "Pending" and not plain.spec.node_name
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie is dead for our purpose: it only waits for its parent to reap it.
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().split(") ", 1)[1][0] != "Z"
