@@ -59,6 +59,12 @@ def register(registry: kopf.OperatorRegistry, ctl: Controller) -> None:
     def startup(settings: kopf.OperatorSettings, **_):
         configure(settings, ctl.settings)
 
+    # A fresh registry has none of kopf's default login handlers: in-cluster or KUBECONFIG,
+    # the same sources the kubernetes client of the reconciler uses.
+    @kopf.on.login(registry=registry)
+    def login(**kwargs):
+        return kopf.login_via_client(**kwargs)
+
     @kopf.on.create(**ft, id="create", **change)
     def on_create(namespace, name, **_):
         _run(ctl, namespace, name)
