@@ -189,8 +189,8 @@ class Cluster:
         return name
 
     def pod_log(self, namespace: str, pod: str, container: str | None = None) -> str:
-        """What the pod's processes printed (stdout and stderr), as the pod runner recorded it.
-        `kubectl logs` cannot work here: there is no kubelet to serve logs."""
+        """What the pod's processes printed (stdout and stderr), as the pod runner recorded it
+        (all containers when none is named). `kubectl logs` serves the same files."""
         d = self.pods_dir / namespace / pod / "logs"
         files = [d / f"{container}.log"] if container else sorted(d.glob("*.log"))
         if not files or not all(f.exists() for f in files):
@@ -269,6 +269,11 @@ class Cluster:
             f"--service-account-key-file={pki.sa_pub}",
             f"--service-account-signing-key-file={pki.sa_key}",
             "--service-cluster-ip-range=10.0.0.0/24",
+            # `kubectl logs` reaches the pod runner's log endpoint like a kubelet's.
+            "--kubelet-preferred-address-types=InternalIP",
+            f"--kubelet-certificate-authority={pki.ca_crt}",
+            f"--kubelet-client-certificate={pki.kubelet_client_crt}",
+            f"--kubelet-client-key={pki.kubelet_client_key}",
             "--allow-privileged=false",
             "--profiling=false",
             "--v=1",
@@ -301,6 +306,8 @@ class Cluster:
             sys.executable, str(HERE / "podrunner.py"),
             f"--kubeconfig={self.kubeconfig}",
             f"--workdir={self.pods_dir}",
+            f"--tls-cert={self.pki.kubelet_crt}", f"--tls-key={self.pki.kubelet_key}",
+            f"--client-ca={self.pki.ca_crt}",
         ], env=env)
 
     # -- readiness -------------------------------------------------------------------------

@@ -520,6 +520,73 @@ class PodWorker(threading.Thread):
             target.write_bytes(content)
 
 
+# -- kubectl logs ----------------------------------------------------------------------------
+class LogServer:
+    """The one kubelet endpoint worth having here: GET /containerLogs/<ns>/<pod>/<container>,
+    which the API server proxies for `kubectl logs` and read_namespaced_pod_log. TLS, and only
+    clients with a certificate from the cluster's CA (the API server's kubelet client)."""
+
+    def __init__(self, runner: "Runner", cert: str, key: str, client_ca: str):
+        import http.server
+        import ssl
+        import urllib.parse
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                url = urllib.parse.urlsplit(self.path)
+                parts = url.path.strip("/").split("/")
+                if len(parts) != 4 or parts[0] != "containerLogs":
+                    return self.send_error(404, "only /containerLogs/<namespace>/<pod>/<container> is served")
+                _, ns, pod, container = parts
+                path = runner.workdir / ns / pod / "logs" / f"{container}.log"
+                if ".." in parts or not path.is_file():
+                    return self.send_error(404, f"no log for container {container} of pod {ns}/{pod}")
+                q = {k: v[-1] for k, v in urllib.parse.parse_qs(url.query).items()}
+                data = path.read_bytes()
+                if "tailLines" in q:
+                    lines = data.splitlines(keepends=True)
+                    n = int(q["tailLines"])
+                    data = b"".join(lines[-n:] if n > 0 else [])
+                if "limitBytes" in q:
+                    data = data[: int(q["limitBytes"])]
+                self.send_response(200)
+                self.send_header("Content-Type", "text/plain")
+                if q.get("follow") != "true":
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                    return
+                self.send_header("Connection", "close")
+                self.end_headers()
+                self.wfile.write(data)
+                self.wfile.flush()
+                with open(path, "rb") as f:  # follow: stream what comes until the container ends
+                    f.seek(path.stat().st_size)
+                    while True:
+                        running = runner.is_running(ns, pod, container)
+                        chunk = f.read()
+                        if chunk:
+                            self.wfile.write(chunk)
+                            self.wfile.flush()
+                        elif not running:
+                            return
+                        else:
+                            time.sleep(0.2)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(cert, key)
+        ctx.load_verify_locations(client_ca)
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        self.httpd.socket = ctx.wrap_socket(self.httpd.socket, server_side=True)
+        self.port = self.httpd.server_address[1]
+        threading.Thread(target=self.httpd.serve_forever, name="log-server", daemon=True).start()
+
+
 # -- the runner ----------------------------------------------------------------------------
 class Runner:
     def __init__(self, api_client, workdir: Path, server: str):
@@ -540,7 +607,12 @@ class Runner:
             "KUBERNETES_SERVICE_HOST": host, "KUBERNETES_SERVICE_PORT": port,
         })
 
-    def register_node(self) -> None:
+    def is_running(self, ns: str, pod: str, container: str) -> bool:
+        with self.lock:
+            workers = [w for w in self.workers.values() if (w.ns, w.name) == (ns, pod) and not w.done.is_set()]
+        return any(container in w.procs for w in workers)
+
+    def register_node(self, kubelet_port: int = 0) -> None:
         from kubernetes import client
         from kubernetes.client.rest import ApiException
 
@@ -565,6 +637,7 @@ class Runner:
             "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady",
                             "message": "deltafleet test pod runner is ready",
                             "lastHeartbeatTime": t, "lastTransitionTime": t}],
+            "daemonEndpoints": {"kubeletEndpoint": {"Port": kubelet_port}},
             "addresses": [{"type": "InternalIP", "address": "127.0.0.1"}, {"type": "Hostname", "address": NODE_NAME}],
             "nodeInfo": {"kubeletVersion": "v0.0.0-deltafleet-pod-runner", "operatingSystem": "linux",
                          "architecture": "amd64", "containerRuntimeVersion": "local://", "kernelVersion": "",
@@ -688,6 +761,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--kubeconfig", required=True)
     ap.add_argument("--workdir", required=True, type=Path)
+    ap.add_argument("--tls-cert", help="serving certificate for the log endpoint (kubectl logs)")
+    ap.add_argument("--tls-key")
+    ap.add_argument("--client-ca", help="CA of the API server's kubelet client certificate")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(threadName)s: %(message)s")
     from kubernetes import config
@@ -703,7 +779,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, on_term)
     _die_with_parent_self()
     try:
-        runner.register_node()
+        logs = LogServer(runner, a.tls_cert, a.tls_key, a.client_ca) if a.tls_cert else None
+        runner.register_node(logs.port if logs else 0)
         log.info("node %s registered; watching pods", NODE_NAME)
         runner.watch()
     finally:

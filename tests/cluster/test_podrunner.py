@@ -53,6 +53,18 @@ def test_job_completes(k8s, namespace):
     out = k8s.pod_log(namespace, pod.metadata.name).splitlines()
     # `python` resolved to the project's venv (the one running the tests): first on the pod's PATH.
     assert out[0] == "1" and os.path.samefile(out[1], sys.prefix)
+    # kubectl logs goes through the API server to the runner's kubelet-like log endpoint.
+    assert k8s.kubectl("-n", namespace, "logs", pod.metadata.name).stdout.splitlines() == out
+    assert k8s.kubectl("-n", namespace, "logs", "job/hello", "--tail=1").stdout.splitlines() == out[1:]
+
+
+def test_kubectl_logs_follows_a_running_pod_until_it_ends(k8s, namespace):
+    k8s.kubectl("-n", namespace, "apply", "-f", "-", input=job_yaml(
+        "talker", ["sh", "-c", "echo first; sleep 3; echo second"]))
+    k8s.wait_for(lambda: k8s.kubectl("-n", namespace, "logs", "job/talker", check=False).stdout == "first\n",
+                 "the first line")
+    # Returns only once the container has ended, with everything it printed.
+    assert k8s.kubectl("-n", namespace, "logs", "-f", "job/talker").stdout == "first\nsecond\n"
 
 
 def test_job_fails_with_exit_code_and_termination_message(k8s, namespace):
