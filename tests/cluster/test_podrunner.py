@@ -175,3 +175,43 @@ def _alive(pid: int) -> bool:
     # A zombie is dead for our purpose: it only waits for its parent to reap it.
     with open(f"/proc/{pid}/stat") as f:
         return f.read().split(") ", 1)[1][0] != "Z"
+
+
+def test_missing_secret_keeps_the_pod_waiting_until_it_exists(k8s, namespace):
+    k8s.kubectl("-n", namespace, "apply", "-f", "-", input=job_yaml(
+        "waits", ["sh", "-c", "echo $KEY"],
+        extra_container="env:\n- {name: KEY, valueFrom: {secretKeyRef: {name: later, key: k}}}"))
+
+    def waiting_reason():
+        pods = job_pods(k8s, namespace, "waits")
+        statuses = pods[0].status.container_statuses if pods else None
+        return statuses and statuses[0].state.waiting and statuses[0].state.waiting.reason
+
+    assert k8s.wait_for(waiting_reason, "the pod to wait for its Secret") == "CreateContainerConfigError"
+    k8s.kubectl("-n", namespace, "create", "secret", "generic", "later", "--from-literal=k=arrived")
+    assert k8s.wait_job(namespace, "waits") == "Complete"
+    assert k8s.kubectl("-n", namespace, "logs", "job/waits").stdout == "arrived\n"
+
+
+def test_on_failure_restarts_the_container_in_place(k8s, namespace):
+    manifest = job_yaml(
+        "flaky", ["sh", "-c", "if [ -f /work/tried ]; then echo ok; else touch /work/tried; exit 1; fi"],
+        extra_container="volumeMounts: [{name: work, mountPath: /work}]",
+        extra_pod="volumes: [{name: work, emptyDir: {}}]",
+        backoff=3).replace("restartPolicy: Never", "restartPolicy: OnFailure")
+    k8s.kubectl("-n", namespace, "apply", "-f", "-", input=manifest)
+    assert k8s.wait_job(namespace, "flaky") == "Complete"
+    [pod] = job_pods(k8s, namespace, "flaky")
+    status = pod.status.container_statuses[0]
+    assert status.restart_count == 1 and status.last_state.terminated.exit_code == 1
+    assert terminated(pod).exit_code == 0
+
+
+def test_pods_share_a_persistent_volume_claim(k8s, namespace):
+    for name, script in [("writer", "echo hello > /data/greeting"), ("reader", "cat /data/greeting")]:
+        k8s.kubectl("-n", namespace, "apply", "-f", "-", input=job_yaml(
+            name, ["sh", "-c", script],
+            extra_container="volumeMounts: [{name: store, mountPath: /data}]",
+            extra_pod="volumes: [{name: store, persistentVolumeClaim: {claimName: results}}]"))
+        assert k8s.wait_job(namespace, name) == "Complete"
+    assert k8s.kubectl("-n", namespace, "logs", "job/reader").stdout == "hello\n"
