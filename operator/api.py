@@ -38,8 +38,8 @@ MAX_NAME_LENGTH = 40
 def cel(rule: str, message: str, field_path: str | None = None, reason: str | None = None) -> dict[str, str]:
     """One `x-kubernetes-validations` entry (checked by the API server, not by pydantic)."""
     out = {"rule": rule, "message": message}
-    if field_path:
-        out["fieldPath"] = field_path
+    if field_path:  # a JSON path relative to the node the rule sits on: ".revision"
+        out["fieldPath"] = field_path if field_path.startswith(".") else f".{field_path}"
     if reason:
         out["reason"] = reason
     return out
@@ -281,7 +281,8 @@ class Serving(_Model):
 
     model_config = ConfigDict(
         json_schema_extra=_cel_schema(
-            cel("self.minReplicas <= self.maxReplicas", "minReplicas must be <= maxReplicas", "minReplicas"),
+            # has(): the CRD's own `default: {}` is checked before nested defaults fill it in.
+            cel("!has(self.minReplicas) || !has(self.maxReplicas) || self.minReplicas <= self.maxReplicas", "minReplicas must be <= maxReplicas", "minReplicas"),
             cel("has(self.modelName) == has(oldSelf.modelName)", "modelName is immutable once set", "modelName"),
             cel("has(self.pool) == has(oldSelf.pool)", "pool is immutable once set", "pool"),
         )

@@ -91,6 +91,9 @@ Pods are only read: the compression result comes back in a pod's termination mes
 {{- end }}
 
 {{- define "deltafleet.modelStoreVolume" -}}
+{{- if and .Values.modelStore.claimName .Values.modelStore.hostPath }}
+{{- fail "modelStore: set one of claimName or hostPath, not both" }}
+{{- end }}
 {{- if .Values.modelStore.claimName }}
 - name: model-store
   persistentVolumeClaim:

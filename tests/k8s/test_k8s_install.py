@@ -1,0 +1,294 @@
+"""The chart installed into the real test control plane: the CRD is served with its columns,
+the API server itself refuses bad FineTunes, and the operator's ServiceAccount can do exactly
+what the operator needs."""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.cluster
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "charts" / "deltafleet"
+SYSTEM, WATCHED, OTHER = "k8sapi-system", ("k8sapi-a", "k8sapi-b"), "k8sapi-other"
+CLUSTER_WIDE = "k8sapi-cw"
+SA = "df-deltafleet"  # <release>-<chart>
+
+
+@pytest.fixture(scope="module")
+def release(k8s):
+    """The chart, watching two namespaces; a second release (no CRD) watching all of them."""
+    for ns in (SYSTEM, *WATCHED, OTHER, CLUSTER_WIDE):
+        k8s.create_namespace(ns)
+    k8s.helm("install", "df", CHART, "-n", SYSTEM, "--set", "watch.allNamespaces=false",
+             "--set", "watch.namespaces={" + ",".join(WATCHED) + "}", "--set", "modelStore.hostPath=/srv/models")
+    k8s.helm("install", "dfc", CHART, "-n", CLUSTER_WIDE, "--set", "crds.enabled=false",
+             "--set", "serve.backend=ray-api", "--set", "tests.enabled=false")
+    wait_for(lambda: "Established=True" in k8s.kubectl(
+        "get", "crd", "finetunes.deltafleet.dev", "-o",
+        'jsonpath={range .status.conditions[*]}{.type}={.status}{"\\n"}{end}').stdout, "the CRD to be established")
+    yield k8s
+    k8s.helm("uninstall", "dfc", "-n", CLUSTER_WIDE, check=False)
+    k8s.helm("uninstall", "df", "-n", SYSTEM, check=False)
+
+
+def wait_for(check, what: str, timeout_s: float = 60):
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if check():
+                return
+        except Exception:  # noqa: BLE001 - not there yet
+            if time.monotonic() > deadline:
+                raise
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.5)
+
+
+def finetune(name: str, **spec) -> dict:
+    ft = yaml.safe_load((ROOT / "examples/finetune.yaml").read_text())
+    ft["metadata"] = {"name": name, "namespace": WATCHED[0]}
+    ft["spec"].update(spec)
+    return ft
+
+
+def apply(k8s, obj: dict, verb: str = "create", *flags: str):
+    return k8s.kubectl(verb, "-f", "-", *flags, input=json.dumps(obj), check=False)
+
+
+# ---------------------------------------------------------------- the CRD is served
+
+
+def test_chart_installed_the_generated_crd(release):
+    served = json.loads(release.kubectl("get", "crd", "finetunes.deltafleet.dev", "-o", "json").stdout)
+    generated = yaml.safe_load((ROOT / "crds/finetunes.deltafleet.dev.yaml").read_text())
+    assert served["spec"]["versions"] == generated["spec"]["versions"]
+    assert served["spec"]["names"] == generated["spec"]["names"]
+    assert served["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+
+
+def test_get_ft_prints_the_columns(release):
+    ft = finetune("columns")
+    assert apply(release, ft).returncode == 0
+    status = {
+        "status": {
+            "observedGeneration": 1,
+            "phase": "Serving",
+            "pool": "llama2-7b",
+            "endpoint": "http://serve.ray:8000/llama2-7b/v1",
+            "conditions": [
+                {"type": t, "status": "True", "reason": "Done", "message": "", "lastTransitionTime": "2026-01-01T00:00:00Z"}
+                for t in ("Compressed", "Served", "Ready")
+            ],
+            "delta": {"uri": "file:///models/d.safetensors", "bytes": 100, "compressionRatio": 15.8, "fidelity": {"retainedImprovement": 0.96}},
+        }
+    }
+    release.kubectl("patch", "ft", "columns", "-n", WATCHED[0], "--subresource=status", "--type=merge", "-p", json.dumps(status))
+    table = release.kubectl("get", "ft", "columns", "-n", WATCHED[0]).stdout.splitlines()
+    assert table[0].split() == ["NAME", "READY", "PHASE", "BASE", "AGE"]
+    assert table[1].split()[:4] == ["columns", "True", "Serving", "meta-llama/Llama-2-7b-hf"]
+    wide = release.kubectl("get", "ft", "columns", "-n", WATCHED[0], "-o", "wide").stdout.splitlines()
+    assert wide[0].split() == ["NAME", "READY", "PHASE", "BASE", "AGE", "POOL", "FIDELITY", "RATIO", "ENDPOINT"]
+    assert wide[1].split()[5:] == ["llama2-7b", "0.96", "15.8", "http://serve.ray:8000/llama2-7b/v1"]
+    # the category and the short name; `kubectl get all` does not list model resources
+    assert "columns" in release.kubectl("get", "deltafleet", "-n", WATCHED[0]).stdout
+    assert "finetune" not in release.kubectl("get", "all", "-n", WATCHED[0]).stdout
+
+
+def test_server_fills_defaults(release):
+    assert apply(release, finetune("defaults", compression={}, serving={})).returncode == 0
+    spec = json.loads(release.kubectl("get", "ft", "defaults", "-n", WATCHED[0], "-o", "json").stdout)["spec"]
+    assert spec["compression"]["steps"] == 200 and spec["compression"]["minFidelity"] == 0.9
+    assert spec["compression"]["calibration"] == {"samples": 800, "seqLen": 128}
+    assert spec["serving"] == {"minReplicas": 1, "maxReplicas": 4, "targetOngoingRequests": 8, "gpusPerReplica": 1}
+    assert spec["deletionPolicy"] == "Delete" and spec["backoffLimit"] == 3
+
+
+def test_explain_documents_serving(release):
+    def explained():
+        out = release.kubectl("explain", "finetune.spec.serving", check=False)
+        return out.returncode == 0 and out.stdout
+
+    wait_for(explained, "kubectl explain (the CRD's OpenAPI is published)", 30)
+    text = " ".join(release.kubectl("explain", "finetune.spec.serving").stdout.split())
+    for field, words in [("pool", "Ray Serve application"), ("modelName", "Model name clients send"),
+                         ("minReplicas", "Fewest replicas"), ("targetOngoingRequests", "ongoing requests per replica")]:
+        assert field in text and words in text, field
+
+
+# ---------------------------------------------------------------- the API server refuses bad FineTunes
+
+
+def without(obj: dict, *path: str) -> dict:
+    obj = copy.deepcopy(obj)
+    node = obj
+    for key in path[:-1]:
+        node = node[key]
+    del node[path[-1]]
+    return obj
+
+
+def with_(obj: dict, value, *path: str) -> dict:
+    obj = copy.deepcopy(obj)
+    node = obj
+    for key in path[:-1]:
+        node = node.setdefault(key, {})
+    node[path[-1]] = value
+    return obj
+
+
+BAD = [
+    ("missing baseModel", without(finetune("bad"), "spec", "baseModel"), ["spec.baseModel", "Required value"]),
+    ("wrong type", with_(finetune("bad"), "many", "spec", "compression", "steps"), ["spec.compression.steps", "must be of type integer"]),
+    ("out of range", with_(finetune("bad"), 1.5, "spec", "compression", "minFidelity"), ["spec.compression.minFidelity", "less than or equal to 1"]),
+    ("negative", with_(finetune("bad"), -1, "spec", "serving", "minReplicas"), ["spec.serving.minReplicas", "greater than or equal to 0"]),
+    ("enum", with_(finetune("bad"), "Orphan", "spec", "deletionPolicy"), ["spec.deletionPolicy", "supported values"]),
+    ("two sources", with_(finetune("bad"), {"huggingFace": "a/b", "path": "b"}, "spec", "baseModel"), ["spec.baseModel", "exactly one of huggingFace or path"]),
+    ("no source", with_(finetune("bad"), {}, "spec", "fineTunedModel"), ["spec.fineTunedModel", "exactly one of huggingFace or path"]),
+    ("path escape", with_(finetune("bad"), {"path": "models/../../etc"}, "spec", "fineTunedModel"), ["spec.fineTunedModel.path", "'..'"]),
+    ("min > max", with_(finetune("bad"), {"minReplicas": 5, "maxReplicas": 2}, "spec", "serving"), ["spec.serving.minReplicas", "minReplicas must be <= maxReplicas"]),
+    ("quantity", with_(finetune("bad"), {"requests": {"memory": "lots"}}, "spec", "compression", "resources"), ["spec.compression.resources.requests.memory", "should match"]),
+    ("unknown field", with_(finetune("bad"), 1, "spec", "surprise"), ['unknown field "spec.surprise"']),
+    ("long name", with_(finetune("bad"), "x" * 41, "metadata", "name"), ["metadata.name must be at most 40 characters"]),
+]
+
+
+@pytest.mark.parametrize("obj, words", [(o, w) for _, o, w in BAD], ids=[i for i, _, _ in BAD])
+def test_api_server_refuses(release, obj, words):
+    out = apply(release, obj, "create", "--dry-run=server")
+    assert out.returncode != 0, f"accepted: {out.stdout}"
+    for word in words:
+        assert word in out.stderr, out.stderr
+
+
+def test_the_example_is_accepted(release):
+    out = apply(release, finetune("example"), "create", "--dry-run=server")
+    assert out.returncode == 0, out.stderr
+
+
+@pytest.mark.parametrize(
+    "name, change, words",
+    [
+        ("immutable-base", {"baseModel": {"huggingFace": "meta-llama/Llama-2-13b-hf"}}, ["spec.baseModel", "baseModel is immutable"]),
+        ("immutable-pool", {"serving": {"pool": "other-pool"}}, ["spec.serving.pool", "pool is immutable"]),
+        ("immutable-name", {"serving": {"pool": "llama2-7b", "modelName": "renamed"}}, ["spec.serving.modelName", "modelName is immutable once set"]),
+    ],
+)
+def test_identity_fields_are_immutable(release, name, change, words):
+    assert apply(release, finetune(name)).returncode == 0
+    current = json.loads(release.kubectl("get", "ft", name, "-n", WATCHED[0], "-o", "json").stdout)
+    for key, value in change.items():
+        current["spec"][key] = {**current["spec"][key], **value} if key == "serving" else value
+    out = apply(release, current, "replace")
+    assert out.returncode != 0, "an identity field changed"
+    for word in words:
+        assert word in out.stderr, out.stderr
+
+
+def test_a_new_fine_tune_checkpoint_is_a_new_generation(release):
+    assert apply(release, finetune("newgen")).returncode == 0
+    current = json.loads(release.kubectl("get", "ft", "newgen", "-n", WATCHED[0], "-o", "json").stdout)
+    current["spec"]["fineTunedModel"] = {"path": "finetunes/llama2-support-sft-v2"}
+    current["spec"]["serving"]["maxReplicas"] = 8
+    out = apply(release, current, "replace")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(release.kubectl("get", "ft", "newgen", "-n", WATCHED[0], "-o", "json").stdout)["metadata"]["generation"] == 2
+
+
+def test_status_is_checked_too(release):
+    assert apply(release, finetune("badstatus")).returncode == 0
+    out = release.kubectl("patch", "ft", "badstatus", "-n", WATCHED[0], "--subresource=status", "--type=merge",
+                          "-p", json.dumps({"status": {"phase": "Happy"}}), check=False)
+    assert out.returncode != 0 and "status.phase" in out.stderr
+
+
+# ---------------------------------------------------------------- RBAC of the operator's account
+
+
+def can_i(k8s, kubeconfig, *args) -> bool:
+    out = k8s.kubectl("auth", "can-i", *args, kubeconfig=kubeconfig, check=False)
+    assert out.stdout.strip() in ("yes", "no"), out.stdout + out.stderr
+    return out.stdout.strip() == "yes"
+
+
+def can_i_raw(k8s, kubeconfig, verb, group, resource, namespace, name="") -> bool:
+    """A SelfSubjectAccessReview sent directly: for groups this cluster does not serve (ray.io),
+    whose names `kubectl auth can-i` cannot resolve."""
+    from kubernetes import client
+
+    attributes = client.V1ResourceAttributes(verb=verb, group=group, resource=resource, namespace=namespace, name=name)
+    review = client.V1SelfSubjectAccessReview(spec=client.V1SelfSubjectAccessReviewSpec(resource_attributes=attributes))
+    with k8s.api(kubeconfig) as api:
+        return client.AuthorizationV1Api(api).create_self_subject_access_review(review).status.allowed
+
+
+NEEDED = [
+    *[(v, "finetunes.deltafleet.dev") for v in ("get", "list", "watch", "patch")],
+    ("patch", "finetunes.deltafleet.dev", "--subresource=status"),
+    ("update", "finetunes.deltafleet.dev", "--subresource=finalizers"),
+    *[(v, "jobs.batch") for v in ("get", "list", "watch", "create", "delete")],
+    *[(v, "pods") for v in ("get", "list", "watch")],
+    ("get", "pods", "--subresource=log"),
+    ("create", "events"),
+    ("patch", "events"),
+]
+REFUSED = [
+    ("get", "secrets"),
+    ("list", "secrets"),
+    ("create", "pods"),
+    ("delete", "finetunes.deltafleet.dev"),
+    ("create", "finetunes.deltafleet.dev"),
+    ("get", "configmaps"),
+    ("create", "rolebindings.rbac.authorization.k8s.io"),
+    ("*", "*"),
+]
+
+
+@pytest.mark.parametrize("ns", WATCHED)
+def test_namespaced_operator_can_do_what_it_needs(release, ns):
+    kc = release.sa_kubeconfig(SYSTEM, SA)
+    for args in NEEDED:
+        assert can_i(release, kc, *args, "-n", ns), f"cannot {args} in {ns}"
+    for verb in ("get", "patch"):
+        assert can_i_raw(release, kc, verb, "ray.io", "rayservices", SYSTEM, "deltafleet"), verb
+
+
+def test_namespaced_operator_can_do_nothing_else(release):
+    kc = release.sa_kubeconfig(SYSTEM, SA)
+    for args in REFUSED:
+        assert not can_i(release, kc, *args, "-n", WATCHED[0]), f"may {args}"
+    for args in NEEDED:
+        assert not can_i(release, kc, *args, "-n", OTHER), f"may {args} in an unwatched namespace"
+    assert not can_i(release, kc, "list", "finetunes.deltafleet.dev", "--all-namespaces")
+    assert not can_i(release, kc, "list", "nodes")
+    assert not can_i(release, kc, "list", "namespaces")
+    assert not can_i_raw(release, kc, "patch", "ray.io", "rayservices", SYSTEM, "another")
+    assert not can_i_raw(release, kc, "list", "ray.io", "rayservices", SYSTEM)
+    assert not can_i_raw(release, kc, "patch", "ray.io", "rayservices", WATCHED[0], "deltafleet")
+    # and the API server enforces it, not just `can-i`
+    out = release.kubectl("get", "secrets", "-n", WATCHED[0], kubeconfig=kc, check=False)
+    assert out.returncode != 0 and "forbidden" in out.stderr
+    assert release.kubectl("get", "ft", "-n", WATCHED[0], kubeconfig=kc).returncode == 0
+
+
+def test_cluster_wide_operator(release):
+    kc = release.sa_kubeconfig(CLUSTER_WIDE, "dfc-deltafleet")
+    for args in NEEDED:
+        assert can_i(release, kc, *args, "--all-namespaces"), f"cannot {args} cluster-wide"
+    for args in REFUSED:
+        assert not can_i(release, kc, *args, "-n", OTHER), f"may {args}"
+    assert not can_i(release, kc, "list", "nodes")
+    assert not can_i_raw(release, kc, "get", "ray.io", "rayservices", OTHER, "deltafleet"), "ray-api backend needs no RayService access"
+
+
+def test_helm_test_runs_with_the_operator_account(release):
+    out = release.helm("test", "df", "-n", SYSTEM, "--timeout", "120s", check=False)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "Succeeded" in out.stdout
