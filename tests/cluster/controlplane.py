@@ -21,7 +21,6 @@ from pathlib import Path
 import yaml
 
 from .binaries import require_binaries
-from .certs import PKI
 from .podrunner import NODE_NAME, _die_with_parent
 
 HERE = Path(__file__).resolve().parent
@@ -101,6 +100,8 @@ class Cluster:
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="deltafleet-k8s-"))
         self.keep_workdir = keep_workdir
         self.processes: list[Process] = []
+        from .certs import PKI  # cryptography: only imported when a cluster is started
+
         self.pki = PKI(self.workdir / "pki")
         self.port = free_port()
         self.server = f"https://127.0.0.1:{self.port}"
