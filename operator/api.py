@@ -220,7 +220,7 @@ class Toleration(_Model):
     )
 
     key: str | None = Field(None, description="Taint key the toleration applies to; empty with operator Exists matches all taints.", max_length=316)
-    operator: Literal["Exists", "Equal"] = Field("Equal", description="Exists or Equal (default).")
+    operator: Literal["Exists", "Equal"] = Field("Equal", description="Exists or Equal.")
     value: str | None = Field(None, description="Taint value to match when operator is Equal.", max_length=63)
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
         None, description="Taint effect to match; empty matches all effects."

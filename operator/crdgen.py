@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -111,6 +112,11 @@ def structural(node: dict[str, Any], defs: dict[str, Any], where: str, field: bo
         raise SchemaError(f"{where}: has no type")
     if out.get("description"):
         out["description"] = " ".join(out["description"].split())  # docstrings wrap; explain reflows
+        default = out.get("default")
+        if default not in (None, "") and not isinstance(default, (dict, list)):
+            # `kubectl explain` does not print schema defaults: say it in words.
+            shown = json.dumps(default) if not isinstance(default, str) else default
+            out["description"] += f" Default: {shown}."
     elif field:
         raise SchemaError(f"{where}: has no description (give the field Field(description=...))")
     return {k: out[k] for k in sorted(out, key=lambda k: _ORDER.index(k) if k in _ORDER else len(_ORDER))}
