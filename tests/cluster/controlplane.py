@@ -37,6 +37,10 @@ class CommandError(subprocess.CalledProcessError):
         )
 
 
+class PortTaken(RuntimeError):
+    pass
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -103,46 +107,66 @@ class Cluster:
         from .certs import PKI  # cryptography: only imported when a cluster is started
 
         self.pki = PKI(self.workdir / "pki")
+        self.kubeconfig = self.workdir / "admin.kubeconfig"
+        self._cm_kubeconfig = self.workdir / "controller-manager.kubeconfig"
+        self.pods_dir = self.workdir / "pods"
+
+    def _pick_ports(self) -> None:
         self.port = free_port()
         self.server = f"https://127.0.0.1:{self.port}"
-        self.kubeconfig = write_kubeconfig(
-            self.workdir / "admin.kubeconfig", self.server, self.pki.ca_crt,
+        write_kubeconfig(
+            self.kubeconfig, self.server, self.pki.ca_crt,
             {"client-certificate": str(self.pki.admin_crt), "client-key": str(self.pki.admin_key)},
             "admin",
         )
-        self._cm_kubeconfig = write_kubeconfig(
-            self.workdir / "controller-manager.kubeconfig", self.server, self.pki.ca_crt,
+        write_kubeconfig(
+            self._cm_kubeconfig, self.server, self.pki.ca_crt,
             {"client-certificate": str(self.pki.controller_manager_crt),
              "client-key": str(self.pki.controller_manager_key)},
             "controller-manager",
         )
-        self.pods_dir = self.workdir / "pods"
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> "Cluster":
         t0 = time.monotonic()
         try:
-            self._start_etcd()
-            self._start_apiserver()
-            self._wait(self._apiserver_ready, "kube-apiserver /readyz")
-            self._start_controller_manager()
-            self._start_pod_runner()
-            # Pods need their namespace's `default` ServiceAccount (the admission plugin
-            # rejects them otherwise): its existence shows the controllers are working.
-            self._wait(self._default_sa_exists, "ServiceAccount default/default (controller-manager)")
-            self._wait(self._node_registered, "the pod runner's Node")
+            for attempt in range(3):
+                self._pick_ports()
+                try:
+                    self._start_components()
+                    break
+                except PortTaken:
+                    # A free port was taken between our probe and the component's bind.
+                    self._stop_processes()
+                    shutil.rmtree(self.workdir / "etcd", ignore_errors=True)
+                    if attempt == 2:
+                        raise
         except BaseException:
             self.stop()
             raise
         self.startup_s = time.monotonic() - t0
         return self
 
+    def _start_components(self) -> None:
+        self._start_etcd()
+        self._start_apiserver()
+        self._wait(self._apiserver_ready, "kube-apiserver /readyz")
+        self._start_controller_manager()
+        self._start_pod_runner()
+        # Pods need their namespace's `default` ServiceAccount (the admission plugin
+        # rejects them otherwise): its existence shows the controllers are working.
+        self._wait(self._default_sa_exists, "ServiceAccount default/default (controller-manager)")
+        self._wait(self._node_registered, "the pod runner's Node")
+
     def stop(self) -> None:
+        self._stop_processes()
+        if self._own_workdir and not self.keep_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def _stop_processes(self) -> None:
         for p in reversed(self.processes):
             p.stop()
         self.processes.clear()
-        if self._own_workdir and not self.keep_workdir:
-            shutil.rmtree(self.workdir, ignore_errors=True)
 
     def pids(self) -> list[int]:
         return [p.popen.pid for p in self.processes]
@@ -319,6 +343,8 @@ class Cluster:
             dead = [p for p in self.processes if not p.alive()]
             if dead:
                 p = dead[0]
+                if "address already in use" in p.tail(50):
+                    raise PortTaken(f"{p.name}: a port was taken")
                 raise RuntimeError(f"{p.name} exited with {p.popen.returncode} while waiting for {what}; "
                                    f"last log lines ({p.log}):\n{p.tail()}")
             try:
