@@ -2,9 +2,11 @@
 
 Builds a pair larger than the test models with the toy recipe (base: English prose of
 Python's docs; fine-tune: all weights trained further on stdlib code), compresses it with
-the paper's stage-2 settings (Adam, lr 1e-4, 200 steps, batch 4, 128-token samples), and
-evaluates on held-out stdlib files: base, fine-tune, BitDelta stage 1, BitDelta distilled,
-and SVD at BitDelta's bytes per matrix. Prints a table and writes bench/results/fidelity.json.
+the paper's stage-2 settings (Adam, lr 1e-4, 200 steps, batch 4, 800 samples of 128 tokens,
+here cut from the fine-tune's training text), and evaluates on held-out stdlib files: base,
+fine-tune, BitDelta stage 1, BitDelta distilled, SVD at BitDelta's bytes per matrix, and
+BitDelta with the embeddings/lm_head also at 1 bit. "bytes" counts the block matrices plus
+what is stored whole (the delta file's tensors; the last row is its file size). Prints a table and writes bench/results/fidelity.json.
 
     .venv/bin/python bench/fidelity.py            (≤ 10 min on a 2-core CPU)
 """
@@ -62,6 +64,10 @@ def run(family: str, steps: int, samples: int) -> dict:
     eval_ = pick(windows_from_text(settings.eval_data, tok, settings.seq_len), settings.eval_samples, settings.seed + 1)
     svd, svd_matrix_bytes = evaluate_low_rank(str(base), str(ft), delta, eval_, settings.batch_size)
 
+    # The same, with embeddings and lm_head also at 1 bit (the option that trades fidelity for size).
+    emb = compress(str(base), str(ft), Path(tempfile.mkdtemp(prefix="deltafleet-bench-")),
+                   dataclasses.replace(settings, compress_embeddings=True))
+
     f = result.fidelity
     gap = f.loss_base - f.loss_finetuned
     matrix_bytes = sum(t.numel() * 4 for t in delta.signs.values()) + sum(t.numel() * 4 for t in delta.scales.values())
@@ -75,6 +81,8 @@ def run(family: str, steps: int, samples: int) -> dict:
          "kl": f.kl, "delta_bytes": matrix_bytes + whole_bytes},
         {"model": "SVD low-rank (same bytes)", "eval_loss": svd.loss, "retained": (f.loss_base - svd.loss) / gap,
          "kl": svd.kl, "delta_bytes": svd_matrix_bytes + whole_bytes},
+        {"model": "BitDelta + 1-bit embeddings", "eval_loss": emb.fidelity.loss_delta,
+         "retained": emb.fidelity.retained_improvement, "kl": emb.fidelity.kl, "delta_bytes": emb.sizes.delta_bytes},
     ]
     return {
         "family": family,
@@ -86,6 +94,7 @@ def run(family: str, steps: int, samples: int) -> dict:
         "delta_file_bytes": result.sizes.delta_bytes,
         "finetuned_bytes": result.sizes.finetuned_bytes,
         "compression_ratio": result.sizes.compression_ratio,
+        "compression_ratio_1bit_embeddings": emb.sizes.compression_ratio,
         "eval_tokens": f.eval_tokens,
         "seconds": {"build_pair": round(build_s, 1), "compress": round(compress_s, 1)},
     }
@@ -94,10 +103,10 @@ def run(family: str, steps: int, samples: int) -> dict:
 def table(r: dict) -> str:
     lines = [f"{r['family']} (hidden {r['recipe']['hidden']}, {r['recipe']['layers']} layers), "
              f"{r['eval_tokens']} held-out tokens of stdlib code",
-             f"{'model':<26} {'eval loss':>9} {'retained':>9} {'KL(ft||m)':>10} {'bytes':>11}"]
+             f"{'model':<28} {'eval loss':>9} {'retained':>9} {'KL(ft||m)':>10} {'bytes':>11}"]
     for row in r["rows"]:
         kl = "" if row["kl"] is None else f"{row['kl']:10.4f}"
-        lines.append(f"{row['model']:<26} {row['eval_loss']:9.4f} {row['retained']:9.1%} {kl:>10} {row['delta_bytes']:11,}")
+        lines.append(f"{row['model']:<28} {row['eval_loss']:9.4f} {row['retained']:9.1%} {kl:>10} {row['delta_bytes']:11,}")
     lines.append(f"block matrices: BitDelta {r['block_matrix_bytes']['bitdelta']:,} B vs SVD {r['block_matrix_bytes']['svd']:,} B; "
                  f"delta file {r['delta_file_bytes']:,} B = {r['compression_ratio']:.1f}x smaller than the fine-tune")
     return "\n".join(lines)

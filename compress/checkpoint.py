@@ -149,9 +149,12 @@ def empty_model(config_dir: Path):
     """The model's module tree on the meta device: names, types and shapes, no memory."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(config_dir)
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
+    try:
+        config = AutoConfig.from_pretrained(config_dir)
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config)
+    except (ValueError, KeyError, OSError) as e:  # unknown model_type, not a causal LM, bad config
+        raise InputError(f"model {config_dir}: transformers cannot build it as a causal LM ({' '.join(str(e).split())[:160]})") from None
 
 
 def file_size(path: str | os.PathLike) -> int:

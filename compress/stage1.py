@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from deltafleet.kernels.packing import pack_signs
 
-from .checkpoint import Checkpoint, empty_model
+from .checkpoint import Checkpoint, InputError, empty_model
 from .fingerprint import fingerprint_lazy
 from .format import Delta
 from .linears import compressed_modules
@@ -34,11 +34,14 @@ def extract(
 ) -> Delta:
     """The stage-1 delta of `ft` against `base` (both already checked compatible)."""
     skeleton = empty_model(base.dir)
-    compressed = compressed_modules(skeleton, compress_embeddings)
+    try:
+        compressed = compressed_modules(skeleton, compress_embeddings)
+    except ValueError as e:
+        raise InputError(f"base {base.dir}: {e}") from None
     param_names = [n for n, _ in skeleton.named_parameters()]  # tied weights once, by first name
     missing = [n for n in param_names if n not in base]
     if missing:
-        raise ValueError(f"base {base.dir}: checkpoint lacks parameter {missing[0]!r} of {base.architecture}")
+        raise InputError(f"base {base.dir}: checkpoint lacks parameter {missing[0]!r} of {base.architecture}")
     delta = Delta(
         base_model=base.source,
         base_fingerprint=fingerprint_lazy(param_names, base.get),
