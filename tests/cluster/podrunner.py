@@ -355,7 +355,8 @@ class PodWorker(threading.Thread):
 
     def _env(self, c, remap: Remap, identity: dict[str, str]) -> dict[str, str]:
         env = dict(self.runner.base_env)
-        env.update({"HOSTNAME": self.name, "HOME": str(self.dir / "work"), **identity})
+        # HOME stays the runner's: caches under it (Triton, HF) are shared as on a warm node.
+        env.update({"HOSTNAME": self.name, **identity})
         for src in c.env_from or []:
             prefix = src.prefix or ""
             if src.config_map_ref:
