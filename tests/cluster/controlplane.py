@@ -294,6 +294,8 @@ class Cluster:
             f"--service-account-key-file={pki.sa_pub}",
             f"--service-account-signing-key-file={pki.sa_key}",
             "--service-cluster-ip-range=10.0.0.0/24",
+            # The `kubernetes` Service cannot point at a loopback address; nothing here uses it.
+            "--endpoint-reconciler-type=none",
             # `kubectl logs` reaches the pod runner's log endpoint like a kubelet's.
             "--kubelet-preferred-address-types=InternalIP",
             f"--kubelet-certificate-authority={pki.ca_crt}",
