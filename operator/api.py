@@ -309,6 +309,12 @@ class Serving(_Model):
     target_ongoing_requests: float = Field(8, description="Ray Serve autoscaling target: ongoing requests per replica.", gt=0, le=10_000)
     gpus_per_replica: float = Field(1, description="GPUs per serving replica (fractions share a GPU).", ge=0, le=16)
 
+    @model_validator(mode="after")
+    def _replica_range(self) -> "Serving":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"minReplicas ({self.min_replicas}) must be <= maxReplicas ({self.max_replicas})")
+        return self
+
 
 # ---------------------------------------------------------------- spec
 

@@ -73,6 +73,7 @@ def test_bad_model_sources_are_refused(source, message):
         ({"compression": {"resources": {"requests": {"memory": "lots"}}}}, "compression.resources.requests.memory"),
         ({"serving": {"pool": "Not_A_Label"}}, "serving.pool"),
         ({"serving": {"maxReplicas": 0}}, "serving.maxReplicas"),
+        ({"serving": {"minReplicas": 5, "maxReplicas": 2}}, "minReplicas (5) must be <= maxReplicas (2)"),
         ({"deletionPolicy": "Orphan"}, "deletionPolicy"),
         ({"modelStore": {"claimName": "a", "hostPath": "/b"}}, "modelStore"),
         ({"surprise": 1}, "surprise"),

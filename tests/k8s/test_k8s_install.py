@@ -23,19 +23,31 @@ SA = "df-deltafleet"  # <release>-<chart>
 
 @pytest.fixture(scope="module")
 def release(k8s):
-    """The chart, watching two namespaces; a second release (no CRD) watching all of them."""
-    for ns in (SYSTEM, *WATCHED, OTHER, CLUSTER_WIDE):
+    """The chart, watching two namespaces; a second release (no CRD) watching all of them.
+    The session's cluster is shared: when another release already installed the CRD, this
+    one leaves it to that owner (Helm refuses to take it over) and tests the same object."""
+    namespaces = (SYSTEM, *WATCHED, OTHER, CLUSTER_WIDE)
+    for ns in namespaces:
         k8s.create_namespace(ns)
+    own_crd = k8s.kubectl("get", "crd", "finetunes.deltafleet.dev", check=False).returncode != 0
     k8s.helm("install", "df", CHART, "-n", SYSTEM, "--set", "watch.allNamespaces=false",
-             "--set", "watch.namespaces={" + ",".join(WATCHED) + "}", "--set", "modelStore.hostPath=/srv/models")
+             "--set", "watch.namespaces={" + ",".join(WATCHED) + "}", "--set", "modelStore.hostPath=/srv/models",
+             "--set", f"crds.enabled={str(own_crd).lower()}")
     k8s.helm("install", "dfc", CHART, "-n", CLUSTER_WIDE, "--set", "crds.enabled=false",
              "--set", "serve.backend=ray-api", "--set", "tests.enabled=false")
     wait_for(lambda: "Established=True" in k8s.kubectl(
         "get", "crd", "finetunes.deltafleet.dev", "-o",
         'jsonpath={range .status.conditions[*]}{.type}={.status}{"\\n"}{end}').stdout, "the CRD to be established")
     yield k8s
+    # Leave the cluster as found: later modules install the chart (and its CRD) themselves.
+    for ns in (*WATCHED, OTHER):
+        k8s.kubectl("delete", "finetunes.deltafleet.dev", "--all", "-n", ns, "--wait=false", check=False)
     k8s.helm("uninstall", "dfc", "-n", CLUSTER_WIDE, check=False)
     k8s.helm("uninstall", "df", "-n", SYSTEM, check=False)
+    if own_crd:  # helm.sh/resource-policy: keep left it behind, owned by a release that is gone
+        k8s.kubectl("delete", "crd", "finetunes.deltafleet.dev", "--wait=true", "--timeout=60s", check=False)
+    for ns in namespaces:
+        k8s.kubectl("delete", "namespace", ns, "--wait=false", check=False)
 
 
 def wait_for(check, what: str, timeout_s: float = 60):
