@@ -38,7 +38,8 @@ if [[ ${#missing[@]} -eq 0 ]]; then
   exit 0
 fi
 
-command -v go >/dev/null || { echo "build-tools.sh: 'go' not found on PATH (need Go >= 1.24)" >&2; exit 1; }
+command -v go >/dev/null || PATH="$PATH:/usr/local/go/bin"  # the official tarball's place
+command -v go >/dev/null || { echo "build-tools.sh: 'go' not found on PATH or in /usr/local/go/bin (need Go >= 1.24)" >&2; exit 1; }
 echo "cluster tools: building ${missing[*]} ($(go version | cut -d' ' -f3), Kubernetes $k8s_version) into $bin_dir"
 echo "cluster tools: a cold build compiles ~2,500 packages; on 2 cores expect tens of minutes"
 
