@@ -56,6 +56,11 @@ class ConfigError(Exception):
     such a container waiting with reason CreateContainerConfigError and retries."""
 
 
+class CannotRun(Exception):
+    """What this runner can never run (no command, an unsupported volume type, …): the pod
+    fails at once with reason StartError rather than waiting forever."""
+
+
 def now() -> str:
     return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -165,6 +170,14 @@ class PodWorker(threading.Thread):
                 volumes = self._volumes()
                 plans = {c.name: self._plan(c, volumes) for c in (spec.init_containers or []) + spec.containers}
                 break
+            except CannotRun as e:
+                for c in spec.containers:
+                    self.statuses[c.name] = self._status(c, {"terminated": {
+                        "exitCode": 128, "reason": "StartError", "message": f"pod runner: {e}",
+                        "startedAt": now(), "finishedAt": now()}})
+                self.phase, self.pod_message = "Failed", f"pod runner: {e}"
+                self._report()
+                return
             except ConfigError as e:
                 for c in spec.containers:
                     self.statuses[c.name] = self._status(c, {"waiting": {"reason": "CreateContainerConfigError", "message": str(e)}})
@@ -320,14 +333,14 @@ class PodWorker(threading.Thread):
         mapping: dict[str, Path] = {}
         for vm in c.volume_mounts or []:
             if vm.name not in volumes:
-                raise ConfigError(f"container {c.name}: volumeMount {vm.name!r} names no volume of the pod")
+                raise CannotRun(f"container {c.name}: volumeMount {vm.name!r} names no volume of the pod")
             mapping[vm.mount_path] = volumes[vm.name] / (vm.sub_path or "")
         term_file = self.dir / "termination" / c.name
         mapping[c.termination_message_path or DEFAULT_TERMINATION_PATH] = term_file
         remap = Remap(mapping)
         env = self._env(c, remap, self._identity(c, volumes))
         if not c.command:
-            raise ConfigError(f"container {c.name}: no command (an image's entrypoint cannot run outside the image)")
+            raise CannotRun(f"container {c.name}: no command (an image's entrypoint cannot run outside the image)")
         argv = [remap(expand(a, env)) for a in list(c.command) + list(c.args or [])]
         cwd = Path(remap(c.working_dir)) if c.working_dir else self.dir / "work"
         cwd.mkdir(parents=True, exist_ok=True)
@@ -384,7 +397,7 @@ class PodWorker(threading.Thread):
             return self._field(vf.field_ref.field_path)
         if vf.resource_field_ref:
             return self._resource(c, vf.resource_field_ref)
-        raise ConfigError(f"env {name}: unsupported valueFrom")
+        raise CannotRun(f"env {name}: unsupported valueFrom")
 
     def _key(self, data: dict | None, ref, kind: str, env_name: str) -> str | None:
         if data is None:
@@ -407,7 +420,7 @@ class PodWorker(threading.Thread):
             "status.podIP": "127.0.0.1", "status.podIPs": "127.0.0.1",
         }
         if path not in values:
-            raise ConfigError(f"fieldRef {path!r} is not supported by the test pod runner")
+            raise CannotRun(f"fieldRef {path!r} is not supported by the test pod runner")
         return values[path]
 
     def _resource(self, c, ref) -> str:
@@ -484,7 +497,7 @@ class PodWorker(threading.Thread):
                 self._write_files(local, self._projected(v.projected.sources), None)
                 out[v.name] = local
             else:
-                raise ConfigError(f"volume {v.name!r}: this volume type is not supported by the test pod runner")
+                raise CannotRun(f"volume {v.name!r}: this volume type is not supported by the test pod runner")
         return out
 
     def _projected(self, sources) -> dict[str, bytes]:
@@ -516,7 +529,7 @@ class PodWorker(threading.Thread):
         for rel, content in self._select(data, items).items():
             target = (root / rel).resolve()
             if not target.is_relative_to(root.resolve()):
-                raise ConfigError(f"volume file path {rel!r} escapes its volume")
+                raise CannotRun(f"volume file path {rel!r} escapes its volume")
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(content)
 

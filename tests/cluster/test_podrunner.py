@@ -215,3 +215,13 @@ def test_pods_share_a_persistent_volume_claim(k8s, namespace):
             extra_pod="volumes: [{name: store, persistentVolumeClaim: {claimName: results}}]"))
         assert k8s.wait_job(namespace, name) == "Complete"
     assert k8s.kubectl("-n", namespace, "logs", "job/reader").stdout == "hello\n"
+
+
+def test_what_cannot_run_locally_fails_at_once(k8s, namespace):
+    manifest = job_yaml("noentry", ["unused"]).replace("        command: ['unused']\n", "")
+    assert "command" not in manifest
+    k8s.kubectl("-n", namespace, "apply", "-f", "-", input=manifest)
+    assert k8s.wait_job(namespace, "noentry") == "Failed"
+    [pod] = job_pods(k8s, namespace, "noentry")
+    t = terminated(pod)
+    assert (t.exit_code, t.reason) == (128, "StartError") and "no command" in t.message
