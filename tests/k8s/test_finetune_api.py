@@ -109,6 +109,9 @@ def test_status_from_a_compress_result():
     assert out["delta"]["fidelity"]["evalTokens"] == 1000
 
 
-def test_the_example_is_a_valid_finetune():
+def test_the_examples_are_valid_finetunes():
     ft = api.FineTune.model_validate(yaml.safe_load((ROOT / "examples/finetune.yaml").read_text()))
     assert ft.spec.serving.pool == "llama2-7b"
+    local = api.FineTune.model_validate(yaml.safe_load((ROOT / "examples/finetune-store.yaml").read_text()))
+    assert local.spec.base_model.reference() == "/models/bases/tiny-llama"
+    assert local.spec.compression.gpus == 0 and local.model_name() == "code-helper"

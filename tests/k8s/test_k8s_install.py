@@ -180,8 +180,11 @@ def test_api_server_refuses(release, obj, words):
         assert word in out.stderr, out.stderr
 
 
-def test_the_example_is_accepted(release):
-    out = apply(release, finetune("example"), "create", "--dry-run=server")
+@pytest.mark.parametrize("example", ["finetune.yaml", "finetune-store.yaml"])
+def test_the_examples_are_accepted(release, example):
+    obj = yaml.safe_load((ROOT / "examples" / example).read_text())
+    obj["metadata"]["namespace"] = WATCHED[0]
+    out = apply(release, obj, "create", "--dry-run=server")
     assert out.returncode == 0, out.stderr
 
 
