@@ -66,7 +66,9 @@ class Delta:
         return sum(t.numel() * t.element_size() for t in self.tensors().values())
 
     def to(self, device: torch.device | str) -> "Delta":
-        move = lambda d: {k: v.to(device, non_blocking=True) for k, v in d.items()}  # noqa: E731
+        # non_blocking only host->device: a non-blocking device->host copy may be read before it lands
+        non_blocking = torch.device(device).type != "cpu"
+        move = lambda d: {k: v.to(device, non_blocking=non_blocking) for k, v in d.items()}  # noqa: E731
         return Delta(**{**self.__dict__, "signs": move(self.signs), "scales": move(self.scales), "whole": move(self.whole)})
 
 
