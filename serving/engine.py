@@ -28,10 +28,11 @@ import torch
 from transformers import DynamicCache
 
 from deltafleet.compress.fingerprint import fingerprint_model
+from deltafleet.kernels import SignCache
 
 from .bank import FAILED, READY, DeltaBank
 from .batch_cache import BatchCache
-from .layers import BatchContext, patch_model
+from .layers import CPU_SIGN_CACHE_BYTES, BatchContext, patch_model
 from .model import load_base, pick_device, pick_dtype
 from .sampling import SamplingParams, next_tokens
 
@@ -135,7 +136,8 @@ class Engine:
         self.model, self.tokenizer = load_base(base_model, self.device, self.dtype)
         self.fingerprint = fingerprint_model(self.model)
         self.max_batch_size, self.max_queue, self.load_timeout_s = max_batch_size, max_queue, load_timeout_s
-        self.ctx = BatchContext(bank=None)
+        cpu = self.device.type == "cpu"
+        self.ctx = BatchContext(bank=None, sign_cache=SignCache(CPU_SIGN_CACHE_BYTES) if cpu else None)
         linears = patch_model(self.model, self.ctx)
         self.bank = DeltaBank(
             self.model, linears, self.fingerprint, self.device, self.dtype,

@@ -14,18 +14,26 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deltafleet.kernels import delta_linear
+from deltafleet.kernels import SignCache, TenantGroups, delta_linear, group_rows
+
+
+# Unpacked signs of hot (layer, tenant) pairs on CPU: the unpack is most of the CPU delta cost.
+CPU_SIGN_CACHE_BYTES = 1 << 30
 
 
 class BatchContext:
-    """Which bank slot each sequence of the current forward uses (-1 = the base)."""
+    """Which bank slot each sequence of the current forward uses (-1 = the base).
 
-    def __init__(self, bank) -> None:
+    Row grouping (a host sync on GPU) is computed once per step and row count, and shared by
+    every layer of the forward pass."""
+
+    def __init__(self, bank, sign_cache: SignCache | None = None) -> None:
         self.bank = bank
+        self.sign_cache = sign_cache
         self.slot_of_seq: torch.Tensor | None = None  # [B] int64 on the model's device
         self.slots: list[int] = []  # distinct non-negative slots in the batch
         self.seq_index: dict[int, torch.Tensor] = {}  # slot -> batch indices of its sequences
-        self._rows: dict[int, torch.Tensor] = {}
+        self._rows: dict[int, tuple[torch.Tensor, TenantGroups]] = {}
 
     def set(self, slot_of_seq: list[int], device: torch.device) -> None:
         self.slot_of_seq = torch.tensor(slot_of_seq, dtype=torch.int64, device=device)
@@ -36,11 +44,12 @@ class BatchContext:
         }
         self._rows = {}
 
-    def rows(self, m: int) -> torch.Tensor:
-        """Slot of each of m flattened rows ([B, S, K] -> [B*S] rows, S = m // B)."""
+    def rows(self, m: int, num_slots: int) -> tuple[torch.Tensor, TenantGroups]:
+        """Slot of each of m flattened rows ([B, S, K] -> [B*S] rows, S = m // B), and their grouping."""
         if m not in self._rows:
             b = self.slot_of_seq.shape[0]
-            self._rows[m] = self.slot_of_seq.repeat_interleave(m // b) if m != b else self.slot_of_seq
+            rows = self.slot_of_seq.repeat_interleave(m // b) if m != b else self.slot_of_seq
+            self._rows[m] = (rows, group_rows(rows, num_slots))
         return self._rows[m]
 
 
@@ -60,9 +69,10 @@ class DeltaLinear(nn.Module):
         if not ctx.slots:
             return F.linear(x, self.weight, self.bias)
         x2 = x.reshape(-1, x.shape[-1])
-        rows = ctx.rows(x2.shape[0])
         signs, scales = ctx.bank.stacks[self.name]
-        y = delta_linear(x2, self.weight, signs, scales, rows)
+        rows, groups = ctx.rows(x2.shape[0], signs.shape[0])
+        cache = ctx.sign_cache if not x2.is_cuda else None
+        y = delta_linear(x2, self.weight, signs, scales, rows, groups=groups, sign_cache=cache)
         if self.bias is not None:
             y = y + self.bias
         for s in ctx.slots:
