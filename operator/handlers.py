@@ -24,6 +24,10 @@ JOB_SELECTOR = {comp.LABEL_MANAGED_BY: comp.MANAGED_BY}
 
 def configure(kopf_settings: kopf.OperatorSettings, settings: Settings) -> None:
     kopf_settings.persistence.finalizer = FINALIZER
+    # Least privilege: the chart grants no cluster-wide reads of namespaces or CRDs, so kopf
+    # must not observe them (it would retry 403s for about a minute before serving anything).
+    # The FineTune API is found through discovery; watched namespaces are taken as given.
+    kopf_settings.scanning.disabled = True
     # Annotations, not status: the CRD's status schema is structural and would prune status.kopf.
     kopf_settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=PREFIX)
     kopf_settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=PREFIX, key="last-handled-configuration")
