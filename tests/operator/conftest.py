@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from op_harness import CHART, RAY_NS, RAYSERVICE, SYSTEM_NS, LocalRay, OperatorProcess, kuberay_crd, wait_for
+from op_harness import CHART, RAY_NS, RAYSERVICE, SYSTEM_NS, LocalRay, OperatorProcess, kuberay_crd, wait_established, wait_for
 
 
 
@@ -34,19 +34,26 @@ def store():
 @pytest.fixture(scope="session")
 def chart(k8s):
     """Two releases of the chart: `deltafleet` (CRD, ray-api backend) and `deltafleet-rs`
-    (rayservice backend, RBAC for one RayService). Returns {backend: SA kubeconfig}."""
-    k8s.kubectl("create", "namespace", SYSTEM_NS, check=False)
-    k8s.kubectl("create", "namespace", RAY_NS, check=False)
+    (rayservice backend, RBAC for one RayService). Returns {backend: SA kubeconfig}.
+    The session's cluster is shared: a CRD another release installed is left to its owner."""
+    for ns in (SYSTEM_NS, RAY_NS):
+        k8s.kubectl("create", "namespace", ns, check=False)
+    own_crd = k8s.kubectl("get", "crd", "finetunes.deltafleet.dev", check=False).returncode != 0
     k8s.helm("install", "deltafleet", CHART, "-n", SYSTEM_NS, "--set", "serve.backend=ray-api",
-             "--set", "watch.allNamespaces=true", "--set", "tests.enabled=false")
+             "--set", "watch.allNamespaces=true", "--set", "tests.enabled=false",
+             "--set", f"crds.enabled={str(own_crd).lower()}")
     k8s.helm("install", "deltafleet-rs", CHART, "-n", SYSTEM_NS, "--set", "serve.backend=rayservice",
              "--set", "crds.enabled=false", "--set", f"serve.rayService.name={RAYSERVICE}",
              "--set", f"serve.rayService.namespace={RAY_NS}", "--set", "watch.allNamespaces=true", "--set", "tests.enabled=false")
-    k8s.kubectl("wait", "--for=condition=Established", "crd/finetunes.deltafleet.dev", "--timeout=60s")
-    return {
+    wait_established(k8s, "finetunes.deltafleet.dev")
+    yield {
         "ray-api": k8s.sa_kubeconfig(SYSTEM_NS, "deltafleet"),
         "rayservice": k8s.sa_kubeconfig(SYSTEM_NS, "deltafleet-rs"),
     }
+    k8s.helm("uninstall", "deltafleet-rs", "-n", SYSTEM_NS, check=False)
+    k8s.helm("uninstall", "deltafleet", "-n", SYSTEM_NS, check=False)
+    if own_crd:  # helm.sh/resource-policy: keep leaves it behind, owned by a release that is gone
+        k8s.kubectl("delete", "crd", "finetunes.deltafleet.dev", "--wait=true", "--timeout=60s", check=False)
 
 
 @pytest.fixture(scope="session")
@@ -55,7 +62,7 @@ def rayservice_crd(k8s):
     # Too big for client-side apply's last-applied annotation: create (or replace) it.
     if k8s.kubectl("get", "crd", "rayservices.ray.io", check=False).returncode != 0:
         k8s.kubectl("create", "-f", crd)
-    k8s.kubectl("wait", "--for=condition=Established", "crd/rayservices.ray.io", "--timeout=60s")
+    wait_established(k8s, "rayservices.ray.io")
     return crd
 
 

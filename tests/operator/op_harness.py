@@ -156,6 +156,15 @@ class LocalRay:
         return self.log_path.read_text(errors="replace")[-4000:] if self.log_path.exists() else ""
 
 
+def wait_established(k8s, crd: str, timeout: float = 60) -> None:
+    """`kubectl wait --for=condition=Established` fails outright while a just-created CRD has no
+    status.conditions yet, so poll its condition instead."""
+    def established():
+        r = k8s.kubectl("get", "crd", crd, "-o", "jsonpath={.status.conditions[?(@.type=='Established')].status}", check=False)
+        return r.returncode == 0 and r.stdout.strip() == "True"
+    wait_for(established, timeout, f"CRD {crd} Established")
+
+
 def kuberay_crd() -> Path:
     out = subprocess.run(["bash", str(KUBERAY_CRD_SCRIPT)], check=True, capture_output=True, text=True, timeout=600)
     return Path(out.stdout.strip().splitlines()[-1])
