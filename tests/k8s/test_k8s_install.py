@@ -307,3 +307,56 @@ def test_helm_test_runs_with_the_operator_account(release):
     out = release.helm("test", "df", "-n", SYSTEM, "--timeout", "120s", check=False)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "Succeeded" in out.stdout
+
+
+def test_the_operator_works_with_the_namespaced_rbac(release, tmp_path):
+    """The real `deltafleet operator`, configured by the chart's Deployment env and acting with
+    its ServiceAccount's token: it creates the compression Job and writes status in a watched
+    namespace, and never touches an unwatched one (nor hits a 403 on the way)."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    manifest = yaml.safe_load_all(release.helm("get", "manifest", "df", "-n", SYSTEM).stdout)
+    container = next(d for d in manifest if d and d["kind"] == "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, **{e["name"]: e["value"] for e in container["env"] if "value" in e}}
+    assert env["DELTAFLEET_NAMESPACES"] == ",".join(WATCHED)
+    env.update(
+        KUBECONFIG=str(release.sa_kubeconfig(SYSTEM, SA)),
+        DELTAFLEET_NAMESPACES=WATCHED[1],  # the other watched namespace holds earlier tests' objects
+        DELTAFLEET_HEALTH_PORT=str(port), DELTAFLEET_OPERATOR_STORE_PATH=str(tmp_path),
+        DELTAFLEET_RESYNC_SECONDS="1", DELTAFLEET_RETRY_BASE_SECONDS="600",
+    )
+    command = [str(Path(sys.executable).parent / container["command"][0]), *container["command"][1:]]
+    store = {"hostPath": str(tmp_path)}
+    spec = {"baseModel": {"path": "bases/none"}, "fineTunedModel": {"path": "finetunes/none"}, "modelStore": store, "compression": {"gpus": 0}}
+    watched = {"apiVersion": "deltafleet.dev/v1alpha1", "kind": "FineTune", "metadata": {"name": "operated", "namespace": WATCHED[1]}, "spec": spec}
+    unwatched = {**watched, "metadata": {"name": "ignored", "namespace": OTHER}}
+    log = tmp_path / "operator.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        assert apply(release, watched).returncode == 0 and apply(release, unwatched).returncode == 0
+
+        def job_and_status():
+            jobs = json.loads(release.kubectl("get", "jobs", "-n", WATCHED[1], "-o", "json").stdout)["items"]
+            ft = json.loads(release.kubectl("get", "ft", "operated", "-n", WATCHED[1], "-o", "json").stdout)
+            return any(j["metadata"]["name"].startswith("operated-compress-g1") for j in jobs) and ft.get("status", {}).get("phase")
+
+        wait_for(job_and_status, f"the operator to create a Job and write status (log: {log})", 120)
+        assert proc.poll() is None, log.read_text()[-3000:]
+        assert json.loads(release.kubectl("get", "jobs", "-n", OTHER, "-o", "json").stdout)["items"] == []
+        assert "status" not in json.loads(release.kubectl("get", "ft", "ignored", "-n", OTHER, "-o", "json").stdout)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        # Nothing runs the finalizer now: release the object so the namespace can go.
+        for ns, name in ((WATCHED[1], "operated"), (OTHER, "ignored")):
+            release.kubectl("patch", "ft", name, "-n", ns, "--type=merge", "-p", '{"metadata":{"finalizers":null}}', check=False)
+            release.kubectl("delete", "ft", name, "-n", ns, "--wait=false", check=False)
+    text = log.read_text()
+    assert "Forbidden" not in text and " 403" not in text, text[-3000:]
