@@ -12,6 +12,7 @@ Construct by either name (`populate_by_name`), dump with `by_alias=True`.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from enum import Enum
 from typing import Annotated, Any, Literal
@@ -360,8 +361,6 @@ class FineTuneSpec(_Model):
 def derive_pool(base: ModelSource) -> str:
     """A pool name for a base: its last path component as a DNS label, plus a short hash so
     different bases with the same folder name never share a pool."""
-    import hashlib
-
     ref = base.display()
     stem = re.sub(r"[^a-z0-9]+", "-", ref.rsplit("/", 1)[-1].lower()).strip("-")[:40].strip("-") or "pool"
     return f"{stem}-{hashlib.sha256(ref.encode()).hexdigest()[:6]}"
