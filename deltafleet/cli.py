@@ -8,6 +8,7 @@ Every target module exposes `main(argv: list[str]) -> int`.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -38,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
 
         print(__version__)
         return 0
+    # Ray and the compressor fork after tokenizers ran; its thread pool would warn on every fork.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
         print(f"deltafleet: unknown command {name!r}\n\n{usage()}", file=sys.stderr)

@@ -1,5 +1,6 @@
 """`deltafleet demo`: build (or reuse) the toy base + fine-tune, compress the fine-tune to a
-1-bit delta, print the fidelity table and what base, fine-tune and base + delta generate.
+1-bit delta, print the fidelity table and what base, fine-tune and base + delta generate,
+then serve the base and two tenants from one pool on a local Ray and query them over HTTP.
 
 Each step is a small function so other parts (serving) can extend the demo.
 """
@@ -19,13 +20,13 @@ def build_pair(family: str = "llama") -> tuple[Path, Path]:
     return toy_pair(family)
 
 
-def compress_pair(family: str, base: Path, finetuned: Path, out: Path, steps: int = 40):
+def compress_pair(family: str, base: Path, finetuned: Path, out: Path, steps: int = 40, **options):
     """Small settings; calibration from the fine-tune's training text so the demo takes seconds."""
     from deltafleet.compress import CompressSettings, compress
     from deltafleet.toymodels import TOY_COMPRESS_SETTINGS, toy_eval_text, toy_train_text
 
     settings = CompressSettings(**{**TOY_COMPRESS_SETTINGS, "steps": steps, "calibration": str(toy_train_text(family)),
-                                   "eval_data": str(toy_eval_text(family))})
+                                   "eval_data": str(toy_eval_text(family)), **options})
     return compress(str(base), str(finetuned), out, settings)
 
 
@@ -86,6 +87,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--family", default="llama", choices=["llama", "qwen2"])
     p.add_argument("--out", help="where to write the delta (default: a temporary folder)")
     p.add_argument("--steps", type=int, default=40, help="scale-distillation steps")
+    p.add_argument("--no-serve", action="store_true", help="stop after the generations (no local Ray pool)")
     args = p.parse_args(argv)
 
     print(f"1. toy {args.family} base (English prose) + fine-tune (Python code): building or reusing the cache")
@@ -96,4 +98,16 @@ def main(argv: list[str]) -> int:
     print("\n" + fidelity_table(result))
     print("\n3. generations")
     show_generations(base, finetuned, Path(result.delta_uri))
+    if args.no_serve:
+        return 0
+
+    # Two tenants over one base: the same fine-tune compressed with a scale per matrix (the
+    # paper) and a scale per output row, served side by side from one replica.
+    print(f"\n4. compressing a second tenant (scale per output row) into {out / 'rowscale'}")
+    rowscale = compress_pair(args.family, base, finetuned, out / "rowscale", args.steps, scale_per_row=True)
+    print(f"   retained improvement {rowscale.fidelity.retained_improvement:.1%}")
+    print("\n5. serving base + 2 tenants from one pool on a local Ray (OpenAI-compatible API)")
+    from deltafleet.serving.demo import run_serving_demo
+
+    run_serving_demo(base, {"demo/code": Path(result.delta_uri), "demo/code-rowscale": Path(rowscale.delta_uri)})
     return 0
