@@ -27,7 +27,7 @@ class Reason:
     # Compressed
     INVALID_SPEC = "InvalidSpec"  # the schema let it through, the code cannot run it
     JOB_CREATED = "JobCreated"  # the Job of this generation exists, its pod has not finished
-    JOB_FAILED_RETRYING = "JobFailedRetrying"  # an attempt failed; the next one starts after a backoff
+    JOB_FAILED_RETRYING = "JobFailedRetrying"  # an attempt failed; the next one waits for its backoff, or runs
     BACKOFF_LIMIT_EXCEEDED = "BackoffLimitExceeded"  # every attempt failed: Failed for good
     RESULT_UNREADABLE = "ResultUnreadable"  # the Job succeeded but wrote no readable result
     FIDELITY_BELOW_THRESHOLD = "FidelityBelowThreshold"  # the quality gate said no: not served

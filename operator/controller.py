@@ -157,9 +157,18 @@ class Controller:
         running = [j for j, o in outcomes if o.state == jobs.RUNNING]
         status["retries"] = len(failures)
         attempts = limit + 1
+        # After a failure the reason stays JobFailedRetrying (waiting or running the retry), so
+        # the failure is in the status and gets its Event even when the operator only notices
+        # it after the backoff has passed.
+        failed = ""
+        if failures:
+            last_job, last = failures[-1]
+            failed = f"attempt {len(failures)} of {attempts} failed ({last_job['metadata']['name']}): {last.reason}"
         if running:
             status["job"] = running[-1]["metadata"]["name"]
             msg = f"Job {status['job']} is compressing (attempt {len(failures) + 1} of {attempts})"
+            if failures:
+                return cond.set_condition(conds, COMPRESSED, FALSE, Reason.JOB_FAILED_RETRYING, f"{msg}; {failed}", gen)[0]
             return cond.set_condition(conds, COMPRESSED, FALSE, Reason.JOB_CREATED, msg, gen)[0]
         if failures:
             status["job"] = failures[-1][0]["metadata"]["name"]
@@ -168,12 +177,11 @@ class Controller:
             msg = f"all {attempts} attempts failed; last ({last[0]['metadata']['name']}): {last[1].reason}"
             return cond.set_condition(conds, COMPRESSED, FALSE, Reason.BACKOFF_LIMIT_EXCEEDED, msg, gen)[0]
         if failures:
-            last_job, last = failures[-1]
             wait = comp.retry_delay(len(failures), self.settings.retry_base_seconds, self.settings.retry_max_seconds)
-            due = parse_time(last.finished_at) + wait
+            due = parse_time(failures[-1][1].finished_at) + wait
             if time.time() < due:
                 when = datetime.fromtimestamp(due, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-                msg = f"attempt {len(failures)} of {attempts} failed ({last_job['metadata']['name']}): {last.reason}; next attempt after {when}"
+                msg = f"{failed}; next attempt after {when}"
                 return cond.set_condition(conds, COMPRESSED, FALSE, Reason.JOB_FAILED_RETRYING, msg, gen)[0]
         # Start the next attempt. The generation is the one the first attempt was made for
         # (a serving-only change since then must not rename the attempts of this input).
@@ -183,6 +191,8 @@ class Controller:
         self._create_job(raw, manifest)
         status["job"] = manifest["metadata"]["name"]
         msg = f"created Job {status['job']} (attempt {len(failures) + 1} of {attempts})"
+        if failures:
+            return cond.set_condition(conds, COMPRESSED, FALSE, Reason.JOB_FAILED_RETRYING, f"{failed}; {msg}", gen)[0]
         return cond.set_condition(conds, COMPRESSED, FALSE, Reason.JOB_CREATED, msg, gen)[0]
 
     def _result_file(self, namespace: str, name: str, generation: int) -> CompressResult | None:

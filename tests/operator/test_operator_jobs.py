@@ -1,9 +1,12 @@
 """Compression Jobs against the real control plane (rayservice backend; no Ray needed):
 exactly one Job when the operator dies right after creating it, and retries with backoff
-then Failed with the pod's own reason."""
+then Failed with the pod's own reason; a deletion the serve backend cannot complete still
+finishes after bounded retries."""
+
+import json
 
 import pytest
-from op_harness import FineTunes, finetune_yaml, wait_for
+from op_harness import FineTunes, finetune_yaml, free_port, wait_for
 
 from deltafleet.operator.settings import EXIT_HOOK_ENV
 
@@ -42,3 +45,22 @@ def test_failing_job_retries_with_backoff_then_fails_with_the_pods_reason(k8s, n
     assert "BackoffLimitExceeded" in fts.event_reasons("broken")
     assert not ft["status"].get("delta")
     assert fts.condition("broken", "Ready")["status"] == "False"
+
+
+def test_deletion_with_the_serve_backend_down_still_finishes(k8s, namespace, run_operator, tmp_path):
+    """The finalizer's cleanup fails on every attempt (nothing listens at the Ray address):
+    after its bounded retries the finalizer goes anyway, with a Warning, not stuck Terminating."""
+    dead = f"http://127.0.0.1:{free_port()}"
+    op = run_operator(namespace, "ray-api", "--ray-dashboard-url", dead, "--serve-url", dead)
+    fts = FineTunes(k8s, namespace, tmp_path)
+    # Refused by the operator (nothing to compress), so no Job: only the finalizer matters here.
+    fts.apply(finetune_yaml("orphan", namespace, finetuned="bases/tiny"))
+    fts.wait_condition("orphan", "Compressed", "False", 60, reason="InvalidSpec", log=op.log)
+    assert fts.get("orphan")["metadata"]["finalizers"] == ["deltafleet.dev/finalizer"]
+    k8s.kubectl("-n", namespace, "delete", "finetune", "orphan", "--wait=false")
+    wait_for(lambda: fts.get("orphan") is None, 120, "FineTune orphan to disappear", on_timeout=op.log)
+    warnings = json.loads(k8s.kubectl("-n", namespace, "get", "events", "--field-selector",
+                                      "involvedObject.name=orphan,reason=FinalizerDropped", "-o", "json").stdout)["items"]
+    assert warnings and warnings[0]["type"] == "Warning", warnings
+    assert "after 3 attempts" in warnings[0]["message"] and dead in warnings[0]["message"], warnings[0]["message"]
+    assert fts.job_names() == []
