@@ -6,7 +6,7 @@ finishes after bounded retries."""
 import json
 
 import pytest
-from op_harness import FineTunes, finetune_yaml, free_port, wait_for
+from op_harness import RAY_NS, RAYSERVICE, SYSTEM_NS, FineTunes, finetune_yaml, free_port, wait_for
 
 from deltafleet.operator.settings import EXIT_HOOK_ENV
 
@@ -64,3 +64,23 @@ def test_deletion_with_the_serve_backend_down_still_finishes(k8s, namespace, run
     assert warnings and warnings[0]["type"] == "Warning", warnings
     assert "after 3 attempts" in warnings[0]["message"] and dead in warnings[0]["message"], warnings[0]["message"]
     assert fts.job_names() == []
+
+
+@pytest.mark.parametrize("backend, account", [("ray-api", "deltafleet"), ("rayservice", "deltafleet-rs")])
+def test_operators_run_as_the_charts_service_account(k8s, namespace, chart, rayservice_crd, backend, account):
+    """Every operator above runs with `chart[backend]`: the chart's ServiceAccount and RBAC, not admin."""
+    kubeconfig = chart[backend]
+    whoami = k8s.kubectl("auth", "whoami", "-o", "jsonpath={.status.userInfo.username}", kubeconfig=kubeconfig).stdout
+    assert whoami == f"system:serviceaccount:{SYSTEM_NS}:{account}"
+
+    def can(*args) -> bool:
+        return k8s.kubectl("auth", "can-i", *args, kubeconfig=kubeconfig, check=False).stdout.strip() == "yes"
+
+    assert can("-n", namespace, "create", "jobs.batch") and can("-n", namespace, "patch", "finetunes.deltafleet.dev/status")
+    assert not can("*", "*", "--all-namespaces")
+    assert not can("create", "clusterrolebindings")
+    assert not can("-n", namespace, "get", "secrets")
+    assert not can("-n", namespace, "delete", "pods")
+    if backend == "rayservice":  # one named RayService, nothing else of KubeRay's
+        assert can("-n", RAY_NS, "patch", f"rayservices.ray.io/{RAYSERVICE}")
+        assert not can("-n", RAY_NS, "patch", "rayservices.ray.io/another")
