@@ -8,6 +8,7 @@ import json
 import pytest
 from op_harness import RAY_NS, RAYSERVICE, SYSTEM_NS, FineTunes, finetune_yaml, free_port, wait_for
 
+from deltafleet.operator.controller import parse_time
 from deltafleet.operator.settings import EXIT_HOOK_ENV
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
@@ -28,7 +29,7 @@ def test_killed_after_job_creation_restarts_into_one_job(k8s, namespace, run_ope
 
 
 def test_failing_job_retries_with_backoff_then_fails_with_the_pods_reason(k8s, namespace, run_operator, rayservice, tmp_path):
-    op = run_operator(namespace, "rayservice")
+    op = run_operator(namespace, "rayservice", "--retry-base-seconds", "3")
     fts = FineTunes(k8s, namespace, tmp_path)
     fts.apply(finetune_yaml("broken", namespace, finetuned="finetunes/does-not-exist", backoff_limit=1))
     ft = fts.wait_condition("broken", "Compressed", "False", 300, reason="BackoffLimitExceeded", log=op.log)
@@ -38,9 +39,11 @@ def test_failing_job_retries_with_backoff_then_fails_with_the_pods_reason(k8s, n
     assert "all 2 attempts failed" in message and "exit code" in message and "does-not-exist" in message, message
     jobs = {j["metadata"]["name"]: j for j in fts.jobs()}
     assert sorted(jobs) == ["broken-compress-g1", "broken-compress-g1-r1"]
-    first_failed = next(c for c in jobs["broken-compress-g1"]["status"]["conditions"] if c["type"] == "Failed")
-    # The retry waited for the backoff after the first failure.
-    assert jobs["broken-compress-g1-r1"]["metadata"]["creationTimestamp"] >= first_failed["lastTransitionTime"]
+    # The retry waited for the backoff (3 s) after the first attempt failed (the Job controller's
+    # earliest failure condition; timestamps are whole seconds, the bound is exact).
+    failed_at = min(parse_time(c["lastTransitionTime"]) for c in jobs["broken-compress-g1"]["status"]["conditions"]
+                    if c["type"] in ("Failed", "FailureTarget") and c["status"] == "True")
+    assert parse_time(jobs["broken-compress-g1-r1"]["metadata"]["creationTimestamp"]) >= failed_at + 3
     assert "JobFailedRetrying" in fts.event_reasons("broken")
     assert "BackoffLimitExceeded" in fts.event_reasons("broken")
     assert not ft["status"].get("delta")

@@ -23,14 +23,22 @@ def test_finetune_to_served_tenant_and_back(k8s, namespace, run_operator, local_
                    "Job bot-compress-g1", on_timeout=op.log)
     owner = job["metadata"]["ownerReferences"][0]
     assert (owner["kind"], owner["name"], owner["controller"]) == ("FineTune", "bot", True)
-    assert job["spec"]["backoffLimit"] == 0
+    assert job["spec"]["backoffLimit"] == 0 and job["spec"]["activeDeadlineSeconds"] == 600
     pod = job["spec"]["template"]["spec"]
-    args = pod["containers"][0]["args"]
+    container = pod["containers"][0]
+    args = container["args"]
+    assert container["command"] == ["deltafleet", "compress"]
+    assert args[args.index("--base") + 1] == "/models/bases/tiny"
     assert args[args.index("--out") + 1] == f"/models/deltas/{namespace}/bot/g1"
     assert args[args.index("--steps") + 1] == "2"
-    assert pod["securityContext"]["runAsNonRoot"] is True
-    assert pod["containers"][0]["securityContext"]["readOnlyRootFilesystem"] is True
+    assert args[args.index("--calibration") + 1] == "/models/data/cal.txt"
+    assert container["image"] == "deltafleet-ml:test"
+    assert pod["securityContext"]["runAsNonRoot"] is True and pod["restartPolicy"] == "Never"
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert container["terminationMessagePolicy"] == "FallbackToLogsOnError"
+    assert {"name": "HF_HOME", "value": "/tmp/hf"} in container["env"]
     assert {"name": "model-store", "hostPath": {"path": str(store), "type": "DirectoryOrCreate"}} in pod["volumes"]
+    assert {"name": "tmp", "emptyDir": {}} in pod["volumes"]
 
     # Compressed, with the figures of the real run.
     ft = fts.wait_condition("bot", "Compressed", "True", 420, log=op.log)
