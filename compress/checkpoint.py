@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
+from .modelref import looks_like_hub_id, split_revision
+
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 
@@ -22,19 +24,20 @@ class InputError(ValueError):
 
 
 def resolve_model_dir(path_or_id: str, what: str) -> Path:
-    """A local folder, or a Hugging Face model id resolved through the local hub cache / the hub."""
+    """A local folder, or a Hugging Face model id (optionally `id@revision`) resolved through the hub cache / the hub."""
     p = Path(path_or_id).expanduser()
     if p.is_dir():
         return p
     if p.exists():
         raise InputError(f"{what} {path_or_id}: is a file; expected a model folder (config.json + *.safetensors) or a hub id")
-    looks_like_id = path_or_id.count("/") == 1 and not path_or_id.startswith((".", "/", "~"))
-    if not looks_like_id:
+    if not looks_like_hub_id(path_or_id):
         raise InputError(f"{what} {path_or_id}: no such folder")
+    repo, revision = split_revision(path_or_id)
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(path_or_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+        patterns = ["*.json", "*.safetensors", "*.model", "*.txt"]
+        return Path(snapshot_download(repo, revision=revision, allow_patterns=patterns))
     except Exception as e:  # offline, unknown repo, auth: all mean "cannot use this input"
         msg = " ".join(str(e).split())[:160]
         raise InputError(f"{what} {path_or_id}: no such folder, and not available as a Hugging Face model id ({msg})") from None

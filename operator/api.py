@@ -149,8 +149,10 @@ class ModelSource(_Model):
         return self
 
     def reference(self) -> str:
-        """What `from_pretrained` is given inside a Job or replica: the Hub id or the mounted path."""
-        return self.hugging_face if self.hugging_face is not None else f"{MODEL_STORE_MOUNT}/{self.path}"
+        """What a Job or replica loads: the Hub id (`id@revision` when pinned) or the mounted path."""
+        if self.hugging_face is None:
+            return f"{MODEL_STORE_MOUNT}/{self.path}"
+        return f"{self.hugging_face}@{self.revision}" if self.revision else self.hugging_face
 
     def display(self) -> str:
         return self.hugging_face if self.hugging_face is not None else f"store:{self.path}"
@@ -302,7 +304,8 @@ class Serving(_Model):
         description="Model name clients send in OpenAI requests (`model`); default `<namespace>/<name>`. Immutable.",
         min_length=1,
         max_length=253,
-        pattern=r"^[A-Za-z0-9][A-Za-z0-9._/:-]*$",
+        # The serving app's tenant-name rule: segments of [A-Za-z0-9._-] separated by '/'.
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)*$",
         json_schema_extra=_cel_schema(cel("self == oldSelf", "modelName is immutable", reason="FieldValueForbidden")),
     )
     min_replicas: int = Field(1, description="Fewest replicas of the pool this tenant asks for (0 allows scale to zero).", ge=0, le=1000)

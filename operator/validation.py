@@ -21,9 +21,6 @@ def spec_problems(ft: api.FineTune, settings: Settings) -> list[str]:
     problems = []
     if spec.base_model == spec.fine_tuned_model:
         problems.append("spec.fineTunedModel: is the same model as spec.baseModel; there is nothing to compress")
-    for field, source in (("baseModel", spec.base_model), ("fineTunedModel", spec.fine_tuned_model)):
-        if source.revision:  # `deltafleet compress` loads the default branch only
-            problems.append(f"spec.{field}.revision: pinning a Hub revision is not supported yet; use a commit-pinned copy in the model store")
     last_job = comp.job_name(name, max(ft.metadata.generation or 1, 1), spec.backoff_limit)
     if len(last_job) > MAX_LABEL:
         problems.append(f"metadata.name: {name!r} is too long: Job name {last_job!r} would exceed {MAX_LABEL} characters")

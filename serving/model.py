@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from deltafleet.compress.modelref import split_revision
+
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -23,9 +25,10 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 def load_base(base_model: str, device: torch.device, dtype: torch.dtype):
-    """(model, tokenizer), model in eval mode on `device`; attention via SDPA."""
-    tokenizer = AutoTokenizer.from_pretrained(base_model)
-    model = AutoModelForCausalLM.from_pretrained(base_model, torch_dtype=dtype, attn_implementation="sdpa")
+    """(model, tokenizer), model in eval mode on `device`; attention via SDPA. `id@rev` pins a Hub revision."""
+    name, revision = split_revision(base_model)
+    tokenizer = AutoTokenizer.from_pretrained(name, revision=revision)
+    model = AutoModelForCausalLM.from_pretrained(name, revision=revision, torch_dtype=dtype, attn_implementation="sdpa")
     if not model.config.is_decoder and getattr(model.config, "is_encoder_decoder", False):
         raise ValueError(f"base model {base_model!r} is encoder-decoder; only decoder-only models are served")
     model.to(device).eval().requires_grad_(False)

@@ -43,7 +43,8 @@ def test_model_name_and_pool_defaults():
 
 def test_model_source_reference():
     hub = api.ModelSource(hugging_face="org/m", revision="v1", token_secret_ref=api.SecretKeyRef(name="hf"))
-    assert hub.reference() == "org/m" and hub.token_secret_ref.key == "token"
+    assert hub.reference() == "org/m@v1" and hub.token_secret_ref.key == "token"  # the Job pins the revision
+    assert api.ModelSource(hugging_face="org/m").reference() == "org/m"
     assert api.ModelSource(path="bases/llama").reference() == "/models/bases/llama"
 
 
@@ -73,6 +74,8 @@ def test_bad_model_sources_are_refused(source, message):
         ({"compression": {"resources": {"requests": {"memory": "lots"}}}}, "compression.resources.requests.memory"),
         ({"serving": {"pool": "Not_A_Label"}}, "serving.pool"),
         ({"serving": {"maxReplicas": 0}}, "serving.maxReplicas"),
+        ({"serving": {"modelName": "team:bot"}}, "serving.modelName"),  # the serving app's tenant-name rule
+        ({"serving": {"modelName": "team//bot"}}, "serving.modelName"),
         ({"serving": {"minReplicas": 5, "maxReplicas": 2}}, "minReplicas (5) must be <= maxReplicas (2)"),
         ({"deletionPolicy": "Orphan"}, "deletionPolicy"),
         ({"modelStore": {"claimName": "a", "hostPath": "/b"}}, "modelStore"),

@@ -124,6 +124,12 @@ def test_outcome_running_and_garbage_message():
     assert jobs.outcome(job_with("Complete"), pod_with(0, "not json")).result is None
 
 
+def test_pinned_hub_revision_travels_as_id_at_revision():
+    _, job = build(spec={"baseModel": {"path": None, "huggingFace": "org/base", "revision": "0123abcd"}})
+    args = job["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[args.index("--base") + 1] == "org/base@0123abcd"
+
+
 def test_job_args_parse_with_the_real_compress_cli():
     from deltafleet.compress.cli import parser
 
