@@ -161,11 +161,15 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", choices=PRESETS, default=None, help="default: llama2-7b on CUDA, cpu-small otherwise")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads (default on CPU: 1, what Ray gives a 1-CPU replica through OMP_NUM_THREADS)")
     opts = ap.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     preset = opts.preset or ("llama2-7b" if device == "cuda" else "cpu-small")
     p = PRESETS[preset]
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    # Decode-sized ops are too small to split: on the 2-core build machine two OpenMP threads
+    # spinning against the engine and client threads made every method 1.7-2.4x slower.
+    torch.set_num_threads(opts.threads or (1 if device == "cpu" else torch.get_num_threads()))
     with tempfile.TemporaryDirectory(prefix="deltafleet-bench-") as tmp:
         tmp = Path(tmp)
         t_build = time.perf_counter()
