@@ -80,64 +80,57 @@ def _env(environ: dict, name: str, default):
     return type(default)(raw)
 
 
+# Every setting with a flag: (Settings field, env var, help). The flag is --<field with dashes>,
+# its type and default those of the field; the env var, when set, replaces the default.
+_FLAGS: tuple[tuple[str, str, str], ...] = (
+    ("backend", "DELTAFLEET_SERVE_BACKEND", "how serve configs are applied"),
+    ("rayservice_name", "DELTAFLEET_RAYSERVICE_NAME", "RayService to patch (rayservice backend)"),
+    ("rayservice_namespace", "DELTAFLEET_RAYSERVICE_NAMESPACE", ""),
+    ("ray_dashboard_url", "DELTAFLEET_RAY_DASHBOARD_URL", "Ray dashboard (ray-api backend)"),
+    ("serve_url", "DELTAFLEET_SERVE_ENDPOINT", "public base URL of Ray Serve's HTTP proxy, for status.endpoint"),
+    ("operator_store_path", "DELTAFLEET_OPERATOR_STORE_PATH",
+     "where this process sees the default model store (result.json fallback, deleting deltas)"),
+    ("replica_store_path", "DELTAFLEET_REPLICA_STORE_PATH", "where serving replicas see the model store"),
+    ("store_claim", "DELTAFLEET_MODEL_STORE_CLAIM", "PersistentVolumeClaim holding the model store"),
+    ("store_host_path", "DELTAFLEET_MODEL_STORE_HOST_PATH", "hostPath holding the model store (dev, single node)"),
+    ("job_image", "DELTAFLEET_JOB_IMAGE", "image of compression Jobs"),
+    ("job_image_pull_policy", "DELTAFLEET_JOB_IMAGE_PULL_POLICY", ""),
+    ("job_service_account", "DELTAFLEET_JOB_SERVICE_ACCOUNT",
+     "ServiceAccount of compression pods (default: the namespace's default)"),
+    ("job_run_as_user", "DELTAFLEET_JOB_RUN_AS_USER", ""),
+    ("replica_cpus", "DELTAFLEET_REPLICA_CPUS", "CPUs per serving replica"),
+    ("max_batch_size", "DELTAFLEET_SERVE_MAX_BATCH_SIZE", ""),
+    ("device", "DELTAFLEET_SERVE_DEVICE", "device of serving replicas: auto, cpu, cuda"),
+    ("dtype", "DELTAFLEET_SERVE_DTYPE", ""),
+    ("gpu_resource", "DELTAFLEET_GPU_RESOURCE", "extended resource name that requests GPUs in compression Jobs"),
+    ("log_level", "DELTAFLEET_LOG_LEVEL", ""),
+    ("resync_seconds", "DELTAFLEET_RESYNC_SECONDS", ""),
+    ("retry_base_seconds", "DELTAFLEET_RETRY_BASE_SECONDS", "first backoff after a failed compression attempt"),
+    ("retry_max_seconds", "DELTAFLEET_RETRY_MAX_SECONDS", ""),
+    ("delete_attempts", "DELTAFLEET_DELETE_ATTEMPTS", ""),
+    ("liveness_port", "DELTAFLEET_HEALTH_PORT", "kopf liveness endpoint http://0.0.0.0:PORT/healthz"),
+)
+_CHOICES = {
+    "backend": BACKENDS,
+    "job_image_pull_policy": ("Always", "IfNotPresent", "Never"),
+    "dtype": ("auto", "float32", "float16", "bfloat16"),
+    "log_level": ("debug", "info", "warning", "error"),
+}
+
+
 def build_parser(environ: dict | None = None) -> argparse.ArgumentParser:
     env = os.environ if environ is None else environ
     d = Settings()
     p = argparse.ArgumentParser(prog="deltafleet operator", description="Run the deltafleet Kubernetes operator (kopf).")
-    add = p.add_argument
-    add("--backend", choices=BACKENDS, default=_env(env, "DELTAFLEET_SERVE_BACKEND", d.backend),
-        help="how serve configs are applied [env DELTAFLEET_SERVE_BACKEND]")
-    add("--rayservice-name", default=_env(env, "DELTAFLEET_RAYSERVICE_NAME", d.rayservice_name),
-        help="RayService to patch (rayservice backend) [env DELTAFLEET_RAYSERVICE_NAME]")
-    add("--rayservice-namespace", default=_env(env, "DELTAFLEET_RAYSERVICE_NAMESPACE", d.rayservice_namespace),
-        help="[env DELTAFLEET_RAYSERVICE_NAMESPACE]")
-    add("--ray-dashboard-url", default=_env(env, "DELTAFLEET_RAY_DASHBOARD_URL", d.ray_dashboard_url),
-        help="Ray dashboard (ray-api backend) [env DELTAFLEET_RAY_DASHBOARD_URL]")
-    add("--serve-url", default=_env(env, "DELTAFLEET_SERVE_ENDPOINT", d.serve_url),
-        help="public base URL of Ray Serve's HTTP proxy, for status.endpoint [env DELTAFLEET_SERVE_ENDPOINT]")
-    add("--operator-store-path", default=_env(env, "DELTAFLEET_OPERATOR_STORE_PATH", d.operator_store_path),
-        help="where this process sees the default model store (result.json fallback, deleting deltas) [env DELTAFLEET_OPERATOR_STORE_PATH]")
-    add("--replica-store-path", default=_env(env, "DELTAFLEET_REPLICA_STORE_PATH", d.replica_store_path),
-        help="where serving replicas see the model store [env DELTAFLEET_REPLICA_STORE_PATH]")
-    add("--store-claim", default=_env(env, "DELTAFLEET_MODEL_STORE_CLAIM", d.store_claim),
-        help="PersistentVolumeClaim holding the model store [env DELTAFLEET_MODEL_STORE_CLAIM]")
-    add("--store-host-path", default=_env(env, "DELTAFLEET_MODEL_STORE_HOST_PATH", d.store_host_path),
-        help="hostPath holding the model store (dev, single node) [env DELTAFLEET_MODEL_STORE_HOST_PATH]")
-    add("--job-image", default=_env(env, "DELTAFLEET_JOB_IMAGE", d.job_image),
-        help="image of compression Jobs [env DELTAFLEET_JOB_IMAGE]")
-    add("--job-image-pull-policy", default=_env(env, "DELTAFLEET_JOB_IMAGE_PULL_POLICY", d.job_image_pull_policy),
-        choices=("Always", "IfNotPresent", "Never"), help="[env DELTAFLEET_JOB_IMAGE_PULL_POLICY]")
-    add("--job-service-account", default=_env(env, "DELTAFLEET_JOB_SERVICE_ACCOUNT", d.job_service_account),
-        help="ServiceAccount of compression pods (default: the namespace's default) [env DELTAFLEET_JOB_SERVICE_ACCOUNT]")
-    add("--job-run-as-user", type=int, default=_env(env, "DELTAFLEET_JOB_RUN_AS_USER", d.job_run_as_user),
-        help="[env DELTAFLEET_JOB_RUN_AS_USER]")
-    add("--replica-cpus", type=float, default=_env(env, "DELTAFLEET_REPLICA_CPUS", d.replica_cpus),
-        help="CPUs per serving replica [env DELTAFLEET_REPLICA_CPUS]")
-    add("--max-batch-size", type=int, default=_env(env, "DELTAFLEET_SERVE_MAX_BATCH_SIZE", d.max_batch_size),
-        help="[env DELTAFLEET_SERVE_MAX_BATCH_SIZE]")
-    add("--device", default=_env(env, "DELTAFLEET_SERVE_DEVICE", d.device),
-        help="device of serving replicas: auto, cpu, cuda [env DELTAFLEET_SERVE_DEVICE]")
-    add("--dtype", default=_env(env, "DELTAFLEET_SERVE_DTYPE", d.dtype), choices=("auto", "float32", "float16", "bfloat16"),
-        help="[env DELTAFLEET_SERVE_DTYPE]")
-    add("--gpu-resource", default=_env(env, "DELTAFLEET_GPU_RESOURCE", d.gpu_resource),
-        help="extended resource name that requests GPUs in compression Jobs [env DELTAFLEET_GPU_RESOURCE]")
-    add("--log-level", default=_env(env, "DELTAFLEET_LOG_LEVEL", d.log_level), choices=("debug", "info", "warning", "error"),
-        help="[env DELTAFLEET_LOG_LEVEL]")
-    add("--namespace", "-n", action="append", dest="namespaces", default=None,
-        help="watch only this namespace (repeat for more; default all) [env DELTAFLEET_NAMESPACES, comma-separated]")
-    add("--resync-seconds", type=float, default=_env(env, "DELTAFLEET_RESYNC_SECONDS", d.resync_seconds),
-        help="[env DELTAFLEET_RESYNC_SECONDS]")
-    add("--retry-base-seconds", type=float, default=_env(env, "DELTAFLEET_RETRY_BASE_SECONDS", d.retry_base_seconds),
-        help="first backoff after a failed compression attempt [env DELTAFLEET_RETRY_BASE_SECONDS]")
-    add("--retry-max-seconds", type=float, default=_env(env, "DELTAFLEET_RETRY_MAX_SECONDS", d.retry_max_seconds),
-        help="[env DELTAFLEET_RETRY_MAX_SECONDS]")
-    add("--delete-attempts", type=int, default=_env(env, "DELTAFLEET_DELETE_ATTEMPTS", d.delete_attempts),
-        help="[env DELTAFLEET_DELETE_ATTEMPTS]")
-    add("--liveness-port", type=int, default=_env(env, "DELTAFLEET_HEALTH_PORT", d.liveness_port),
-        help="kopf liveness endpoint http://0.0.0.0:PORT/healthz [env DELTAFLEET_HEALTH_PORT]")
-    add("--check", action="store_true",
-        help="check the API server, the CRD and the serve backend once, print the result and exit")
-    add("--verbose", "-v", action="store_true")
+    for name, var, text in _FLAGS:
+        default = getattr(d, name)
+        p.add_argument(f"--{name.replace('_', '-')}", type=type(default), default=_env(env, var, default),
+                       choices=_CHOICES.get(name), help=f"{text} [env {var}]".lstrip())
+    p.add_argument("--namespace", "-n", action="append", dest="namespaces", default=None,
+                   help="watch only this namespace (repeat for more; default all) [env DELTAFLEET_NAMESPACES, comma-separated]")
+    p.add_argument("--check", action="store_true",
+                   help="check the API server, the CRD and the serve backend once, print the result and exit")
+    p.add_argument("--verbose", "-v", action="store_true")
     return p
 
 
@@ -151,34 +144,15 @@ def settings_from_args(args: argparse.Namespace, environ: dict | None = None) ->
     for flag, value in (("--replica-store-path", args.replica_store_path), ("--operator-store-path", args.operator_store_path or "/")):
         if not value.startswith("/"):
             raise SystemExit(f"deltafleet operator: {flag} must be an absolute path, got {value!r}")
-    return Settings(
-        backend=args.backend,
-        rayservice_name=args.rayservice_name,
-        rayservice_namespace=args.rayservice_namespace,
-        ray_dashboard_url=args.ray_dashboard_url.rstrip("/"),
-        serve_url=args.serve_url,
-        operator_store_path=args.operator_store_path.rstrip("/"),
-        replica_store_path=args.replica_store_path.rstrip("/") or "/",
-        store_claim=args.store_claim,
-        store_host_path=args.store_host_path,
-        job_image=args.job_image,
-        job_image_pull_policy=args.job_image_pull_policy,
-        job_service_account=args.job_service_account,
-        job_run_as_user=args.job_run_as_user,
-        replica_cpus=args.replica_cpus,
-        max_batch_size=args.max_batch_size,
-        device=args.device,
-        dtype=args.dtype,
-        gpu_resource=args.gpu_resource,
-        log_level=args.log_level,
-        namespaces=tuple(sorted(set(namespaces))),
-        resync_seconds=args.resync_seconds,
-        retry_base_seconds=args.retry_base_seconds,
-        retry_max_seconds=args.retry_max_seconds,
-        delete_attempts=args.delete_attempts,
-        liveness_port=args.liveness_port,
-        exit_after_job_create=_env(env, EXIT_HOOK_ENV, False),
-    )
+    values = {name: getattr(args, name) for name, _, _ in _FLAGS}
+    return Settings(**{
+        **values,
+        "ray_dashboard_url": args.ray_dashboard_url.rstrip("/"),
+        "operator_store_path": args.operator_store_path.rstrip("/"),
+        "replica_store_path": args.replica_store_path.rstrip("/") or "/",
+        "namespaces": tuple(sorted(set(namespaces))),
+        "exit_after_job_create": _env(env, EXIT_HOOK_ENV, False),
+    })
 
 
 def parse_settings(argv: list[str], environ: dict | None = None) -> tuple[Settings, argparse.Namespace]:
