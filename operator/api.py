@@ -70,6 +70,9 @@ _DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 _DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
 _QUANTITY = r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
 _HF_REPO_ID = r"^[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?(/[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?)?$"
+# The serving app's tenant-name rule (serving/config.py TENANT_NAME): segments of [A-Za-z0-9._-]
+# separated by '/'. The schema checks an explicit modelName; validation.py the default one.
+TENANT_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)*$"
 
 
 def _check_quantity(value: int | str) -> int | str:
@@ -304,8 +307,7 @@ class Serving(_Model):
         description="Model name clients send in OpenAI requests (`model`); default `<namespace>/<name>`. Immutable.",
         min_length=1,
         max_length=253,
-        # The serving app's tenant-name rule: segments of [A-Za-z0-9._-] separated by '/'.
-        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)*$",
+        pattern=TENANT_NAME_PATTERN,
         json_schema_extra=_cel_schema(cel("self == oldSelf", "modelName is immutable", reason="FieldValueForbidden")),
     )
     min_replicas: int = Field(1, description="Fewest replicas of the pool this tenant asks for (0 allows scale to zero).", ge=0, le=1000)

@@ -10,8 +10,7 @@ from deltafleet.operator import api
 from deltafleet.operator import compression as comp
 from deltafleet.operator.settings import Settings
 
-# The serving app's tenant names (serving/config.py TENANT_NAME): '/'-separated segments.
-TENANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]*(/[A-Za-z0-9][A-Za-z0-9._\-]*)*$")
+TENANT_NAME = re.compile(api.TENANT_NAME_PATTERN)
 RESERVED_MODEL_NAMES = ("base",)
 MAX_LABEL = 63
 
