@@ -55,9 +55,14 @@ def job_name(finetune: str, generation: int, attempt: int) -> str:
     return name if attempt == 0 else f"{name}-r{attempt}"
 
 
-def output_dir(namespace: str, name: str, generation: int) -> str:
-    """Where a generation's delta is written, as the Job (and the contract) sees the store."""
-    return f"{api.MODEL_STORE_MOUNT}/deltas/{namespace}/{name}/g{generation}"
+def deltas_dir(namespace: str, name: str, root: str = api.MODEL_STORE_MOUNT) -> str:
+    """A FineTune's folder of deltas (one `g<gen>` per compressed generation) under a store root."""
+    return f"{root}/deltas/{namespace}/{name}"
+
+
+def output_dir(namespace: str, name: str, generation: int, root: str = api.MODEL_STORE_MOUNT) -> str:
+    """Where a generation's delta is written; by default as the Job (and the contract) sees the store."""
+    return f"{deltas_dir(namespace, name, root)}/g{generation}"
 
 
 def delta_uri(namespace: str, name: str, generation: int) -> str:

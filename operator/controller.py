@@ -200,7 +200,7 @@ class Controller:
         process has the (default) store mounted."""
         if not Path(self.settings.operator_store_path or "/nonexistent").is_dir():
             return None
-        path = Path(self.settings.operator_store_path) / "deltas" / namespace / name / f"g{generation}" / RESULT_FILE
+        path = Path(comp.output_dir(namespace, name, generation, root=self.settings.operator_store_path)) / RESULT_FILE
         try:
             return CompressResult.model_validate_json(path.read_text())
         except (OSError, ValidationError):
@@ -367,7 +367,7 @@ class Controller:
             store = (raw.get("spec") or {}).get("modelStore")
             mounted = bool(self.settings.operator_store_path) and Path(self.settings.operator_store_path).is_dir()
             if policy == api.DeletionPolicy.Delete.value and not store and mounted:
-                folder = Path(self.settings.operator_store_path) / "deltas" / meta["namespace"] / meta["name"]
+                folder = Path(comp.deltas_dir(meta["namespace"], meta["name"], root=self.settings.operator_store_path))
                 if folder.exists():
                     shutil.rmtree(folder)
                     log.info("deleted %s", folder)
