@@ -25,32 +25,39 @@ class BatchContext:
     """Which bank slot each sequence of the current forward uses (-1 = the base).
 
     Row grouping (a host sync on GPU) is computed once per step and row count, and shared by
-    every layer of the forward pass."""
+    every layer of the forward pass: the kernels' segments and the whole-tensor overrides'
+    row indices both come from it."""
 
     def __init__(self, bank, sign_cache: SignCache | None = None) -> None:
         self.bank = bank
         self.sign_cache = sign_cache
         self.slot_of_seq: torch.Tensor | None = None  # [B] int64 on the model's device
         self.slots: list[int] = []  # distinct non-negative slots in the batch
-        self.seq_index: dict[int, torch.Tensor] = {}  # slot -> batch indices of its sequences
         self._rows: dict[int, tuple[torch.Tensor, TenantGroups]] = {}
+        self._slot_rows: dict[int, list[tuple[int, torch.Tensor]]] = {}
 
     def set(self, slot_of_seq: list[int], device: torch.device) -> None:
         self.slot_of_seq = torch.tensor(slot_of_seq, dtype=torch.int64, device=device)
         self.slots = sorted({s for s in slot_of_seq if s >= 0})
-        self.seq_index = {
-            s: torch.tensor([i for i, x in enumerate(slot_of_seq) if x == s], dtype=torch.int64, device=device)
-            for s in self.slots
-        }
-        self._rows = {}
+        self._rows, self._slot_rows = {}, {}
 
-    def rows(self, m: int, num_slots: int) -> tuple[torch.Tensor, TenantGroups]:
+    def rows(self, m: int) -> tuple[torch.Tensor, TenantGroups]:
         """Slot of each of m flattened rows ([B, S, K] -> [B*S] rows, S = m // B), and their grouping."""
         if m not in self._rows:
             b = self.slot_of_seq.shape[0]
             rows = self.slot_of_seq.repeat_interleave(m // b) if m != b else self.slot_of_seq
-            self._rows[m] = (rows, group_rows(rows, num_slots))
+            self._rows[m] = (rows, group_rows(rows, self.bank.n_slots))
         return self._rows[m]
+
+    def slot_rows(self, m: int) -> list[tuple[int, torch.Tensor]]:
+        """(slot, int64 indices of its rows among m flattened rows) for every slot in the batch."""
+        if m not in self._slot_rows:
+            groups = self.rows(m)[1]
+            order = groups.order.long()
+            self._slot_rows[m] = [
+                (t, order[groups.starts[i] : groups.starts[i + 1]]) for i, t in enumerate(groups.tenants) if t >= 0
+            ]
+        return self._slot_rows[m]
 
 
 class DeltaLinear(nn.Module):
@@ -70,19 +77,15 @@ class DeltaLinear(nn.Module):
             return F.linear(x, self.weight, self.bias)
         x2 = x.reshape(-1, x.shape[-1])
         signs, scales = ctx.bank.stacks[self.name]
-        rows, groups = ctx.rows(x2.shape[0], signs.shape[0])
-        cache = ctx.sign_cache if not x2.is_cuda else None
-        y = delta_linear(x2, self.weight, signs, scales, rows, groups=groups, sign_cache=cache)
+        rows, groups = ctx.rows(x2.shape[0])
+        y = delta_linear(x2, self.weight, signs, scales, rows, groups=groups, sign_cache=ctx.sign_cache)
         if self.bias is not None:
             y = y + self.bias
-        for s in ctx.slots:
+        for s, idx in ctx.slot_rows(x2.shape[0]):
             whole = ctx.bank.whole_of_slot(s, self.name)
-            if not whole:
-                continue
-            mask = rows == s
-            w = whole.get("weight", self.weight)
-            b = whole.get("bias", self.bias)
-            y[mask] = F.linear(x2[mask], w, b)
+            if whole:
+                w, b = whole.get("weight", self.weight), whole.get("bias", self.bias)
+                y.index_copy_(0, idx, F.linear(x2.index_select(0, idx), w, b))
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
@@ -96,11 +99,10 @@ def add_whole_hook(module: nn.Module, name: str, ctx: BatchContext) -> None:
     def hook(mod, args, output):
         if busy[0] or not ctx.slots or not isinstance(output, torch.Tensor):
             return None
-        for s in ctx.slots:
+        for s, idx in ctx.slot_rows(ctx.slot_of_seq.shape[0]):  # rows are sequences here
             params = ctx.bank.whole_of_slot(s, name)
             if not params:
                 continue
-            idx = ctx.seq_index[s]
             sub = tuple(a.index_select(0, idx) if isinstance(a, torch.Tensor) else a for a in args)
             busy[0] = True
             try:
