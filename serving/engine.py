@@ -149,6 +149,7 @@ class Engine:
         if self.tokenizer.eos_token_id is not None:
             self.eos_ids.add(self.tokenizer.eos_token_id)
         self.max_len = getattr(self.model.config, "max_position_embeddings", None) or 1 << 30
+        self.vocab_size = self.model.get_input_embeddings().num_embeddings
         self.pending: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.cache = BatchCache()
@@ -205,6 +206,9 @@ class Engine:
         ids = self.encode(prompt)
         if not ids:
             raise BadRequest("prompt is empty")
+        bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise BadRequest(f"prompt token id {bad} is outside the model's vocabulary [0, {self.vocab_size})")
         if len(ids) + params.max_tokens > self.max_len:
             raise BadRequest(f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the model's context of {self.max_len}")
         stream = RequestStream(loop)
@@ -304,14 +308,21 @@ class Engine:
         ids = torch.tensor([seq.prompt_ids], device=self.device)
         cache = DynamicCache()
         self.ctx.set([seq.slot], self.device)
-        out = self.model(
-            input_ids=ids,
-            attention_mask=torch.ones_like(ids),
-            position_ids=torch.arange(n, device=self.device)[None],
-            past_key_values=cache,
-            use_cache=True,
-        )
-        token = next_tokens(out.logits[:, -1], [seq.params], [seq.generator])[0]
+        try:
+            out = self.model(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                position_ids=torch.arange(n, device=self.device)[None],
+                past_key_values=cache,
+                use_cache=True,
+            )
+            token = next_tokens(out.logits[:, -1], [seq.params], [seq.generator])[0]
+        except Exception as e:  # e.g. out of memory: this request fails alone, its slot unpinned, the batch goes on
+            log.exception("prefill failed")
+            if seq.slot >= 0:
+                self.bank.release(seq.slot)
+            seq.stream.put(Event("", [], error=EngineError(f"prefill failed: {type(e).__name__}: {e}")))
+            return
         self.cache.add(out.past_key_values, n)
         self.running.append(seq)
         if not self._take(seq, token):

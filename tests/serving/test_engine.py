@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from deltafleet.serving.engine import Engine, TenantUnavailable, UnknownTenant
+from deltafleet.serving.engine import BadRequest, Engine, TenantUnavailable, UnknownTenant
 from deltafleet.serving.sampling import SamplingParams
 
 PROMPTS = ["The quick brown fox", "def add(a, b):", "Serving many fine-tuned", "one base saves"]
@@ -118,3 +118,21 @@ def test_lru_eviction_under_small_budget_reloads_correctly(toy, expected):
         assert st["evictions"] >= 3 and st["disk_loads"] >= 3 + 4 and st["cpu_tenants"] == 0
     finally:
         probe.close()
+
+
+def test_bad_token_ids_are_refused_and_a_failing_prefill_fails_only_its_request(engine, expected):
+    oov = engine.vocab_size + 5
+    with pytest.raises(BadRequest, match=f"token id {oov} is outside"):
+        engine.submit("team-a/alpha", [5, oov])
+    # Past the check (as any prefill error would be): that request gets an error, nothing hangs,
+    # its slot is unpinned and a request running beside it finishes unchanged.
+    other = engine.submit("team-b/gamma", PROMPTS[0], GREEDY)
+    engine.vocab_size, vocab = 1 << 30, engine.vocab_size
+    try:
+        bad = engine.submit("team-a/alpha", [5, oov], GREEDY)
+    finally:
+        engine.vocab_size = vocab
+    events = list(bad)
+    assert len(events) == 1 and "prefill failed: IndexError" in str(events[0].error)
+    assert [t for ev in other for t in ev.token_ids] == expected[("team-b/gamma", PROMPTS[0])]
+    assert engine.bank.slot_refs == [0] * engine.bank.n_slots
