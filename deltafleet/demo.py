@@ -22,12 +22,10 @@ def build_pair(family: str = "llama") -> tuple[Path, Path]:
 
 def compress_pair(family: str, base: Path, finetuned: Path, out: Path, steps: int = 40, **options):
     """Small settings; calibration from the fine-tune's training text so the demo takes seconds."""
-    from deltafleet.compress import CompressSettings, compress
-    from deltafleet.toymodels import TOY_COMPRESS_SETTINGS, toy_eval_text, toy_train_text
+    from deltafleet.compress import compress
+    from deltafleet.toymodels import toy_compress_settings
 
-    settings = CompressSettings(**{**TOY_COMPRESS_SETTINGS, "steps": steps, "calibration": str(toy_train_text(family)),
-                                   "eval_data": str(toy_eval_text(family)), **options})
-    return compress(str(base), str(finetuned), out, settings)
+    return compress(str(base), str(finetuned), out, toy_compress_settings(family, steps=steps, **options))
 
 
 def fidelity_table(result) -> str:

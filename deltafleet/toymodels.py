@@ -106,14 +106,21 @@ def toy_train_text(family: str = "llama", recipe: ToyRecipe | None = None) -> Pa
 TOY_COMPRESS_SETTINGS = dict(steps=40, lr=1e-3, batch_size=4, seq_len=128, samples=64, eval_samples=32)
 
 
+def toy_compress_settings(family: str = "llama", **overrides):
+    """CompressSettings for a toy pair: the fast settings, calibrated on the fine-tune's training
+    text and evaluated on its held-out text (sampling the model would dominate test time)."""
+    from deltafleet.compress import CompressSettings
+
+    defaults = {**TOY_COMPRESS_SETTINGS, "calibration": str(toy_train_text(family)), "eval_data": str(toy_eval_text(family))}
+    return CompressSettings(**{**defaults, **overrides})
+
+
 def toy_delta(family: str = "llama", **compress_settings) -> Path:
     """A cached delta.safetensors compressed from `toy_pair(family)` (fast settings unless overridden)."""
-    from deltafleet.compress import CompressSettings, compress
+    from deltafleet.compress import compress
 
     base, ft = toy_pair(family)
-    # Calibration from the fine-tune's training text: sampling the model would dominate test time.
-    defaults = {**TOY_COMPRESS_SETTINGS, "calibration": str(toy_train_text(family)), "eval_data": str(toy_eval_text(family))}
-    settings = CompressSettings(**{**defaults, **compress_settings})
+    settings = toy_compress_settings(family, **compress_settings)
     digest = hashlib.sha256(json.dumps(dataclasses.asdict(settings), sort_keys=True, default=str).encode()).hexdigest()[:12]
     out = cache_root() / "deltas" / f"{base.parent.name}-{digest}"
     delta = out / "delta.safetensors"

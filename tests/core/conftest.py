@@ -34,20 +34,13 @@ def pair(family):
     return toy_pair(family)
 
 
-def toy_settings(family: str, **overrides):
-    from deltafleet.compress import CompressSettings
-    from deltafleet.toymodels import TOY_COMPRESS_SETTINGS, toy_eval_text, toy_train_text
-
-    return CompressSettings(**{**TOY_COMPRESS_SETTINGS, "calibration": str(toy_train_text(family)),
-                               "eval_data": str(toy_eval_text(family)), **overrides})
-
-
 @pytest.fixture(scope="session")
 def compressed(family, pair, tmp_path_factory) -> Compressed:
     from deltafleet.compress import compress
+    from deltafleet.toymodels import toy_compress_settings
 
     out = tmp_path_factory.mktemp(f"delta-{family}")
-    settings = toy_settings(family)
+    settings = toy_compress_settings(family)
     result = compress(str(pair[0]), str(pair[1]), out, settings)
     return Compressed(family, pair[0], pair[1], out, result, settings)
 
