@@ -24,14 +24,23 @@ def fingerprint_tensors(named: Iterable[tuple[str, torch.Tensor]]) -> str:
 
 def fingerprint_lazy(names: Iterable[str], get: Callable[[str], torch.Tensor]) -> str:
     """The same fingerprint, reading one tensor at a time (e.g. from a safetensors checkpoint)."""
+    return fingerprint_samples({name: tensor_sample(name, get(name)) for name in names})
+
+
+def tensor_sample(name: str, t: torch.Tensor) -> bytes:
+    """What the fingerprint keeps of one tensor (a few KiB), so a caller that reads every
+    tensor anyway can collect these on the way instead of reading the checkpoint twice."""
+    flat = t.detach().reshape(-1)
+    step = max(1, flat.numel() // SAMPLE)
+    sample = flat[::step][:SAMPLE].to("cpu", torch.bfloat16).view(torch.int16)
+    return f"{name}:{tuple(t.shape)}\n".encode() + sample.numpy().tobytes()
+
+
+def fingerprint_samples(samples: dict[str, bytes]) -> str:
+    """The fingerprint from every tensor's `tensor_sample`, keyed by name."""
     h = hashlib.sha256()
-    for name in sorted(names):
-        t = get(name)
-        flat = t.detach().reshape(-1)
-        step = max(1, flat.numel() // SAMPLE)
-        sample = flat[::step][:SAMPLE].to("cpu", torch.bfloat16).view(torch.int16)
-        h.update(f"{name}:{tuple(t.shape)}\n".encode())
-        h.update(sample.numpy().tobytes())
+    for name in sorted(samples):
+        h.update(samples[name])
     return h.hexdigest()[:32]
 
 

@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 from deltafleet.kernels.packing import pack_signs
 
 from .checkpoint import Checkpoint, InputError, empty_model
-from .fingerprint import fingerprint_lazy
+from .fingerprint import fingerprint_samples, tensor_sample
 from .format import Delta
 from .linears import compressed_modules
 
@@ -42,14 +42,13 @@ def extract(
     missing = [n for n in param_names if n not in base]
     if missing:
         raise InputError(f"base {base.dir}: checkpoint lacks parameter {missing[0]!r} of {base.architecture}")
-    delta = Delta(
-        base_model=base.source,
-        base_fingerprint=fingerprint_lazy(param_names, base.get),
-        finetuned_model=ft.source,
-    )
+    delta = Delta(base_model=base.source, base_fingerprint="", finetuned_model=ft.source)
     weight_of = {f"{m}.weight": m for m in compressed}
+    samples = {}  # the base fingerprint, collected from the reads stage 1 makes anyway
     for name in tqdm(param_names, desc="stage 1: sign + scale", unit="tensor", leave=False):
-        b = base.get(name).to(device)
+        b = base.get(name)
+        samples[name] = tensor_sample(name, b)
+        b = b.to(device)
         f = ft.get(name).to(device)
         if name in weight_of:
             module = weight_of[name]
@@ -58,4 +57,5 @@ def extract(
         elif not torch.equal(b, f):
             delta.whole[name] = f.cpu()
         del b, f
+    delta.base_fingerprint = fingerprint_samples(samples)
     return delta
