@@ -7,7 +7,6 @@ to sit in accelerator memory at once. Only safetensors checkpoints are read (nev
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -121,10 +120,6 @@ class Checkpoint:
             total += numel * _DTYPE_BYTES.get(sl.get_dtype(), 4)
         return total
 
-    def files(self) -> list[Path]:
-        return sorted(set(self._file_of.values()))
-
-
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
@@ -158,7 +153,3 @@ def empty_model(config_dir: Path):
             return AutoModelForCausalLM.from_config(config)
     except (ValueError, KeyError, OSError) as e:  # unknown model_type, not a causal LM, bad config
         raise InputError(f"model {config_dir}: transformers cannot build it as a causal LM ({' '.join(str(e).split())[:160]})") from None
-
-
-def file_size(path: str | os.PathLike) -> int:
-    return Path(path).stat().st_size
