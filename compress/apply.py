@@ -18,34 +18,27 @@ from deltafleet.kernels.reference import dense_delta_weight
 from .format import Delta, check_against_model
 
 
-def _row_scale(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return scale.to(dtype)  # [] broadcasts; [N] broadcasts over the last (output) dim
+class DeltaModule(nn.Module):
+    """A frozen base module plus a 1-bit delta: packed signs (a buffer) and a trainable scale α."""
 
-
-class DeltaLinear(nn.Module):
-    def __init__(self, base: nn.Linear, packed: torch.Tensor, scale: torch.Tensor):
+    def __init__(self, base: nn.Linear | nn.Embedding, packed: torch.Tensor, scale: torch.Tensor):
         super().__init__()
         self.base = base
         self.register_buffer("packed", packed.to(base.weight.device), persistent=False)
         self.scale = nn.Parameter(scale.detach().float().clone().to(base.weight.device))
         self.enabled = True
 
+
+class DeltaLinear(DeltaModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
         if not self.enabled:
             return y
         signs = unpack_signs(self.packed, x.dtype)
-        return y + F.linear(x, signs) * _row_scale(self.scale, x.dtype)
+        return y + F.linear(x, signs) * self.scale.to(x.dtype)  # [] or [N]: broadcasts over the output dim
 
 
-class DeltaEmbedding(nn.Module):
-    def __init__(self, base: nn.Embedding, packed: torch.Tensor, scale: torch.Tensor):
-        super().__init__()
-        self.base = base
-        self.register_buffer("packed", packed.to(base.weight.device), persistent=False)
-        self.scale = nn.Parameter(scale.detach().float().clone().to(base.weight.device))
-        self.enabled = True
-
+class DeltaEmbedding(DeltaModule):
     @property
     def weight(self) -> torch.Tensor:  # HF code reads embed_tokens.weight.dtype/device
         return self.base.weight
@@ -57,9 +50,6 @@ class DeltaEmbedding(nn.Module):
         signs = unpack_signs(self.packed[ids], y.dtype)  # only the looked-up rows
         scale = self.scale[ids].unsqueeze(-1) if self.scale.dim() == 1 else self.scale
         return y + signs * scale.to(y.dtype)
-
-
-DeltaModule = DeltaLinear | DeltaEmbedding
 
 
 def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
