@@ -21,6 +21,7 @@ per forward step and pass it to every layer's `delta_linear(..., groups=...)`.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -38,7 +39,7 @@ class TenantGroups:
     def num_segments(self) -> int:
         return len(self.tenants)
 
-    @property
+    @cached_property  # every layer's launch reads it; the groups are built once per step
     def max_rows(self) -> int:
         """Rows in the longest segment (sizes the kernels' row-tile grid)."""
         return max((b - a for a, b in zip(self.starts, self.starts[1:])), default=0)
