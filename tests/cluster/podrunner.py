@@ -437,32 +437,31 @@ class PodWorker(threading.Thread):
         divisor = parse_quantity(ref.divisor or "1")
         return str(math.ceil(q / divisor))
 
-    def _config_map(self, name: str, optional: bool | None) -> dict[str, str] | None:
+    def _read(self, kind: str, read, name: str, optional: bool | None):
+        """A ConfigMap or Secret of the pod's namespace; None when missing and optional."""
         from kubernetes.client.rest import ApiException
 
         try:
-            cm = self.core.read_namespaced_config_map(name, self.ns)
+            return read(name, self.ns)
         except ApiException as e:
             if e.status == 404:
                 if optional:
                     return None
-                raise ConfigError(f"configmap {self.ns}/{name} not found") from None
+                raise ConfigError(f"{kind} {self.ns}/{name} not found") from None
             raise
+
+    def _config_map(self, name: str, optional: bool | None) -> dict[str, str] | None:
+        cm = self._read("configmap", self.core.read_namespaced_config_map, name, optional)
+        if cm is None:
+            return None
         data = dict(cm.data or {})
         data.update({k: base64.b64decode(v).decode(errors="replace") for k, v in (cm.binary_data or {}).items()})
         return data
 
     def _secret(self, name: str, optional: bool | None, raw: bool = False) -> dict | None:
-        from kubernetes.client.rest import ApiException
-
-        try:
-            s = self.core.read_namespaced_secret(name, self.ns)
-        except ApiException as e:
-            if e.status == 404:
-                if optional:
-                    return None
-                raise ConfigError(f"secret {self.ns}/{name} not found") from None
-            raise
+        s = self._read("secret", self.core.read_namespaced_secret, name, optional)
+        if s is None:
+            return None
         decoded = {k: base64.b64decode(v) for k, v in (s.data or {}).items()}
         return decoded if raw else {k: v.decode(errors="replace") for k, v in decoded.items()}
 
