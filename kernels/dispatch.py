@@ -41,6 +41,8 @@ def delta_linear(
         groups = group_rows(tenant_of_row, t)
     elif groups.num_rows != m:
         raise ValueError(f"groups cover {groups.num_rows} rows but x has M={m}")
+    elif groups.tenants and groups.tenants[-1] >= t:  # tenants are sorted; a kernel would read past the stack
+        raise ValueError(f"groups name tenant {groups.tenants[-1]}, but the signs stack has {t} tenants")
     if not x.is_cuda:
         return delta_linear_cpu(x, base_weight, signs, scales, groups, sign_cache)
 

@@ -64,6 +64,14 @@ def test_precomputed_groups_give_the_same_result():
     assert torch.equal(delta_linear(x, w, signs, scales, rows, groups=groups), delta_linear(x, w, signs, scales, rows))
 
 
+def test_groups_built_for_a_bigger_stack_are_refused():
+    gen = torch.Generator().manual_seed(3)
+    x, w, signs, scales = problem(2, 3, N, K, torch.float32, False, gen)
+    rows = torch.tensor([0, 3, 1])
+    with pytest.raises(ValueError, match="groups name tenant 3, but the signs stack has 2 tenants"):
+        delta_linear(x, w, signs, scales, torch.tensor([0, 1, 1]), groups=group_rows(rows, 4))
+
+
 def test_sign_cache_hits_and_never_serves_a_stale_tenant():
     gen = torch.Generator().manual_seed(4)
     x, w, signs, scales = problem(2, 3, N, K, torch.float32, False, gen)
