@@ -84,13 +84,32 @@ def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="deltafleet demo", description=__doc__.splitlines()[0])
     p.add_argument("--family", default="llama", choices=["llama", "qwen2"])
     p.add_argument("--out", help="where to write the delta (default: a temporary folder)")
-    p.add_argument("--steps", type=int, default=40, help="scale-distillation steps")
+    p.add_argument("--steps", type=_positive_int, default=40, help="scale-distillation steps")
     p.add_argument("--no-serve", action="store_true", help="stop after the generations (no local Ray pool)")
     args = p.parse_args(argv)
 
+    from deltafleet.compress.errors import run_cli
+
+    return run_cli("deltafleet demo", lambda: _run(args))
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _run(args: argparse.Namespace) -> int:
+    from deltafleet.compress.checkpoint import InputError
+
+    out = Path(args.out or tempfile.mkdtemp(prefix="deltafleet-demo-"))
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"--out {out}: cannot create the output folder ({e.strerror})") from None
     print(f"1. toy {args.family} base (English prose) + fine-tune (Python code): building or reusing the cache")
     base, finetuned = build_pair(args.family)
-    out = Path(args.out or tempfile.mkdtemp(prefix="deltafleet-demo-"))
     print(f"2. compressing the fine-tune into {out}")
     result = compress_pair(args.family, base, finetuned, out, args.steps)
     print("\n" + fidelity_table(result))

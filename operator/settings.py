@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from dataclasses import dataclass, field
 
 BACKENDS = ("rayservice", "ray-api")
@@ -77,7 +78,11 @@ def _env(environ: dict, name: str, default):
         return default
     if isinstance(default, bool):
         return raw.strip().lower() in ("1", "true", "yes", "on")
-    return type(default)(raw)
+    try:
+        return type(default)(raw)
+    except ValueError:  # as argparse answers a bad flag: one line, exit 2
+        print(f"deltafleet operator: error: env {name}={raw!r} is not a valid {type(default).__name__}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 # Every setting with a flag: (Settings field, env var, help). The flag is --<field with dashes>,

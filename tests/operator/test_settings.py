@@ -46,3 +46,10 @@ def test_spec_problems_name_the_field():
     assert spec_problems(finetune(), s) == []
     # The schema refuses malformed names; what it cannot say is that "base" belongs to the pool.
     assert any("modelName" in p for p in spec_problems(finetune(spec={"serving": {"modelName": "base"}}), s))
+
+
+def test_a_bad_env_value_is_one_line_naming_the_variable(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        parse_settings([], {"DELTAFLEET_JOB_RUN_AS_USER": "abc"})
+    assert exit_.value.code == 2
+    assert "env DELTAFLEET_JOB_RUN_AS_USER='abc' is not a valid int" in capsys.readouterr().err
