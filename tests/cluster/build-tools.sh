@@ -6,21 +6,29 @@
 #
 #   bash tests/cluster/build-tools.sh            build if missing, print the bin dir last
 #   bash tests/cluster/build-tools.sh --bin-dir  only print where the binaries belong
+#   --skew (first argument)                      the same for the skew check's older minor
+#                                                (tools/k8s-skew: no helm, the current one serves)
 #
 # DELTAFLEET_CACHE overrides the cache root (default ${XDG_CACHE_HOME:-~/.cache}/deltafleet).
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 tools="$here/tools"
+k8s_dir="$tools/k8s"
 binaries=(etcd kube-apiserver kube-controller-manager kubectl helm)
+if [[ "${1:-}" == "--skew" ]]; then
+  shift
+  k8s_dir="$tools/k8s-skew"
+  binaries=(etcd kube-apiserver kube-controller-manager kubectl)
+fi
 
 # The version go.mod requires of a module (inside a require block or on a require line).
 required() { awk -v m="$1" '$1 == m {print $2; exit} $1 == "require" && $2 == m {print $3; exit}' "$2"; }
-k8s_version="$(required k8s.io/kubernetes "$tools/k8s/go.mod")"
-helm_version="$(required helm.sh/helm/v3 "$tools/helm/go.mod")"
+k8s_version="$(required k8s.io/kubernetes "$k8s_dir/go.mod")"
+helm_version="$(required helm.sh/helm/v4 "$tools/helm/go.mod")"
 [[ -n "$k8s_version" && -n "$helm_version" ]] || { echo "build-tools.sh: cannot read the pinned versions from $tools/*/go.mod" >&2; exit 1; }
 # This script is part of the key: its build flags (versions stamped in) shape the binaries.
-pins_hash="$(cat "$tools"/k8s/go.mod "$tools"/k8s/go.sum "$tools"/k8s/etcd/main.go \
+pins_hash="$(cat "$k8s_dir"/go.mod "$k8s_dir"/go.sum "$k8s_dir"/etcd/main.go \
   "$tools"/helm/go.mod "$tools"/helm/go.sum "${BASH_SOURCE[0]}" | sha256sum | cut -c1-10)"
 cache_root="${DELTAFLEET_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/deltafleet}"
 bin_dir="$cache_root/k8s-$k8s_version-$pins_hash/bin"
@@ -39,7 +47,7 @@ if [[ ${#missing[@]} -eq 0 ]]; then
 fi
 
 command -v go >/dev/null || PATH="$PATH:/usr/local/go/bin"  # the official tarball's place
-command -v go >/dev/null || { echo "build-tools.sh: 'go' not found on PATH or in /usr/local/go/bin (need Go >= 1.24)" >&2; exit 1; }
+command -v go >/dev/null || { echo "build-tools.sh: 'go' not found on PATH or in /usr/local/go/bin (need Go >= 1.26)" >&2; exit 1; }
 echo "cluster tools: building ${missing[*]} ($(go version | cut -d' ' -f3), Kubernetes $k8s_version) into $bin_dir"
 echo "cluster tools: a cold build compiles ~2,500 packages; on 2 cores expect tens of minutes"
 
@@ -77,15 +85,14 @@ for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
   k8s_ldflags+=" -X $pkg.gitVersion=$k8s_version -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor"
   k8s_ldflags+=" -X $pkg.gitTreeState=clean -X $pkg.buildDate=1970-01-01T00:00:00Z"
 done
-helm_ldflags="-X helm.sh/helm/v3/internal/version.version=$helm_version -X helm.sh/helm/v3/internal/version.gitTreeState=clean"
-for pkg in helm.sh/helm/v3/pkg/lint/rules helm.sh/helm/v3/pkg/chartutil; do
-  helm_ldflags+=" -X $pkg.k8sVersionMajor=1 -X $pkg.k8sVersionMinor=$minor"
-done
+# Helm 4 reads the Kubernetes version it lints and renders against from client-go's module
+# version in the build info; only its own version needs stamping.
+helm_ldflags="-X helm.sh/helm/v4/internal/version.version=$helm_version -X helm.sh/helm/v4/internal/version.gitTreeState=clean"
 
 # One go build per module so the control-plane binaries share one compile of their packages.
-build k8s "$tools/k8s" "$k8s_ldflags" ./etcd k8s.io/kubernetes/cmd/kube-apiserver \
+build k8s "$k8s_dir" "$k8s_ldflags" ./etcd k8s.io/kubernetes/cmd/kube-apiserver \
   k8s.io/kubernetes/cmd/kube-controller-manager k8s.io/kubernetes/cmd/kubectl
-build helm "$tools/helm" "$helm_ldflags" helm.sh/helm/v3/cmd/helm
+[[ " ${binaries[*]} " == *" helm "* ]] && build helm "$tools/helm" "$helm_ldflags" helm.sh/helm/v4/cmd/helm
 
 for b in "${binaries[@]}"; do
   [[ -x "$stage/$b" ]] || { echo "build-tools.sh: $b was not built (see output above)" >&2; exit 1; }
@@ -95,5 +102,5 @@ for b in "${binaries[@]}"; do mv -f "$stage/$b" "$bin_dir/$b"; done
 echo "cluster tools: built in $((SECONDS - start))s"
 "$bin_dir/kube-apiserver" --version
 "$bin_dir/kubectl" version --client
-"$bin_dir/helm" version --short
+[[ -x "$bin_dir/helm" ]] && "$bin_dir/helm" version --short
 echo "$bin_dir"

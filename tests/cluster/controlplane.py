@@ -20,7 +20,7 @@ from pathlib import Path
 
 import yaml
 
-from .binaries import require_binaries
+from .binaries import kube_version, require_binaries
 from .podrunner import NODE_NAME, _die_with_parent
 
 HERE = Path(__file__).resolve().parent
@@ -98,8 +98,12 @@ class Process:
 
 
 class Cluster:
-    def __init__(self, workdir: Path | None = None, keep_workdir: bool = False):
-        self.bin_dir = require_binaries()
+    def __init__(self, workdir: Path | None = None, keep_workdir: bool = False, skew: bool = False):
+        """skew: run the control plane (etcd, API server, controllers, kubectl) of the skew
+        check's older Kubernetes minor; helm is the pinned current one either way."""
+        self.bin_dir = require_binaries(skew)
+        self.helm_bin = require_binaries() / "helm"
+        self.version = kube_version(skew)
         self._own_workdir = workdir is None
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="deltafleet-k8s-"))
         self.keep_workdir = keep_workdir
@@ -182,7 +186,7 @@ class Cluster:
         env = dict(os.environ, KUBECONFIG=str(self.kubeconfig),
                    HELM_CACHE_HOME=str(home / "cache"), HELM_CONFIG_HOME=str(home / "config"),
                    HELM_DATA_HOME=str(home / "data"))
-        return self._run([str(self.bin_dir / "helm"), *map(str, args)], env=env, check=check)
+        return self._run([str(self.helm_bin), *map(str, args)], env=env, check=check)
 
     def api(self, kubeconfig: Path | str | None = None):
         """A fresh kubernetes.client.ApiClient (admin unless another kubeconfig is given)."""

@@ -4,7 +4,8 @@
         k8s.kubectl("-n", namespace, "apply", "-f", "job.yaml")
 
 `k8s` starts etcd, kube-apiserver, kube-controller-manager and the pod runner once per
-session; `namespace` is a fresh namespace per test, deleted afterwards."""
+session; `namespace` is a fresh namespace per test, deleted afterwards. `k8s_skew` is the
+same at the oldest supported Kubernetes minor (tools/k8s-skew), for the chart/CRD skew check."""
 
 from __future__ import annotations
 
@@ -17,16 +18,25 @@ from .binaries import ToolsMissing
 from .controlplane import Cluster
 
 
-@pytest.fixture(scope="session")
-def k8s():
+def _session_cluster(skew: bool):
     try:
-        cluster = Cluster(keep_workdir=bool(os.environ.get("DELTAFLEET_KEEP_CLUSTER"))).start()
+        cluster = Cluster(keep_workdir=bool(os.environ.get("DELTAFLEET_KEEP_CLUSTER")), skew=skew).start()
     except ToolsMissing as e:
         pytest.fail(str(e), pytrace=False)
     try:
         yield cluster
     finally:
         cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def k8s():
+    yield from _session_cluster(skew=False)
+
+
+@pytest.fixture(scope="session")
+def k8s_skew():
+    yield from _session_cluster(skew=True)
 
 
 @pytest.fixture

@@ -21,11 +21,14 @@ CLUSTER_WIDE = "k8sapi-cw"
 SA = "df-deltafleet"  # <release>-<chart>
 
 
-@pytest.fixture(scope="module")
-def release(k8s):
+# Every test here runs on the pinned Kubernetes (1.37) and again on the oldest supported minor
+# (the skew check, 1.35): the CRD's schema and CEL rules, the chart and its RBAC on both.
+@pytest.fixture(scope="module", params=["k8s", "k8s_skew"], ids=["current", "skew"])
+def release(request):
     """The chart, watching two namespaces; a second release (no CRD) watching all of them.
     The session's cluster is shared: when another release already installed the CRD, this
     one leaves it to that owner (Helm refuses to take it over) and tests the same object."""
+    k8s = request.getfixturevalue(request.param)
     namespaces = (SYSTEM, *WATCHED, OTHER, CLUSTER_WIDE)
     for ns in namespaces:
         k8s.create_namespace(ns)
@@ -76,6 +79,11 @@ def apply(k8s, obj: dict, verb: str = "create", *flags: str):
 
 
 # ---------------------------------------------------------------- the CRD is served
+
+
+def test_the_api_server_runs_the_pinned_release(release):
+    server = json.loads(release.kubectl("version", "-o", "json").stdout)["serverVersion"]
+    assert server["gitVersion"] == f"v{release.version}"
 
 
 def test_chart_installed_the_generated_crd(release):

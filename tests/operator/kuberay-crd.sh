@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Prints the path of KubeRay's real RayService CRD (ray-operator v1.2.2), fetched once through
+# Prints the path of KubeRay's real RayService CRD (ray-operator v1.5.1), fetched once through
 # the Go module proxy (`go mod download`) and cached under ~/.cache/deltafleet (or $DELTAFLEET_CACHE).
 set -euo pipefail
-version="${KUBERAY_VERSION:-v1.2.2}"
+version="${KUBERAY_VERSION:-v1.5.1}"
 cache_root="${DELTAFLEET_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/deltafleet}"
 out="$cache_root/kuberay-$version/ray.io_rayservices.yaml"
 if [[ -s "$out" ]]; then echo "$out"; exit 0; fi
