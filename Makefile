@@ -4,22 +4,36 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
+# uv installs the exact set in uv.lock; it is bootstrapped from PyPI into .uv (pinned here).
+UV_VERSION := 0.13.9
+UV     := .uv/bin/uv
+STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml uv.lock | sha256sum | cut -c1-12)
 PYTEST_ARGS ?=
+export UV_PROJECT_ENVIRONMENT := $(VENV)
+export UV_PYTHON_DOWNLOADS := never
 
-.PHONY: install tools test demo crds bench clean
+.PHONY: install tools test demo crds bench clean lock
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
-	$(BIN)/python -m pip install -q -e '.[dev]'
+$(UV):
+	$(PYTHON) -m venv .uv
+	.uv/bin/python -m pip install -q --disable-pip-version-check uv==$(UV_VERSION)
+
+# --locked: fail if uv.lock no longer matches pyproject.toml instead of silently re-resolving.
+$(STAMP): pyproject.toml uv.lock | $(UV)
+	$(UV) sync --locked --extra dev --python $(PYTHON)
 	rm -f $(VENV)/.installed-*; touch $@
 
+# After changing a range in pyproject.toml: re-resolve and commit uv.lock.
+lock: $(UV)
+	$(UV) lock
+
 # etcd, kube-apiserver, kube-controller-manager, kubectl and helm, built from pinned Go
-# modules and cached under ~/.cache/deltafleet (first run: tens of minutes; then seconds).
+# modules and cached under ~/.cache/deltafleet (first run: tens of minutes; then seconds);
+# then the same control plane at the oldest supported minor, for the chart/CRD skew check.
 tools: install
 	bash tests/cluster/build-tools.sh
+	bash tests/cluster/build-tools.sh --skew
 
 test: install tools
 	PYTHONSAFEPATH=1 PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest $(PYTEST_ARGS)
@@ -34,4 +48,4 @@ bench: install
 	$(BIN)/python bench/kernels.py && $(BIN)/python bench/fidelity.py && $(BIN)/python bench/serving.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .uv .pytest_cache

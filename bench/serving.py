@@ -62,7 +62,7 @@ def build(tmp: Path, p: dict, n_tenants: int, device: str):
         base = LlamaForCausalLM(cfg).to(getattr(torch, p["dtype"])).eval()
     base.save_pretrained(tmp / "base", safe_serialization=True)
     tokenizer.save_pretrained(tmp / "base")
-    fp = fingerprint_model(LlamaForCausalLM.from_pretrained(tmp / "base", torch_dtype=getattr(torch, p["dtype"])))
+    fp = fingerprint_model(LlamaForCausalLM.from_pretrained(tmp / "base", dtype=getattr(torch, p["dtype"])))
     linears = {n: m.weight.shape for n, m in base.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n}
     deltas = {}
     for t in range(n_tenants):

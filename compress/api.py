@@ -87,7 +87,7 @@ def log(msg: str) -> None:
 def load_model(folder: Path, device: torch.device, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(folder, torch_dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
     return model.to(device).eval()
 
 

@@ -81,8 +81,8 @@ def generate_samples(model, tokenizer, n: int, seq_len: int, batch_size: int, se
         ids = torch.full((b, 1), start, dtype=torch.long, device=device)
         past = DynamicCache()
         for _ in range(seq_len - 1):
-            step = model(input_ids=ids[:, -1:], past_key_values=past, use_cache=True)
-            past = step.past_key_values
+            step = model(input_ids=ids[:, -1:], cache=past, use_cache=True)
+            past = step.cache
             probs = torch.softmax(step.logits[:, -1].float(), dim=-1)
             ids = torch.cat([ids, torch.multinomial(probs, 1, generator=gen)], dim=1)
         out.append(ids.cpu())

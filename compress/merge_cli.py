@@ -22,9 +22,9 @@ def merge(base: str, delta_path: str, out: str | Path, dtype: str = "auto") -> P
     base_dir = resolve_model_dir(base, "base")
     if not (base_dir / "config.json").is_file():
         raise InputError(f"base {base_dir}: no config.json (not a Hugging Face model folder)")
-    torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
+    load_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
     try:
-        model = AutoModelForCausalLM.from_pretrained(base_dir, torch_dtype=torch_dtype)
+        model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=load_dtype)
     except (OSError, ValueError, KeyError) as e:
         raise InputError(f"base {base_dir}: cannot load it as a causal LM ({' '.join(str(e).split())[:160]})") from None
     delta = load_delta(delta_path, expected_fingerprint=fingerprint_model(model))

@@ -43,14 +43,16 @@ def _fused_kernel(
     row0 = seg_lo + pid_m * BLOCK_M
     if row0 >= seg_hi:
         return
-    has_delta = tenant >= 0
     tenant_safe = tl.maximum(tenant, 0).to(tl.int64)
 
     offs_r = row0 + tl.arange(0, BLOCK_M)
     m_mask = offs_r < seg_hi
     rows = tl.load(order_ptr + offs_r, mask=m_mask, other=0).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    # Rows of tenant -1 (the base alone) read no sign words or scales. A [BLOCK_N] vector, not a
+    # scalar: Triton 3.9's interpreter refuses a scalar bool inside a block mask.
     n_mask = offs_n < N
+    delta_n_mask = n_mask & (tenant + tl.zeros_like(offs_n) >= 0)
     offs_k = tl.arange(0, BLOCK_K)
     shift = offs_k % 32
 
@@ -66,7 +68,7 @@ def _fused_kernel(
         k_mask = offs_k < K - k0
         xt = tl.load(x_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
         wt = tl.load(w_ptrs, mask=n_mask[:, None] & k_mask[None, :], other=0.0)
-        words = tl.load(s_ptrs, mask=n_mask[:, None] & k_mask[None, :] & has_delta, other=0)
+        words = tl.load(s_ptrs, mask=delta_n_mask[:, None] & k_mask[None, :], other=0)
         bits = ((words >> shift[None, :]) & 1).to(xt.dtype)
         acc_base = tl.dot(xt, tl.trans(wt), acc_base, input_precision="ieee")
         acc_bits = tl.dot(xt, tl.trans(bits), acc_bits, input_precision="ieee")
@@ -76,9 +78,9 @@ def _fused_kernel(
         s_ptrs += (BLOCK_K // 32) * stride_sw
 
     if SCALE_PER_ROW:
-        alpha = tl.load(scale_ptr + tenant_safe * stride_at + offs_n * stride_an, mask=n_mask & has_delta, other=0.0)[None, :]
+        alpha = tl.load(scale_ptr + tenant_safe * stride_at + offs_n * stride_an, mask=delta_n_mask, other=0.0)[None, :]
     else:
-        alpha = tl.load(scale_ptr + tenant_safe * stride_at, mask=has_delta, other=0.0)
+        alpha = tl.load(scale_ptr + tenant_safe * stride_at, mask=tenant >= 0, other=0.0)
     y = acc_base + alpha * (2.0 * acc_bits - xsum[:, None])
     y_ptrs = y_ptr + rows[:, None] * stride_ym + offs_n[None, :] * stride_yn
     tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])

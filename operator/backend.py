@@ -47,5 +47,5 @@ def make_backend(settings: Settings, api_client=None) -> Backend:
     if settings.backend == "ray-api":
         from deltafleet.operator.backend_rayapi import RayApiBackend
 
-        return RayApiBackend(settings.ray_dashboard_url)
+        return RayApiBackend(settings.ray_dashboard_url, token_file=settings.ray_auth_token_file)
     raise ValueError(f"unknown serve backend {settings.backend!r}")

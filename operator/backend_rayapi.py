@@ -17,22 +17,38 @@ PATH = "/api/serve/applications/"
 class RayApiBackend:
     name = "ray-api"
 
-    def __init__(self, dashboard_url: str, timeout: float = 30.0):
+    def __init__(self, dashboard_url: str, timeout: float = 30.0, token_file: str = ""):
         self.url = dashboard_url.rstrip("/") + PATH
         self.timeout = timeout
+        self.token_file = token_file
         # The dashboard keeps no hash; remember what this process applied (a restart re-PUTs
         # once, which Ray treats as a no-op when nothing changed).
         self._applied: str | None = None
 
+    def _headers(self) -> dict[str, str]:
+        headers = {"Content-Type": "application/json"}
+        if self.token_file:  # read each time: a rotated Secret takes effect without a restart
+            try:
+                token = open(self.token_file, encoding="utf-8").read().strip()
+            except OSError as e:
+                raise BackendError(f"Ray auth token file {self.token_file}: {e.strerror}") from None
+            headers["Authorization"] = f"Bearer {token}"
+        return headers
+
     def _request(self, method: str, body: dict | None = None) -> dict:
         data = json.dumps(body).encode() if body is not None else None
-        req = urllib.request.Request(self.url, data=data, method=method, headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(self.url, data=data, method=method, headers=self._headers())
         try:
             with urllib.request.urlopen(req, timeout=self.timeout) as resp:
                 text = resp.read().decode() or "{}"
         except urllib.error.HTTPError as e:
             detail = e.read().decode(errors="replace").strip().splitlines()
-            raise BackendError(f"{method} {self.url}: HTTP {e.code}: {detail[-1] if detail else e.reason}") from None
+            hint = ""
+            if e.code in (401, 403):
+                hint = (" (the cluster uses Ray token authentication: give the operator its token with "
+                        "--ray-auth-token-file, or the chart's serve.rayApi.authTokenSecret)") if not self.token_file \
+                    else f" (the token in {self.token_file} was refused)"
+            raise BackendError(f"{method} {self.url}: HTTP {e.code}: {detail[-1] if detail else e.reason}{hint}") from None
         except (urllib.error.URLError, OSError) as e:
             raise BackendError(f"{method} {self.url}: {getattr(e, 'reason', e)}") from None
         try:

@@ -23,6 +23,10 @@ class Settings:
     rayservice_namespace: str = "deltafleet-system"
     # ray-api backend
     ray_dashboard_url: str = "http://127.0.0.1:8265"
+    # Ray's token authentication (on by default for clusters Ray 2.60 starts itself): a file
+    # holding the cluster's token, sent as `Authorization: Bearer`; read on every request so a
+    # rotated Secret is picked up. Empty: no token.
+    ray_auth_token_file: str = ""
     # Public base URL of Ray Serve's HTTP proxy; endpoints are <serve_url>/<pool>/v1.
     # Empty: the RayService's serve Service (rayservice) or the dashboard's host on :8000 (ray-api).
     serve_url: str = ""
@@ -92,6 +96,8 @@ _FLAGS: tuple[tuple[str, str, str], ...] = (
     ("rayservice_name", "DELTAFLEET_RAYSERVICE_NAME", "RayService to patch (rayservice backend)"),
     ("rayservice_namespace", "DELTAFLEET_RAYSERVICE_NAMESPACE", ""),
     ("ray_dashboard_url", "DELTAFLEET_RAY_DASHBOARD_URL", "Ray dashboard (ray-api backend)"),
+    ("ray_auth_token_file", "DELTAFLEET_RAY_AUTH_TOKEN_FILE",
+     "file holding the Ray cluster's auth token (ray-api backend, Ray token authentication)"),
     ("serve_url", "DELTAFLEET_SERVE_ENDPOINT", "public base URL of Ray Serve's HTTP proxy, for status.endpoint"),
     ("operator_store_path", "DELTAFLEET_OPERATOR_STORE_PATH",
      "where this process sees the default model store (result.json fallback, deleting deltas)"),

@@ -8,8 +8,9 @@ The tenant travels in the request body (`model`), never as Serve's multiplexed m
 without restarting the replica. The engine's decode loop runs in its own thread.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: serve.ingress (Ray 2.60) rebuilds the routes
+# where string annotations no longer resolve, and FastAPI then reads the request models as
+# query parameters ("query: Field required").
 import asyncio
 import json
 import os

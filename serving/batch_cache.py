@@ -26,11 +26,11 @@ class BatchCache:
         return 0 if self.mask is None else self.mask.shape[1]
 
     def as_dynamic(self) -> DynamicCache:
-        return DynamicCache.from_legacy_cache(tuple(self.layers))
+        return DynamicCache(ddp_cache_data=self.layers)
 
     def add(self, cache: DynamicCache, n_tokens: int) -> None:
         """Append one sequence whose prefill produced `cache` (batch 1, no padding)."""
-        new = cache.to_legacy_cache()
+        new = _tensors(cache)
         mask = torch.ones(1, n_tokens, dtype=torch.long, device=new[0][0].device)
         if not self.positions:
             self.layers, self.mask = [(k, v) for k, v in new], mask
@@ -45,7 +45,7 @@ class BatchCache:
 
     def update_from(self, cache: DynamicCache) -> None:
         """After a decode step: take the grown cache and extend the mask by one real column."""
-        self.layers = list(cache.to_legacy_cache())
+        self.layers = _tensors(cache)
         self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], dim=1)
         self.positions = [p + 1 for p in self.positions]
 
@@ -60,6 +60,11 @@ class BatchCache:
         self.mask = mask[:, start:]
         self.layers = [(k.index_select(0, idx)[:, :, start:], v.index_select(0, idx)[:, :, start:]) for k, v in self.layers]
         self.positions = [self.positions[i] for i in rows]
+
+
+def _tensors(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer (k, v) [B, H, L, D] of a transformers 5 cache (its layers hold .keys/.values)."""
+    return [(layer.keys, layer.values) for layer in cache.layers]
 
 
 def _lpad(t: torch.Tensor, length: int) -> torch.Tensor:

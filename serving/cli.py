@@ -37,8 +37,8 @@ def validate(raw: dict, where: str = "config") -> None:
     if not isinstance(raw, dict) or not raw.get("applications"):
         raise ConfigError(f"{where}: expected a Ray Serve config with a non-empty 'applications' list")
     try:
-        ServeDeploySchema.parse_obj(raw)
-    except Exception as e:  # pydantic v1 (ray's vendored) error: keep it to one line
+        ServeDeploySchema.model_validate(raw)
+    except Exception as e:  # a pydantic error over many lines: keep it to one
         raise ConfigError(f"{where}: not a valid Ray Serve config: {' '.join(str(e).split())[:300]}") from None
     for i, app in enumerate(raw["applications"]):
         if app.get("import_path") != OUR_IMPORT_PATH:
@@ -60,8 +60,8 @@ def deploy(raw: dict, host: str = "127.0.0.1", port: int = 8000) -> list[str]:
 
     if not ray.is_initialized():
         ray.init(namespace="serve", include_dashboard=False, log_to_driver=False)
-    client = serve_private.serve_start(http_options={"host": host, "port": port, "location": "HeadOnly"})
-    client.deploy_apps(ServeDeploySchema.parse_obj(raw), _blocking=False)
+    client = serve_private.serve_start(http_options={"host": host, "port": port}, proxy_location="HeadOnly")
+    client.deploy_apps(ServeDeploySchema.model_validate(raw), _blocking=False)
     return [f"http://{host}:{port}{app.get('route_prefix') or '/' + app['name']}/v1" for app in raw["applications"]]
 
 

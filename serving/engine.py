@@ -313,7 +313,7 @@ class Engine:
                 input_ids=ids,
                 attention_mask=torch.ones_like(ids),
                 position_ids=torch.arange(n, device=self.device)[None],
-                past_key_values=cache,
+                cache=cache,
                 use_cache=True,
             )
             token = next_tokens(out.logits[:, -1], [seq.params], [seq.generator])[0]
@@ -323,7 +323,7 @@ class Engine:
                 self.bank.release(seq.slot)
             seq.stream.put(Event("", [], error=EngineError(f"prefill failed: {type(e).__name__}: {e}")))
             return
-        self.cache.add(out.past_key_values, n)
+        self.cache.add(out.cache, n)
         self.running.append(seq)
         if not self._take(seq, token):
             self._drop([len(self.running) - 1])
@@ -337,11 +337,10 @@ class Engine:
             input_ids=ids,
             attention_mask=mask,
             position_ids=torch.tensor([[p] for p in self.cache.positions], device=self.device),
-            past_key_values=self.cache.as_dynamic(),
-            cache_position=torch.tensor([self.cache.length], device=self.device),
+            cache=self.cache.as_dynamic(),
             use_cache=True,
         )
-        self.cache.update_from(out.past_key_values)
+        self.cache.update_from(out.cache)
         tokens = next_tokens(out.logits[:, -1], [s.params for s in batch], [s.generator for s in batch])
         self.steps += 1
         done = [i for i, (s, tok) in enumerate(zip(batch, tokens)) if not self._take(s, tok)]

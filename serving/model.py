@@ -28,8 +28,8 @@ def load_base(base_model: str, device: torch.device, dtype: torch.dtype):
     """(model, tokenizer), model in eval mode on `device`; attention via SDPA. `id@rev` pins a Hub revision."""
     name, revision = split_revision(base_model)
     tokenizer = AutoTokenizer.from_pretrained(name, revision=revision)
-    model = AutoModelForCausalLM.from_pretrained(name, revision=revision, torch_dtype=dtype, attn_implementation="sdpa")
-    if not model.config.is_decoder and getattr(model.config, "is_encoder_decoder", False):
+    model = AutoModelForCausalLM.from_pretrained(name, revision=revision, dtype=dtype, attn_implementation="sdpa")
+    if getattr(model.config, "is_encoder_decoder", False):
         raise ValueError(f"base model {base_model!r} is encoder-decoder; only decoder-only models are served")
     model.to(device).eval().requires_grad_(False)
     return model, tokenizer

@@ -39,8 +39,11 @@ def test_finetune_differs_from_base_on_its_domain(compressed):
 def test_distilled_bitdelta_keeps_the_improvement(compressed):
     f = compressed.result.fidelity
     assert f.retained_improvement >= 0.9
-    assert f.loss_delta < f.loss_initial  # distillation helps over stage 1
-    assert f.kl < f.kl_initial
+    # Distillation fits the compressed model to the fine-tune's logits: the KL must drop. Its eval
+    # loss moves toward the fine-tune's, which is not always down: with torch 2.15 the toy qwen2
+    # pair's stage 1 scores 4.219, *below* its own fine-tune's 4.230, and distillation brings it
+    # to 4.250 while the KL falls 0.041 -> 0.008.
+    assert f.kl < 0.5 * f.kl_initial
     assert f.loss_finetuned <= f.loss_delta < f.loss_base
 
 

@@ -23,7 +23,7 @@ def test_merged_checkpoint_generates_like_base_plus_delta(compressed, tmp_path, 
     assert main(["merge", "--base", str(compressed.base), "--delta", str(delta_path), "--out", str(out)]) == 0
     assert "merged" in capsys.readouterr().out
 
-    merged = AutoModelForCausalLM.from_pretrained(out, torch_dtype=torch.float32).eval()
+    merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(out)  # copied from the base
     live = load_model(compressed.base, torch.device("cpu"), torch.float32)
     attach_delta(live, load_delta(delta_path))

@@ -56,7 +56,7 @@ def test_lint_strict(helm, sets):
     assert "0 chart(s) failed" in out.stdout
 
 
-@pytest.mark.parametrize("sets", [(), NAMESPACED])
+@pytest.mark.parametrize("sets", [(), NAMESPACED, ("serve.backend=ray-api", "serve.rayApi.authTokenSecret.name=ray-token")])
 def test_rendered_manifests_validate_against_kubernetes_schemas(helm, sets):
     rendered = helm("template", "df", str(CHART), "-n", "deltafleet", "--kube-version", KUBE_VERSION,
                     *[a for s in sets for a in ("--set", s)]).stdout
@@ -178,3 +178,25 @@ def test_the_operator_understands_the_chart_settings(helm):
     assert settings.store_host_path == "/srv/models" and settings.store_claim == ""
     assert settings.job_image == "ghcr.io/deltafleet/deltafleet-ml:9.9" and settings.job_run_as_user == 4242
     assert settings.liveness_port == container["ports"][0]["containerPort"]
+
+
+def test_ray_auth_token_comes_from_a_mounted_secret(helm):
+    """Ray token authentication: the Secret is mounted read-only (the operator has no RBAC on
+    Secrets) and its file handed to the operator; nothing is mounted when no Secret is named."""
+    from deltafleet.operator.settings import parse_settings
+
+    sets = ("serve.backend=ray-api", "serve.rayApi.authTokenSecret.name=ray-token")
+    docs = template(helm, *sets)
+    pod = by_kind(docs, "Deployment")[0]["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
+    settings, _ = parse_settings([], environ=env)
+    assert settings.ray_auth_token_file == "/var/run/secrets/ray/auth_token"
+    mount = [m for m in container["volumeMounts"] if m["name"] == "ray-auth-token"][0]
+    assert mount == {"name": "ray-auth-token", "mountPath": "/var/run/secrets/ray", "readOnly": True}
+    volume = [v for v in pod["volumes"] if v["name"] == "ray-auth-token"][0]
+    assert volume["secret"]["secretName"] == "ray-token"
+    assert not [r for d in docs if d["kind"] in ("Role", "ClusterRole") for r in d["rules"] if "secrets" in r["resources"]]
+    plain = by_kind(template(helm, "serve.backend=ray-api"), "Deployment")[0]["spec"]["template"]["spec"]
+    assert "ray-auth-token" not in {v["name"] for v in plain["volumes"]}
+    assert "DELTAFLEET_RAY_AUTH_TOKEN_FILE" not in {e["name"] for e in plain["containers"][0]["env"]}

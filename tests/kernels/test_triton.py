@@ -9,9 +9,6 @@ from deltafleet.kernels import delta_linear_reference, group_rows
 from deltafleet.kernels.triton_delta import _delta_kernel, delta_accumulate
 from deltafleet.kernels.triton_fused import _fused_kernel, fused_delta_linear
 
-# The interpreter turns 1-element arrays into ints the way numpy 1.25+ deprecates.
-pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
-
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 N, K = 48, 96  # N not a multiple of the 16-wide tile, K = 3 words = 3 interpreter K steps
 
@@ -26,7 +23,8 @@ def run(form, x, w, signs, scales, rows):
 
 def assert_close(y, ref, dtype):
     assert y.dtype == dtype and y.shape == ref.shape
-    tol = 2e-5 if dtype == torch.float32 else 4e-3  # fp16 output rounding
+    # the output's rounding: fp16 keeps 11 significant bits, bf16 8
+    tol = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 8e-3}[dtype]
     err = (y.float().cpu() - ref.cpu()).abs().max().item()
     assert err <= tol * max(ref.abs().max().item(), 1.0), f"max error {err}"
 
@@ -41,6 +39,8 @@ def test_kernels_really_run_under_the_interpreter():
 
 @pytest.mark.parametrize("form", ["delta", "fused"])
 @pytest.mark.parametrize("per_row", [False, True], ids=["per-matrix", "per-row"])
+# bf16 only on a GPU (test_bf16_real_sizes_on_gpu): Triton 3.9's interpreter loads and stores
+# bf16 exactly but its tl.dot of two bf16 tiles returns garbage (|err| ~1e10 on a 16x16 tile).
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("mix", list(MIXES))
 def test_kernel_matches_reference(mix, dtype, per_row, form):

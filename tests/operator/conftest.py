@@ -119,7 +119,8 @@ def run_operator(chart, store, tmp_path):
             "--rayservice-name", RAYSERVICE, "--rayservice-namespace", RAY_NS,
         ]
         if ray is not None:
-            args += ["--ray-dashboard-url", ray.dashboard_url, "--serve-url", ray.serve_url]
+            args += ["--ray-dashboard-url", ray.dashboard_url, "--serve-url", ray.serve_url,
+                     "--ray-auth-token-file", str(ray.token_file)]
         proc = OperatorProcess(chart[backend], args + list(extra), tmp_path, env).start()
         started.append(proc)
         wait_for(lambda: proc.healthy() or proc.proc.poll() is not None, 60, "the operator's /healthz", on_timeout=proc.log)

@@ -12,6 +12,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+import uuid
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -46,9 +47,10 @@ def wait_for(check, timeout: float, what: str, interval: float = 0.5, on_timeout
                          + (f" (last error: {last_error!r})" if last_error else "") + (f"\n{extra}" if extra else ""))
 
 
-def http_json(method: str, url: str, body: dict | None = None, timeout: float = 60) -> tuple[int, dict]:
+def http_json(method: str, url: str, body: dict | None = None, timeout: float = 60, token: str | None = None) -> tuple[int, dict]:
     data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {token}"} if token else {})}
+    req = urllib.request.Request(url, data=data, method=method, headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             return resp.status, json.loads(resp.read() or b"{}")
@@ -102,15 +104,22 @@ class OperatorProcess:
 
 
 class LocalRay:
-    """`ray start --head --block` on loopback in its own session; Serve's HTTP proxy on a free port."""
+    """`ray start --head --block` on loopback in its own session; Serve's HTTP proxy on a free port.
+
+    Token authentication is on, as Ray 2.60 sets up clusters it starts itself: the dashboard
+    answers 401 without `Authorization: Bearer <token>` (the operator gets the token file)."""
 
     def __init__(self):
         self.gcs_port, self.dashboard_port, self.http_port = free_port(), free_port(), free_port()
         self.temp_dir = tempfile.mkdtemp(prefix="dfray-", dir="/tmp")  # Ray's socket paths must stay short
         self.log_path = Path(self.temp_dir) / "ray-start.log"
+        self.token_file = Path(self.temp_dir) / "auth_token"
+        self.token_file.write_text(uuid.uuid4().hex)
+        self.token = self.token_file.read_text()
         self.proc: subprocess.Popen | None = None
         self.env = dict(os.environ, PATH=f"{VENV_BIN}:{os.environ['PATH']}", RAY_USAGE_STATS_ENABLED="0",
-                        RAY_DEDUP_LOGS="0", PYTHONSAFEPATH="1")
+                        RAY_DEDUP_LOGS="0", PYTHONSAFEPATH="1",
+                        RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(self.token_file))
 
     @property
     def dashboard_url(self) -> str:
@@ -130,7 +139,7 @@ class LocalRay:
                  f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={free_port()}"],
                 env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=self.temp_dir,
             )
-        wait_for(lambda: http_json("GET", self.dashboard_url + "/api/serve/applications/", timeout=5)[0] == 200,
+        wait_for(lambda: http_json("GET", self.dashboard_url + "/api/serve/applications/", timeout=5, token=self.token)[0] == 200,
                  180, "the Ray dashboard's Serve API", interval=1, on_timeout=self.log)
         subprocess.run(
             [str(VENV_BIN / "serve"), "start", f"--address=127.0.0.1:{self.gcs_port}",
@@ -140,7 +149,7 @@ class LocalRay:
         return self
 
     def applications(self) -> dict:
-        return http_json("GET", self.dashboard_url + "/api/serve/applications/")[1].get("applications") or {}
+        return http_json("GET", self.dashboard_url + "/api/serve/applications/", token=self.token)[1].get("applications") or {}
 
     def stop(self) -> None:
         if self.proc is None or self.proc.poll() is not None:

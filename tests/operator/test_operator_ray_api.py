@@ -87,3 +87,21 @@ def test_finetune_to_served_tenant_and_back(k8s, namespace, run_operator, local_
     wait_for(lambda: "tiny" not in local_ray.applications(), 60, "Ray to delete application tiny")
     assert not path.parent.parent.exists()
     assert fts.get("strict") is not None
+
+
+def test_a_token_protected_dashboard_is_refused_with_what_to_set(local_ray, tmp_path):
+    # Ray 2.60 turns token authentication on for clusters it starts: without the token the
+    # backend must say what to configure, not just "HTTP 401".
+    from deltafleet.operator.backend import BackendError
+    from deltafleet.operator.backend_rayapi import RayApiBackend
+
+    with pytest.raises(BackendError, match=r"HTTP 401: .*--ray-auth-token-file"):
+        RayApiBackend(local_ray.dashboard_url).statuses()
+    missing = tmp_path / "no-token"
+    with pytest.raises(BackendError, match=rf"Ray auth token file {missing}: No such file"):
+        RayApiBackend(local_ray.dashboard_url, token_file=str(missing)).statuses()
+    wrong = tmp_path / "wrong-token"
+    wrong.write_text("not-the-token")
+    with pytest.raises(BackendError, match=r"HTTP 403: .*was refused"):
+        RayApiBackend(local_ray.dashboard_url, token_file=str(wrong)).statuses()
+    assert isinstance(RayApiBackend(local_ray.dashboard_url, token_file=str(local_ray.token_file)).statuses(), dict)

@@ -57,3 +57,24 @@ def test_cli_refuses_bad_configs_with_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "applications[0] (toy): args.max_batch_size" in err
     assert main(["--config", str(tmp_path / "missing.yaml")]) == 2
+
+
+def test_the_operators_serve_config_is_what_ray_serve_and_the_replica_accept():
+    # One side's output (operator/serveconfig.py) fed to the other side's validation: Ray Serve's
+    # own schema for the config and its autoscaling settings, and the replica's args/tenants.
+    from ray.serve.config import AutoscalingConfig
+    from ray.serve.schema import ServeDeploySchema
+
+    from deltafleet.operator.serveconfig import Tenant, build_serve_config
+    from deltafleet.operator.settings import Settings
+
+    tenants = [Tenant(namespace="team-a", name=n, model=f"team-a/{n}", pool="tiny", base_model="/m/bases/tiny",
+                      uri=f"file:///m/deltas/team-a/{n}/g1/delta.safetensors", max_replicas=3) for n in ("bot", "coder")]
+    config = build_serve_config(tenants, Settings(replica_store_path="/m"))
+    app = ServeDeploySchema.model_validate(config).applications[0]
+    deployment = app.deployments[0]
+    autoscaling = config["applications"][0]["deployments"][0]["autoscaling_config"]
+    assert set(autoscaling) <= set(AutoscalingConfig.model_fields), "a key Ray Serve would silently ignore"
+    assert AutoscalingConfig.model_validate(autoscaling).max_replicas == 3
+    parse_args(app.args)
+    assert set(parse_tenants(deployment.user_config, pool=app.name).tenants) == {"team-a/bot", "team-a/coder"}

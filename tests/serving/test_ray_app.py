@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import socket
 from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import urlparse
 
 import httpx
 import pytest
@@ -12,7 +13,7 @@ import pytest
 ray = pytest.importorskip("ray")
 from ray import serve  # noqa: E402
 
-from deltafleet.serving.app import DeltaServer  # noqa: E402
+from deltafleet.serving.cli import deploy  # noqa: E402
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 POOL = "toy"
@@ -24,23 +25,26 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _deploy(toy, tenants: list[str]):
+def _deploy(toy, tenants: list[str], port: int):
+    """Deploy the pool the way the operator and `deltafleet serve --config` do: a Serve config.
+    Ray versions a config's deployments by import path and args, so a redeploy that changes
+    only user_config reconfigures the running replica (test_tenant_hot_added_... checks its pid)."""
     args = dict(pool=POOL, base_model=str(toy.base_dir), device="cpu", dtype="float32", max_batch_size=8,
                 store_root=str(toy.base_dir.parent))
-    cfg = {"tenants": {n: {"uri": toy.deltas[n].as_uri()} for n in tenants}}
-    # A fixed version: a redeploy that changes only user_config reconfigures, never restarts
-    # (config-file deploys get this from Ray, which versions by import_path and args).
-    app = DeltaServer.options(user_config=cfg, version="1", ray_actor_options={"num_cpus": 0}).bind(args)
-    serve.run(app, name=POOL, route_prefix=f"/{POOL}", blocking=False)
+    config = {"applications": [{
+        "name": POOL, "route_prefix": f"/{POOL}", "import_path": "deltafleet.serving.app:build_app", "args": args,
+        "deployments": [{"name": "DeltaServer", "ray_actor_options": {"num_cpus": 0},
+                         "user_config": {"tenants": {n: {"uri": toy.deltas[n].as_uri()} for n in tenants}}}],
+    }]}
+    deploy(config, port=port)
 
 
 @pytest.fixture(scope="module")
 def url(toy):
     port = _free_port()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, namespace="deltafleet-test")
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
-        _deploy(toy, ["team-a/alpha", "team-a/beta"])
+        _deploy(toy, ["team-a/alpha", "team-a/beta"], port)
         base = f"http://127.0.0.1:{port}/{POOL}"
         _wait_ready(base, ["team-a/alpha", "team-a/beta"])
         yield base
@@ -123,7 +127,7 @@ def test_models_errors_and_openai_client(url):
 def test_tenant_hot_added_without_restarting_the_replica(url, toy):
     before = httpx.get(f"{url}/debug/replica").json()
     assert "team-b/gamma" not in before["bank"]["tenants"]
-    _deploy(toy, ["team-a/alpha", "team-b/gamma"])  # new user_config: beta removed, gamma added
+    _deploy(toy, ["team-a/alpha", "team-b/gamma"], urlparse(url).port)  # beta removed, gamma added
     after = _wait_ready(url, ["team-b/gamma"])
     assert after["pid"] == before["pid"]
     assert "team-a/beta" not in after["bank"]["tenants"]
