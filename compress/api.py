@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from .apply import attach_delta, read_scales, set_enabled
-from .calibration import make_samples
+from .calibration import check_texts, make_samples
 from .checkpoint import Checkpoint, InputError, check_compatible
 from .distill import distill_scales
 from .fidelity import evaluate, retained
@@ -52,7 +52,12 @@ class CompressSettings:
     def resolved_device(self) -> torch.device:
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        dev = torch.device(self.device)
+        try:
+            dev = torch.device(self.device)
+        except RuntimeError:
+            raise InputError(f"--device {self.device}: expected auto, cpu, cuda or cuda:N") from None
+        if dev.type not in ("cpu", "cuda"):
+            raise InputError(f"--device {self.device}: expected auto, cpu, cuda or cuda:N")
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise InputError(f"--device {self.device}: CUDA is not available on this machine")
         return dev
@@ -75,7 +80,7 @@ class CompressSettings:
             raise InputError(f"--loss {self.loss}: choose mse or kl")
         if self.seq_len < 2:
             raise InputError("--seq-len must be at least 2 (next-token loss needs two tokens)")
-        for what, path in (("calibration", self.calibration), ("eval data", self.eval_data)):
+        for what, path in (("--calibration", self.calibration), ("--eval-data", self.eval_data)):
             if path and not Path(path).exists():  # fail before the slow steps, not after them
                 raise InputError(f"{what} {path}: no such file or folder")
 
@@ -102,16 +107,31 @@ def load_tokenizer(*folders: Path):
     raise InputError(f"no tokenizer found in {' or '.join(str(f) for f in folders)}")
 
 
+def check_output_dir(out_dir: Path, flag: str = "--out") -> None:
+    """The output folder exists or can be made, and is writable — checked before any slow work."""
+    for p in (out_dir, *out_dir.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise InputError(f"{flag} {out_dir}: {p} is a file, not a folder")
+            if not os.access(p, os.W_OK | os.X_OK):
+                raise InputError(f"{flag} {out_dir}: {p} is not writable")
+            return
+
+
 def compress(base: str, finetuned: str, out_dir: str | os.PathLike, settings: CompressSettings | None = None) -> CompressResult:
     settings = settings or CompressSettings()
     settings.validate()
     t0 = time.time()
+    out_dir = Path(out_dir)
+    check_output_dir(out_dir)
     device = settings.resolved_device()
     dtype = settings.resolved_dtype(device)
     torch.manual_seed(settings.seed)
     base_ck, ft_ck = Checkpoint(base, "base"), Checkpoint(finetuned, "fine-tune")
+    if base_ck.dir.resolve() == ft_ck.dir.resolve():
+        raise InputError(f"--base and --finetuned are the same model ({base_ck.dir}): there is no delta to compress")
     check_compatible(base_ck, ft_ck)
-    out_dir = Path(out_dir)
+    check_texts(settings, load_tokenizer(ft_ck.dir, base_ck.dir))
 
     log(f"stage 1: {base_ck.dir} -> {ft_ck.dir} on {device}")
     delta = extract(base_ck, ft_ck, settings.scale_per_row, settings.compress_embeddings, device)

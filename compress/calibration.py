@@ -18,44 +18,60 @@ from .checkpoint import InputError
 TEXT_SUFFIXES = (".txt", ".jsonl", ".md", ".py")
 
 
-def read_texts(path: str | Path) -> list[str]:
+def _read_text_file(f: Path, what: str) -> str:
+    """The file as UTF-8 text; a binary file (NUL bytes, invalid UTF-8) is refused, naming where."""
+    data = f.read_bytes()
+    nul = data.find(b"\x00")
+    if nul >= 0:
+        raise InputError(f"{what} {f}: not a text file (a NUL byte at offset {nul})")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"{what} {f}: not UTF-8 text (invalid byte at offset {e.start})") from None
+
+
+def read_texts(path: str | Path, what: str = "calibration") -> list[str]:
     p = Path(path)
     if p.is_dir():
         files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in TEXT_SUFFIXES)
         if not files:
-            raise InputError(f"calibration {p}: folder has no {'/'.join(TEXT_SUFFIXES)} files")
+            raise InputError(f"{what} {p}: folder has no {'/'.join(TEXT_SUFFIXES)} files")
     elif p.is_file():
         files = [p]
     else:
-        raise InputError(f"calibration {p}: no such file or folder")
+        raise InputError(f"{what} {p}: no such file or folder")
     texts: list[str] = []
     for f in files:
+        content = _read_text_file(f, what)
         if f.suffix == ".jsonl":
-            for i, line in enumerate(f.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+            for i, line in enumerate(content.splitlines(), 1):
                 if not line.strip():
                     continue
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError:
-                    raise InputError(f"calibration {f}:{i}: not valid JSON") from None
+                    raise InputError(f"{what} {f}:{i}: not valid JSON") from None
                 text = row.get("text") if isinstance(row, dict) else None
                 if not isinstance(text, str):
-                    raise InputError(f"calibration {f}:{i}: expected an object with a string \"text\" field")
+                    raise InputError(f"{what} {f}:{i}: expected an object with a string \"text\" field")
                 texts.append(text)
         else:
-            texts.append(f.read_text(encoding="utf-8", errors="replace"))
+            texts.append(content)
     return texts
 
 
-def windows_from_text(path: str | Path, tokenizer, seq_len: int) -> torch.Tensor:
-    """All non-overlapping [seq_len] token windows of the texts (documents joined by EOS)."""
-    sep = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+def windows_from_text(path: str | Path, tokenizer, seq_len: int, what: str = "calibration") -> torch.Tensor:
+    """All non-overlapping [seq_len] token windows of the texts (documents joined by EOS).
+    `what` names the flag in errors (--calibration or --eval-data)."""
     ids: list[int] = []
-    for text in read_texts(path):
-        ids += tokenizer(text, add_special_tokens=False)["input_ids"] + sep
+    for text in read_texts(path, what):
+        if text.strip():
+            ids += tokenizer(text, add_special_tokens=False)["input_ids"]
+            if tokenizer.eos_token_id is not None:
+                ids.append(tokenizer.eos_token_id)
     n = len(ids) // seq_len
     if n == 0:
-        raise InputError(f"calibration {path}: only {len(ids)} tokens, fewer than one {seq_len}-token sample")
+        raise InputError(f"{what} {path}: {len(ids)} tokens of text, fewer than one {seq_len}-token sample (--seq-len)")
     return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
 
 
@@ -89,17 +105,25 @@ def generate_samples(model, tokenizer, n: int, seq_len: int, batch_size: int, se
     return torch.cat(out)
 
 
+def check_texts(settings, tokenizer) -> None:
+    """Read and cut the calibration and eval texts once up front, so bad text fails before the slow work."""
+    if settings.eval_data:
+        windows_from_text(settings.eval_data, tokenizer, settings.seq_len, "--eval-data")
+    if settings.calibration:
+        windows_from_text(settings.calibration, tokenizer, settings.seq_len, "--calibration")
+
+
 def make_samples(settings, model, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
     """(calibration, eval) token tensors [n, seq_len], never overlapping."""
     n_cal, n_eval, L = settings.samples, settings.eval_samples, settings.seq_len
     if settings.eval_data:
-        eval_ = pick(windows_from_text(settings.eval_data, tokenizer, L), n_eval, settings.seed + 1)
+        eval_ = pick(windows_from_text(settings.eval_data, tokenizer, L, "--eval-data"), n_eval, settings.seed + 1)
     if settings.calibration:
-        all_windows = windows_from_text(settings.calibration, tokenizer, L)
+        all_windows = windows_from_text(settings.calibration, tokenizer, L, "--calibration")
         windows = pick(all_windows, len(all_windows), settings.seed)
         if not settings.eval_data:  # hold out the eval windows from the same text
             if len(windows) < 2:
-                raise InputError(f"calibration {settings.calibration}: too little text to hold out an eval split")
+                raise InputError(f"--calibration {settings.calibration}: too little text to hold out an eval split")
             k = min(n_eval, len(windows) // 5) or 1
             eval_, windows = windows[:k], windows[k:]
         return windows[:n_cal], eval_

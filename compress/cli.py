@@ -49,6 +49,10 @@ def main(argv: list[str]) -> int:
     )
 
     def body() -> int:
+        if args.termination_log:  # checked now: a missing folder must not fail after the whole run
+            from .api import check_output_dir
+
+            check_output_dir(Path(args.termination_log).parent, "--termination-log")
         result = compress(args.base, args.finetuned, args.out, settings)
         if args.termination_log:
             Path(args.termination_log).write_text(result.termination_message())

@@ -26,6 +26,10 @@ def block_lists(model: nn.Module) -> list[str]:
         size = sum(p.numel() for p in mod.parameters())
         best.append((size, name))
     if not best:
+        conv1d = any(type(m).__name__ == "Conv1D" for m in model.modules())
+        if conv1d:  # GPT-2 style: transformers' Conv1D stores weights transposed, not as nn.Linear
+            raise ValueError(f"{type(model).__name__} uses transformers' Conv1D layers (GPT-2 style), which deltafleet "
+                             "does not compress; supported: models whose blocks use nn.Linear (Llama, Mistral, Qwen2, Gemma, ...)")
         raise ValueError(f"{type(model).__name__}: found no list of transformer blocks containing nn.Linear layers")
     best.sort(reverse=True)
     return [best[0][1]]

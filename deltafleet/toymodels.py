@@ -26,7 +26,9 @@ import tempfile
 import time
 from pathlib import Path
 
-FAMILIES = ("llama", "qwen2")
+# Llama; Qwen2 (biased q/k/v projections); Mistral; Gemma (tied embeddings, (1 + w) RMSNorm,
+# embeddings scaled by sqrt(hidden) inside the embedding module).
+FAMILIES = ("llama", "qwen2", "mistral", "gemma")
 # Bump when the training code changes in a way the recipe fields do not capture.
 BUILD_VERSION = "1"
 SPECIAL_TOKENS = ["<s>", "</s>", "<pad>"]
@@ -182,7 +184,7 @@ def train_tokenizer(vocab: int, texts: list[str]):
 
 
 def make_config(family: str, recipe: ToyRecipe, tokenizer):
-    from transformers import LlamaConfig, Qwen2Config
+    from transformers import GemmaConfig, LlamaConfig, MistralConfig, Qwen2Config
 
     common = dict(
         vocab_size=len(tokenizer), hidden_size=recipe.hidden, intermediate_size=recipe.intermediate,
@@ -192,6 +194,10 @@ def make_config(family: str, recipe: ToyRecipe, tokenizer):
     )
     if family == "llama":
         return LlamaConfig(**common)
+    if family == "mistral":
+        return MistralConfig(**common, sliding_window=None)
+    if family == "gemma":
+        return GemmaConfig(**{**common, "tie_word_embeddings": True}, head_dim=recipe.hidden // recipe.heads)
     return Qwen2Config(**common, use_sliding_window=False)
 
 
@@ -212,13 +218,12 @@ def _build(family: str, recipe: ToyRecipe, out: Path) -> None:
 
 def _build_pair(family: str, recipe: ToyRecipe, out: Path) -> None:
     import torch
-    from transformers import LlamaForCausalLM, Qwen2ForCausalLM
+    from transformers import AutoModelForCausalLM
 
     prose, code, held_out = prose_text(), code_text("train"), code_text("eval")
     tokenizer = train_tokenizer(recipe.vocab, [prose, code])
     torch.manual_seed(recipe.seed)
-    cls = {"llama": LlamaForCausalLM, "qwen2": Qwen2ForCausalLM}[family]
-    model = cls(make_config(family, recipe, tokenizer))
+    model = AutoModelForCausalLM.from_config(make_config(family, recipe, tokenizer))
 
     prose_ids = _ids(tokenizer, prose)
     code_ids = _ids(tokenizer, code)

@@ -34,6 +34,8 @@ CATEGORIES = ["deltafleet"]  # not "all": `kubectl get all` should not list mode
 MODEL_STORE_MOUNT = "/models"
 # Longest FineTune name: the Job `<name>-compress-g<gen>-r<n>` must fit a 63-char label value.
 MAX_NAME_LENGTH = 40
+# OpenAI `model` names a replica answers with its base model (the serving app's BASE_ALIASES).
+RESERVED_MODEL_NAMES = ("base",)
 
 
 def cel(rule: str, message: str, field_path: str | None = None, reason: str | None = None) -> dict[str, str]:
@@ -291,6 +293,10 @@ class Serving(_Model):
             cel("!has(self.minReplicas) || !has(self.maxReplicas) || self.minReplicas <= self.maxReplicas", "minReplicas must be <= maxReplicas", "minReplicas"),
             cel("has(self.modelName) == has(oldSelf.modelName)", "modelName is immutable once set", "modelName"),
             cel("has(self.pool) == has(oldSelf.pool)", "pool is immutable once set", "pool"),
+            cel("!has(self.modelName) || !(self.modelName in " + str(list(RESERVED_MODEL_NAMES)) + ")",
+                f"modelName {', '.join(RESERVED_MODEL_NAMES)} is reserved for the pool's base model", "modelName"),
+            cel("!has(self.modelName) || !has(self.pool) || self.modelName != self.pool",
+                "modelName must differ from pool: the pool's own name serves its base model", "modelName"),
         )
     )
 
@@ -333,6 +339,18 @@ class DeletionPolicy(str, Enum):
 class FineTuneSpec(_Model):
     """A fully fine-tuned model to compress into a 1-bit delta against its base and serve
     as a tenant of the base's Ray Serve pool."""
+
+    model_config = ConfigDict(
+        json_schema_extra=_cel_schema(
+            # The same reference as ModelSource.reference(): one path, or one Hub id at one revision.
+            cel("!(has(self.baseModel.path) && has(self.fineTunedModel.path) && self.baseModel.path == self.fineTunedModel.path)"
+                " && !(has(self.baseModel.huggingFace) && has(self.fineTunedModel.huggingFace)"
+                " && self.baseModel.huggingFace == self.fineTunedModel.huggingFace"
+                " && (has(self.baseModel.revision) ? self.baseModel.revision : '')"
+                " == (has(self.fineTunedModel.revision) ? self.fineTunedModel.revision : ''))",
+                "fineTunedModel is the same model as baseModel: there is nothing to compress", "fineTunedModel"),
+        )
+    )
 
     base_model: ModelSource = Field(
         description="The base model the fine-tune was trained from; the pool serves it once for all its tenants. Immutable.",

@@ -11,14 +11,14 @@ from deltafleet.operator import compression as comp
 from deltafleet.operator.settings import Settings
 
 TENANT_NAME = re.compile(api.TENANT_NAME_PATTERN)
-RESERVED_MODEL_NAMES = ("base",)
+RESERVED_MODEL_NAMES = api.RESERVED_MODEL_NAMES
 MAX_LABEL = 63
 
 
 def spec_problems(ft: api.FineTune, settings: Settings) -> list[str]:
     spec, name = ft.spec, ft.metadata.name
     problems = []
-    if spec.base_model == spec.fine_tuned_model:
+    if spec.base_model.reference() == spec.fine_tuned_model.reference():  # the CRD's CEL rule, again
         problems.append("spec.fineTunedModel: is the same model as spec.baseModel; there is nothing to compress")
     last_job = comp.job_name(name, max(ft.metadata.generation or 1, 1), spec.backoff_limit)
     if len(last_job) > MAX_LABEL:

@@ -3,8 +3,11 @@
 The device tier is a fixed stack of `n_slots` slots per delta-aware linear:
 signs [n_slots, N, K // 32] int32 and scales [n_slots, N] float32, so a batch passes the
 stack to the kernel as is and each row names its slot (no per-step gathering). A slot's
-scales are zero for modules its delta does not compress (zero contribution). Whole tensors
-(embeddings, lm_head, norms, biases) live beside the slot as ordinary device tensors.
+scales are zero for modules its delta does not compress (zero contribution). Linear biases
+are a stack too, [n_slots + 1, N] with row 0 the base's and row s + 1 slot s's (the
+fine-tune's bias where the delta stores it, else the base's), gathered per row. Other whole
+tensors (embeddings, lm_head, norms) and 1-bit embeddings live beside the slot as device
+tensors, applied to the rows of their slot.
 n_slots = gpu_bank_bytes // (bytes of one slot's signs and scales), at least one, at most MAX_SLOTS.
 
 A slot holding a tenant with running sequences is pinned (refcount); others are evicted
@@ -28,6 +31,8 @@ import torch
 from torch import nn
 
 from deltafleet.compress.format import Delta, DeltaError, check_against_model, load_delta
+
+from .layers import embedding_supports_1bit
 
 LOADING, READY, FAILED = "loading", "ready", "failed"
 MAX_SLOTS = 256
@@ -69,6 +74,13 @@ class DeltaBank:
             )
             for name, (n, k) in linears.items()
         }
+        self.base_biases = {name: model.get_submodule(name).bias for name in linears if model.get_submodule(name).bias is not None}
+        self.bias_stacks = {  # [n_slots + 1, N]: row 0 the base's bias, row s + 1 slot s's
+            name: b.detach().to(device, dtype).expand(self.n_slots + 1, -1).clone() for name, b in self.base_biases.items()
+        }
+        # Embeddings a delta may carry as 1-bit signs (the compress_embeddings option).
+        self.embeddings = {name for name, m in model.named_modules() if embedding_supports_1bit(m) and m.embedding_dim % 32 == 0}
+        self.slot_embed: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] = [{} for _ in range(self.n_slots)]
         self.slot_tenant: list[str | None] = [None] * self.n_slots
         self.slot_ready = [False] * self.n_slots
         self.slot_refs = [0] * self.n_slots
@@ -144,6 +156,10 @@ class DeltaBank:
     def whole_of_slot(self, slot: int, module: str) -> dict[str, torch.Tensor] | None:
         return self.slot_whole[slot].get(module)
 
+    def embedding_delta_of_slot(self, slot: int, module: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(packed signs [V, H // 32], scale [] or [V]) of a 1-bit embedding delta, if the slot has one."""
+        return self.slot_embed[slot].get(module)
+
     # ---- figures ------------------------------------------------------------------------
     def stats(self) -> dict:
         with self._lock:
@@ -166,9 +182,9 @@ class DeltaBank:
     def _read(self, path: Path) -> Delta:
         delta = load_delta(path, expected_fingerprint=self.fingerprint)
         check_against_model(delta, self.model)
-        missing = sorted(set(delta.signs) - set(self.stacks))
+        missing = sorted(set(delta.signs) - set(self.stacks) - self.embeddings)
         if missing:
-            raise DeltaError(f"{path}: compressed module {missing[0]!r} is not a linear this engine applies 1-bit deltas to")
+            raise DeltaError(f"{path}: compressed module {missing[0]!r} is not a linear or embedding this engine applies 1-bit deltas to")
         for group in self._tied:  # a tied fine-tune stores the shared tensor once
             have = [n for n in group if n in delta.whole]
             for n in group:
@@ -221,7 +237,7 @@ class DeltaBank:
                 delta = self._read(t.path)
                 with self._lock:
                     self._put_warm(name, delta)
-            whole = self._fill_slot(slot, delta)
+            whole, embed = self._fill_slot(slot, delta)
         except (DeltaError, OSError, RuntimeError, ValueError) as e:
             with self._lock:
                 if t is not None and self.tenants.get(name) is t:
@@ -236,16 +252,19 @@ class DeltaBank:
             if self.tenants.get(name) is not t:
                 self._free_slot(slot)
                 return
-            self.slot_whole[slot] = whole
-            self.slot_whole_bytes[slot] = sum(v.numel() * v.element_size() for m in whole.values() for v in m.values())
+            self.slot_whole[slot], self.slot_embed[slot] = whole, embed
+            self.slot_whole_bytes[slot] = (sum(v.numel() * v.element_size() for m in whole.values() for v in m.values())
+                                           + sum(p.numel() * p.element_size() + a.numel() * 4 for p, a in embed.values()))
             self.slot_ready[slot] = True
             self.device_lru[name] = slot
         self.on_change()
 
     @torch.inference_mode()
-    def _fill_slot(self, slot: int, delta: Delta) -> dict[str, dict[str, torch.Tensor]]:
+    def _fill_slot(self, slot: int, delta: Delta):
+        """Copy a delta into a slot; returns (whole tensors by module, 1-bit embeddings by module)."""
         stream = torch.cuda.stream(self._copy_stream) if self._copy_stream is not None else _nullctx()
         whole: dict[str, dict[str, torch.Tensor]] = {}
+        embed: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         with stream:
             for name, (signs, scales) in self.stacks.items():
                 if name in delta.signs:
@@ -253,12 +272,19 @@ class DeltaBank:
                     scales[slot].copy_(delta.scales[name].expand(scales.shape[1]), non_blocking=True)
                 else:
                     scales[slot].zero_()
+            for name, stack in self.bias_stacks.items():  # the fine-tune's bias, or the base's
+                stack[slot + 1].copy_(delta.whole.get(name + ".bias", self.base_biases[name]), non_blocking=True)
+            for name in self.embeddings & set(delta.signs):
+                embed[name] = (delta.signs[name].to(self.device, non_blocking=True),
+                               delta.scales[name].to(self.device, torch.float32, non_blocking=True))
             for pname, tensor in delta.whole.items():
                 module, _, short = pname.rpartition(".")
+                if module in self.bias_stacks and short == "bias":
+                    continue  # served from the bias stack
                 whole.setdefault(module, {})[short] = tensor.to(self.device, self.dtype, non_blocking=True)
         if self._copy_stream is not None:
             self._copy_stream.synchronize()  # the slot is used only once its bytes have landed
-        return whole
+        return whole, embed
 
     def _free_or_evictable_slot(self) -> int | None:
         for s in range(self.n_slots):
@@ -279,7 +305,7 @@ class DeltaBank:
             if t is not None and t.slot == slot:
                 t.slot = None
         self.slot_tenant[slot], self.slot_ready[slot] = None, False
-        self.slot_whole[slot], self.slot_whole_bytes[slot] = {}, 0
+        self.slot_whole[slot], self.slot_embed[slot], self.slot_whole_bytes[slot] = {}, {}, 0
 
 
 def _tied_groups(model: nn.Module) -> list[list[str]]:

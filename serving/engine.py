@@ -27,13 +27,9 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache
 
-from deltafleet.compress.fingerprint import fingerprint_model
-from deltafleet.kernels import SignCache
-
-from .bank import FAILED, READY, DeltaBank
+from .bank import FAILED, READY
 from .batch_cache import BatchCache
-from .layers import CPU_SIGN_CACHE_BYTES, BatchContext, patch_model
-from .model import load_base, pick_device, pick_dtype
+from .served import build_served_model
 from .sampling import SamplingParams, next_tokens
 
 log = logging.getLogger("deltafleet.serving")
@@ -131,19 +127,11 @@ class Engine:
         cpu_bank_bytes: int = 16 << 30,
         load_timeout_s: float = 120.0,
     ) -> None:
-        self.device = pick_device(device)
-        self.dtype = pick_dtype(dtype, self.device)
-        self.model, self.tokenizer = load_base(base_model, self.device, self.dtype)
-        self.fingerprint = fingerprint_model(self.model)
+        served = build_served_model(base_model, device, dtype, gpu_bank_bytes, cpu_bank_bytes, on_change=self._wake)
+        self.device, self.dtype = served.device, served.dtype
+        self.model, self.tokenizer, self.ctx, self.bank = served.model, served.tokenizer, served.ctx, served.bank
+        self.fingerprint = served.fingerprint
         self.max_batch_size, self.max_queue, self.load_timeout_s = max_batch_size, max_queue, load_timeout_s
-        cpu = self.device.type == "cpu"
-        self.ctx = BatchContext(bank=None, sign_cache=SignCache(CPU_SIGN_CACHE_BYTES) if cpu else None)
-        linears = patch_model(self.model, self.ctx)
-        self.bank = DeltaBank(
-            self.model, linears, self.fingerprint, self.device, self.dtype,
-            gpu_bank_bytes, cpu_bank_bytes, on_change=self._wake,
-        )
-        self.ctx.bank = self.bank
         eos = self.model.generation_config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         if self.tokenizer.eos_token_id is not None:

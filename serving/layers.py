@@ -2,10 +2,13 @@
 
 Every nn.Linear of the base (in_features a multiple of 32) is swapped for `DeltaLinear`,
 which calls the batched kernel with the batch's row -> slot map, so all tenants in a batch
-share one launch per layer. Parameters a delta stores whole (embeddings, lm_head, norms,
-biases) are applied per row: a forward hook recomputes only the rows of tenants that
-override the module, with their tensors (torch.func.functional_call), and writes them
-into the base output. Rows are sequences: every module sees batch-first inputs.
+share one launch per layer, and adds each row's bias from the bank's bias stack (the
+fine-tune's bias where its delta stores one: served = merged, 1-bit term included).
+Other parameters a delta stores whole (embeddings, lm_head, norms) are applied per row: a
+forward hook recomputes only the rows of tenants that override the module, with their
+tensors (torch.func.functional_call), and writes them into the base output; a 1-bit
+embedding delta adds α·sign(Δ) of the looked-up rows the same way. Rows are sequences:
+every module sees batch-first inputs.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deltafleet.kernels import SignCache, TenantGroups, delta_linear, group_rows
+from deltafleet.kernels.packing import unpack_signs
 
 
 # Unpacked signs of hot (layer, tenant) pairs on CPU: the unpack is most of the CPU delta cost.
@@ -78,14 +82,16 @@ class DeltaLinear(nn.Module):
         x2 = x.reshape(-1, x.shape[-1])
         signs, scales = ctx.bank.stacks[self.name]
         rows, groups = ctx.rows(x2.shape[0])
-        y = delta_linear(x2, self.weight, signs, scales, rows, groups=groups, sign_cache=ctx.sign_cache)
+        y = delta_linear(x2, self.weight, signs, scales, rows, groups=groups, sign_cache=ctx.sign_cache)  # [M, N]
+        bias = None
         if self.bias is not None:
-            y = y + self.bias
-        for s, idx in ctx.slot_rows(x2.shape[0]):
+            bias = ctx.bank.bias_stacks[self.name]  # [n_slots + 1, N], row 0 = the base's
+            y = y + bias.index_select(0, (rows + 1).long())
+        for s, idx in ctx.slot_rows(x2.shape[0]):  # a tenant that stores this whole matrix
             whole = ctx.bank.whole_of_slot(s, self.name)
-            if whole:
-                w, b = whole.get("weight", self.weight), whole.get("bias", self.bias)
-                y.index_copy_(0, idx, F.linear(x2.index_select(0, idx), w, b))
+            if whole and "weight" in whole:
+                b = None if bias is None else bias[s + 1]
+                y.index_copy_(0, idx, F.linear(x2.index_select(0, idx), whole["weight"], b))
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
@@ -93,26 +99,49 @@ class DeltaLinear(nn.Module):
 
 
 def add_whole_hook(module: nn.Module, name: str, ctx: BatchContext) -> None:
-    """Recompute this module's output rows for tenants that store its parameters whole."""
+    """Recompute this module's output rows for tenants that store its parameters whole, and
+    add a 1-bit embedding delta's rows (embedding modules)."""
     busy = [False]
+
+    def call(mod, params, args):
+        busy[0] = True
+        try:
+            return torch.func.functional_call(mod, params, args)
+        finally:
+            busy[0] = False
 
     def hook(mod, args, output):
         if busy[0] or not ctx.slots or not isinstance(output, torch.Tensor):
             return None
         for s, idx in ctx.slot_rows(ctx.slot_of_seq.shape[0]):  # rows are sequences here
-            params = ctx.bank.whole_of_slot(s, name)
-            if not params:
-                continue
             sub = tuple(a.index_select(0, idx) if isinstance(a, torch.Tensor) else a for a in args)
-            busy[0] = True
-            try:
-                out = torch.func.functional_call(mod, params, sub)
-            finally:
-                busy[0] = False
-            output.index_copy_(0, idx, out.to(output.dtype))
+            params = ctx.bank.whole_of_slot(s, name)
+            if params:
+                output.index_copy_(0, idx, call(mod, params, sub).to(output.dtype))
+            one_bit = ctx.bank.embedding_delta_of_slot(s, name)
+            if one_bit is not None:
+                output.index_add_(0, idx, _embedding_delta(mod, one_bit, sub[0], output.dtype))
         return output
 
     module.register_forward_hook(hook)
+
+
+def _embedding_delta(mod: nn.Module, one_bit, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """What α·sign(Δ) adds to this embedding's output for `ids` [b, S] -> [b, S, H]: the delta
+    rows of the looked-up tokens, times the module's own output scale where it has one
+    (Gemma-style scaled embeddings multiply by `embed_scale` inside the module)."""
+    packed, scale = one_bit  # [V, H // 32] int32, [] or [V] float32
+    uniq, local = torch.unique(ids, return_inverse=True)  # [U], [b, S]
+    alpha = scale.index_select(0, uniq)[:, None] if scale.dim() == 1 else scale
+    rows = (unpack_signs(packed.index_select(0, uniq), torch.float32) * alpha).to(dtype)  # [U, H]
+    out = F.embedding(local, rows)  # [b, S, H]
+    embed_scale = getattr(mod, "embed_scale", None)
+    return out if embed_scale is None else out * embed_scale.to(dtype)
+
+
+def embedding_supports_1bit(mod: nn.Module) -> bool:
+    """Embeddings whose output `_embedding_delta` reproduces: plain, or scaled by `embed_scale`."""
+    return isinstance(mod, nn.Embedding) and (type(mod) is nn.Embedding or hasattr(mod, "embed_scale"))
 
 
 def patch_model(model: nn.Module, ctx: BatchContext) -> dict[str, tuple[int, int]]:

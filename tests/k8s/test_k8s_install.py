@@ -177,6 +177,12 @@ BAD = [
     ("quantity", with_(finetune("bad"), {"requests": {"memory": "lots"}}, "spec", "compression", "resources"), ["spec.compression.resources.requests.memory", "should match"]),
     ("unknown field", with_(finetune("bad"), 1, "spec", "surprise"), ['unknown field "spec.surprise"']),
     ("long name", with_(finetune("bad"), "x" * 41, "metadata", "name"), ["metadata.name must be at most 40 characters"]),
+    ("reserved model name", with_(finetune("bad"), {"modelName": "base"}, "spec", "serving"),
+     ["spec.serving.modelName", "reserved for the pool's base model"]),
+    ("model name is the pool", with_(finetune("bad"), {"pool": "p1", "modelName": "p1"}, "spec", "serving"),
+     ["spec.serving.modelName", "must differ from pool"]),
+    ("fine-tune is the base", with_(finetune("bad"), finetune("bad")["spec"]["baseModel"], "spec", "fineTunedModel"),
+     ["spec.fineTunedModel", "same model as baseModel"]),
 ]
 
 

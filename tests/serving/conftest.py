@@ -108,7 +108,9 @@ def reference_greedy():
 
 def _reference_greedy(model_dir: Path, prompt_ids: list[int], max_tokens: int) -> list[int]:
     """What the merged fine-tune generates alone (greedy), stopping at EOS like the engine."""
-    model = LlamaForCausalLM.from_pretrained(model_dir).eval()
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     with torch.inference_mode():
         out = model.generate(
             torch.tensor([prompt_ids]), attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),

@@ -78,3 +78,10 @@ def test_the_operators_serve_config_is_what_ray_serve_and_the_replica_accept():
     assert AutoscalingConfig.model_validate(autoscaling).max_replicas == 3
     parse_args(app.args)
     assert set(parse_tenants(deployment.user_config, pool=app.name).tenants) == {"team-a/bot", "team-a/coder"}
+
+
+def test_the_api_server_reserves_the_names_a_replica_serves_its_base_under():
+    from deltafleet.operator.api import RESERVED_MODEL_NAMES
+    from deltafleet.serving.config import BASE_ALIASES
+
+    assert set(RESERVED_MODEL_NAMES) == set(BASE_ALIASES)
