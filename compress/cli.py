@@ -50,9 +50,11 @@ def main(argv: list[str]) -> int:
 
     def body() -> int:
         if args.termination_log:  # checked now: a missing folder must not fail after the whole run
-            from .api import check_output_dir
+            from .checkpoint import InputError
 
-            check_output_dir(Path(args.termination_log).parent, "--termination-log")
+            log = Path(args.termination_log)
+            if not log.parent.is_dir() or not os.access(log.parent, os.W_OK):
+                raise InputError(f"--termination-log {log}: folder {log.parent} does not exist or is not writable")
         result = compress(args.base, args.finetuned, args.out, settings)
         if args.termination_log:
             Path(args.termination_log).write_text(result.termination_message())

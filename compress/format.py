@@ -239,8 +239,16 @@ def _decode_meta(path: Path, raw: dict[str, str]) -> dict[str, Any]:
     return meta
 
 
+DELTA_FILE = "delta.safetensors"
+
+
 def _existing(path: str | os.PathLike) -> Path:
+    """The delta file at `path`, or inside it when `path` is a compress output folder."""
     p = Path(path)
+    if p.is_dir():
+        if (p / DELTA_FILE).is_file():
+            return p / DELTA_FILE
+        raise DeltaError(f"{p}: a folder without {DELTA_FILE} (give the delta file or the folder compress wrote)")
     if not p.is_file():
         raise DeltaError(f"{p}: no such delta file")
     return p

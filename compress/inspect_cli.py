@@ -13,6 +13,7 @@ def summary(path: str) -> dict:
     from .format import load_delta
 
     delta = load_delta(path)  # checks format, content hash and structure
+    path = delta.path or path  # the file, also when given the folder compress wrote
     file_bytes = os.path.getsize(path)
     ft_bytes = delta.sizes.get("finetuned_bytes")
     return {
@@ -38,7 +39,7 @@ def main(argv: list[str]) -> int:
     from .errors import run_cli
 
     p = argparse.ArgumentParser(prog=PROG, description="Print a delta file's metadata, sizes and ratio.")
-    p.add_argument("delta", help="delta.safetensors")
+    p.add_argument("delta", help="delta.safetensors, or the folder compress wrote it to")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     args = p.parse_args(argv)
 

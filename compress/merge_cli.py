@@ -19,6 +19,13 @@ def merge(base: str, delta_path: str, out: str | Path, dtype: str = "auto") -> P
 
     from transformers import AutoModelForCausalLM
 
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        what = "a file" if not out.is_dir() else "a folder that is not empty"
+        raise InputError(f"--out {out}: is {what}; give a new or empty folder for the merged checkpoint")
+    from .api import check_output_dir
+
+    check_output_dir(out)
     base_dir = resolve_model_dir(base, "base")
     if not (base_dir / "config.json").is_file():
         raise InputError(f"base {base_dir}: no config.json (not a Hugging Face model folder)")
@@ -29,7 +36,6 @@ def merge(base: str, delta_path: str, out: str | Path, dtype: str = "auto") -> P
         raise InputError(f"base {base_dir}: cannot load it as a causal LM ({' '.join(str(e).split())[:160]})") from None
     delta = load_delta(delta_path, expected_fingerprint=fingerprint_model(model))
     merge_delta(model, delta)
-    out = Path(out)
     model.save_pretrained(out, safe_serialization=True)
     try:
         load_tokenizer(base_dir).save_pretrained(out)

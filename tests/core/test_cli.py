@@ -145,3 +145,61 @@ def test_delta_for_other_architecture_refused(delta_file, tmp_path, capsys):
 
     refused(capsys, "merge", "--base", str(toy_pair("qwen2")[0]), "--delta", str(delta_file), "--out", str(tmp_path / "m"),
             match="wrong base model")
+
+
+def test_outputs_that_cannot_be_written_are_refused_before_any_work(llama, tmp_path, capsys):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    for out in (a_file, a_file / "under"):
+        refused(capsys, "compress", "--base", llama["base"], "--finetuned", llama["ft"], "--out", str(out), *FAST,
+                match=f"--out {out}: {a_file} is a file, not a folder")
+    refused(capsys, "compress", "--base", llama["base"], "--finetuned", llama["ft"], "--out", str(tmp_path / "o"),
+            "--termination-log", str(tmp_path / "missing" / "deep" / "log"), *FAST, match="--termination-log")
+    assert not (tmp_path / "o").exists(), "nothing valid-looking is left behind"
+    refused(capsys, "compress", "--base", llama["base"], "--finetuned", llama["ft"], "--out", str(tmp_path / "o"),
+            "--device", "tpu9", *FAST, match="--device tpu9: expected auto, cpu, cuda or cuda:N")
+
+
+def test_bad_text_is_refused_naming_its_flag(llama, tmp_path, capsys):
+    common = ["compress", "--base", llama["base"], "--finetuned", llama["ft"], "--out", str(tmp_path / "o"), *FAST]
+    elf = tmp_path / "program.txt"
+    elf.write_bytes(b"\x7fELF\x02\x01\x01\x00" + bytes(range(256)))
+    refused(capsys, *common, "--calibration", str(elf), match=f"--calibration {elf}: not a text file (a NUL byte at offset 7)")
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("café".encode("latin-1") * 100)
+    refused(capsys, *common, "--calibration", str(latin1), match="not UTF-8 text (invalid byte at offset 3)")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    refused(capsys, *common, "--calibration", llama["cal"], "--eval-data", str(empty),
+            match=f"--eval-data {empty}: 0 tokens of text, fewer than one 64-token sample")
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_fine_tune_that_is_its_base_is_refused(llama, tmp_path, capsys):
+    refused(capsys, "compress", "--base", llama["base"], "--finetuned", llama["base"] + "/", "--out", str(tmp_path / "o"),
+            *FAST, match="--base and --finetuned are the same model")
+
+
+def test_a_gpt2_style_model_names_conv1d(llama, tmp_path, capsys):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config(n_embd=64, n_layer=2, n_head=2, vocab_size=512, n_positions=128, bos_token_id=0, eos_token_id=0)
+    for name in ("gpt-base", "gpt-ft"):
+        GPT2LMHeadModel(cfg).save_pretrained(tmp_path / name)
+    refused(capsys, "compress", "--base", str(tmp_path / "gpt-base"), "--finetuned", str(tmp_path / "gpt-ft"),
+            "--out", str(tmp_path / "o"), *FAST, match="Conv1D layers (GPT-2 style), which deltafleet does not compress")
+
+
+def test_merge_and_inspect_take_the_folder_compress_wrote_and_merge_never_overwrites(llama, delta_file, tmp_path, capsys):
+    folder = delta_file.parent
+    rc, out, _ = run(capsys, "inspect", str(folder))
+    assert rc == 0 and str(delta_file) in out
+    a_file = tmp_path / "a-file"
+    a_file.write_text("keep me")
+    refused(capsys, "merge", "--base", llama["base"], "--delta", str(folder), "--out", str(a_file), match="is a file")
+    assert a_file.read_text() == "keep me"
+    empty = tmp_path / "no-delta-here"
+    empty.mkdir()
+    refused(capsys, "inspect", str(empty), match=f"{empty}: a folder without delta.safetensors")
+    rc, out, _ = run(capsys, "merge", "--base", llama["base"], "--delta", str(folder), "--out", str(tmp_path / "m"))
+    assert rc == 0 and (tmp_path / "m" / "config.json").is_file()
