@@ -20,6 +20,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .config import BASE_ALIASES, ConfigError, parse_args, parse_tenants, resolve_uri
 from .engine import BASE_TENANT, BadRequest, Engine, EngineError, Event
@@ -30,11 +31,69 @@ from .openai_api import (
 api = FastAPI(title="deltafleet pool")
 
 
+DEFAULT_MAX_REQUEST_BYTES = 4 << 20  # AppArgs.max_request_bytes; set per replica in api.state
+
+
 @api.exception_handler(RequestValidationError)
 async def _bad_request(request: Request, exc: RequestValidationError):
     err = exc.errors()[0]
+    if err["type"] == "json_invalid":  # its loc is a byte offset, not a field
+        return JSONResponse(error_body(f"request body is not valid JSON: {err['msg']}", "invalid_request_error", 400),
+                            status_code=400)
     loc = ".".join(str(p) for p in err["loc"] if p != "body")
-    return JSONResponse(error_body(f"{loc}: {err['msg']}", "invalid_request_error", 400, loc or None), status_code=400)
+    msg = err["msg"].removeprefix("Value error, ")
+    return JSONResponse(error_body(f"{loc}: {msg}" if loc else msg, "invalid_request_error", 400, loc or None), status_code=400)
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException):
+    """404, 405, undecodable bodies, ...: OpenAI's error shape, never FastAPI's {"detail": ...}."""
+    type_ = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+    return JSONResponse(error_body(str(exc.detail), type_, exc.status_code), status_code=exc.status_code)
+
+
+class BodyLimit:
+    """Refuse request bodies over api.state.max_request_bytes with a 413, counting the bytes as
+    they arrive (a Content-Length is not trusted, and chunked bodies have none)."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        limit = getattr(api.state, "max_request_bytes", DEFAULT_MAX_REQUEST_BYTES)
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            return await _too_large(send, limit)
+        seen = 0
+
+        async def limited():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > limit:
+                raise _TooLarge()
+            return message
+
+        try:
+            await self.app(scope, limited, send)
+        except _TooLarge:
+            await _too_large(send, limit)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+async def _too_large(send, limit: int) -> None:
+    body = json.dumps(error_body(f"request body is larger than {limit} bytes", "invalid_request_error", 413)).encode()
+    await send({"type": "http.response.start", "status": 413,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+api.add_middleware(BodyLimit)
 
 
 # Helpers sit above the class: serve.ingress pickles the routes at decoration time.
@@ -52,6 +111,7 @@ class DeltaServer:
     def __init__(self, args: dict) -> None:
         self.args = parse_args(args)
         a = self.args
+        api.state.max_request_bytes = a.max_request_bytes
         self.engine = Engine(
             a.base_model, device=a.device, dtype=a.dtype, max_batch_size=a.max_batch_size, max_queue=a.max_queue,
             gpu_bank_bytes=a.gpu_bank_bytes, cpu_bank_bytes=a.cpu_bank_bytes, load_timeout_s=a.load_timeout_s,
@@ -92,14 +152,21 @@ class DeltaServer:
 
     @api.post("/v1/chat/completions")
     async def chat_completions(self, body: ChatRequest, request: Request):
-        return await self._serve(body, chat_prompt(self.engine.tokenizer, body.messages), chat_body, "chatcmpl", request)
+        return await self._serve(body, lambda: chat_prompt(self.engine.tokenizer, body.messages), chat_body, "chatcmpl", request)
 
     # ---- one request --------------------------------------------------------------------
     async def _serve(self, body, prompt, shape, prefix: str, request: Request):
+        """prompt: text, token ids, or a function making them (a chat template): tokenizing runs
+        in a worker thread, so a huge prompt never stalls the event loop other tenants share."""
         t0 = time.monotonic()
         tenant = BASE_TENANT if body.model in self.base_names else body.model
+        loop = asyncio.get_running_loop()
+
+        def submit():
+            return self.engine.submit(tenant, prompt() if callable(prompt) else prompt, body.sampling(16), loop=loop)
+
         try:
-            stream = self.engine.submit(tenant, prompt, body.sampling(16), loop=asyncio.get_running_loop())
+            stream = await asyncio.to_thread(submit)
         except EngineError as e:  # unknown names are not recorded as a tag (unbounded cardinality)
             self._record("<unknown>" if e.status == 404 else body.model, e.type, 0, 0, t0, None)
             return _error(e)

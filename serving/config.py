@@ -8,7 +8,7 @@ A pool file is a standard Ray Serve config; each application is one base-model p
         import_path: deltafleet.serving.app:build_app
         args: {pool: <pool>, base_model: <local path or HF id>, device: auto, dtype: auto,
                max_batch_size: 16, max_queue: 256, gpu_bank_bytes: <int>, cpu_bank_bytes: <int>,
-               store_root: <optional dir; delta URIs must resolve inside it>}
+               store_root: <optional dir; delta URIs must resolve inside it>, max_request_bytes: 4194304}
         deployments:
           - name: DeltaServer
             autoscaling_config: {min_replicas: 1, max_replicas: 4, target_ongoing_requests: 8}
@@ -58,6 +58,7 @@ class AppArgs(BaseModel):
     gpu_bank_bytes: int = Field(4 << 30, ge=0, description="device-tier byte budget for hot deltas")
     cpu_bank_bytes: int = Field(16 << 30, ge=0, description="CPU-tier byte budget for warm deltas")
     store_root: str | None = Field(None, description="delta URIs must resolve inside this folder")
+    max_request_bytes: int = Field(4 << 20, ge=1024, description="larger request bodies get a 413")
     load_timeout_s: float = Field(120.0, gt=0, description="how long a request waits for its tenant to load")
 
     @field_validator("device")

@@ -1,8 +1,9 @@
 """The OpenAI-compatible surface: request models, response/chunk shapes and the error shape.
 
 Pure functions and pydantic models (no Ray), so they are testable on their own. Fields the
-engine does not implement are accepted and ignored when harmless (user, logprobs=null, ...)
-and refused with a 400 when they would change the answer (n > 1).
+engine does not implement are accepted and ignored when harmless (user, metadata, ...) and
+refused with a 400 when they would change the answer (n > 1, echo, logprobs, best_of,
+penalties, logit_bias, suffix): OpenAI's own rule is to refuse what it cannot honour.
 """
 
 from __future__ import annotations
@@ -11,9 +12,20 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from .sampling import SamplingParams
+from .sampling import MAX_STOP, SamplingParams
+
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
+
+
+def _valid_unicode(text: str, where: str) -> str:
+    """JSON may carry lone surrogates ("\\ud800"), which no tokenizer can encode: refuse them."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{where} is not valid Unicode (a lone surrogate at character {e.start})") from None
+    return text
 
 
 class _Common(BaseModel):
@@ -23,10 +35,39 @@ class _Common(BaseModel):
     max_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    stop: str | list[str] | None = None
-    seed: int | None = None
+    stop: str | list[str] | None = Field(None, description=f"up to {MAX_STOP} strings")
+    seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     stream: bool = False
     n: int = Field(1, ge=1, le=1, description="only n=1 is supported")
+    # Accepted only at the values that leave the answer unchanged.
+    logprobs: bool | int | None = None
+    top_logprobs: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[str, float] | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, v):
+        stops = [v] if isinstance(v, str) else list(v or [])
+        if len(stops) > MAX_STOP:
+            raise ValueError(f"at most {MAX_STOP} stop strings, got {len(stops)}")
+        for s in stops:
+            _valid_unicode(s, "a stop string")
+        return v
+
+    @model_validator(mode="after")
+    def _unsupported(self):
+        refused = [name for name, bad in (
+            ("logprobs", self.logprobs not in (None, False, 0)),
+            ("top_logprobs", self.top_logprobs not in (None, 0)),
+            ("presence_penalty", self.presence_penalty != 0),
+            ("frequency_penalty", self.frequency_penalty != 0),
+            ("logit_bias", bool(self.logit_bias)),
+        ) if bad]
+        if refused:
+            raise ValueError(f"{refused[0]} is not supported by this server")
+        return self
 
     def sampling(self, default_max_tokens: int) -> SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -38,6 +79,9 @@ class _Common(BaseModel):
 
 class CompletionRequest(_Common):
     prompt: str | list[int] | list[str]
+    echo: bool = False
+    best_of: int | None = None
+    suffix: str | None = None
 
     @field_validator("prompt")
     @classmethod
@@ -45,8 +89,15 @@ class CompletionRequest(_Common):
         if isinstance(v, list) and v and isinstance(v[0], str):
             if len(v) != 1:
                 raise ValueError("only one prompt per request is supported")
-            return v[0]
-        return v
+            v = v[0]
+        return _valid_unicode(v, "prompt") if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _unsupported_completion(self):
+        for name, bad in (("echo", self.echo), ("best_of", self.best_of not in (None, 1)), ("suffix", bool(self.suffix))):
+            if bad:
+                raise ValueError(f"{name} is not supported by this server")
+        return self
 
 
 class ChatMessage(BaseModel):
@@ -58,6 +109,12 @@ class ChatMessage(BaseModel):
         if isinstance(self.content, str):
             return self.content
         return "".join(part.get("text", "") for part in self.content if part.get("type") == "text")
+
+    @field_validator("content")
+    @classmethod
+    def _unicode(cls, v):
+        _valid_unicode(v if isinstance(v, str) else "".join(str(p.get("text", "")) for p in v), "message content")
+        return v
 
 
 class ChatRequest(_Common):

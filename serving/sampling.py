@@ -6,11 +6,14 @@ import torch
 from pydantic import BaseModel, Field
 
 
+MAX_STOP = 8  # stop strings per request (each is checked against the text every step)
+
+
 class SamplingParams(BaseModel):
     max_tokens: int = Field(16, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)  # 0 = greedy
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    stop: list[str] = Field(default_factory=list, max_length=8)
+    stop: list[str] = Field(default_factory=list, max_length=MAX_STOP)
     seed: int | None = None
 
 

@@ -124,6 +124,42 @@ def test_models_errors_and_openai_client(url):
         client.completions.create(model="nobody/here", prompt="hi", max_tokens=4)
 
 
+def _error(r: httpx.Response, status: int) -> dict:
+    """OpenAI's error shape, whatever went wrong."""
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    return err
+
+
+def test_every_error_has_openais_shape(url):
+    assert _error(httpx.get(f"{url}/v1/nothing-here"), 404)["type"] == "not_found_error"
+    _error(httpx.get(f"{url}/v1/completions"), 405)
+    bad_json = _error(httpx.post(f"{url}/v1/completions", content=b'{"model": ', headers={"content-type": "application/json"}), 400)
+    assert "not valid JSON" in bad_json["message"] and bad_json["param"] is None
+    _error(httpx.post(f"{url}/v1/completions", content=b'{"model": "\xff\xfe"}', headers={"content-type": "application/json"}), 400)
+    surrogate = b'{"model": "team-a/alpha", "prompt": "\\ud800x"}'
+    assert "prompt is not valid Unicode" in _error(httpx.post(f"{url}/v1/completions", content=surrogate,
+                                                              headers={"content-type": "application/json"}), 400)["message"]
+    stops = {"model": "team-a/alpha", "prompt": "hi", "stop": [str(i) for i in range(9)]}
+    assert "at most 8 stop strings" in _error(httpx.post(f"{url}/v1/completions", json=stops), 400)["message"]
+    seed = {"model": "team-a/alpha", "prompt": "hi", "seed": 2**64}
+    assert _error(httpx.post(f"{url}/v1/completions", json=seed), 400)["param"] == "seed"
+    for field, value in (("echo", True), ("logprobs", 1), ("best_of", 2)):
+        err = _error(httpx.post(f"{url}/v1/completions", json={"model": "team-a/alpha", "prompt": "hi", field: value}), 400)
+        assert f"{field} is not supported" in err["message"]
+
+
+def test_a_huge_request_is_refused_while_a_small_one_is_answered(url):
+    huge = {"model": "team-a/alpha", "prompt": "x " * (5 << 20), "max_tokens": 1}  # ~10 MB
+    small = {"model": "team-a/alpha", "prompt": "one base", "max_tokens": 1, "temperature": 0}
+    with ThreadPoolExecutor(2) as pool:
+        big = pool.submit(httpx.post, f"{url}/v1/completions", json=huge, timeout=120)
+        ok = pool.submit(httpx.post, f"{url}/v1/completions", json=small, timeout=120)
+        assert ok.result().status_code == 200
+        assert "larger than 4194304 bytes" in _error(big.result(), 413)["message"]
+
+
 def test_tenant_hot_added_without_restarting_the_replica(url, toy):
     before = httpx.get(f"{url}/debug/replica").json()
     assert "team-b/gamma" not in before["bank"]["tenants"]
