@@ -164,6 +164,8 @@ def compress(base: str, finetuned: str, out_dir: str | os.PathLike, settings: Co
         kl=final.kl,
         kl_initial=initial.kl,
         eval_tokens=final.tokens,
+        top1_agreement_base=base_stats.top1_agreement,
+        top1_agreement=final.top1_agreement,
     )
     if base_stats.loss <= base_stats.teacher_loss:
         log("warning: the fine-tune is no better than the base on the eval text; retained improvement reads 0")

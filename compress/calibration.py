@@ -11,9 +11,9 @@ import json
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from .checkpoint import InputError
+from .progress import progress
 
 TEXT_SUFFIXES = (".txt", ".jsonl", ".md", ".py")
 
@@ -92,7 +92,7 @@ def generate_samples(model, tokenizer, n: int, seq_len: int, batch_size: int, se
     device = next(model.parameters()).device
     gen = torch.Generator(device=device).manual_seed(seed)
     out = []
-    for lo in tqdm(range(0, n, batch_size), desc="calibration: sampling the fine-tune", leave=False):
+    for lo in progress(range(0, n, batch_size), "calibration: sampling the fine-tune"):
         b = min(batch_size, n - lo)
         ids = torch.full((b, 1), start, dtype=torch.long, device=device)
         past = DynamicCache()

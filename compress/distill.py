@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+
+from .progress import progress
 
 
 def logit_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str) -> torch.Tensor:
@@ -35,7 +36,7 @@ def distill_scales(student, teacher, scales: list[torch.nn.Parameter], samples: 
     gen = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(samples), generator=gen)
     pos, history = 0, []
-    bar = tqdm(range(steps), desc=f"stage 2: scale distillation ({loss})", leave=False)
+    bar = progress(range(steps), f"stage 2: scale distillation ({loss})")
     for _ in bar:
         if pos + batch_size > len(order):  # next epoch over the calibration samples
             order, pos = torch.randperm(len(samples), generator=gen), 0

@@ -24,6 +24,9 @@ class Fidelity(BaseModel):
     kl: float = Field(description="mean per-token KL(fine-tune || delta)")
     kl_initial: float
     eval_tokens: int
+    # Greedy text follows the argmax: share of held-out positions where it equals the fine-tune's.
+    top1_agreement_base: float | None = Field(None, description="the base's top-1 agreement with the fine-tune")
+    top1_agreement: float | None = Field(None, description="base + delta's top-1 agreement with the fine-tune")
 
 
 class Sizes(BaseModel):

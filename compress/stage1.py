@@ -8,7 +8,6 @@ compressed are stored whole where they differ from the base.
 from __future__ import annotations
 
 import torch
-from tqdm.auto import tqdm
 
 from deltafleet.kernels.packing import pack_signs
 
@@ -16,6 +15,7 @@ from .checkpoint import Checkpoint, InputError, empty_model
 from .fingerprint import fingerprint_samples, tensor_sample
 from .format import Delta
 from .linears import compressed_modules
+from .progress import progress
 
 
 def sign_and_scale(delta: torch.Tensor, per_row: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,7 +45,7 @@ def extract(
     delta = Delta(base_model=base.source, base_fingerprint="", finetuned_model=ft.source)
     weight_of = {f"{m}.weight": m for m in compressed}
     samples = {}  # the base fingerprint, collected from the reads stage 1 makes anyway
-    for name in tqdm(param_names, desc="stage 1: sign + scale", unit="tensor", leave=False):
+    for name in progress(param_names, "stage 1: sign + scale", unit="tensor"):
         b = base.get(name)
         samples[name] = tensor_sample(name, b)
         b = b.to(device)

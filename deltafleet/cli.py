@@ -22,6 +22,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+ML_COMMANDS = ("compress", "merge", "serve", "demo")
+
+
 def usage() -> str:
     lines = ["usage: deltafleet <command> [options]", "", "commands:"]
     lines += [f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items()]
@@ -45,5 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"deltafleet: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
         return 2
+    if name in ML_COMMANDS:  # off a terminal: one line per stage, not a redrawn bar per step
+        from deltafleet.compress.progress import quiet_library_bars
+
+        quiet_library_bars()
     module = importlib.import_module(COMMANDS[name][0])
     return int(module.main(rest) or 0)

@@ -42,6 +42,10 @@ def fidelity_table(result) -> str:
         lines.append(f"{name:<20} {loss:9.4f} {kept:9.1%} {kl_text}")
     lines.append(f"delta {s.delta_bytes:,} bytes vs fine-tune {s.finetuned_bytes:,} bytes: {s.compression_ratio:.1f}x smaller "
                  f"({f.eval_tokens} held-out tokens of stdlib code)")
+    if f.top1_agreement is not None:
+        lines.append(f"top-1 agreement with the fine-tune's next token: base {f.top1_agreement_base:.1%}, "
+                     f"base + delta {f.top1_agreement:.1%} (greedy text of tiny models drifts apart after the first "
+                     "disagreement, so compare these, not the texts)")
     return "\n".join(lines)
 
 

@@ -203,3 +203,16 @@ def test_merge_and_inspect_take_the_folder_compress_wrote_and_merge_never_overwr
     refused(capsys, "inspect", str(empty), match=f"{empty}: a folder without delta.safetensors")
     rc, out, _ = run(capsys, "merge", "--base", llama["base"], "--delta", str(folder), "--out", str(tmp_path / "m"))
     assert rc == 0 and (tmp_path / "m" / "config.json").is_file()
+
+
+def test_progress_is_one_line_per_stage_off_a_terminal(llama, tmp_path):
+    """A Job's log is not a terminal: each stage prints when it starts and ends, no redrawn bars."""
+    proc = subprocess.run([sys.executable, "-m", "deltafleet", "compress", "--base", llama["base"], "--finetuned", llama["ft"],
+                           "--out", str(tmp_path / "o"), "--calibration", llama["cal"], "--eval-data", llama["eval"], *FAST],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert "\r" not in proc.stderr and "it/s" not in proc.stderr, proc.stderr[-2000:]
+    stages = [l for l in proc.stderr.splitlines() if l.startswith("[progress] ")]
+    assert any("stage 1: sign + scale: started" in l for l in stages)
+    assert any("stage 2: scale distillation (mse): done, 2 in" in l for l in stages)
+    assert len(proc.stderr.splitlines()) < 40, proc.stderr

@@ -44,6 +44,8 @@ def test_distilled_bitdelta_keeps_the_improvement(compressed):
     # pair's stage 1 scores 4.219, *below* its own fine-tune's 4.230, and distillation brings it
     # to 4.250 while the KL falls 0.041 -> 0.008.
     assert f.kl < 0.5 * f.kl_initial
+    # greedy text follows the argmax: the delta agrees with the fine-tune's next token more than the base
+    assert f.top1_agreement_base < f.top1_agreement <= 1.0
     assert f.loss_finetuned <= f.loss_delta < f.loss_base
 
 
