@@ -81,6 +81,13 @@ class DeltaBank:
         # Embeddings a delta may carry as 1-bit signs (the compress_embeddings option).
         self.embeddings = {name for name, m in model.named_modules() if embedding_supports_1bit(m) and m.embedding_dim % 32 == 0}
         self.slot_embed: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] = [{} for _ in range(self.n_slots)]
+        # Small modules' parameters (norms): stacks [n_slots + 1, *shape], row 0 the base's, row
+        # s + 1 slot s's, gathered per row in one vectorized call (layers.add_whole_hook).
+        self.param_stacks: dict[str, dict[str, torch.Tensor]] = {
+            name: {p: t.detach().to(device, dtype).unsqueeze(0).repeat(self.n_slots + 1, *([1] * t.dim())) for p, t in params.items()}
+            for name, params in _small_param_modules(model, set(linears)).items()
+        }
+        self.slot_overrides: list[set[str]] = [set() for _ in range(self.n_slots)]  # stacked modules a slot changes
         self.slot_tenant: list[str | None] = [None] * self.n_slots
         self.slot_ready = [False] * self.n_slots
         self.slot_refs = [0] * self.n_slots
@@ -253,6 +260,7 @@ class DeltaBank:
                 self._free_slot(slot)
                 return
             self.slot_whole[slot], self.slot_embed[slot] = whole, embed
+            self.slot_overrides[slot] = {n.rpartition(".")[0] for n in delta.whole} & set(self.param_stacks)
             self.slot_whole_bytes[slot] = (sum(v.numel() * v.element_size() for m in whole.values() for v in m.values())
                                            + sum(p.numel() * p.element_size() + a.numel() * 4 for p, a in embed.values()))
             self.slot_ready[slot] = True
@@ -274,13 +282,16 @@ class DeltaBank:
                     scales[slot].zero_()
             for name, stack in self.bias_stacks.items():  # the fine-tune's bias, or the base's
                 stack[slot + 1].copy_(delta.whole.get(name + ".bias", self.base_biases[name]), non_blocking=True)
+            for name, stacks in self.param_stacks.items():  # the fine-tune's norm weights, or the base's
+                for pname, stack in stacks.items():
+                    stack[slot + 1].copy_(delta.whole.get(f"{name}.{pname}", stack[0]), non_blocking=True)
             for name in self.embeddings & set(delta.signs):
                 embed[name] = (delta.signs[name].to(self.device, non_blocking=True),
                                delta.scales[name].to(self.device, torch.float32, non_blocking=True))
             for pname, tensor in delta.whole.items():
                 module, _, short = pname.rpartition(".")
-                if module in self.bias_stacks and short == "bias":
-                    continue  # served from the bias stack
+                if (module in self.bias_stacks and short == "bias") or module in self.param_stacks:
+                    continue  # served from the stacks
                 whole.setdefault(module, {})[short] = tensor.to(self.device, self.dtype, non_blocking=True)
         if self._copy_stream is not None:
             self._copy_stream.synchronize()  # the slot is used only once its bytes have landed
@@ -306,6 +317,21 @@ class DeltaBank:
                 t.slot = None
         self.slot_tenant[slot], self.slot_ready[slot] = None, False
         self.slot_whole[slot], self.slot_embed[slot], self.slot_whole_bytes[slot] = {}, {}, 0
+        self.slot_overrides[slot] = set()
+
+
+SMALL_PARAM_NUMEL = 1 << 16  # norms and the like; embeddings and heads stay per slot
+
+
+def _small_param_modules(model: nn.Module, linears: set[str]) -> dict[str, dict[str, torch.Tensor]]:
+    """Modules other than the delta-aware linears and embeddings whose own parameters are all small."""
+    out = {}
+    for name, mod in model.named_modules():
+        params = dict(mod.named_parameters(recurse=False))
+        if params and name not in linears and not isinstance(mod, nn.Embedding) \
+                and all(p.numel() <= SMALL_PARAM_NUMEL for p in params.values()):
+            out[name] = params
+    return out
 
 
 def _tied_groups(model: nn.Module) -> list[list[str]]:

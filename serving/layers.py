@@ -4,11 +4,13 @@ Every nn.Linear of the base (in_features a multiple of 32) is swapped for `Delta
 which calls the batched kernel with the batch's row -> slot map, so all tenants in a batch
 share one launch per layer, and adds each row's bias from the bank's bias stack (the
 fine-tune's bias where its delta stores one: served = merged, 1-bit term included).
-Other parameters a delta stores whole (embeddings, lm_head, norms) are applied per row: a
-forward hook recomputes only the rows of tenants that override the module, with their
-tensors (torch.func.functional_call), and writes them into the base output; a 1-bit
-embedding delta adds α·sign(Δ) of the looked-up rows the same way. Rows are sequences:
-every module sees batch-first inputs.
+Norm weights come from the bank's per-slot stacks too: when a tenant in the batch changes
+a norm, a forward hook reruns the module once over all rows with each row's weights
+(torch.func.vmap over functional_call: the module's own code, no Python loop over slots).
+Large whole tensors (embeddings, lm_head) are applied per slot present in the batch: the
+hook recomputes only that slot's rows with its tensors; a 1-bit embedding delta adds
+α·sign(Δ) of the looked-up rows the same way. Rows are sequences: every module sees
+batch-first inputs.
 """
 
 from __future__ import annotations
@@ -110,8 +112,19 @@ def add_whole_hook(module: nn.Module, name: str, ctx: BatchContext) -> None:
         finally:
             busy[0] = False
 
+    def per_row(mod, stacks, x):
+        """The module over each row with that row's parameters, in one vectorized call."""
+        sel = ctx.slot_of_seq + 1  # [B]; row 0 of a stack is the base's
+        params = {p: t.index_select(0, sel) for p, t in stacks.items()}  # [B, *shape]
+        return torch.func.vmap(lambda p, xi: call(mod, p, (xi,)))(params, x)
+
     def hook(mod, args, output):
         if busy[0] or not ctx.slots or not isinstance(output, torch.Tensor):
+            return None
+        stacks = ctx.bank.param_stacks.get(name)
+        if stacks is not None:  # norms: no Python loop over slots
+            if any(name in ctx.bank.slot_overrides[s] for s in ctx.slots) and len(args) == 1:
+                return per_row(mod, stacks, args[0]).to(output.dtype)
             return None
         for s, idx in ctx.slot_rows(ctx.slot_of_seq.shape[0]):  # rows are sequences here
             sub = tuple(a.index_select(0, idx) if isinstance(a, torch.Tensor) else a for a in args)

@@ -62,10 +62,15 @@ def test_served_greedy_text_equals_the_merged_checkpoint(case, reference_greedy)
     try:
         engine.set_tenants({"t": delta})
         assert engine.wait_ready() == {"t": "ready"}
+        # norms are served from per-slot stacks (one vectorized call), not per-slot tensors
+        assert "model.norm" in engine.bank.param_stacks
         for prompt in PROMPTS:
             ids = engine.encode(prompt)
             got = [t for ev in engine.submit("t", prompt, GREEDY) for t in ev.token_ids]
             assert got == reference_greedy(merged, ids, GREEDY.max_tokens), f"{family}/{option}: {prompt!r}"
+        slot = engine.bank.status("t").slot
+        assert not set(engine.bank.slot_whole[slot]) & set(engine.bank.param_stacks)
+        assert engine.bank.slot_overrides[slot], "the fine-tune changed its norms: the stacks are in use"
     finally:
         engine.close()
 
