@@ -161,6 +161,9 @@ def main() -> int:
     args = p.parse_args()
     global RECIPE
     RECIPE = RECIPES[args.recipe]
+    from deltafleet.compress.progress import quiet_library_bars
+
+    quiet_library_bars()
     t0 = time.time()
     runs = [run(f, args.steps, args.samples) for f in args.families.split(",")]
     for r in runs:

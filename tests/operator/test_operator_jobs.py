@@ -56,8 +56,11 @@ def test_deletion_with_the_serve_backend_down_still_finishes(k8s, namespace, run
     dead = f"http://127.0.0.1:{free_port()}"
     op = run_operator(namespace, "ray-api", "--ray-dashboard-url", dead, "--serve-url", dead)
     fts = FineTunes(k8s, namespace, tmp_path)
-    # Refused by the operator (nothing to compress), so no Job: only the finalizer matters here.
-    fts.apply(finetune_yaml("orphan", namespace, finetuned="bases/tiny"))
+    # Refused by the operator, so no Job: only the finalizer matters here. (The API server accepts
+    # it: the model name equals the pool the operator derives from the base, which CEL cannot know.)
+    from deltafleet.operator.api import ModelSource, derive_pool
+
+    fts.apply(finetune_yaml("orphan", namespace, model_name=derive_pool(ModelSource(path="bases/tiny"))))
     fts.wait_condition("orphan", "Compressed", "False", 60, reason="InvalidSpec", log=op.log)
     assert fts.get("orphan")["metadata"]["finalizers"] == ["deltafleet.dev/finalizer"]
     k8s.kubectl("-n", namespace, "delete", "finetune", "orphan", "--wait=false")
