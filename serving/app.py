@@ -148,14 +148,16 @@ class DeltaServer:
 
     @api.post("/v1/completions")
     async def completions(self, body: CompletionRequest, request: Request):
-        return await self._serve(body, body.prompt, completion_body, "cmpl", request)
+        return await self._serve(body, body.prompt, completion_body, "cmpl", request, default_max_tokens=16)
 
     @api.post("/v1/chat/completions")
     async def chat_completions(self, body: ChatRequest, request: Request):
-        return await self._serve(body, lambda: chat_prompt(self.engine.tokenizer, body.messages), chat_body, "chatcmpl", request)
+        # OpenAI's chat default: generate until the model stops or the context is full
+        return await self._serve(body, lambda: chat_prompt(self.engine.tokenizer, body.messages), chat_body, "chatcmpl", request,
+                                 default_max_tokens=None)
 
     # ---- one request --------------------------------------------------------------------
-    async def _serve(self, body, prompt, shape, prefix: str, request: Request):
+    async def _serve(self, body, prompt, shape, prefix: str, request: Request, default_max_tokens: int | None):
         """prompt: text, token ids, or a function making them (a chat template): tokenizing runs
         in a worker thread, so a huge prompt never stalls the event loop other tenants share."""
         t0 = time.monotonic()
@@ -163,7 +165,7 @@ class DeltaServer:
         loop = asyncio.get_running_loop()
 
         def submit():
-            return self.engine.submit(tenant, prompt() if callable(prompt) else prompt, body.sampling(16), loop=loop)
+            return self.engine.submit(tenant, prompt() if callable(prompt) else prompt, body.sampling(default_max_tokens), loop=loop)
 
         try:
             stream = await asyncio.to_thread(submit)
@@ -197,9 +199,10 @@ class DeltaServer:
             kw = {"first": True} if chat else {}
             yield _data(shape(rid, body.model, first.text, first.finish_reason, None, chunk=True, **kw))
             async for ev in events:
-                if ev.error:
+                if ev.error:  # the stream ends with the error event: no [DONE], not counted as ok
                     yield _data(error_body(str(ev.error), ev.error.type, ev.error.status))
-                    break
+                    self._record(body.model, ev.error.type, last.prompt_tokens, last.completion_tokens, t0, ttft)
+                    return
                 last = ev
                 yield _data(shape(rid, body.model, ev.text, ev.finish_reason, None, chunk=True))
             yield "data: [DONE]\n\n"

@@ -89,6 +89,9 @@ class DeltaBank:
         }
         self.slot_overrides: list[set[str]] = [set() for _ in range(self.n_slots)]  # stacked modules a slot changes
         self.slot_tenant: list[str | None] = [None] * self.n_slots
+        # The registration a slot was filled for: a tenant re-registered under the same name
+        # while its old slot is pinned is another object, so the old slot is freed on release.
+        self.slot_owner: list[Tenant | None] = [None] * self.n_slots
         self.slot_ready = [False] * self.n_slots
         self.slot_refs = [0] * self.n_slots
         self.slot_whole: list[dict[str, dict[str, torch.Tensor]]] = [{} for _ in range(self.n_slots)]
@@ -150,15 +153,16 @@ class DeltaBank:
                 return None  # every slot is pinned by running sequences: wait for one to finish
             self.counters["device_misses"] += 1
             self.slot_tenant[slot], self.slot_ready[slot], t.slot = name, False, slot
+            self.slot_owner[slot] = t
             self._loader.submit(self._copy_to_slot, name, slot)
             return None
 
     def release(self, slot: int) -> None:
         with self._lock:
             self.slot_refs[slot] -= 1
-            name = self.slot_tenant[slot]
-            if self.slot_refs[slot] == 0 and (name is None or name not in self.tenants):
-                self._free_slot(slot)  # tenant was removed while its sequences ran
+            owner = self.slot_owner[slot]
+            if self.slot_refs[slot] == 0 and (owner is None or self.tenants.get(owner.name) is not owner):
+                self._free_slot(slot)  # removed or re-registered while its sequences ran
 
     def whole_of_slot(self, slot: int, module: str) -> dict[str, torch.Tensor] | None:
         return self.slot_whole[slot].get(module)
@@ -249,13 +253,13 @@ class DeltaBank:
             with self._lock:
                 if t is not None and self.tenants.get(name) is t:
                     t.status, t.error = FAILED, str(e)
-                if self.slot_tenant[slot] == name:
+                if self.slot_owner[slot] is t:
                     self._free_slot(slot)
             self.on_change()
             return
         with self._lock:
-            if self.slot_tenant[slot] != name:
-                return  # the slot was taken back (tenant removed) while we copied
+            if self.slot_owner[slot] is not t:
+                return  # the slot was taken back (tenant removed or re-registered) while we copied
             if self.tenants.get(name) is not t:
                 self._free_slot(slot)
                 return
@@ -311,11 +315,12 @@ class DeltaBank:
     def _free_slot(self, slot: int) -> None:
         name = self.slot_tenant[slot]
         if name is not None:
-            self.device_lru.pop(name, None)
+            if self.device_lru.get(name) == slot:  # a re-registered tenant may hold another slot
+                self.device_lru.pop(name)
             t = self.tenants.get(name)
             if t is not None and t.slot == slot:
                 t.slot = None
-        self.slot_tenant[slot], self.slot_ready[slot] = None, False
+        self.slot_tenant[slot], self.slot_ready[slot], self.slot_owner[slot] = None, False, None
         self.slot_whole[slot], self.slot_embed[slot], self.slot_whole_bytes[slot] = {}, {}, 0
         self.slot_overrides[slot] = set()
 

@@ -197,6 +197,8 @@ class Engine:
         bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
         if bad is not None:
             raise BadRequest(f"prompt token id {bad} is outside the model's vocabulary [0, {self.vocab_size})")
+        if params.max_tokens is None:  # chat's default: whatever context the prompt leaves
+            params = params.model_copy(update={"max_tokens": max(1, self.max_len - len(ids))})
         if len(ids) + params.max_tokens > self.max_len:
             raise BadRequest(f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the model's context of {self.max_len}")
         stream = RequestStream(loop)
@@ -278,7 +280,7 @@ class Engine:
             if len(self.running) >= self.max_batch_size:
                 continue
             if seq.tenant is not BASE_TENANT:
-                if self.bank.status(seq.tenant).status != READY:
+                if t.status != READY:  # t from the lookup above: the tenant may be gone by now
                     continue
                 slot = self.bank.acquire(seq.tenant)
                 if slot is None:

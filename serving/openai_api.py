@@ -69,7 +69,7 @@ class _Common(BaseModel):
             raise ValueError(f"{refused[0]} is not supported by this server")
         return self
 
-    def sampling(self, default_max_tokens: int) -> SamplingParams:
+    def sampling(self, default_max_tokens: int | None) -> SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         return SamplingParams(
             max_tokens=self.max_tokens or default_max_tokens, temperature=self.temperature,

@@ -10,7 +10,7 @@ MAX_STOP = 8  # stop strings per request (each is checked against the text every
 
 
 class SamplingParams(BaseModel):
-    max_tokens: int = Field(16, ge=1)
+    max_tokens: int | None = Field(16, ge=1)  # None: what the context leaves after the prompt
     temperature: float = Field(1.0, ge=0.0, le=2.0)  # 0 = greedy
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     stop: list[str] = Field(default_factory=list, max_length=MAX_STOP)

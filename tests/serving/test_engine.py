@@ -136,3 +136,57 @@ def test_bad_token_ids_are_refused_and_a_failing_prefill_fails_only_its_request(
     assert len(events) == 1 and "prefill failed: IndexError" in str(events[0].error)
     assert [t for ev in other for t in ev.token_ids] == expected[("team-b/gamma", PROMPTS[0])]
     assert engine.bank.slot_refs == [0] * engine.bank.n_slots
+
+
+def test_re_registering_a_tenant_with_requests_in_flight_leaks_no_slot(toy, tmp_path):
+    """One device slot. Re-register a tenant (a new file: a new compression) twice while its
+    request runs; once that request ends, its old slot must come back — else every later
+    tenant waits for a slot forever."""
+    import shutil
+
+    eng = Engine(str(toy.base_dir), device="cpu", dtype="float32", max_batch_size=4, gpu_bank_bytes=1, load_timeout_s=20)
+    try:
+        assert eng.bank.n_slots == 1
+        eng.set_tenants({"team-a/alpha": toy.deltas["team-a/alpha"]})
+        eng.wait_ready()
+        running = eng.submit("team-a/alpha", PROMPTS[0], SamplingParams(max_tokens=24, temperature=0))
+        first = next(iter(running))  # decoding: its slot is pinned
+        assert first.error is None
+        for i in range(2):
+            copy = tmp_path / f"alpha-{i}.safetensors"
+            shutil.copy(toy.deltas["team-a/alpha"], copy)
+            eng.add_tenant("team-a/alpha", copy)
+        assert [ev.error for ev in running if ev.error] == []
+        eng.add_tenant("team-b/gamma", toy.deltas["team-b/gamma"])
+        eng.wait_ready()
+        for name in ("team-b/gamma", "team-a/alpha"):
+            out = eng.generate(name, PROMPTS[1], GREEDY)
+            assert out.finish_reason in ("length", "stop"), name
+    finally:
+        eng.close()
+
+
+def test_a_tenant_removed_while_its_request_waits_fails_only_that_request(toy):
+    eng = Engine(str(toy.base_dir), device="cpu", dtype="float32", max_batch_size=4, gpu_bank_bytes=1, load_timeout_s=20)
+    try:
+        eng.set_tenants({n: toy.deltas[n] for n in ("team-a/alpha", "team-b/gamma")})
+        eng.wait_ready()
+        busy = eng.submit("team-a/alpha", PROMPTS[0], SamplingParams(max_tokens=24, temperature=0))  # holds the one slot
+        next(iter(busy))
+        waiting = eng.submit("team-b/gamma", PROMPTS[1], GREEDY)  # waits for a slot
+        eng.remove_tenant("team-b/gamma")
+        errors = [ev.error for ev in waiting if ev.error]
+        assert len(errors) == 1 and errors[0].status == 404 and "removed" in str(errors[0])
+        assert [ev.error for ev in busy if ev.error] == [], "the running request is unaffected"
+        assert eng.generate(None, PROMPTS[2], GREEDY).finish_reason in ("length", "stop")
+    finally:
+        eng.close()
+
+
+def test_without_max_tokens_a_request_may_use_the_context_the_prompt_leaves(engine):
+    # Chat's OpenAI default: no max_tokens means until the model stops or the context is full.
+    ids = engine.encode(PROMPTS[0])
+    out = engine.generate("team-a/alpha", ids, SamplingParams(max_tokens=None, temperature=0))
+    assert out.completion_tokens <= engine.max_len - len(ids)
+    assert out.finish_reason == "stop" or out.completion_tokens == engine.max_len - len(ids)
+    assert out.completion_tokens > GREEDY.max_tokens or out.finish_reason == "stop"
