@@ -123,9 +123,14 @@ def add_whole_hook(module: nn.Module, name: str, ctx: BatchContext) -> None:
             return None
         stacks = ctx.bank.param_stacks.get(name)
         if stacks is not None:  # norms: no Python loop over slots
-            if any(name in ctx.bank.slot_overrides[s] for s in ctx.slots) and len(args) == 1:
+            if not any(name in ctx.bank.slot_overrides[s] for s in ctx.slots):
+                return None
+            if len(args) == 1 and isinstance(args[0], torch.Tensor):
                 return per_row(mod, stacks, args[0]).to(output.dtype)
-            return None
+            for s, idx in ctx.slot_rows(ctx.slot_of_seq.shape[0]):  # a module called with other arguments
+                sub = tuple(a.index_select(0, idx) if isinstance(a, torch.Tensor) else a for a in args)
+                output.index_copy_(0, idx, call(mod, {p: t[s + 1] for p, t in stacks.items()}, sub).to(output.dtype))
+            return output
         for s, idx in ctx.slot_rows(ctx.slot_of_seq.shape[0]):  # rows are sequences here
             sub = tuple(a.index_select(0, idx) if isinstance(a, torch.Tensor) else a for a in args)
             params = ctx.bank.whole_of_slot(s, name)
