@@ -31,7 +31,7 @@ from deltafleet.operator import conditions as cond
 from deltafleet.operator import jobs
 from deltafleet.operator import serveconfig as sc
 from deltafleet.operator.backend import RUNNING, AppStatus, Backend, BackendError
-from deltafleet.operator.conditions import COMPRESSED, FALSE, READY, SERVED, TRUE, Reason
+from deltafleet.operator.conditions import COMPRESSED, FALSE, SERVED, TRUE, Reason
 from deltafleet.operator.settings import Settings
 from deltafleet.operator.validation import spec_problems
 
