@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from .apply import attach_delta, read_scales, set_enabled
-from .calibration import check_texts, make_samples
+from .calibration import make_samples, read_windows
 from .checkpoint import Checkpoint, InputError, check_compatible
 from .distill import distill_scales
 from .fidelity import evaluate, retained
@@ -131,15 +131,15 @@ def compress(base: str, finetuned: str, out_dir: str | os.PathLike, settings: Co
     if base_ck.dir.resolve() == ft_ck.dir.resolve():
         raise InputError(f"--base and --finetuned are the same model ({base_ck.dir}): there is no delta to compress")
     check_compatible(base_ck, ft_ck)
-    check_texts(settings, load_tokenizer(ft_ck.dir, base_ck.dir))
+    tokenizer = load_tokenizer(ft_ck.dir, base_ck.dir)
+    texts = read_windows(settings, tokenizer)
 
     log(f"stage 1: {base_ck.dir} -> {ft_ck.dir} on {device}")
     delta = extract(base_ck, ft_ck, settings.scale_per_row, settings.compress_embeddings, device)
     log(f"stage 1: {len(delta.signs)} matrices at 1 bit, {len(delta.whole)} parameters whole")
 
     teacher = load_model(ft_ck.dir, device, dtype)
-    tokenizer = load_tokenizer(ft_ck.dir, base_ck.dir)
-    cal, held_out = make_samples(settings, teacher, tokenizer)
+    cal, held_out = make_samples(settings, teacher, tokenizer, texts)
     log(f"samples: {len(cal)} calibration, {len(held_out)} eval, {settings.seq_len} tokens each")
 
     student = load_model(base_ck.dir, device, dtype)

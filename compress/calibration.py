@@ -8,6 +8,7 @@ sampling the fine-tuned model itself, so compressing needs no data set at all.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -105,22 +106,31 @@ def generate_samples(model, tokenizer, n: int, seq_len: int, batch_size: int, se
     return torch.cat(out)
 
 
-def check_texts(settings, tokenizer) -> None:
-    """Read and cut the calibration and eval texts once up front, so bad text fails before the slow work."""
-    if settings.eval_data:
-        windows_from_text(settings.eval_data, tokenizer, settings.seq_len, "--eval-data")
-    if settings.calibration:
-        windows_from_text(settings.calibration, tokenizer, settings.seq_len, "--calibration")
+@dataclass
+class TextWindows:
+    """The calibration and eval texts cut into [n, seq_len] windows (None: not given)."""
+
+    calibration: torch.Tensor | None
+    eval: torch.Tensor | None
 
 
-def make_samples(settings, model, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
-    """(calibration, eval) token tensors [n, seq_len], never overlapping."""
+def read_windows(settings, tokenizer) -> TextWindows:
+    """Read and cut the given texts once, up front, so bad text fails before the slow work."""
+    L = settings.seq_len
+    return TextWindows(
+        calibration=windows_from_text(settings.calibration, tokenizer, L, "--calibration") if settings.calibration else None,
+        eval=windows_from_text(settings.eval_data, tokenizer, L, "--eval-data") if settings.eval_data else None,
+    )
+
+
+def make_samples(settings, model, tokenizer, texts: TextWindows) -> tuple[torch.Tensor, torch.Tensor]:
+    """(calibration, eval) token tensors [n, seq_len], never overlapping; sampled from `model`
+    where no text was given."""
     n_cal, n_eval, L = settings.samples, settings.eval_samples, settings.seq_len
-    if settings.eval_data:
-        eval_ = pick(windows_from_text(settings.eval_data, tokenizer, L, "--eval-data"), n_eval, settings.seed + 1)
-    if settings.calibration:
-        all_windows = windows_from_text(settings.calibration, tokenizer, L, "--calibration")
-        windows = pick(all_windows, len(all_windows), settings.seed)
+    if texts.eval is not None:
+        eval_ = pick(texts.eval, n_eval, settings.seed + 1)
+    if texts.calibration is not None:
+        windows = pick(texts.calibration, len(texts.calibration), settings.seed)
         if not settings.eval_data:  # hold out the eval windows from the same text
             if len(windows) < 2:
                 raise InputError(f"--calibration {settings.calibration}: too little text to hold out an eval split")

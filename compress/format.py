@@ -32,6 +32,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from .result import DELTA_FILE
+
 FORMAT_VERSION = "1"
 METHOD = "bitdelta"
 SIGN, SCALE = ".sign", ".scale"
@@ -237,9 +239,6 @@ def _decode_meta(path: Path, raw: dict[str, str]) -> dict[str, Any]:
         except json.JSONDecodeError:
             raise DeltaError(f"{path}: delta metadata field {key!r} is not valid JSON") from None
     return meta
-
-
-DELTA_FILE = "delta.safetensors"
 
 
 def _existing(path: str | os.PathLike) -> Path:

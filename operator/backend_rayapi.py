@@ -44,10 +44,11 @@ class RayApiBackend:
         except urllib.error.HTTPError as e:
             detail = e.read().decode(errors="replace").strip().splitlines()
             hint = ""
-            if e.code in (401, 403):
+            if e.code in (401, 403) and self.token_file:
+                hint = f" (the token in {self.token_file} was refused)"
+            elif e.code in (401, 403):
                 hint = (" (the cluster uses Ray token authentication: give the operator its token with "
-                        "--ray-auth-token-file, or the chart's serve.rayApi.authTokenSecret)") if not self.token_file \
-                    else f" (the token in {self.token_file} was refused)"
+                        "--ray-auth-token-file, or the chart's serve.rayApi.authTokenSecret)")
             raise BackendError(f"{method} {self.url}: HTTP {e.code}: {detail[-1] if detail else e.reason}{hint}") from None
         except (urllib.error.URLError, OSError) as e:
             raise BackendError(f"{method} {self.url}: {getattr(e, 'reason', e)}") from None

@@ -11,7 +11,6 @@ from deltafleet.operator import compression as comp
 from deltafleet.operator.settings import Settings
 
 TENANT_NAME = re.compile(api.TENANT_NAME_PATTERN)
-RESERVED_MODEL_NAMES = api.RESERVED_MODEL_NAMES
 MAX_LABEL = 63
 
 
@@ -26,7 +25,7 @@ def spec_problems(ft: api.FineTune, settings: Settings) -> list[str]:
     model = ft.model_name()
     if not TENANT_NAME.fullmatch(model):
         problems.append(f"spec.serving.modelName: {model!r} must be segments of [A-Za-z0-9._-] separated by '/'")
-    if model in RESERVED_MODEL_NAMES or model == ft.pool():
+    if model in api.RESERVED_MODEL_NAMES or model == ft.pool():
         problems.append(f"spec.serving.modelName: {model!r} is reserved for the pool's base model")
     if spec.model_store is None and not (settings.store_claim or settings.store_host_path):
         problems.append("spec.modelStore: not set and the operator has no default store (--store-claim / --store-host-path)")
