@@ -5,9 +5,11 @@ signs [n_slots, N, K // 32] int32 and scales [n_slots, N] float32, so a batch pa
 stack to the kernel as is and each row names its slot (no per-step gathering). A slot's
 scales are zero for modules its delta does not compress (zero contribution). Linear biases
 are a stack too, [n_slots + 1, N] with row 0 the base's and row s + 1 slot s's (the
-fine-tune's bias where the delta stores it, else the base's), gathered per row. Other whole
-tensors (embeddings, lm_head, norms) and 1-bit embeddings live beside the slot as device
-tensors, applied to the rows of their slot.
+fine-tune's bias where the delta stores it, else the base's), gathered per row. Norm
+weights are stacks the same way. Embedding tables, output heads and 1-bit embeddings live in
+`SlotPool`s that grow with the slots using them (serving/slot_pool.py), gathered per row or
+applied in one grouped GEMM. Whole tensors of any other module (none in the supported
+families) live beside the slot and are applied to their slot's rows.
 n_slots = gpu_bank_bytes // (bytes of one slot's signs and scales), at least one, at most MAX_SLOTS.
 
 A slot holding a tenant with running sequences is pinned (refcount); others are evicted
@@ -33,6 +35,7 @@ from torch import nn
 from deltafleet.compress.format import Delta, DeltaError, check_against_model, load_delta
 
 from .layers import embedding_supports_1bit
+from .slot_pool import SlotPool
 
 LOADING, READY, FAILED = "loading", "ready", "failed"
 MAX_SLOTS = 256
@@ -80,7 +83,14 @@ class DeltaBank:
         }
         # Embeddings a delta may carry as 1-bit signs (the compress_embeddings option).
         self.embeddings = {name for name, m in model.named_modules() if embedding_supports_1bit(m) and m.embedding_dim % 32 == 0}
-        self.slot_embed: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] = [{} for _ in range(self.n_slots)]
+        self.embed_pools = {  # 1-bit embedding deltas: signs [V, H // 32], per-row scales [V]
+            name: SlotPool({"signs": ((m.num_embeddings, m.embedding_dim // 32), torch.int32), "scales": ((m.num_embeddings,), torch.float32)},
+                           self.n_slots, device)
+            for name, m in model.named_modules() if name in self.embeddings
+        }
+        # Embedding tables and linears' weights a delta stores whole (output heads): one pool per
+        # tensor of the model, so tied modules share theirs.
+        self.whole_pools = _whole_pools(model, linears, self.n_slots, device, dtype)
         # Small modules' parameters (norms): stacks [n_slots + 1, *shape], row 0 the base's, row
         # s + 1 slot s's, gathered per row in one vectorized call (layers.add_whole_hook).
         self.param_stacks: dict[str, dict[str, torch.Tensor]] = {
@@ -167,10 +177,6 @@ class DeltaBank:
     def whole_of_slot(self, slot: int, module: str) -> dict[str, torch.Tensor] | None:
         return self.slot_whole[slot].get(module)
 
-    def embedding_delta_of_slot(self, slot: int, module: str) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(packed signs [V, H // 32], scale [] or [V]) of a 1-bit embedding delta, if the slot has one."""
-        return self.slot_embed[slot].get(module)
-
     # ---- figures ------------------------------------------------------------------------
     def stats(self) -> dict:
         with self._lock:
@@ -179,12 +185,16 @@ class DeltaBank:
                 **self.counters,
                 "n_slots": self.n_slots,
                 "device_tenants": on_device,
-                "device_bytes": on_device * self.slot_bytes + sum(self.slot_whole_bytes),
+                "device_bytes": on_device * self.slot_bytes + sum(self.slot_whole_bytes) + self._pool_bytes(),
                 "device_capacity_bytes": self.n_slots * self.slot_bytes,
                 "cpu_tenants": len(self.warm),
                 "cpu_bytes": sum(d.nbytes() for d in self.warm.values()),
                 "tenants": {n: t.status for n, t in self.tenants.items()},
             }
+
+    def _pool_bytes(self) -> int:
+        pools = {id(p): p for p in [*self.whole_pools.values(), *self.embed_pools.values()]}
+        return sum(p.nbytes() for p in pools.values())
 
     def close(self) -> None:
         self._loader.shutdown(wait=False, cancel_futures=True)
@@ -248,7 +258,7 @@ class DeltaBank:
                 delta = self._read(t.path)
                 with self._lock:
                     self._put_warm(name, delta)
-            whole, embed = self._fill_slot(slot, delta)
+            whole = self._fill_slot(slot, delta)
         except (DeltaError, OSError, RuntimeError, ValueError) as e:
             with self._lock:
                 if t is not None and self.tenants.get(name) is t:
@@ -263,20 +273,18 @@ class DeltaBank:
             if self.tenants.get(name) is not t:
                 self._free_slot(slot)
                 return
-            self.slot_whole[slot], self.slot_embed[slot] = whole, embed
+            self.slot_whole[slot] = whole
             self.slot_overrides[slot] = {n.rpartition(".")[0] for n in delta.whole} & set(self.param_stacks)
-            self.slot_whole_bytes[slot] = (sum(v.numel() * v.element_size() for m in whole.values() for v in m.values())
-                                           + sum(p.numel() * p.element_size() + a.numel() * 4 for p, a in embed.values()))
+            self.slot_whole_bytes[slot] = sum(v.numel() * v.element_size() for m in whole.values() for v in m.values())
             self.slot_ready[slot] = True
             self.device_lru[name] = slot
         self.on_change()
 
     @torch.inference_mode()
-    def _fill_slot(self, slot: int, delta: Delta):
-        """Copy a delta into a slot; returns (whole tensors by module, 1-bit embeddings by module)."""
+    def _fill_slot(self, slot: int, delta: Delta) -> dict[str, dict[str, torch.Tensor]]:
+        """Copy a delta into a slot's stacks and pools; returns the whole tensors of other modules."""
         stream = torch.cuda.stream(self._copy_stream) if self._copy_stream is not None else _nullctx()
         whole: dict[str, dict[str, torch.Tensor]] = {}
-        embed: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         with stream:
             for name, (signs, scales) in self.stacks.items():
                 if name in delta.signs:
@@ -289,17 +297,26 @@ class DeltaBank:
             for name, stacks in self.param_stacks.items():  # the fine-tune's norm weights, or the base's
                 for pname, stack in stacks.items():
                     stack[slot + 1].copy_(delta.whole.get(f"{name}.{pname}", stack[0]), non_blocking=True)
-            for name in self.embeddings & set(delta.signs):
-                embed[name] = (delta.signs[name].to(self.device, non_blocking=True),
-                               delta.scales[name].to(self.device, torch.float32, non_blocking=True))
             for pname, tensor in delta.whole.items():
                 module, _, short = pname.rpartition(".")
-                if (module in self.bias_stacks and short == "bias") or module in self.param_stacks:
-                    continue  # served from the stacks
+                if (module in self.bias_stacks and short == "bias") or module in self.param_stacks \
+                        or (module in self.whole_pools and short == "weight"):
+                    continue  # served from the stacks and pools
                 whole.setdefault(module, {})[short] = tensor.to(self.device, self.dtype, non_blocking=True)
         if self._copy_stream is not None:
             self._copy_stream.synchronize()  # the slot is used only once its bytes have landed
-        return whole, embed
+        # Pools: the delta's tensor, or none (the base's). Tied modules share a pool: filled once.
+        for pool, tensor in {id(p): (p, delta.whole.get(f"{m}.weight")) for m, p in self.whole_pools.items()}.values():
+            if tensor is not None:
+                pool.put(slot, {"weight": tensor}, self._copy_stream)
+            else:
+                pool.drop(slot)
+        for name, pool in self.embed_pools.items():
+            if name in delta.signs:
+                pool.put(slot, {"signs": delta.signs[name], "scales": delta.scales[name].float()}, self._copy_stream)
+            else:
+                pool.drop(slot)
+        return whole
 
     def _free_or_evictable_slot(self) -> int | None:
         for s in range(self.n_slots):
@@ -321,11 +338,13 @@ class DeltaBank:
             if t is not None and t.slot == slot:
                 t.slot = None
         self.slot_tenant[slot], self.slot_ready[slot], self.slot_owner[slot] = None, False, None
-        self.slot_whole[slot], self.slot_embed[slot], self.slot_whole_bytes[slot] = {}, {}, 0
+        self.slot_whole[slot], self.slot_whole_bytes[slot] = {}, 0
         self.slot_overrides[slot] = set()
+        for pool in [*self.whole_pools.values(), *self.embed_pools.values()]:
+            pool.drop(slot)
 
 
-SMALL_PARAM_NUMEL = 1 << 16  # norms and the like; embeddings and heads stay per slot
+SMALL_PARAM_NUMEL = 1 << 16  # norms and the like; embeddings and heads go to SlotPools
 
 
 def _small_param_modules(model: nn.Module, linears: set[str]) -> dict[str, dict[str, torch.Tensor]]:
@@ -337,6 +356,20 @@ def _small_param_modules(model: nn.Module, linears: set[str]) -> dict[str, dict[
                 and all(p.numel() <= SMALL_PARAM_NUMEL for p in params.values()):
             out[name] = params
     return out
+
+
+def _whole_pools(model: nn.Module, linears: dict[str, tuple[int, int]], n_slots: int, device: torch.device,
+                 dtype: torch.dtype) -> dict[str, SlotPool]:
+    """A pool per weight of the delta-aware linears and servable embeddings, shared by tied modules."""
+    by_tensor: dict[int, SlotPool] = {}
+    pools = {}
+    for name, m in model.named_modules():
+        if name in linears or embedding_supports_1bit(m):
+            w = m.weight
+            if id(w) not in by_tensor:
+                by_tensor[id(w)] = SlotPool({"weight": (tuple(w.shape), dtype)}, n_slots, device)
+            pools[name] = by_tensor[id(w)]
+    return pools
 
 
 def _tied_groups(model: nn.Module) -> list[list[str]]:

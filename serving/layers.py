@@ -3,14 +3,16 @@
 Every nn.Linear of the base (in_features a multiple of 32) is swapped for `DeltaLinear`,
 which calls the batched kernel with the batch's row -> slot map, so all tenants in a batch
 share one launch per layer, and adds each row's bias from the bank's bias stack (the
-fine-tune's bias where its delta stores one: served = merged, 1-bit term included).
+fine-tune's bias where its delta stores one: served = merged, 1-bit term included). A
+tenant that stores the whole matrix (an output head) gets its rows from one grouped GEMM
+over the rows sorted by pool entry (`_whole_rows`).
 Norm weights come from the bank's per-slot stacks too: when a tenant in the batch changes
 a norm, a forward hook reruns the module once over all rows with each row's weights
 (torch.func.vmap over functional_call: the module's own code, no Python loop over slots).
-Large whole tensors (embeddings, lm_head) are applied per slot present in the batch: the
-hook recomputes only that slot's rows with its tensors; a 1-bit embedding delta adds
-α·sign(Δ) of the looked-up rows the same way. Rows are sequences: every module sees
-batch-first inputs.
+Embeddings gather each token's row from the pool of its tenant's table, and add a 1-bit
+embedding delta's α·sign(Δ) rows the same way (`add_embedding_hook`). Only modules of no
+other kind (none in the supported families) fall back to recomputing each slot's rows.
+Rows are sequences: every module sees batch-first inputs.
 """
 
 from __future__ import annotations
@@ -87,22 +89,73 @@ class DeltaLinear(nn.Module):
         y = delta_linear(x2, self.weight, signs, scales, rows, groups=groups, sign_cache=ctx.sign_cache)  # [M, N]
         bias = None
         if self.bias is not None:
-            bias = ctx.bank.bias_stacks[self.name]  # [n_slots + 1, N], row 0 = the base's
-            y = y + bias.index_select(0, (rows + 1).long())
-        for s, idx in ctx.slot_rows(x2.shape[0]):  # a tenant that stores this whole matrix
-            whole = ctx.bank.whole_of_slot(s, self.name)
-            if whole and "weight" in whole:
-                b = None if bias is None else bias[s + 1]
-                y.index_copy_(0, idx, F.linear(x2.index_select(0, idx), whole["weight"], b))
+            bias = ctx.bank.bias_stacks[self.name].index_select(0, (rows + 1).long())  # [M, N]; stack row 0 = the base's
+            y = y + bias
+        pool = ctx.bank.whole_pools.get(self.name)
+        if pool is not None and pool.in_batch(ctx.slots):  # a tenant that stores this whole matrix
+            y = _whole_rows(x2, y, pool, rows, bias)
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"{self.name}, in={self.in_features}, out={self.out_features}, bias={self.bias is not None}"
 
 
+def _whole_rows(x: torch.Tensor, y: torch.Tensor, pool, rows: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """y with the rows of tenants that store this matrix whole replaced by x·W_tᵀ (+ b_t).
+
+    x [M, K], y [M, N], rows [M] (slot of each row, -1 = the base). One grouped GEMM over the
+    rows sorted by pool entry: each tenant's matrix is read once, however many rows it has.
+    Rows without an entry sort first and fall in entry 0's group; their results are dropped."""
+    weight = pool.entries["weight"]  # [E, N, K], read once: a concurrent growth swaps in a new tensor
+    entry = pool.entry_of_slot.index_select(0, rows.long() + 1)  # [M], -1 = no whole matrix
+    order = torch.argsort(entry, stable=True)  # [M]
+    counts = torch.zeros(weight.shape[0] + 1, dtype=torch.int64, device=x.device)
+    counts.index_add_(0, entry + 1, torch.ones_like(entry))  # [E + 1], bucket 0 = rows without one
+    offs = counts.cumsum(0)[1:].to(torch.int32)  # [E], end of each entry's rows in `order`
+    y_sorted = F.grouped_mm(x.index_select(0, order), weight.transpose(1, 2), offs=offs)  # [M, N]
+    whole = torch.empty_like(y_sorted).index_copy_(0, order, y_sorted)  # back to batch order
+    if bias is not None:
+        whole = whole + bias
+    return torch.where((entry >= 0)[:, None], whole.to(y.dtype), y)
+
+
+def add_embedding_hook(module: nn.Embedding, name: str, ctx: BatchContext) -> None:
+    """Each token's embedding from its tenant's table: the pool entry of a tenant that stores
+    the table whole, else the base's, plus α·sign(Δ) of a 1-bit embedding delta."""
+
+    def hook(mod, args, output):
+        if not ctx.slots:
+            return None
+        ids = args[0]  # [B, S]
+        slot = ctx.slot_of_seq[:, None].expand_as(ids) + 1  # [B, S]; 0 = the base
+        vocab, scale = mod.num_embeddings, getattr(mod, "embed_scale", None)
+        pool = ctx.bank.whole_pools[name]
+        if pool.in_batch(ctx.slots):
+            table = pool.entries["weight"]  # [E, V, H]
+            entry = pool.entry_of_slot[slot]  # [B, S], -1 = the base's table
+            rows = F.embedding(entry.clamp(min=0) * vocab + ids, table.view(-1, table.shape[-1]))  # [B, S, H]
+            if scale is not None:
+                rows = rows * scale.to(rows.dtype)
+            output = torch.where((entry >= 0)[..., None], rows.to(output.dtype), output)
+        one_bit = ctx.bank.embed_pools.get(name)
+        if one_bit is not None and one_bit.in_batch(ctx.slots):
+            signs, alphas = one_bit.entries["signs"], one_bit.entries["scales"]  # [E, V, H // 32], [E, V]
+            entry = one_bit.entry_of_slot[slot]  # [B, S]
+            flat = (entry.clamp(min=0) * vocab + ids).reshape(-1)  # [B*S]
+            packed = signs.view(-1, signs.shape[-1]).index_select(0, flat)  # [B*S, H // 32]
+            alpha = alphas.view(-1).index_select(0, flat) * (entry.reshape(-1) >= 0)  # [B*S], 0 = no delta
+            delta = (unpack_signs(packed, torch.float32) * alpha[:, None]).to(output.dtype)  # [B*S, H]
+            if scale is not None:  # Gemma-style scaled embeddings multiply inside the module
+                delta = delta * scale.to(output.dtype)
+            output = output + delta.view_as(output)
+        return output
+
+    module.register_forward_hook(hook)
+
+
 def add_whole_hook(module: nn.Module, name: str, ctx: BatchContext) -> None:
-    """Recompute this module's output rows for tenants that store its parameters whole, and
-    add a 1-bit embedding delta's rows (embedding modules)."""
+    """Recompute this module's output rows for tenants that store its parameters whole: norms
+    in one vectorized call over the bank's stacks, any other module per slot."""
     busy = [False]
 
     def call(mod, params, args):
@@ -131,34 +184,18 @@ def add_whole_hook(module: nn.Module, name: str, ctx: BatchContext) -> None:
                 sub = tuple(a.index_select(0, idx) if isinstance(a, torch.Tensor) else a for a in args)
                 output.index_copy_(0, idx, call(mod, {p: t[s + 1] for p, t in stacks.items()}, sub).to(output.dtype))
             return output
-        for s, idx in ctx.slot_rows(ctx.slot_of_seq.shape[0]):  # rows are sequences here
-            sub = tuple(a.index_select(0, idx) if isinstance(a, torch.Tensor) else a for a in args)
+        for s, idx in ctx.slot_rows(ctx.slot_of_seq.shape[0]):  # a module of no other kind; rows are sequences
             params = ctx.bank.whole_of_slot(s, name)
             if params:
+                sub = tuple(a.index_select(0, idx) if isinstance(a, torch.Tensor) else a for a in args)
                 output.index_copy_(0, idx, call(mod, params, sub).to(output.dtype))
-            one_bit = ctx.bank.embedding_delta_of_slot(s, name)
-            if one_bit is not None:
-                output.index_add_(0, idx, _embedding_delta(mod, one_bit, sub[0], output.dtype))
         return output
 
     module.register_forward_hook(hook)
 
 
-def _embedding_delta(mod: nn.Module, one_bit, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """What α·sign(Δ) adds to this embedding's output for `ids` [b, S] -> [b, S, H]: the delta
-    rows of the looked-up tokens, times the module's own output scale where it has one
-    (Gemma-style scaled embeddings multiply by `embed_scale` inside the module)."""
-    packed, scale = one_bit  # [V, H // 32] int32, [] or [V] float32
-    uniq, local = torch.unique(ids, return_inverse=True)  # [U], [b, S]
-    alpha = scale.index_select(0, uniq)[:, None] if scale.dim() == 1 else scale
-    rows = (unpack_signs(packed.index_select(0, uniq), torch.float32) * alpha).to(dtype)  # [U, H]
-    out = F.embedding(local, rows)  # [b, S, H]
-    embed_scale = getattr(mod, "embed_scale", None)
-    return out if embed_scale is None else out * embed_scale.to(dtype)
-
-
 def embedding_supports_1bit(mod: nn.Module) -> bool:
-    """Embeddings whose output `_embedding_delta` reproduces: plain, or scaled by `embed_scale`."""
+    """Embeddings `add_embedding_hook` serves: plain, or scaled by `embed_scale` inside the module."""
     return isinstance(mod, nn.Embedding) and (type(mod) is nn.Embedding or hasattr(mod, "embed_scale"))
 
 
@@ -173,6 +210,8 @@ def patch_model(model: nn.Module, ctx: BatchContext) -> dict[str, tuple[int, int
             parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, child, DeltaLinear(mod, name, ctx))
             linears[name] = (mod.out_features, mod.in_features)
+        elif embedding_supports_1bit(mod):
+            add_embedding_hook(mod, name, ctx)
         elif any(True for _ in mod.parameters(recurse=False)):
             add_whole_hook(mod, name, ctx)
     return linears

@@ -93,3 +93,62 @@ def test_served_eval_loss_equals_the_merged_checkpoint(case):
     assert stats.kl < 1e-5
     # ... and the check has teeth: the tenant is measurably not the base
     assert abs(evaluate(base_model, merged_model, samples, batch_size=4).loss - stats.teacher_loss) > 1e-3
+
+
+def _perturbed(delta_path, out_path, seed: int):
+    """Another tenant of the same base: the delta's whole tensors moved by noise, so its
+    embedding table / head / norms differ from the first tenant's (a row served from the
+    wrong pool entry or stack row would show)."""
+    from deltafleet.compress.format import save_delta
+
+    delta = load_delta(delta_path)
+    g = torch.Generator().manual_seed(seed)
+    delta.whole = {n: t + 0.05 * t.float().std() * torch.randn(t.shape, generator=g).to(t.dtype) for n, t in delta.whole.items()}
+    delta.scales = {n: s * 1.5 for n, s in delta.scales.items()}
+    return save_delta(delta, out_path)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_batch_mixing_tenants_and_the_base_serves_each_row_as_its_own_merged_checkpoint(family, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    base, _ = toy_pair(family)
+    deltas = {"a": toy_delta(family, **FAST), "b": _perturbed(toy_delta(family, **FAST), tmp_path / "b.safetensors", 1)}
+    if family != "gemma":  # gemma ties its embeddings: they are stored whole, never 1-bit
+        deltas["e"] = toy_delta(family, **FAST, compress_embeddings=True)
+    served = build_served_model(str(base), device="cpu", dtype="float32")
+    slots = {name: TenantScorer(served, name, path).slot for name, path in deltas.items()}
+    refs = {name: AutoModelForCausalLM.from_pretrained(merge(str(base), str(p), tmp_path / name, dtype="float32"),
+                                                       dtype=torch.float32).eval() for name, p in deltas.items()}
+    refs["base"] = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    slots["base"] = -1
+
+    rows = ["a", "base", "b", "a", *(["e"] if "e" in deltas else []), "b"]
+    ids = torch.randint(3, served.model.config.vocab_size, (len(rows), 24), generator=torch.Generator().manual_seed(0))
+    served.ctx.set([slots[r] for r in rows], served.device)
+    with torch.inference_mode():
+        got = served.model(input_ids=ids, use_cache=False).logits  # [rows, 24, V]
+        for i, r in enumerate(rows):
+            want = refs[r](input_ids=ids[i : i + 1]).logits[0]
+            torch.testing.assert_close(got[i], want, rtol=1e-4, atol=1e-4, msg=lambda m: f"{family} row {i} ({r}): {m}")
+        # the tenants really differ from each other and from the base
+        assert (refs["a"](input_ids=ids[:1]).logits - refs["b"](input_ids=ids[:1]).logits).abs().max() > 1e-2
+    # the large whole tensors came from the pools (one entry per tenant), not per-slot tensors
+    pool = served.bank.whole_pools["model.embed_tokens"]
+    assert {slots["a"], slots["b"]} <= pool.slots
+    assert all(not served.bank.slot_whole[s] for s in slots.values() if s >= 0)
+    if "e" in deltas:
+        assert served.bank.embed_pools["model.embed_tokens"].slots == {slots["e"]}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_module_of_a_supported_family_is_served_without_a_loop_over_slots(family):
+    from deltafleet.serving.layers import DeltaLinear, embedding_supports_1bit
+
+    served = build_served_model(str(toy_pair(family)[0]), device="cpu", dtype="float32")
+    for name, mod in served.model.named_modules():
+        if isinstance(mod, DeltaLinear) or embedding_supports_1bit(mod) or not any(True for _ in mod.parameters(recurse=False)):
+            continue
+        assert name in served.bank.param_stacks, f"{family}: {name} ({type(mod).__name__}) would be served per slot"
+    if family == "gemma":  # tied: the table and the head share one pool
+        assert served.bank.whole_pools["model.embed_tokens"] is served.bank.whole_pools["lm_head"]
