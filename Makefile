@@ -13,6 +13,11 @@ export UV_PROJECT_ENVIRONMENT := $(VENV)
 export UV_PYTHON_DOWNLOADS := never
 
 .PHONY: install tools test demo crds bench clean lock
+# Topic makefiles (mk/*.mk) add their own targets, and may add steps `make test` needs
+# before pytest to TEST_PREREQS.
+.DEFAULT_GOAL := install
+TEST_PREREQS :=
+-include $(sort $(wildcard mk/*.mk))
 install: $(STAMP)
 
 $(UV):
@@ -35,7 +40,7 @@ tools: install
 	bash tests/cluster/build-tools.sh
 	bash tests/cluster/build-tools.sh --skew
 
-test: install tools
+test: install tools $(TEST_PREREQS)
 	PYTHONSAFEPATH=1 PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 demo: install
