@@ -8,8 +8,8 @@ are a stack too, [n_slots + 1, N] with row 0 the base's and row s + 1 slot s's (
 fine-tune's bias where the delta stores it, else the base's), gathered per row. Norm
 weights are stacks the same way. Embedding tables, output heads and 1-bit embeddings live in
 `SlotPool`s that grow with the slots using them (serving/slot_pool.py), gathered per row or
-applied in one grouped GEMM. Whole tensors of any other module (none in the supported
-families) live beside the slot and are applied to their slot's rows.
+applied in one grouped GEMM. A delta storing whole parameters of any other kind of module
+is refused when read (there is no per-token path for it).
 n_slots = gpu_bank_bytes // (bytes of one slot's signs and scales), at least one, at most MAX_SLOTS.
 
 A slot holding a tenant with running sequences is pinned (refcount); others are evicted
@@ -34,7 +34,7 @@ from torch import nn
 
 from deltafleet.compress.format import Delta, DeltaError, check_against_model, load_delta
 
-from .layers import embedding_supports_1bit
+from .layers import embedding_supports_1bit, small_param_modules
 from .slot_pool import SlotPool
 
 LOADING, READY, FAILED = "loading", "ready", "failed"
@@ -95,7 +95,7 @@ class DeltaBank:
         # s + 1 slot s's, gathered per row in one vectorized call (layers.add_whole_hook).
         self.param_stacks: dict[str, dict[str, torch.Tensor]] = {
             name: {p: t.detach().to(device, dtype).unsqueeze(0).repeat(self.n_slots + 1, *([1] * t.dim())) for p, t in params.items()}
-            for name, params in _small_param_modules(model, set(linears)).items()
+            for name, params in small_param_modules(model, set(linears)).items()
         }
         self.slot_overrides: list[set[str]] = [set() for _ in range(self.n_slots)]  # stacked modules a slot changes
         self.slot_tenant: list[str | None] = [None] * self.n_slots
@@ -104,8 +104,6 @@ class DeltaBank:
         self.slot_owner: list[Tenant | None] = [None] * self.n_slots
         self.slot_ready = [False] * self.n_slots
         self.slot_refs = [0] * self.n_slots
-        self.slot_whole: list[dict[str, dict[str, torch.Tensor]]] = [{} for _ in range(self.n_slots)]
-        self.slot_whole_bytes = [0] * self.n_slots
         self.tenants: dict[str, Tenant] = {}
         self.warm: OrderedDict[str, Delta] = OrderedDict()  # CPU tier, LRU order
         self.device_lru: OrderedDict[str, int] = OrderedDict()
@@ -174,9 +172,6 @@ class DeltaBank:
             if self.slot_refs[slot] == 0 and (owner is None or self.tenants.get(owner.name) is not owner):
                 self._free_slot(slot)  # removed or re-registered while its sequences ran
 
-    def whole_of_slot(self, slot: int, module: str) -> dict[str, torch.Tensor] | None:
-        return self.slot_whole[slot].get(module)
-
     # ---- figures ------------------------------------------------------------------------
     def stats(self) -> dict:
         with self._lock:
@@ -185,7 +180,7 @@ class DeltaBank:
                 **self.counters,
                 "n_slots": self.n_slots,
                 "device_tenants": on_device,
-                "device_bytes": on_device * self.slot_bytes + sum(self.slot_whole_bytes) + self._pool_bytes(),
+                "device_bytes": on_device * self.slot_bytes + self._pool_bytes(),
                 "device_capacity_bytes": self.n_slots * self.slot_bytes,
                 "cpu_tenants": len(self.warm),
                 "cpu_bytes": sum(d.nbytes() for d in self.warm.values()),
@@ -206,6 +201,13 @@ class DeltaBank:
         missing = sorted(set(delta.signs) - set(self.stacks) - self.embeddings)
         if missing:
             raise DeltaError(f"{path}: compressed module {missing[0]!r} is not a linear or embedding this engine applies 1-bit deltas to")
+        for pname in delta.whole:
+            module, _, short = pname.rpartition(".")
+            if not ((module in self.bias_stacks and short == "bias") or module in self.param_stacks
+                    or (module in self.whole_pools and short == "weight")):
+                kind = type(self.model.get_submodule(module)).__name__ if module else "model"
+                raise DeltaError(f"{path}: stores {pname!r} whole, but this engine cannot apply a whole {kind} "
+                                 f"parameter per tenant (supported: linear weights and biases, embeddings, norms)")
         for group in self._tied:  # a tied fine-tune stores the shared tensor once
             have = [n for n in group if n in delta.whole]
             for n in group:
@@ -258,7 +260,7 @@ class DeltaBank:
                 delta = self._read(t.path)
                 with self._lock:
                     self._put_warm(name, delta)
-            whole = self._fill_slot(slot, delta)
+            self._fill_slot(slot, delta)
         except (DeltaError, OSError, RuntimeError, ValueError) as e:
             with self._lock:
                 if t is not None and self.tenants.get(name) is t:
@@ -273,18 +275,15 @@ class DeltaBank:
             if self.tenants.get(name) is not t:
                 self._free_slot(slot)
                 return
-            self.slot_whole[slot] = whole
             self.slot_overrides[slot] = {n.rpartition(".")[0] for n in delta.whole} & set(self.param_stacks)
-            self.slot_whole_bytes[slot] = sum(v.numel() * v.element_size() for m in whole.values() for v in m.values())
             self.slot_ready[slot] = True
             self.device_lru[name] = slot
         self.on_change()
 
     @torch.inference_mode()
-    def _fill_slot(self, slot: int, delta: Delta) -> dict[str, dict[str, torch.Tensor]]:
-        """Copy a delta into a slot's stacks and pools; returns the whole tensors of other modules."""
+    def _fill_slot(self, slot: int, delta: Delta) -> None:
+        """Copy a delta into a slot's stacks and pools (`_read` checked every tensor has one)."""
         stream = torch.cuda.stream(self._copy_stream) if self._copy_stream is not None else _nullctx()
-        whole: dict[str, dict[str, torch.Tensor]] = {}
         with stream:
             for name, (signs, scales) in self.stacks.items():
                 if name in delta.signs:
@@ -297,12 +296,6 @@ class DeltaBank:
             for name, stacks in self.param_stacks.items():  # the fine-tune's norm weights, or the base's
                 for pname, stack in stacks.items():
                     stack[slot + 1].copy_(delta.whole.get(f"{name}.{pname}", stack[0]), non_blocking=True)
-            for pname, tensor in delta.whole.items():
-                module, _, short = pname.rpartition(".")
-                if (module in self.bias_stacks and short == "bias") or module in self.param_stacks \
-                        or (module in self.whole_pools and short == "weight"):
-                    continue  # served from the stacks and pools
-                whole.setdefault(module, {})[short] = tensor.to(self.device, self.dtype, non_blocking=True)
         if self._copy_stream is not None:
             self._copy_stream.synchronize()  # the slot is used only once its bytes have landed
         # Pools: the delta's tensor, or none (the base's). Tied modules share a pool: filled once.
@@ -316,7 +309,6 @@ class DeltaBank:
                 pool.put(slot, {"signs": delta.signs[name], "scales": delta.scales[name].float()}, self._copy_stream)
             else:
                 pool.drop(slot)
-        return whole
 
     def _free_or_evictable_slot(self) -> int | None:
         for s in range(self.n_slots):
@@ -338,24 +330,9 @@ class DeltaBank:
             if t is not None and t.slot == slot:
                 t.slot = None
         self.slot_tenant[slot], self.slot_ready[slot], self.slot_owner[slot] = None, False, None
-        self.slot_whole[slot], self.slot_whole_bytes[slot] = {}, 0
         self.slot_overrides[slot] = set()
         for pool in [*self.whole_pools.values(), *self.embed_pools.values()]:
             pool.drop(slot)
-
-
-SMALL_PARAM_NUMEL = 1 << 16  # norms and the like; embeddings and heads go to SlotPools
-
-
-def _small_param_modules(model: nn.Module, linears: set[str]) -> dict[str, dict[str, torch.Tensor]]:
-    """Modules other than the delta-aware linears and embeddings whose own parameters are all small."""
-    out = {}
-    for name, mod in model.named_modules():
-        params = dict(mod.named_parameters(recurse=False))
-        if params and name not in linears and not isinstance(mod, nn.Embedding) \
-                and all(p.numel() <= SMALL_PARAM_NUMEL for p in params.values()):
-            out[name] = params
-    return out
 
 
 def _whole_pools(model: nn.Module, linears: dict[str, tuple[int, int]], n_slots: int, device: torch.device,

@@ -1,14 +1,17 @@
-"""The engine: one base model, a DeltaBank of tenants, and continuous batching across tenants.
+"""The engine: one base model, a DeltaBank of tenants, continuous batching across tenants.
 
-A background thread runs the loop: admit waiting requests whose tenant is on the device
-(each is prefilled alone, then joins the running batch), run one decode step for the whole
-batch (rows of different tenants, one kernel launch per layer), stream each row's new text,
-drop rows that finished or were cancelled. Requests wait in a bounded queue; a request whose
-tenant is still loading waits up to `load_timeout_s`. Framework-free: Ray is not needed.
+A background thread runs the loop. Each step: admit waiting requests whose tenant is on the
+device (up to `max_batch_size` sequences), plan the step (serving/scheduler.py: decode rows
+first, then prefill chunks, within a token budget and the free KV blocks, preempting the
+youngest sequence when blocks run out), run ONE forward pass over all scheduled tokens
+packed into one row — rows of different tenants, one kernel launch per linear — with K/V in
+a paged pool (serving/paged_kv.py), sample where a sequence reached its last token, stream
+new text (incremental detokenization), drop rows that finished or were cancelled.
+Requests wait in a bounded queue; a request whose tenant is still loading waits up to
+`load_timeout_s`. Framework-free: Ray is not needed.
 
-Left for later (correct but simple): prefill runs one request at a time (no chunked or
-batched prefill); the KV cache is a padded DynamicCache (no paging); stop strings decode
-the whole completion each step.
+Not yet: CUDA graphs for decode and a fused paged-attention kernel on GPU (the attention
+gathers each sequence's context), detokenization on its own thread, prefix caching.
 """
 
 from __future__ import annotations
@@ -25,12 +28,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import DynamicCache
-
 from .bank import FAILED, READY
-from .batch_cache import BatchCache
-from .served import build_served_model
+from .detokenize import IncrementalText
+from .paged_kv import KVPool, PagedContext, StepLayout, attach
 from .sampling import SamplingParams, next_tokens
+from .scheduler import SeqView, plan_step
+from .served import build_served_model
 
 log = logging.getLogger("deltafleet.serving")
 BASE_TENANT = None  # the tenant value meaning "the base model itself"
@@ -111,8 +114,19 @@ class Sequence:
     slot: int = -1
     generator: torch.Generator | None = None
     out_ids: list[int] = field(default_factory=list)
+    text: IncrementalText | None = None
     emitted: int = 0  # characters of the completion text already streamed
     first_token_at: float | None = None
+    computed: int = 0  # tokens (prompt + generated) whose K/V are in the cache
+    blocks: list[int] = field(default_factory=list)  # KV pool blocks, in position order
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.out_ids)
+
+    def token(self, i: int) -> int:
+        n = len(self.prompt_ids)
+        return self.prompt_ids[i] if i < n else self.out_ids[i - n]
 
 
 class Engine:
@@ -126,27 +140,56 @@ class Engine:
         gpu_bank_bytes: int = 4 << 30,
         cpu_bank_bytes: int = 16 << 30,
         load_timeout_s: float = 120.0,
+        kv_cache_bytes: int | None = None,
+        block_size: int = 16,
+        max_step_tokens: int = 512,
     ) -> None:
         served = build_served_model(base_model, device, dtype, gpu_bank_bytes, cpu_bank_bytes, on_change=self._wake)
         self.device, self.dtype = served.device, served.dtype
         self.model, self.tokenizer, self.ctx, self.bank = served.model, served.tokenizer, served.ctx, served.bank
         self.fingerprint = served.fingerprint
         self.max_batch_size, self.max_queue, self.load_timeout_s = max_batch_size, max_queue, load_timeout_s
+        self.max_step_tokens = max_step_tokens  # decode rows + prefill chunks per step
         eos = self.model.generation_config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         if self.tokenizer.eos_token_id is not None:
             self.eos_ids.add(self.tokenizer.eos_token_id)
         self.max_len = getattr(self.model.config, "max_position_embeddings", None) or 1 << 30
         self.vocab_size = self.model.get_input_embeddings().num_embeddings
+        self.kv = self._make_kv_pool(kv_cache_bytes, block_size)
+        self.paged = PagedContext(self.kv)
+        if attach(self.model, self.paged) == 0:
+            raise ValueError(f"{base_model}: no attention modules found for the paged KV cache")
         self.pending: deque[Sequence] = deque()
         self.running: list[Sequence] = []
-        self.cache = BatchCache()
         self.steps = 0
+        self.counters = {"preemptions": 0, "prefill_tokens": 0, "decode_tokens": 0, "failed_steps": 0}
+        self.device_error: str | None = None  # a sticky device error: the replica must be replaced
         self._ids = itertools.count()
         self._cv = threading.Condition()
         self._stop = False
         self._thread = threading.Thread(target=self._loop, name="deltafleet-decode", daemon=True)
         self._thread.start()
+
+    def _make_kv_pool(self, kv_cache_bytes: int | None, block_size: int) -> KVPool:
+        """Size the pool from what the device has left after the base and the bank (GPU), or
+        1 GiB (CPU), unless given; at least one sequence of the full context must fit."""
+        cfg = self.model.config
+        layers, kv_heads = cfg.num_hidden_layers, getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        per_block = KVPool.bytes_per_block(layers, block_size, kv_heads, head_dim, self.dtype)
+        if kv_cache_bytes is None:
+            if self.device.type == "cuda":
+                free, _ = torch.cuda.mem_get_info(self.device)
+                kv_cache_bytes = int(free * 0.8)  # the rest: activations and the slot pools' growth
+            else:
+                kv_cache_bytes = 1 << 30
+        n_blocks = kv_cache_bytes // per_block
+        if n_blocks < 1:
+            raise ValueError(f"kv_cache_bytes={kv_cache_bytes} holds no KV block ({per_block} bytes each)")
+        n_blocks = min(n_blocks, self.max_batch_size * -(-self.max_len // block_size))  # never more than the batch can use
+        log.info("KV cache: %d blocks of %d tokens (%.1f MiB)", n_blocks, block_size, n_blocks * per_block / 2**20)
+        return KVPool(layers, n_blocks, block_size, kv_heads, head_dim, self.dtype, self.device)
 
     # ---- tenant set ---------------------------------------------------------------------
     def set_tenants(self, tenants: dict[str, Path]) -> None:
@@ -197,16 +240,20 @@ class Engine:
         bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
         if bad is not None:
             raise BadRequest(f"prompt token id {bad} is outside the model's vocabulary [0, {self.vocab_size})")
+        capacity = self.kv.n_blocks * self.kv.block_size
         if params.max_tokens is None:  # chat's default: whatever context the prompt leaves
-            params = params.model_copy(update={"max_tokens": max(1, self.max_len - len(ids))})
+            params = params.model_copy(update={"max_tokens": max(1, min(self.max_len, capacity) - len(ids))})
         if len(ids) + params.max_tokens > self.max_len:
             raise BadRequest(f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the model's context of {self.max_len}")
+        if len(ids) + params.max_tokens > capacity:
+            raise BadRequest(f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds this replica's "
+                             f"KV cache of {capacity} tokens")
         stream = RequestStream(loop)
         gen = None
         if params.temperature > 0:
             gen = torch.Generator(device=self.device)
             gen.manual_seed(params.seed if params.seed is not None else random.getrandbits(63))
-        seq = Sequence(next(self._ids), tenant, ids, params, stream, generator=gen)
+        seq = Sequence(next(self._ids), tenant, ids, params, stream, generator=gen, text=IncrementalText(self.tokenizer))
         with self._cv:
             if len(self.pending) >= self.max_queue:
                 raise Overloaded(f"queue is full ({self.max_queue} waiting requests); retry later")
@@ -227,7 +274,10 @@ class Engine:
 
     def stats(self) -> dict:
         with self._cv:
-            return {"running": len(self.running), "waiting": len(self.pending), "steps": self.steps, "bank": self.bank.stats()}
+            return {
+                "running": len(self.running), "waiting": len(self.pending), "steps": self.steps, **self.counters,
+                "kv_blocks_free": self.kv.num_free, "kv_blocks_total": self.kv.n_blocks, "bank": self.bank.stats(),
+            }
 
     def close(self) -> None:
         with self._cv:
@@ -249,18 +299,17 @@ class Engine:
                 if not self.running:
                     self._cv.wait(timeout=0.05 if self.pending else 0.5)
                 waiting = list(self.pending)
-            try:
-                with torch.inference_mode():
-                    self._admit(waiting)
-                    if self.running:
-                        self._step()
-            except Exception as e:  # never let one bad batch kill the replica's loop
-                log.exception("decode step failed")
-                self._fail_all(EngineError(f"generation failed: {type(e).__name__}: {e}"), pending=False)
+            with torch.inference_mode():
+                self._admit(waiting)
+                if self.running:
+                    self._step()
         self._fail_all(TenantUnavailable("engine is shutting down"))
 
     def _admit(self, waiting: list[Sequence]) -> None:
         now = time.monotonic()
+        if len(waiting) > self.max_batch_size - len(self.running):  # a deep queue: fewer distinct tenants per step
+            busy = {s.tenant for s in self.running}
+            waiting = sorted(waiting, key=lambda s: s.tenant not in busy)
         for seq in waiting:
             error = None
             if seq.stream.cancelled:
@@ -287,54 +336,86 @@ class Engine:
                     continue  # being copied to the device (or all slots pinned): others go ahead
                 seq.slot = slot
             self._dequeue(seq)
-            self._prefill(seq)
+            self.running.append(seq)  # its prompt is prefilled in chunks by the coming steps
 
     def _dequeue(self, seq: Sequence) -> None:
         with self._cv:
             self.pending.remove(seq)
 
-    def _prefill(self, seq: Sequence) -> None:
-        n = len(seq.prompt_ids)
-        ids = torch.tensor([seq.prompt_ids], device=self.device)
-        cache = DynamicCache()
-        self.ctx.set([seq.slot], self.device)
+    def _step(self) -> None:
+        cancelled = [s for s in self.running if s.stream.cancelled]  # e.g. the client left mid-prefill
+        for s in cancelled:
+            s.stream.put(self._final(s, "", [], "cancelled"))
+        self._drop(cancelled)
+        if not self.running:
+            return
+        views = [SeqView(s.id, s.n_tokens, s.computed, len(s.blocks)) for s in self.running]
+        plan = plan_step(views, self.kv.num_free, self.kv.block_size, self.max_step_tokens, self.max_step_tokens)
+        by_id = {s.id: s for s in self.running}
+        for sid in plan.preempt:  # recomputed later from its tokens
+            self.kv.release(by_id[sid].blocks)
+            by_id[sid].computed = 0
+            self.counters["preemptions"] += 1
+        if not plan.chunks:
+            return
+        batch = [(by_id[sid], n) for sid, n in plan.chunks.items()]
+        try:
+            tokens = self._forward(batch)
+        except Exception as e:
+            log.exception("engine step failed")
+            self.counters["failed_steps"] += 1
+            if _is_sticky_device_error(e) or len(batch) == 1:
+                if _is_sticky_device_error(e):
+                    self.device_error = f"{type(e).__name__}: {e}"
+                self._fail([s for s, _ in batch], e)
+                return
+            tokens = []  # find the culprit: each row alone (the failed pass advanced nothing)
+            for s, n in batch:
+                try:
+                    tokens += self._forward([(s, n)])
+                except Exception as e1:
+                    self._fail([s], e1)
+        self.steps += 1
+        done = [s for s, tok in tokens if not self._take(s, tok)]
+        self._drop(done)
+
+    def _fail(self, seqs: list[Sequence], e: Exception) -> None:
+        """These rows end with an error event; their blocks and slots are freed."""
+        for s in seqs:
+            what = "prefill" if s.computed < len(s.prompt_ids) else "generation"
+            s.stream.put(Event("", [], error=EngineError(f"{what} failed: {type(e).__name__}: {e}")))
+        self._drop(seqs)
+
+    def _forward(self, batch: list[tuple[Sequence, int]]) -> list[tuple[Sequence, int]]:
+        """One forward pass over the batch's chunks, packed into one row; the sampled tokens."""
+        for s, n in batch:
+            s.blocks += self.kv.allocate(self.kv.blocks_for(s.computed + n) - len(s.blocks))
+        ids, slots, kept, sampled = [], [], [], []
+        for s, n in batch:
+            ids += [s.token(i) for i in range(s.computed, s.computed + n)]
+            slots += [s.slot] * n
+            if s.computed + n == s.n_tokens:  # its last token is in this chunk: sample the next one
+                kept.append(len(ids) - 1)
+                sampled.append(s)
+        keep = kept or [len(ids) - 1]  # every chunk mid-prompt: one position's logits, unused
+        self.paged.layout = StepLayout.build([(s.blocks, s.computed, n) for s, n in batch], self.kv.block_size, self.device)
+        self.ctx.set_packed(slots, keep, self.device)
         try:
             out = self.model(
-                input_ids=ids,
-                attention_mask=torch.ones_like(ids),
-                position_ids=torch.arange(n, device=self.device)[None],
-                cache=cache,
-                use_cache=True,
+                input_ids=torch.tensor([ids], device=self.device),  # [1, T]
+                position_ids=self.paged.layout.positions,  # [1, T]
+                logits_to_keep=torch.tensor(keep, device=self.device),
+                use_cache=False,
             )
-            token = next_tokens(out.logits[:, -1], [seq.params], [seq.generator])[0]
-        except Exception as e:  # e.g. out of memory: this request fails alone, its slot unpinned, the batch goes on
-            log.exception("prefill failed")
-            if seq.slot >= 0:
-                self.bank.release(seq.slot)
-            seq.stream.put(Event("", [], error=EngineError(f"prefill failed: {type(e).__name__}: {e}")))
-            return
-        self.cache.add(out.cache, n)
-        self.running.append(seq)
-        if not self._take(seq, token):
-            self._drop([len(self.running) - 1])
-
-    def _step(self) -> None:
-        batch = self.running
-        ids = torch.tensor([[s.out_ids[-1]] for s in batch], device=self.device)
-        mask = torch.cat([self.cache.mask, self.cache.mask.new_ones(len(batch), 1)], dim=1)
-        self.ctx.set([s.slot for s in batch], self.device)
-        out = self.model(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=torch.tensor([[p] for p in self.cache.positions], device=self.device),
-            cache=self.cache.as_dynamic(),
-            use_cache=True,
-        )
-        self.cache.update_from(out.cache)
-        tokens = next_tokens(out.logits[:, -1], [s.params for s in batch], [s.generator for s in batch])
-        self.steps += 1
-        done = [i for i, (s, tok) in enumerate(zip(batch, tokens)) if not self._take(s, tok)]
-        self._drop(done)
+        finally:
+            self.paged.layout = None
+        for s, n in batch:
+            s.computed += n
+            self.counters["decode_tokens" if n == 1 and s.computed > len(s.prompt_ids) else "prefill_tokens"] += n
+        if not sampled:
+            return []
+        logits = out.logits[0, : len(sampled)]  # [K, V]
+        return list(zip(sampled, next_tokens(logits, [s.params for s in sampled], [s.generator for s in sampled])))
 
     def _take(self, seq: Sequence, token: int) -> bool:
         """Record a new token, stream new text; False when the sequence is finished."""
@@ -346,18 +427,17 @@ class Engine:
         if token in self.eos_ids:
             return self._finish(seq, "stop")
         seq.out_ids.append(token)
-        text = self.tokenizer.decode(seq.out_ids, skip_special_tokens=True)
+        seq.text.add(token)
+        text = seq.text.text
         stops = seq.params.stop
         for stop in stops:
             at = text.find(stop, max(0, seq.emitted - len(stop)))
             if at >= 0:
                 return self._finish(seq, "stop", text[:at])
         if len(seq.out_ids) >= seq.params.max_tokens:
-            return self._finish(seq, "length", text)
+            return self._finish(seq, "length")
         hold = max((len(s) for s in stops), default=1) - 1  # a stop string may still be forming
         end = len(text) - hold
-        while end > seq.emitted and text[end - 1] == "\ufffd":  # an incomplete UTF-8 sequence
-            end -= 1
         if end > seq.emitted:
             seq.stream.put(Event(text[seq.emitted:end], [token], None))
             seq.emitted = end
@@ -367,7 +447,8 @@ class Engine:
 
     def _finish(self, seq: Sequence, reason: str, text: str | None = None) -> bool:
         if text is None:
-            text = self.tokenizer.decode(seq.out_ids, skip_special_tokens=True)
+            seq.text.flush()  # a character still incomplete at the end is emitted as it is
+            text = seq.text.text
         last = [seq.out_ids[-1]] if reason == "length" else []
         seq.stream.put(self._final(seq, text[seq.emitted:], last, reason))
         return False
@@ -375,25 +456,28 @@ class Engine:
     def _final(self, seq: Sequence, text: str, ids: list[int], reason: str) -> Event:
         return Event(text, ids, reason, None, len(seq.prompt_ids), len(seq.out_ids))
 
-    def _drop(self, rows: list[int]) -> None:
-        if not rows:
+    def _drop(self, seqs: list[Sequence]) -> None:
+        """Finished, failed or cancelled sequences leave: their KV blocks and slot are freed."""
+        if not seqs:
             return
-        for i in rows:
-            if self.running[i].slot >= 0:
-                self.bank.release(self.running[i].slot)
-        keep = [i for i in range(len(self.running)) if i not in set(rows)]
-        self.running = [self.running[i] for i in keep]
-        self.cache.keep(keep)
+        gone = {id(s) for s in seqs}
+        for s in seqs:
+            self.kv.release(s.blocks)
+            if s.slot >= 0:
+                self.bank.release(s.slot)
+                s.slot = -1
+        self.running = [s for s in self.running if id(s) not in gone]
 
-    def _fail_all(self, error: EngineError, pending: bool = True) -> None:
+    def _fail_all(self, error: EngineError) -> None:
         for seq in self.running:
             seq.stream.put(Event("", [], error=error))
-            if seq.slot >= 0:
-                self.bank.release(seq.slot)
-        self.running, self.cache = [], BatchCache()
-        if not pending:
-            return
+        self._drop(list(self.running))
         with self._cv:
             waiting, self.pending = list(self.pending), deque()
         for seq in waiting:
             seq.stream.put(Event("", [], error=error))
+
+
+def _is_sticky_device_error(e: Exception) -> bool:
+    """CUDA errors such as an illegal address poison the context: every later call fails too."""
+    return isinstance(e, torch.AcceleratorError) or "CUDA error" in str(e)

@@ -30,42 +30,51 @@ CPU_SIGN_CACHE_BYTES = 1 << 30
 
 
 class BatchContext:
-    """Which bank slot each sequence of the current forward uses (-1 = the base).
+    """Which bank slot each row of the current forward uses (-1 = the base).
 
-    Row grouping (a host sync on GPU) is computed once per step and row count, and shared by
-    every layer of the forward pass: the kernels' segments and the whole-tensor overrides'
-    row indices both come from it."""
+    Two layouts: batch-first sequences (`set`: inputs [B, S], a slot per sequence; the
+    teacher-forced scorer) and a packed engine step (`set_packed`: inputs [1, T] holding every
+    scheduled sequence's new tokens, a slot per token, and the K positions whose logits are
+    kept, which is all the output head sees). Row grouping (a host sync on GPU) is computed
+    once per step and row count, and shared by every layer of the forward pass."""
 
     def __init__(self, bank, sign_cache: SignCache | None = None) -> None:
         self.bank = bank
         self.sign_cache = sign_cache
-        self.slot_of_seq: torch.Tensor | None = None  # [B] int64 on the model's device
         self.slots: list[int] = []  # distinct non-negative slots in the batch
+        self._slot_of_seq: torch.Tensor | None = None  # [B] (batch-first layout)
+        self._row_slots: dict[int, torch.Tensor] = {}  # row count -> [m] slot of each row
         self._rows: dict[int, tuple[torch.Tensor, TenantGroups]] = {}
-        self._slot_rows: dict[int, list[tuple[int, torch.Tensor]]] = {}
 
     def set(self, slot_of_seq: list[int], device: torch.device) -> None:
-        self.slot_of_seq = torch.tensor(slot_of_seq, dtype=torch.int64, device=device)
+        self._slot_of_seq = torch.tensor(slot_of_seq, dtype=torch.int64, device=device)
         self.slots = sorted({s for s in slot_of_seq if s >= 0})
-        self._rows, self._slot_rows = {}, {}
+        self._row_slots, self._rows = {}, {}
+
+    def set_packed(self, slot_of_token: list[int], kept: list[int], device: torch.device) -> None:
+        """slot_of_token [T]: each packed token's slot; kept: the packed indices whose logits are computed."""
+        tok = torch.tensor(slot_of_token, dtype=torch.int64, device=device)
+        self._slot_of_seq = None
+        self.slots = sorted({s for s in slot_of_token if s >= 0})
+        # T == K only when every token is kept, and then both maps are the same.
+        self._row_slots = {len(slot_of_token): tok, len(kept): tok[torch.tensor(kept, dtype=torch.int64, device=device)]}
+        self._rows = {}
+
+    def row_slots(self, m: int) -> torch.Tensor:
+        """[m] slot of each of m flattened rows ([B, S, ...] -> B*S rows, batch first)."""
+        if m not in self._row_slots:
+            if self._slot_of_seq is None:
+                raise RuntimeError(f"packed step: no slot map for {m} rows")
+            b = self._slot_of_seq.shape[0]
+            self._row_slots[m] = self._slot_of_seq.repeat_interleave(m // b)
+        return self._row_slots[m]
 
     def rows(self, m: int) -> tuple[torch.Tensor, TenantGroups]:
-        """Slot of each of m flattened rows ([B, S, K] -> [B*S] rows, S = m // B), and their grouping."""
+        """Slot of each of m flattened rows, and their grouping for the kernels."""
         if m not in self._rows:
-            b = self.slot_of_seq.shape[0]
-            rows = self.slot_of_seq.repeat_interleave(m // b) if m != b else self.slot_of_seq
+            rows = self.row_slots(m)
             self._rows[m] = (rows, group_rows(rows, self.bank.n_slots))
         return self._rows[m]
-
-    def slot_rows(self, m: int) -> list[tuple[int, torch.Tensor]]:
-        """(slot, int64 indices of its rows among m flattened rows) for every slot in the batch."""
-        if m not in self._slot_rows:
-            groups = self.rows(m)[1]
-            order = groups.order.long()
-            self._slot_rows[m] = [
-                (t, order[groups.starts[i] : groups.starts[i + 1]]) for i, t in enumerate(groups.tenants) if t >= 0
-            ]
-        return self._slot_rows[m]
 
 
 class DeltaLinear(nn.Module):
@@ -127,7 +136,7 @@ def add_embedding_hook(module: nn.Embedding, name: str, ctx: BatchContext) -> No
         if not ctx.slots:
             return None
         ids = args[0]  # [B, S]
-        slot = ctx.slot_of_seq[:, None].expand_as(ids) + 1  # [B, S]; 0 = the base
+        slot = ctx.row_slots(ids.numel()).view_as(ids) + 1  # [B, S]; 0 = the base
         vocab, scale = mod.num_embeddings, getattr(mod, "embed_scale", None)
         pool = ctx.bank.whole_pools[name]
         if pool.in_batch(ctx.slots):
@@ -153,43 +162,32 @@ def add_embedding_hook(module: nn.Embedding, name: str, ctx: BatchContext) -> No
     module.register_forward_hook(hook)
 
 
-def add_whole_hook(module: nn.Module, name: str, ctx: BatchContext) -> None:
-    """Recompute this module's output rows for tenants that store its parameters whole: norms
-    in one vectorized call over the bank's stacks, any other module per slot."""
+def add_norm_hook(module: nn.Module, name: str, ctx: BatchContext) -> None:
+    """Rerun a small module (a norm) with each token's parameters when a tenant in the batch
+    changes them: one vectorized call over the bank's stacks (torch.func.vmap over
+    functional_call: the module's own code, no Python loop over slots)."""
     busy = [False]
 
-    def call(mod, params, args):
+    def call(mod, params, x):
         busy[0] = True
         try:
-            return torch.func.functional_call(mod, params, args)
+            return torch.func.functional_call(mod, params, (x,))
         finally:
             busy[0] = False
-
-    def per_row(mod, stacks, x):
-        """The module over each row with that row's parameters, in one vectorized call."""
-        sel = ctx.slot_of_seq + 1  # [B]; row 0 of a stack is the base's
-        params = {p: t.index_select(0, sel) for p, t in stacks.items()}  # [B, *shape]
-        return torch.func.vmap(lambda p, xi: call(mod, p, (xi,)))(params, x)
 
     def hook(mod, args, output):
         if busy[0] or not ctx.slots or not isinstance(output, torch.Tensor):
             return None
-        stacks = ctx.bank.param_stacks.get(name)
-        if stacks is not None:  # norms: no Python loop over slots
-            if not any(name in ctx.bank.slot_overrides[s] for s in ctx.slots):
-                return None
-            if len(args) == 1 and isinstance(args[0], torch.Tensor):
-                return per_row(mod, stacks, args[0]).to(output.dtype)
-            for s, idx in ctx.slot_rows(ctx.slot_of_seq.shape[0]):  # a module called with other arguments
-                sub = tuple(a.index_select(0, idx) if isinstance(a, torch.Tensor) else a for a in args)
-                output.index_copy_(0, idx, call(mod, {p: t[s + 1] for p, t in stacks.items()}, sub).to(output.dtype))
-            return output
-        for s, idx in ctx.slot_rows(ctx.slot_of_seq.shape[0]):  # a module of no other kind; rows are sequences
-            params = ctx.bank.whole_of_slot(s, name)
-            if params:
-                sub = tuple(a.index_select(0, idx) if isinstance(a, torch.Tensor) else a for a in args)
-                output.index_copy_(0, idx, call(mod, params, sub).to(output.dtype))
-        return output
+        if not any(name in ctx.bank.slot_overrides[s] for s in ctx.slots):
+            return None
+        if len(args) != 1 or not isinstance(args[0], torch.Tensor) or args[0].dim() < 3:
+            raise RuntimeError(f"{name}: a per-tenant norm must take one batch-first tensor [B, S, ...]")
+        x = args[0]  # [B, S, *rest]
+        m = x.shape[0] * x.shape[1]  # tokens
+        sel = ctx.row_slots(m) + 1  # [m]; stack row 0 is the base's
+        params = {p: t.index_select(0, sel) for p, t in ctx.bank.param_stacks[name].items()}  # [m, *shape]
+        y = torch.func.vmap(lambda p, xi: call(mod, p, xi))(params, x.reshape(m, 1, *x.shape[2:]))  # [m, 1, *rest]
+        return y.reshape(output.shape).to(output.dtype)
 
     module.register_forward_hook(hook)
 
@@ -199,8 +197,10 @@ def embedding_supports_1bit(mod: nn.Module) -> bool:
     return isinstance(mod, nn.Embedding) and (type(mod) is nn.Embedding or hasattr(mod, "embed_scale"))
 
 
-def patch_model(model: nn.Module, ctx: BatchContext) -> dict[str, tuple[int, int]]:
-    """Swap linears for DeltaLinear and hook every other module that owns parameters.
+def patch_model(model: nn.Module, ctx: BatchContext, small_modules: set[str]) -> dict[str, tuple[int, int]]:
+    """Swap linears for DeltaLinear, hook embeddings and the small modules (norms) whose
+    parameters the bank stacks per slot. A delta that stores whole parameters of any other
+    module is refused by the bank (there is no per-token path for it).
 
     Returns {module name: (out_features, in_features)} of the delta-aware linears."""
     linears: dict[str, tuple[int, int]] = {}
@@ -212,6 +212,24 @@ def patch_model(model: nn.Module, ctx: BatchContext) -> dict[str, tuple[int, int
             linears[name] = (mod.out_features, mod.in_features)
         elif embedding_supports_1bit(mod):
             add_embedding_hook(mod, name, ctx)
-        elif any(True for _ in mod.parameters(recurse=False)):
-            add_whole_hook(mod, name, ctx)
+        elif name in small_modules:
+            add_norm_hook(mod, name, ctx)
     return linears
+
+
+SMALL_PARAM_NUMEL = 1 << 16  # norms and the like; embeddings and heads go to SlotPools
+
+
+def small_param_modules(model: nn.Module, linears: set[str] = frozenset()) -> dict[str, dict[str, torch.Tensor]]:
+    """Modules whose own parameters are all small (norms), other than delta-aware linears
+    (by name, or nn.Linear with in_features % 32 == 0 before patching) and embeddings."""
+    out = {}
+    for name, mod in model.named_modules():
+        params = dict(mod.named_parameters(recurse=False))
+        if not params or name in linears or isinstance(mod, (nn.Embedding, DeltaLinear)):
+            continue
+        if isinstance(mod, nn.Linear) and mod.in_features % 32 == 0:
+            continue
+        if all(p.numel() <= SMALL_PARAM_NUMEL for p in params.values()):
+            out[name] = params
+    return out

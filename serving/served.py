@@ -20,7 +20,7 @@ from deltafleet.compress.fingerprint import fingerprint_model
 from deltafleet.kernels import SignCache
 
 from .bank import FAILED, LOADING, DeltaBank
-from .layers import CPU_SIGN_CACHE_BYTES, BatchContext, patch_model
+from .layers import CPU_SIGN_CACHE_BYTES, BatchContext, patch_model, small_param_modules
 from .model import load_base, pick_device, pick_dtype
 
 
@@ -44,7 +44,7 @@ def build_served_model(
     model, tokenizer = load_base(base_model, dev, dt)
     fingerprint = fingerprint_model(model)
     ctx = BatchContext(bank=None, sign_cache=SignCache(CPU_SIGN_CACHE_BYTES) if dev.type == "cpu" else None)
-    linears = patch_model(model, ctx)
+    linears = patch_model(model, ctx, set(small_param_modules(model)))
     ctx.bank = DeltaBank(model, linears, fingerprint, dev, dt, gpu_bank_bytes, cpu_bank_bytes, on_change=on_change)
     return ServedModel(model, tokenizer, ctx, ctx.bank, dev, dt, fingerprint)
 

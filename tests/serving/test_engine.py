@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
+import torch
 
 from deltafleet.serving.engine import BadRequest, Engine, TenantUnavailable, UnknownTenant
 from deltafleet.serving.sampling import SamplingParams
@@ -190,3 +193,55 @@ def test_without_max_tokens_a_request_may_use_the_context_the_prompt_leaves(engi
     assert out.completion_tokens <= engine.max_len - len(ids)
     assert out.finish_reason == "stop" or out.completion_tokens == engine.max_len - len(ids)
     assert out.completion_tokens > GREEDY.max_tokens or out.finish_reason == "stop"
+
+
+@pytest.mark.parametrize("kv_blocks,step_tokens", [(64, 3), (9, 512), (9, 5)], ids=["chunked-prefill", "preemption", "both"])
+def test_outputs_equal_the_merged_models_with_chunked_prefill_and_preemption_under_load(toy, expected, kv_blocks, step_tokens):
+    """A tiny KV pool (9 blocks of 4 positions: 36 tokens for 16 requests of ~30) forces
+    preemption by recompute; a 3-token step budget forces every prompt through several
+    prefill chunks beside decode rows. Every request still gets exactly its merged model's
+    greedy tokens."""
+    from deltafleet.serving.paged_kv import KVPool
+
+    cfg = (2, 4, 2, 16)  # layers, block size, kv heads, head dim of the toy base
+    eng = Engine(str(toy.base_dir), device="cpu", dtype="float32", max_batch_size=8, block_size=4,
+                 kv_cache_bytes=kv_blocks * KVPool.bytes_per_block(*cfg, torch.float32), max_step_tokens=step_tokens)
+    try:
+        assert eng.kv.n_blocks == kv_blocks
+        eng.set_tenants(toy.deltas)
+        eng.wait_ready()
+        jobs = [(name, p) for p in PROMPTS for name in [None, *sorted(toy.deltas)]]
+        streams = [(job, eng.submit(job[0], job[1], GREEDY)) for job in jobs]
+        for job, stream in streams:
+            assert [t for ev in stream for t in ev.token_ids] == expected[job], job
+        stats = eng.stats()
+        if kv_blocks < 16:
+            assert stats["preemptions"] > 0, "the pool was meant to run out"
+        assert stats["kv_blocks_free"] == kv_blocks  # every block came back
+        assert eng.bank.slot_refs == [0] * eng.bank.n_slots
+    finally:
+        eng.close()
+
+
+def test_a_request_larger_than_the_kv_cache_is_refused_before_any_work(toy):
+    from deltafleet.serving.paged_kv import KVPool
+
+    eng = Engine(str(toy.base_dir), device="cpu", dtype="float32", block_size=4,
+                 kv_cache_bytes=4 * KVPool.bytes_per_block(2, 4, 2, 16, torch.float32))
+    try:
+        with pytest.raises(BadRequest, match="exceeds this replica's KV cache of 16 tokens"):
+            eng.submit(None, PROMPTS[0], SamplingParams(max_tokens=20, temperature=0))
+    finally:
+        eng.close()
+
+
+def test_a_request_cancelled_before_its_first_token_frees_its_blocks_and_slot(engine):
+    stream = engine.submit("team-a/alpha", "x " * 40, SamplingParams(max_tokens=100, temperature=0))
+    stream.cancel()
+    events = list(stream)
+    assert events[-1].finish_reason == "cancelled"
+    assert events[-1].completion_tokens <= 1
+    deadline = time.monotonic() + 5
+    while engine.stats()["running"] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert engine.kv.num_free == engine.kv.n_blocks

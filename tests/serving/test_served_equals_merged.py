@@ -69,7 +69,6 @@ def test_served_greedy_text_equals_the_merged_checkpoint(case, reference_greedy)
             got = [t for ev in engine.submit("t", prompt, GREEDY) for t in ev.token_ids]
             assert got == reference_greedy(merged, ids, GREEDY.max_tokens), f"{family}/{option}: {prompt!r}"
         slot = engine.bank.status("t").slot
-        assert not set(engine.bank.slot_whole[slot]) & set(engine.bank.param_stacks)
         assert engine.bank.slot_overrides[slot], "the fine-tune changed its norms: the stacks are in use"
     finally:
         engine.close()
@@ -136,7 +135,6 @@ def test_a_batch_mixing_tenants_and_the_base_serves_each_row_as_its_own_merged_c
     # the large whole tensors came from the pools (one entry per tenant), not per-slot tensors
     pool = served.bank.whole_pools["model.embed_tokens"]
     assert {slots["a"], slots["b"]} <= pool.slots
-    assert all(not served.bank.slot_whole[s] for s in slots.values() if s >= 0)
     if "e" in deltas:
         assert served.bank.embed_pools["model.embed_tokens"].slots == {slots["e"]}
 

@@ -1,0 +1,157 @@
+"""Paged KV cache: a pool of fixed-size blocks, and attention over it for a packed step.
+
+The pool holds every layer's keys and values in blocks of `block_size` token positions,
+
+    k, v  [layers, n_blocks * block_size, kv_heads, head_dim]   (a position's flat index is
+                                                                 block * block_size + offset)
+
+and a sequence owns a list of blocks (its block table). Admitting or finishing a sequence
+moves no cache bytes: blocks are handed out and returned. A step packs the new tokens of
+every scheduled sequence (decode rows: 1 token; prefill chunks: many) into one row [1, T];
+`StepLayout` says where each token's K/V goes and which positions each sequence attends to.
+
+Attention runs through transformers' attention interface (`ATTENTION = "deltafleet_paged"`):
+the model's own layers compute q/k/v and RoPE; `paged_attention` writes the new K/V into
+the pool, gathers each sequence's context into a padded [B, kv_heads, L, head_dim] and calls
+`scaled_dot_product_attention` with a causal (and sliding-window) mask. The gather is a
+copy of the batch's context per layer: the portable path (CPU, any GPU). A fused paged
+kernel on GPU (flashinfer / FlashAttention's paged decode) reads blocks in place; that is the
+GPU engine's next step, see docs/serving.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AttentionInterface
+
+ATTENTION = "deltafleet_paged"
+
+
+class KVPool:
+    def __init__(self, n_layers: int, n_blocks: int, block_size: int, kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device) -> None:
+        self.n_blocks, self.block_size = n_blocks, block_size
+        shape = (n_layers, n_blocks * block_size, kv_heads, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self._free = list(range(n_blocks - 1, -1, -1))  # a stack: recently freed blocks are reused first
+
+    @staticmethod
+    def bytes_per_block(n_layers: int, block_size: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+        return 2 * n_layers * block_size * kv_heads * head_dim * torch.tensor([], dtype=dtype).element_size()
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def blocks_for(self, n_tokens: int) -> int:
+        return -(-n_tokens // self.block_size)
+
+    def allocate(self, n: int) -> list[int]:
+        if n > len(self._free):
+            raise RuntimeError(f"KV pool: {n} blocks asked, {len(self._free)} free")  # the scheduler checks first
+        return [self._free.pop() for _ in range(n)]
+
+    def release(self, blocks: list[int]) -> None:
+        self._free.extend(reversed(blocks))
+        blocks.clear()
+
+
+@dataclass
+class StepLayout:
+    """Where a packed step's tokens go. B sequences, T new tokens in all, Q = the longest chunk,
+    L = the longest context after this step."""
+
+    write_index: torch.Tensor  # [T] flat pool position of each new token's K/V
+    q_index: torch.Tensor  # [B, Q] packed index of each sequence's i-th new token (padding -> 0)
+    q_valid: torch.Tensor  # [B * Q] bool: real tokens, in packed order when read row-major
+    q_pos: torch.Tensor  # [B, Q] position of each new token (padding -> 0)
+    kv_index: torch.Tensor  # [B, L] flat pool position of each context position (padding -> a real one, masked)
+    kv_len: torch.Tensor  # [B] context length after this step
+    positions: torch.Tensor  # [1, T] position ids of the packed tokens
+    _masks: dict
+
+    @classmethod
+    def build(cls, chunks: list[tuple[list[int], int, int]], block_size: int, device: torch.device) -> "StepLayout":
+        """chunks: per sequence (block table, tokens already in the cache, new tokens this step)."""
+        b = len(chunks)
+        starts = torch.tensor([c[1] for c in chunks])  # [B]
+        counts = torch.tensor([c[2] for c in chunks])  # [B]
+        q, lmax = int(counts.max()), int((starts + counts).max())
+        nb = max(len(c[0]) for c in chunks)
+        table = torch.zeros(b, nb, dtype=torch.int64)  # [B, blocks]; padding block 0 is never read unmasked
+        for i, (blocks, _, _) in enumerate(chunks):
+            table[i, : len(blocks)] = torch.tensor(blocks, dtype=torch.int64)
+        kv_pos = torch.arange(lmax)[None].expand(b, lmax)  # [B, L]
+        kv_index = table.gather(1, (kv_pos // block_size).clamp(max=nb - 1)) * block_size + kv_pos % block_size
+        qi = torch.arange(q)[None].expand(b, q)  # [B, Q]
+        valid = qi < counts[:, None]  # [B, Q]
+        q_pos = torch.where(valid, starts[:, None] + qi, 0)
+        offsets = torch.cumsum(counts, 0) - counts  # [B] first packed index of each sequence
+        q_index = torch.where(valid, offsets[:, None] + qi, 0)
+        write_index = kv_index.gather(1, q_pos)[valid]  # [T], row-major = packed order
+        return cls(
+            write_index=write_index.to(device), q_index=q_index.to(device), q_valid=valid.reshape(-1).to(device),
+            q_pos=q_pos.to(device), kv_index=kv_index.to(device), kv_len=(starts + counts).to(device),
+            positions=q_pos[valid][None].to(device), _masks={},
+        )
+
+    def mask(self, sliding_window: int | None) -> torch.Tensor:
+        """[B, 1, Q, L] bool: causal, within the context, within the window if any."""
+        if sliding_window not in self._masks:
+            j = torch.arange(self.kv_index.shape[1], device=self.kv_index.device)[None, None]  # [1, 1, L]
+            p = self.q_pos[:, :, None]  # [B, Q, 1]
+            ok = j <= p
+            if sliding_window is not None:
+                ok = ok & (p - j < sliding_window)
+            self._masks[sliding_window] = ok[:, None]
+        return self._masks[sliding_window]
+
+
+class PagedContext:
+    """What the attention modules of one served model read: the pool and the current step."""
+
+    def __init__(self, pool: KVPool) -> None:
+        self.pool = pool
+        self.layout: StepLayout | None = None
+
+
+def paged_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                    attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+                    sliding_window: int | None = None, softcap: float | None = None, **kwargs):
+    """query [1, H, T, D], key/value [1, KVH, T, D] of the packed new tokens -> ([1, T, H, D], None)."""
+    ctx: PagedContext = module.deltafleet_paged
+    pool, lay, layer = ctx.pool, ctx.layout, module.layer_idx
+    if softcap is not None:
+        raise NotImplementedError("attention logit soft-capping is not supported by the paged engine")
+    pool.k[layer].index_copy_(0, lay.write_index, key[0].transpose(0, 1).to(pool.k.dtype))  # [T, KVH, D]
+    pool.v[layer].index_copy_(0, lay.write_index, value[0].transpose(0, 1).to(pool.v.dtype))
+    b, l = lay.kv_index.shape
+    _, h, t, d = query.shape
+    kvh = key.shape[1]
+    k = pool.k[layer].index_select(0, lay.kv_index.reshape(-1)).view(b, l, kvh, d).transpose(1, 2)  # [B, KVH, L, D]
+    v = pool.v[layer].index_select(0, lay.kv_index.reshape(-1)).view(b, l, kvh, d).transpose(1, 2)
+    q = query[0].transpose(0, 1).index_select(0, lay.q_index.reshape(-1))  # [B*Q, H, D]
+    q = q.view(b, -1, h, d).transpose(1, 2)  # [B, H, Q, D]
+    out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=lay.mask(sliding_window),
+                                         scale=scaling, enable_gqa=kvh != h)  # [B, H, Q, D]
+    out = out.transpose(1, 2).reshape(-1, h, d)[lay.q_valid]  # [T, H, D], packed order
+    return out[None], None
+
+
+AttentionInterface.register(ATTENTION, paged_attention)
+
+
+def attach(model: nn.Module, ctx: PagedContext) -> int:
+    """Point every attention module of the model at the pool; returns how many were found."""
+    n = 0
+    for mod in model.modules():
+        if hasattr(mod, "layer_idx") and hasattr(mod, "head_dim") and type(mod).__name__.endswith("Attention"):
+            mod.deltafleet_paged = ctx
+            n += 1
+    model.set_attn_implementation(ATTENTION)
+    return n

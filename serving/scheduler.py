@@ -1,0 +1,81 @@
+"""What one engine step computes: a pure function of the running sequences and the free KV blocks.
+
+Every sequence is "tokens [0, n) of which the first `computed` have K/V in the cache". A step
+gives each scheduled sequence a chunk of its uncomputed tokens: 1 for a decode row, up to
+`max_chunk` for a prefill. A sequence whose chunk reaches its last token gets a new token
+sampled from that position. Preempting a sequence frees its blocks and sets computed = 0;
+its tokens (prompt + everything generated) are recomputed later, and sampling resumes from
+where it stopped: recompute, not swap (vLLM's default).
+
+Order of service, oldest sequence first (first come, first served):
+1. decode rows, one token each. When the pool has no block for one, the youngest sequence
+   holding blocks is preempted (repeatedly) — never an older one;
+2. prefill chunks with what is left of the token budget and of the free blocks, so several
+   requests prefill together and decode never waits for a whole long prompt.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class SeqView:
+    id: int
+    n_tokens: int  # prompt + generated
+    computed: int  # tokens with K/V in the cache
+    n_blocks: int  # blocks held
+
+
+@dataclass
+class Plan:
+    chunks: dict[int, int] = field(default_factory=dict)  # sequence id -> new tokens this step (in service order)
+    preempt: list[int] = field(default_factory=list)  # sequence ids whose blocks are freed first
+
+    @property
+    def tokens(self) -> int:
+        return sum(self.chunks.values())
+
+
+def plan_step(seqs: list[SeqView], free_blocks: int, block_size: int, token_budget: int, max_chunk: int) -> Plan:
+    """seqs oldest first. Returns the chunks to compute and the sequences to preempt first."""
+    plan = Plan()
+    held = {s.id: s.n_blocks for s in seqs}
+    free, budget = free_blocks, token_budget
+
+    def needed(s: SeqView, n: int) -> int:
+        return max(0, -(-(s.computed + n) // block_size) - held[s.id])
+
+    def preempt_youngest(older_than: SeqView) -> bool:
+        nonlocal free
+        for victim in reversed(seqs):
+            if victim.id == older_than.id:
+                return False  # only younger sequences give way
+            if held[victim.id] and victim.id not in plan.chunks and victim.id not in plan.preempt:
+                plan.preempt.append(victim.id)
+                free += held[victim.id]
+                held[victim.id] = 0
+                return True
+        return False
+
+    for s in seqs:  # 1. decode rows
+        if s.id in plan.preempt or not (s.computed > 0 and s.n_tokens - s.computed == 1) or budget < 1:
+            continue
+        while needed(s, 1) > free and preempt_youngest(s):
+            pass
+        if needed(s, 1) > free:
+            continue  # nothing younger to take from: it waits (an older sequence holds the blocks)
+        free -= needed(s, 1)
+        plan.chunks[s.id] = 1
+        budget -= 1
+    for s in seqs:  # 2. prefill chunks
+        if s.id in plan.chunks or s.id in plan.preempt or budget < 1:
+            continue  # a sequence preempted this step waits for the next, so blocks do not churn
+        fit = (held[s.id] + free) * block_size - s.computed  # tokens the free blocks can take
+        n = min(s.n_tokens - s.computed, max_chunk, budget, fit)
+        if n <= 0:
+            continue
+        free -= needed(s, n)
+        plan.chunks[s.id] = n
+        budget -= n
+    return plan
