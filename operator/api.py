@@ -318,7 +318,9 @@ class Serving(_Model):
     )
     min_replicas: int = Field(1, description="Fewest replicas of the pool this tenant asks for (0 allows scale to zero).", ge=0, le=1000)
     max_replicas: int = Field(4, description="Most replicas of the pool this tenant asks for.", ge=1, le=1000)
-    target_ongoing_requests: float = Field(8, description="Ray Serve autoscaling target: ongoing requests per replica.", gt=0, le=10_000)
+    target_ongoing_requests: float | None = Field(
+        None, description="Ray Serve autoscaling target: ongoing requests per replica (default: 1.5 x the pool's batch size, "
+        "so a replica's batch is full before another is added).", gt=0, le=10_000)
     gpus_per_replica: float = Field(1, description="GPUs per serving replica (fractions share a GPU).", ge=0, le=16)
 
     @model_validator(mode="after")

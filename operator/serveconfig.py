@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 
 from deltafleet.operator import api
@@ -33,7 +34,7 @@ class Tenant:
     uri: str
     min_replicas: int = 1
     max_replicas: int = 4
-    target_ongoing_requests: float = 8
+    target_ongoing_requests: float | None = None  # None: TARGET_PER_BATCH x the pool's batch size
     gpus_per_replica: float = 1
     created: str = ""  # creationTimestamp: the oldest FineTune of a pool decides its base
 
@@ -69,12 +70,21 @@ def split_pools(tenants: list[Tenant]) -> tuple[dict[str, list[Tenant]], dict[st
     return pools, conflicts
 
 
+# A replica decodes max_batch_size sequences per step. Autoscaling aims at 1.5 batches per
+# replica (the batch stays full, a little queue hides admission); a replica takes at most two
+# batches at once (the rest wait in Ray's router, not in one replica's queue); the router
+# holds at most eight batches per replica before answering 503, so overload is refused
+# quickly instead of queueing without bound.
+TARGET_PER_BATCH, ONGOING_PER_BATCH, QUEUED_PER_BATCH = 1.5, 2, 8
+
+
 def build_application(pool: str, tenants: list[Tenant], settings: Settings) -> dict:
     """One pool's application. Replica bounds: the largest minimum, maximum and GPU share any
     tenant asks for, and the smallest target load (the most latency-sensitive tenant wins)."""
     min_replicas = max(t.min_replicas for t in tenants)
     max_replicas = max(max(t.max_replicas for t in tenants), min_replicas, 1)
-    target = min(t.target_ongoing_requests for t in tenants)
+    asked = [t.target_ongoing_requests for t in tenants if t.target_ongoing_requests is not None]
+    target = min(asked) if asked else TARGET_PER_BATCH * settings.max_batch_size
     gpus = max(t.gpus_per_replica for t in tenants)
     return {
         "name": pool,
@@ -96,6 +106,8 @@ def build_application(pool: str, tenants: list[Tenant], settings: Settings) -> d
                     "max_replicas": max_replicas,
                     "target_ongoing_requests": target,
                 },
+                "max_ongoing_requests": max(ONGOING_PER_BATCH * settings.max_batch_size, math.ceil(target)),
+                "max_queued_requests": QUEUED_PER_BATCH * settings.max_batch_size,
                 "ray_actor_options": {"num_gpus": gpus, "num_cpus": settings.replica_cpus},
                 "user_config": {"tenants": {t.key: {"uri": t.uri} for t in sorted(tenants, key=lambda t: t.key)}},
             }

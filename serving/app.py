@@ -26,6 +26,7 @@ from .config import BASE_ALIASES, ConfigError, parse_args, parse_tenants, resolv
 from .engine import BASE_TENANT, BadRequest, Engine, EngineError, Event
 from .openai_api import (
     ChatRequest, CompletionRequest, chat_body, chat_prompt, completion_body, error_body, models_body, new_id, usage,
+    usage_chunk,
 )
 
 api = FastAPI(title="deltafleet pool")
@@ -112,15 +113,17 @@ class DeltaServer:
         self.args = parse_args(args)
         a = self.args
         api.state.max_request_bytes = a.max_request_bytes
-        self.engine = Engine(
-            a.base_model, device=a.device, dtype=a.dtype, max_batch_size=a.max_batch_size, max_queue=a.max_queue,
-            gpu_bank_bytes=a.gpu_bank_bytes, cpu_bank_bytes=a.cpu_bank_bytes, load_timeout_s=a.load_timeout_s,
-        )
-        self.base_names = (a.pool, *BASE_ALIASES)
-        self.uris: dict[str, str] = {}
         from .metrics import PoolMetrics
 
         self.metrics = PoolMetrics(a.pool)
+        self.engine = Engine(
+            a.base_model, device=a.device, dtype=a.dtype, max_batch_size=a.max_batch_size, max_queue=a.max_queue,
+            gpu_bank_bytes=a.gpu_bank_bytes, cpu_bank_bytes=a.cpu_bank_bytes, load_timeout_s=a.load_timeout_s,
+            kv_cache_bytes=a.kv_cache_bytes, block_size=a.kv_block_size, max_step_tokens=a.max_step_tokens,
+            on_step=self.metrics.step,
+        )
+        self.base_names = (a.pool, *BASE_ALIASES)
+        self.uris: dict[str, str] = {}
 
     def reconfigure(self, user_config: dict) -> None:
         """Apply a new tenant set: load new ones in the background, unload removed ones."""
@@ -130,8 +133,11 @@ class DeltaServer:
         self.uris = {name: spec.uri for name, spec in cfg.tenants.items()}
 
     def check_health(self) -> None:
+        """Ray replaces a replica whose health check raises."""
         if not self.engine._thread.is_alive():
             raise RuntimeError("the engine's decode loop has stopped")
+        if self.engine.device_error:  # e.g. an illegal memory access: every later step would fail too
+            raise RuntimeError(f"device error, the replica must be replaced: {self.engine.device_error}")
         self.metrics.bank(self.engine.bank.stats())
 
     # ---- API ---------------------------------------------------------------------------
@@ -173,7 +179,11 @@ class DeltaServer:
             self._record("<unknown>" if e.status == 404 else body.model, e.type, 0, 0, t0, None)
             return _error(e)
         events = stream.__aiter__()
-        first = await events.__anext__()  # errors before the first token get a proper HTTP status
+        try:
+            first = await events.__anext__()  # errors before the first token get a proper HTTP status
+        except BaseException:  # the client left (the handler is cancelled): stop the work too
+            stream.cancel()
+            raise
         ttft = time.monotonic() - t0
         if first.error:
             self._record(body.model, first.error.type, 0, 0, t0, None)
@@ -205,6 +215,9 @@ class DeltaServer:
                     return
                 last = ev
                 yield _data(shape(rid, body.model, ev.text, ev.finish_reason, None, chunk=True))
+            if body.include_usage:
+                obj = "chat.completion.chunk" if chat else "text_completion"
+                yield _data(usage_chunk(rid, body.model, obj, usage(last.prompt_tokens, last.completion_tokens)))
             yield "data: [DONE]\n\n"
             self._record(body.model, "ok", last.prompt_tokens, last.completion_tokens, t0, ttft)
         finally:

@@ -67,9 +67,13 @@ class DeltaBank:
         self.cpu_bank_bytes = cpu_bank_bytes
         self.on_change = on_change
         self.slot_bytes = sum(n * (k // 32) * 4 + n * 4 for n, k in linears.values())
+        # Whole tensors count in the budget: each slot reserves room for the largest whole
+        # tensors a delta may carry (its embedding table, head and 1-bit embeddings, in the
+        # slot pools, which grow only as tenants use them) and for its norm and bias rows.
+        self.slot_whole_bytes = _whole_bytes_per_slot(model, linears, dtype)
         # The stack is allocated up front, so the budget is reserved; MAX_SLOTS keeps a large
         # budget over a tiny model from allocating thousands of slots nobody will fill.
-        self.n_slots = min(MAX_SLOTS, max(1, gpu_bank_bytes // max(1, self.slot_bytes)))
+        self.n_slots = min(MAX_SLOTS, max(1, gpu_bank_bytes // max(1, self.slot_bytes + self.slot_whole_bytes)))
         self.stacks = {
             name: (
                 torch.zeros(self.n_slots, n, k // 32, dtype=torch.int32, device=device),
@@ -181,7 +185,7 @@ class DeltaBank:
                 "n_slots": self.n_slots,
                 "device_tenants": on_device,
                 "device_bytes": on_device * self.slot_bytes + self._pool_bytes(),
-                "device_capacity_bytes": self.n_slots * self.slot_bytes,
+                "device_capacity_bytes": self.n_slots * (self.slot_bytes + self.slot_whole_bytes),
                 "cpu_tenants": len(self.warm),
                 "cpu_bytes": sum(d.nbytes() for d in self.warm.values()),
                 "tenants": {n: t.status for n, t in self.tenants.items()},
@@ -335,13 +339,42 @@ class DeltaBank:
             pool.drop(slot)
 
 
+def _whole_linears(model: nn.Module, linears: dict[str, tuple[int, int]]) -> set[str]:
+    """Delta-aware linears a delta may store whole: the output head (compress gives every
+    linear inside the transformer blocks a 1-bit delta)."""
+    head = model.get_output_embeddings()
+    return {name for name, m in model.named_modules() if m is head and name in linears}
+
+
+def _whole_bytes_per_slot(model: nn.Module, linears: dict[str, tuple[int, int]], dtype: torch.dtype) -> int:
+    """Device bytes one slot may need beyond its 1-bit stacks: a whole copy of each large
+    weight (one per tied group), 1-bit embedding signs and scales, norm and bias rows."""
+    size = torch.tensor([], dtype=dtype).element_size()
+    total, seen = 0, set()
+    heads = _whole_linears(model, linears)
+    for name, m in model.named_modules():
+        if name in linears and m.bias is not None:
+            total += m.bias.numel() * size
+        if name in heads or embedding_supports_1bit(m):
+            if id(m.weight) not in seen:
+                seen.add(id(m.weight))
+                total += m.weight.numel() * size
+            if embedding_supports_1bit(m) and m.embedding_dim % 32 == 0:
+                total += m.num_embeddings * (m.embedding_dim // 32 * 4 + 4)
+    for params in small_param_modules(model, set(linears)).values():
+        total += sum(p.numel() for p in params.values()) * size
+    return total
+
+
 def _whole_pools(model: nn.Module, linears: dict[str, tuple[int, int]], n_slots: int, device: torch.device,
                  dtype: torch.dtype) -> dict[str, SlotPool]:
-    """A pool per weight of the delta-aware linears and servable embeddings, shared by tied modules."""
+    """A pool per weight of the linears outside the blocks (output heads) and of servable
+    embeddings, shared by tied modules."""
     by_tensor: dict[int, SlotPool] = {}
     pools = {}
+    heads = _whole_linears(model, linears)
     for name, m in model.named_modules():
-        if name in linears or embedding_supports_1bit(m):
+        if name in heads or embedding_supports_1bit(m):
             w = m.weight
             if id(w) not in by_tensor:
                 by_tensor[id(w)] = SlotPool({"weight": (tuple(w.shape), dtype)}, n_slots, device)

@@ -8,10 +8,13 @@ A pool file is a standard Ray Serve config; each application is one base-model p
         import_path: deltafleet.serving.app:build_app
         args: {pool: <pool>, base_model: <local path or HF id>, device: auto, dtype: auto,
                max_batch_size: 16, max_queue: 256, gpu_bank_bytes: <int>, cpu_bank_bytes: <int>,
-               store_root: <optional dir; delta URIs must resolve inside it>, max_request_bytes: 4194304}
+               store_root: <optional dir; delta URIs must resolve inside it>, max_request_bytes: 4194304,
+               kv_cache_bytes: <optional int>, kv_block_size: 16, max_step_tokens: 512}
         deployments:
           - name: DeltaServer
-            autoscaling_config: {min_replicas: 1, max_replicas: 4, target_ongoing_requests: 8}
+            autoscaling_config: {min_replicas: 1, max_replicas: 4, target_ongoing_requests: 24}  # 1.5 x max_batch_size
+            max_ongoing_requests: 32          # 2 batches per replica; the rest wait in the router
+            max_queued_requests: 128          # 8 batches per replica, then 503
             ray_actor_options: {num_gpus: 0, num_cpus: 1}
             user_config:
               tenants:
@@ -60,6 +63,9 @@ class AppArgs(BaseModel):
     store_root: str | None = Field(None, description="delta URIs must resolve inside this folder")
     max_request_bytes: int = Field(4 << 20, ge=1024, description="larger request bodies get a 413")
     load_timeout_s: float = Field(120.0, gt=0, description="how long a request waits for its tenant to load")
+    kv_cache_bytes: int | None = Field(None, ge=1, description="KV pool size; default: 80% of free GPU memory, 1 GiB on CPU")
+    kv_block_size: int = Field(16, ge=1, le=1024, description="token positions per KV block")
+    max_step_tokens: int = Field(512, ge=1, description="tokens per engine step: decode rows plus prefill chunks")
 
     @field_validator("device")
     @classmethod

@@ -24,6 +24,7 @@ import random
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -104,6 +105,19 @@ class RequestStream:
 
 
 @dataclass
+class StepStats:
+    """One engine step, for metrics."""
+
+    seconds: float
+    sequences: int  # rows in the step
+    tenants: int  # distinct tenants among them (the base counts as one)
+    prefill_tokens: int
+    decode_tokens: int
+    kv_blocks_used: int
+    kv_blocks_free: int
+
+
+@dataclass
 class Sequence:
     id: int
     tenant: str | None
@@ -143,6 +157,7 @@ class Engine:
         kv_cache_bytes: int | None = None,
         block_size: int = 16,
         max_step_tokens: int = 512,
+        on_step: Callable[[StepStats], None] | None = None,
     ) -> None:
         served = build_served_model(base_model, device, dtype, gpu_bank_bytes, cpu_bank_bytes, on_change=self._wake)
         self.device, self.dtype = served.device, served.dtype
@@ -150,6 +165,7 @@ class Engine:
         self.fingerprint = served.fingerprint
         self.max_batch_size, self.max_queue, self.load_timeout_s = max_batch_size, max_queue, load_timeout_s
         self.max_step_tokens = max_step_tokens  # decode rows + prefill chunks per step
+        self.on_step = on_step  # called on the decode thread after every step
         eos = self.model.generation_config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         if self.tokenizer.eos_token_id is not None:
@@ -359,6 +375,7 @@ class Engine:
         if not plan.chunks:
             return
         batch = [(by_id[sid], n) for sid, n in plan.chunks.items()]
+        t0 = time.perf_counter()
         try:
             tokens = self._forward(batch)
         except Exception as e:
@@ -376,6 +393,12 @@ class Engine:
                 except Exception as e1:
                     self._fail([s], e1)
         self.steps += 1
+        if self.on_step is not None:
+            decode = sum(1 for s, n in batch if n == 1 and s.computed > len(s.prompt_ids))
+            self.on_step(StepStats(
+                time.perf_counter() - t0, len(batch), len({s.tenant for s, _ in batch}), plan.tokens - decode, decode,
+                self.kv.n_blocks - self.kv.num_free, self.kv.num_free,
+            ))
         done = [s for s, tok in tokens if not self._take(s, tok)]
         self._drop(done)
 
@@ -415,7 +438,8 @@ class Engine:
         if not sampled:
             return []
         logits = out.logits[0, : len(sampled)]  # [K, V]
-        return list(zip(sampled, next_tokens(logits, [s.params for s in sampled], [s.generator for s in sampled])))
+        chosen = next_tokens(logits, [s.params for s in sampled], [s.generator for s in sampled], [s.out_ids for s in sampled])
+        return list(zip(sampled, chosen))
 
     def _take(self, seq: Sequence, token: int) -> bool:
         """Record a new token, stream new text; False when the sequence is finished."""

@@ -2,8 +2,10 @@
 
 Pure functions and pydantic models (no Ray), so they are testable on their own. Fields the
 engine does not implement are accepted and ignored when harmless (user, metadata, ...) and
-refused with a 400 when they would change the answer (n > 1, echo, logprobs, best_of,
-penalties, logit_bias, suffix): OpenAI's own rule is to refuse what it cannot honour.
+refused with a 400 naming the field when they would change the answer (n > 1, echo,
+logprobs, top_logprobs, best_of, logit_bias, suffix): OpenAI's own rule is to refuse what it
+cannot honour. Implemented: temperature, top_p, top_k (vLLM's extension), presence and
+frequency penalties, stop, seed, stream with stream_options.include_usage.
 """
 
 from __future__ import annotations
@@ -28,6 +30,11 @@ def _valid_unicode(text: str, where: str) -> str:
     return text
 
 
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    include_usage: bool = False
+
+
 class _Common(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -38,12 +45,14 @@ class _Common(BaseModel):
     stop: str | list[str] | None = Field(None, description=f"up to {MAX_STOP} strings")
     seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     stream: bool = False
+    top_k: int | None = Field(None, ge=-1, description="vLLM's extension: -1, 0 or None = off")
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1, le=1, description="only n=1 is supported")
     # Accepted only at the values that leave the answer unchanged.
     logprobs: bool | int | None = None
     top_logprobs: int | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
     logit_bias: dict[str, float] | None = None
 
     @field_validator("stop")
@@ -61,8 +70,6 @@ class _Common(BaseModel):
         refused = [name for name, bad in (
             ("logprobs", self.logprobs not in (None, False, 0)),
             ("top_logprobs", self.top_logprobs not in (None, 0)),
-            ("presence_penalty", self.presence_penalty != 0),
-            ("frequency_penalty", self.frequency_penalty != 0),
             ("logit_bias", bool(self.logit_bias)),
         ) if bad]
         if refused:
@@ -73,8 +80,13 @@ class _Common(BaseModel):
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         return SamplingParams(
             max_tokens=self.max_tokens or default_max_tokens, temperature=self.temperature,
-            top_p=self.top_p, stop=[s for s in stop if s], seed=self.seed,
+            top_p=self.top_p, top_k=max(0, self.top_k or 0), presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty, stop=[s for s in stop if s], seed=self.seed,
         )
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
 
 class CompletionRequest(_Common):
@@ -163,6 +175,11 @@ def chat_body(rid: str, model: str, text: str, finish: str | None, use: dict | N
     if use is not None:
         body["usage"] = use
     return body
+
+
+def usage_chunk(rid: str, model: str, obj: str, use: dict) -> dict:
+    """The last streamed chunk when stream_options.include_usage is set: no choices, the usage."""
+    return {"id": rid, "object": obj, "created": int(time.time()), "model": model, "choices": [], "usage": use}
 
 
 def models_body(names: list[tuple[str, str]]) -> dict:

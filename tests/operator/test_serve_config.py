@@ -30,7 +30,9 @@ def test_contract_shape_of_one_pool():
                  "max_batch_size": 16, "store_root": "/mnt/store"},
         "deployments": [{
             "name": "DeltaServer",
-            "autoscaling_config": {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 8},
+            "autoscaling_config": {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 24.0},
+            "max_ongoing_requests": 32,
+            "max_queued_requests": 128,
             "ray_actor_options": {"num_gpus": 0, "num_cpus": 1},
             "user_config": {"tenants": {"team-a/bot": {"uri": "file:///mnt/store/deltas/team-a/bot/g1/delta.safetensors"}}},
         }],

@@ -245,3 +245,40 @@ def test_a_request_cancelled_before_its_first_token_frees_its_blocks_and_slot(en
     while engine.stats()["running"] and time.monotonic() < deadline:
         time.sleep(0.01)
     assert engine.kv.num_free == engine.kv.n_blocks
+
+
+def test_whole_tensors_count_in_the_device_budget(toy):
+    from deltafleet.serving.served import build_served_model
+
+    probe = build_served_model(str(toy.base_dir), device="cpu", dtype="float32", gpu_bank_bytes=1)
+    per_slot = probe.bank.slot_bytes + probe.bank.slot_whole_bytes
+    assert probe.bank.slot_whole_bytes > probe.bank.slot_bytes  # the toy's embeddings outweigh its 1-bit linears
+    served = build_served_model(str(toy.base_dir), device="cpu", dtype="float32", gpu_bank_bytes=3 * per_slot - 1)
+    bank = served.bank
+    assert bank.n_slots == 2
+    for name, path in toy.deltas.items():
+        bank.register(name, path)
+    deadline = time.monotonic() + 20
+    while any(bank.status(n).status == "loading" for n in toy.deltas) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    for name in sorted(toy.deltas)[:2]:  # fill both slots, with whole embeddings and heads
+        while bank.acquire(name) is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+    stats = bank.stats()
+    assert stats["device_tenants"] == 2
+    assert stats["device_bytes"] <= stats["device_capacity_bytes"] <= 3 * per_slot - 1
+
+
+def test_every_step_reports_its_rows_tenants_prefill_and_kv_blocks(engine, expected):
+    seen = []
+    engine.on_step = seen.append
+    try:
+        streams = [engine.submit(n, PROMPTS[1], GREEDY) for n in ("team-a/alpha", "team-b/gamma", None)]
+        for s in streams:
+            list(s)
+    finally:
+        engine.on_step = None
+    assert sum(st.prefill_tokens for st in seen) == 3 * len(engine.encode(PROMPTS[1]))
+    assert sum(st.decode_tokens for st in seen) > 0
+    assert max(st.tenants for st in seen) == 3 and max(st.sequences for st in seen) == 3
+    assert all(st.kv_blocks_used + st.kv_blocks_free == engine.kv.n_blocks and st.seconds > 0 for st in seen)

@@ -16,12 +16,21 @@ def completion(**kw):
 
 
 @pytest.mark.parametrize("field, value", [
-    ("echo", True), ("logprobs", 2), ("best_of", 3), ("suffix", "x"), ("presence_penalty", 0.5),
-    ("frequency_penalty", -1.0), ("logit_bias", {"50256": -100}), ("top_logprobs", 2), ("n", 2),
+    ("echo", True), ("logprobs", 2), ("best_of", 3), ("suffix", "x"), ("presence_penalty", 2.5),
+    ("frequency_penalty", -3.0), ("logit_bias", {"50256": -100}), ("top_logprobs", 2), ("n", 2), ("top_k", -2),
 ])
 def test_fields_that_change_the_answer_are_refused(field, value):
     with pytest.raises(ValidationError, match=field):
         completion(**{field: value})
+
+
+def test_penalties_top_k_and_usage_streaming_reach_the_sampler():
+    r = completion(presence_penalty=0.5, frequency_penalty=-1.0, top_k=40, stream=True, stream_options={"include_usage": True})
+    p = r.sampling(16)
+    assert (p.presence_penalty, p.frequency_penalty, p.top_k) == (0.5, -1.0, 40)
+    assert r.include_usage
+    assert completion(top_k=-1).sampling(16).top_k == 0  # vLLM's "off"
+    assert not completion(stream_options={"include_usage": True}).include_usage  # only for streams
 
 
 def test_fields_at_harmless_values_are_accepted():
