@@ -1,18 +1,27 @@
-"""Serving benchmark: many tenants in one batch (1-bit deltas) vs the base alone vs the naive way.
+"""Serving benchmark: traffic like real traffic, deltas like real fine-tunes, every baseline in the same run.
 
-Drives the engine directly (no Ray). For T tenants, N requests (each a P-token prompt, G
-greedy tokens) are submitted at once, tenants assigned `distinct` (round robin) or `zipf`
-(popularity ∝ 1/rank^1.1). Compared in the same run, at the same batch size:
-  - delta:        our engine, rows of different tenants share each batch (one kernel per layer)
-  - base:         the same engine, every request to the base model (the speed ceiling)
-  - naive-swap:   one merged model (W + α·sign) per tenant, merged into the weights per batch;
-                  a batch holds one tenant's requests
-  - naive-resident: the same, every tenant's merged model kept resident (no swap cost),
-                  where memory allows
-Also: time from adding a tenant to its first token (register -> verify -> device -> prefill).
+Traffic (seeded): requests arrive over time (Poisson, `rate` per second), prompt and output
+lengths drawn uniformly from a range, tenants assigned `distinct` (round robin) or `zipf`
+(popularity ∝ 1/rank^1.1). Deltas are shaped like compress's output for a full fine-tune: 1-bit
+block linears plus whole norms, input embeddings and lm_head.
 
-    python bench/serving.py                 # small model on CPU (<= 8 min on 2 cores)
-    python bench/serving.py --preset llama2-7b   # on a GPU: Llama-2-7B shapes, random weights
+Methods, same model, same requests, same run:
+  - engine:        our engine, rows of different tenants share each step (T tenants)
+  - engine-base:   the same engine, every request to the base (its own ceiling)
+  - cb-manager:    transformers' continuous batching, persistent manager, base model
+  - generate:      static batches of `batch` requests through `generate`, base model
+                   (= a merged model's speed); a batch runs to its longest output
+  - naive:         one merged model per tenant, merged into the weights per batch, batches of
+                   one tenant's requests through `generate` (the way without deltas)
+Tokens/s counts generated tokens over the wall time from the first arrival to the last token.
+
+Also: the bandwidth limit of a decode step — bytes it must read (base weights, the distinct
+tenants' deltas and whole tensors, the KV cache) over the measured copy bandwidth — and our
+fraction of it; how many 7B-sized tenants fit beside the base with KV for batch 64 × 2k tokens;
+the time from adding a tenant to its first token.
+
+    python bench/serving.py                    # cpu-small on CPU (~10 min on 2 cores)
+    python bench/serving.py --preset llama2-7b # on a GPU: Llama-2-7B shapes, random weights
 Writes bench/results/serving-<device>.json and prints a markdown table.
 """
 
@@ -24,30 +33,35 @@ import platform
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import transformers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from deltafleet.compress.fingerprint import fingerprint_model
-from deltafleet.compress.format import Delta, save_delta
+from deltafleet.compress.format import Delta, load_delta, save_delta
 from deltafleet.kernels import dense_delta_weight
 from deltafleet.serving.engine import Engine
 from deltafleet.serving.sampling import SamplingParams
 
 PRESETS = {
     "cpu-small": dict(hidden=256, layers=4, heads=8, kv=4, inter=704, vocab=2048, dtype="float32",
-                      tenants=[1, 4, 16, 64], requests=64, batch=16, prompt=16, gen=32),
+                      tenants=[1, 4, 16, 64], batches=[16], requests=64, prompt=(8, 128), gen=(8, 64), rate=200.0),
+    "tiny": dict(hidden=64, layers=2, heads=4, kv=2, inter=128, vocab=256, dtype="float32",  # a smoke run (seconds)
+                 tenants=[1, 16], batches=[8], requests=24, prompt=(4, 24), gen=(2, 12), rate=500.0),
     "llama2-7b": dict(hidden=4096, layers=32, heads=32, kv=32, inter=11008, vocab=32000, dtype="float16",
-                      tenants=[1, 4, 16, 64], requests=128, batch=16, prompt=128, gen=64),
+                      tenants=[1, 4, 16, 64], batches=[16, 64], requests=256, prompt=(8, 512), gen=(8, 256), rate=50.0),
 }
+LLAMA2_7B = dict(params=6.74e9, layers=32, hidden=4096, vocab=32000, linear_params=6.48e9)
 
 
+# ---- the model, the deltas, the traffic ---------------------------------------------------------
 def build(tmp: Path, p: dict, n_tenants: int, device: str):
-    """A random Llama base saved with a byte-level tokenizer, and n random 1-bit deltas."""
+    """A random Llama base saved with a word-level tokenizer, and n deltas shaped like real ones."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
     vocab = {f"t{i}": i for i in range(p["vocab"])}
@@ -64,6 +78,7 @@ def build(tmp: Path, p: dict, n_tenants: int, device: str):
     tokenizer.save_pretrained(tmp / "base")
     fp = fingerprint_model(LlamaForCausalLM.from_pretrained(tmp / "base", dtype=getattr(torch, p["dtype"])))
     linears = {n: m.weight.shape for n, m in base.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n}
+    whole = {n: t for n, t in base.state_dict().items() if n.endswith("norm.weight") or n in ("model.embed_tokens.weight", "lm_head.weight")}
     deltas = {}
     for t in range(n_tenants):
         g = torch.Generator().manual_seed(1000 + t)
@@ -71,8 +86,20 @@ def build(tmp: Path, p: dict, n_tenants: int, device: str):
         for n, (rows, cols) in linears.items():
             d.signs[n] = torch.randint(-(2**31), 2**31 - 1, (rows, cols // 32), generator=g, dtype=torch.int32)
             d.scales[n] = torch.tensor(2e-3)
+        for n, w in whole.items():  # a full fine-tune moves these a little too
+            w = w.detach().cpu()
+            d.whole[n] = (w.float() + 1e-3 * torch.randn(w.shape, generator=g)).to(w.dtype)
         deltas[f"bench/t{t}"] = save_delta(d, tmp / "deltas" / f"t{t}.safetensors")
     return base, deltas
+
+
+def make_traffic(p: dict, seed: int = 0) -> list[tuple[float, list[int], int]]:
+    """(arrival time s, prompt ids, output tokens) per request, arrival-ordered."""
+    rng = np.random.default_rng(seed)
+    gaps = rng.exponential(1.0 / p["rate"], p["requests"])
+    arrivals = np.cumsum(gaps) - gaps[0]
+    return [(float(a), rng.integers(3, p["vocab"], int(rng.integers(*p["prompt"], endpoint=True))).tolist(),
+             int(rng.integers(*p["gen"], endpoint=True))) for a in arrivals]
 
 
 def assign(n_req: int, tenants: list[str], mix: str, seed: int = 0) -> list[str]:
@@ -82,76 +109,169 @@ def assign(n_req: int, tenants: list[str], mix: str, seed: int = 0) -> list[str]
     return list(np.random.default_rng(seed).choice(tenants, size=n_req, p=w / w.sum()))
 
 
-def run_engine(engine: Engine, models: list[str | None], prompts: list[list[int]], gen: int) -> dict:
-    params = SamplingParams(max_tokens=gen, temperature=0)
+# ---- methods --------------------------------------------------------------------------------------
+def run_engine(engine: Engine, models: list[str | None], traffic) -> dict:
+    """Each request submitted at its arrival time by a client thread; streams read as they come."""
+    results: list[tuple[float, float, float, int]] = [None] * len(traffic)  # (arrival, first, last, tokens)
     t0 = time.perf_counter()
-    streams = [engine.submit(m, pr, params) for m, pr in zip(models, prompts)]
-    lat, ttft, tokens = [], [], 0
-    for s in streams:  # all were submitted at t0; each is read to its end
-        first = None
-        for ev in s:
+
+    def client(i: int, model, prompt: list[int], gen: int, arrival: float) -> None:
+        time.sleep(max(0.0, arrival - (time.perf_counter() - t0)))
+        sent = time.perf_counter() - t0
+        first, n = None, 0
+        for ev in engine.submit(model, prompt, SamplingParams(max_tokens=gen, temperature=0)):
             if ev.error:
                 raise ev.error
-            first = first or time.perf_counter()
-            tokens += len(ev.token_ids)
-        lat.append(time.perf_counter() - t0)
-        ttft.append(first - t0)
-    return _figures(time.perf_counter() - t0, tokens, lat, ttft)
+            first = first or time.perf_counter() - t0
+            n += len(ev.token_ids)
+        results[i] = (sent, first, time.perf_counter() - t0, n)
+
+    threads = [threading.Thread(target=client, args=(i, m, pr, g, a)) for i, (m, (a, pr, g)) in enumerate(zip(models, traffic))]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    return _figures(results)
 
 
-def run_naive(base: LlamaForCausalLM, deltas: dict, models: list[str], prompts, gen: int, batch: int, resident: bool) -> dict:
-    """One merged model per tenant; a batch holds one tenant's requests (FIFO by tenant)."""
-    from deltafleet.compress.format import load_delta
-
-    base_w = {n: m.weight.detach().clone() for n, m in base.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n}
-    mods = dict(base.named_modules())
-    merged = {}
-    if resident:  # merge every tenant up front (not timed: models would be loaded at start)
-        for name in set(models):
-            d = load_delta(deltas[name])
-            merged[name] = {n: dense_delta_weight(base_w[n], d.signs[n].to(base_w[n].device), d.scales[n]).to(base_w[n].dtype) for n in base_w}
-    groups: dict[str, list[int]] = {}
-    for i, m in enumerate(models):
-        groups.setdefault(m, []).append(i)
-    lat, ttft, tokens = [0.0] * len(models), [0.0] * len(models), 0
-    t0 = time.perf_counter()
-    for name, idx in groups.items():
-        weights = merged.get(name)
-        if weights is None:  # swap: read the delta and merge it into dense weights now
-            d = load_delta(deltas[name])
-            weights = {n: dense_delta_weight(base_w[n], d.signs[n].to(base_w[n].device), d.scales[n]).to(base_w[n].dtype) for n in base_w}
-        with torch.inference_mode():
-            for n, w in weights.items():
-                mods[n].weight.copy_(w)
-            for b in range(0, len(idx), batch):
-                rows = idx[b : b + batch]
-                ids = torch.tensor([prompts[i] for i in rows], device=base.device)
-                out = base.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=gen, do_sample=False, pad_token_id=0)
-                tokens += int((out[:, ids.shape[1]:] != 0).sum())
+def run_cb_manager(model: LlamaForCausalLM, traffic, batch: int) -> dict:
+    """transformers' continuous batching: a persistent manager, requests added at arrival."""
+    gc = GenerationConfig(do_sample=False, max_new_tokens=max(g for _, _, g in traffic), eos_token_id=model.config.eos_token_id,
+                          pad_token_id=0)
+    manager = model.init_continuous_batching(generation_config=gc)
+    manager.start()
+    try:
+        warm = manager.add_request(traffic[0][1], max_new_tokens=2)  # warm-up, not timed
+        while manager.get_result(warm, timeout=60) is None:
+            pass
+        t0 = time.perf_counter()
+        sent: dict[str, tuple[int, float]] = {}
+        for i, (a, prompt, gen) in enumerate(traffic):
+            time.sleep(max(0.0, a - (time.perf_counter() - t0)))
+            sent[manager.add_request(prompt, request_id=f"r{i}", max_new_tokens=gen)] = (i, time.perf_counter() - t0)
+        results = [None] * len(traffic)
+        while any(r is None for r in results):
+            out = manager.get_result(timeout=120)
+            if out is None:
+                raise RuntimeError("transformers' manager returned no result within 120 s")
+            if out.request_id in sent and out.is_finished():
+                i, s = sent[out.request_id]
                 now = time.perf_counter() - t0
-                for i in rows:
-                    lat[i] = ttft[i] = now  # the naive batch returns all at once (no streaming modelled)
-    with torch.inference_mode():
-        for n, w in base_w.items():
-            mods[n].weight.copy_(w)
-    return _figures(time.perf_counter() - t0, tokens, lat, ttft)
+                results[i] = (s, now, now, len(out.generated_tokens))  # not streamed: first = last
+        return _figures(results)
+    finally:
+        manager.stop(block=True)
 
 
-def _figures(wall: float, tokens: int, lat: list[float], ttft: list[float]) -> dict:
+def run_generate(model: LlamaForCausalLM, traffic, batch: int, groups: list[list[int]] | None = None,
+                 before_group=None) -> dict:
+    """Static batches in arrival order (optionally within groups); a batch starts when its last
+    request has arrived and the previous batch is done, and runs to its longest output."""
+    groups = groups or [list(range(len(traffic)))]
+    results = [None] * len(traffic)
+    t0 = time.perf_counter()
+    for g, idx in enumerate(groups):
+        if before_group is not None:
+            before_group(g)
+        for b in range(0, len(idx), batch):
+            rows = idx[b : b + batch]
+            time.sleep(max(0.0, max(traffic[i][0] for i in rows) - (time.perf_counter() - t0)))
+            width = max(len(traffic[i][1]) for i in rows)
+            ids = torch.tensor([[0] * (width - len(traffic[i][1])) + traffic[i][1] for i in rows], device=model.device)
+            mask = torch.tensor([[0] * (width - len(traffic[i][1])) + [1] * len(traffic[i][1]) for i in rows], device=model.device)
+            with torch.inference_mode():
+                out = model.generate(ids, attention_mask=mask, max_new_tokens=max(traffic[i][2] for i in rows),
+                                     do_sample=False, pad_token_id=0)
+            now = time.perf_counter() - t0
+            for k, i in enumerate(rows):
+                gen = out[k, width:]
+                n = min(traffic[i][2], int((gen != 0).sum()))
+                results[i] = (traffic[i][0], now, now, n)
+    return _figures(results)
+
+
+def run_naive(model: LlamaForCausalLM, deltas: dict, models: list[str], traffic, batch: int) -> dict:
+    """One merged model per tenant: its requests batched, its weights merged in before them."""
+    base_w = {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n}
+    base_whole = {n: t.detach().clone() for n, t in model.state_dict().items() if n.endswith("norm.weight") or "embed" in n or "lm_head" in n}
+    mods, params = dict(model.named_modules()), dict(model.named_parameters())
+    order = sorted(set(models), key=models.index)
+    groups = [[i for i, m in enumerate(models) if m == name] for name in order]
+
+    def merge(g: int) -> None:  # read the delta, write W + α·sign and its whole tensors: timed, it is the naive cost
+        d = load_delta(deltas[order[g]])
+        with torch.inference_mode():
+            for n, w in base_w.items():
+                mods[n].weight.copy_(dense_delta_weight(w, d.signs[n].to(w.device), d.scales[n]).to(w.dtype))
+            for n, t in d.whole.items():
+                params[n].copy_(t)
+
+    try:
+        return run_generate(model, traffic, batch, groups, merge)
+    finally:
+        with torch.inference_mode():
+            for n, w in base_w.items():
+                mods[n].weight.copy_(w)
+            for n, t in base_whole.items():
+                params[n].copy_(t)
+
+
+def _figures(results) -> dict:
+    arrival = [r[0] for r in results]
+    wall = max(r[2] for r in results) - min(arrival)
+    tokens = sum(r[3] for r in results)
     q = lambda xs, p: float(np.percentile(xs, p))  # noqa: E731
+    lat = [r[2] - r[0] for r in results]
+    ttft = [r[1] - r[0] for r in results]
     return {"wall_s": wall, "tokens": tokens, "tokens_per_s": tokens / wall,
-            "latency_p50_s": q(lat, 50), "latency_p90_s": q(lat, 90), "latency_p99_s": q(lat, 99),
-            "ttft_p50_s": q(ttft, 50), "ttft_p90_s": q(ttft, 90)}
+            "latency_p50_s": q(lat, 50), "latency_p99_s": q(lat, 99), "ttft_p50_s": q(ttft, 50), "ttft_p99_s": q(ttft, 99)}
 
 
+# ---- physical limits --------------------------------------------------------------------------------
+def copy_bandwidth(device: str, nbytes: int = 256 << 20) -> float:
+    """Bytes moved per second by a device copy (read + write counted), best of 5."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(5):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        dst.copy_(src)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t)
+    return 2 * nbytes / best
+
+
+def decode_step_bytes(base: LlamaForCausalLM, p: dict, tenants: float, kv_tokens: float) -> float:
+    """Bytes a decode step must read: the base's weights, each distinct tenant's 1-bit linears,
+    lm_head and norms (embedding rows are gathered: negligible), and the K/V of every context."""
+    size = torch.tensor([], dtype=getattr(torch, p["dtype"])).element_size()
+    weights = sum(t.numel() for t in base.parameters()) * size
+    linears = sum(m.weight.numel() for n, m in base.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n)
+    per_tenant = linears / 8 + base.lm_head.weight.numel() * size + 2 * p["layers"] * p["hidden"] * size
+    kv_per_token = 2 * p["layers"] * p["kv"] * (p["hidden"] // p["heads"]) * size
+    return weights + tenants * per_tenant + kv_tokens * kv_per_token
+
+
+def tenants_that_fit_7b(device_bytes: float) -> dict:
+    """7B-sized tenants beside a Llama-2-7B base (fp16) with KV for batch 64 x 2k tokens."""
+    base = LLAMA2_7B["params"] * 2
+    delta = LLAMA2_7B["linear_params"] / 8 + 2 * LLAMA2_7B["vocab"] * LLAMA2_7B["hidden"] * 2  # + whole embed, lm_head
+    kv = 2 * LLAMA2_7B["layers"] * LLAMA2_7B["hidden"] * 2 * 64 * 2048
+    return {"device_bytes": device_bytes, "base_bytes": base, "delta_bytes": delta, "kv_bytes": kv,
+            "tenants": max(0, int((device_bytes - base - kv) // delta))}
+
+
+# ---- driver -------------------------------------------------------------------------------------------
 def time_to_first_token_of_new_tenant(engine: Engine, path: Path, prompt: list[int], n: int = 3) -> list[float]:
     out = []
     for k in range(n):
         name = f"bench/hot-added-{k}"
         t0 = time.perf_counter()
         engine.add_tenant(name, path)
-        s = engine.submit(name, prompt, SamplingParams(max_tokens=1, temperature=0))
-        next(iter(s))
+        next(iter(engine.submit(name, prompt, SamplingParams(max_tokens=1, temperature=0))))
         out.append(time.perf_counter() - t0)
         engine.remove_tenant(name)
     return out
@@ -167,65 +287,98 @@ def main(argv: list[str] | None = None) -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     preset = opts.preset or ("llama2-7b" if device == "cuda" else "cpu-small")
     p = PRESETS[preset]
-    # Decode-sized ops are too small to split: on the 2-core build machine two OpenMP threads
-    # spinning against the engine and client threads made every method 1.7-2.4x slower.
     torch.set_num_threads(opts.threads or (1 if device == "cpu" else torch.get_num_threads()))
+    traffic = make_traffic(p)
+    rows, limits = [], []
     with tempfile.TemporaryDirectory(prefix="deltafleet-bench-") as tmp:
         tmp = Path(tmp)
         t_build = time.perf_counter()
         base, deltas = build(tmp, p, max(p["tenants"]), device)
         print(f"[bench] built {preset} base + {len(deltas)} deltas in {time.perf_counter() - t_build:.0f}s", file=sys.stderr)
-        slot = sum(n * k // 8 + n * 4 for n, k in (m.weight.shape for nm, m in base.named_modules()
-                                                    if isinstance(m, torch.nn.Linear) and ".layers." in nm))
-        engine = Engine(str(tmp / "base"), device=device, dtype=p["dtype"], max_batch_size=p["batch"],
-                        max_queue=10_000, gpu_bank_bytes=max(p["tenants"]) * slot, cpu_bank_bytes=1 << 40)
-        rng = np.random.default_rng(0)
-        prompts = [rng.integers(3, p["vocab"], p["prompt"]).tolist() for _ in range(p["requests"])]
         names = sorted(deltas, key=lambda n: int(n.split("t")[-1]))
-        engine.set_tenants({n: deltas[n] for n in names})
-        engine.wait_ready(timeout=600)
-        run_engine(engine, [names[0]] * 4, prompts[:4], 4)  # warm-up: first slot copy, allocator
-        rows = []
-        base_fig = run_engine(engine, [None] * p["requests"], prompts, p["gen"])
-        rows.append({"tenants": 0, "mix": "-", "method": "base", **base_fig})
-        ref = base.to(device)
-        for T in p["tenants"]:
-            for mix in ("distinct", "zipf"):
-                models = assign(p["requests"], names[:T], mix)
-                fig = run_engine(engine, models, prompts, p["gen"])
-                rows.append({"tenants": T, "mix": mix, "method": "delta", **fig})
-                rows.append({"tenants": T, "mix": mix, "method": "naive-swap",
-                             **run_naive(ref, deltas, models, prompts, p["gen"], p["batch"], resident=False)})
-                rows.append({"tenants": T, "mix": mix, "method": "naive-resident",
-                             **run_naive(ref, deltas, models, prompts, p["gen"], p["batch"], resident=True)})
-                print(f"[bench] T={T} {mix}: delta {fig['tokens_per_s']:.0f} tok/s", file=sys.stderr)
-        hot = time_to_first_token_of_new_tenant(engine, deltas[names[-1]], prompts[0])
-        stats = engine.bank.stats()
-        engine.close()
+        bw = copy_bandwidth(device)
+        for batch in p["batches"]:
+            steps = []
+            engine = Engine(str(tmp / "base"), device=device, dtype=p["dtype"], max_batch_size=batch, max_queue=100_000,
+                            gpu_bank_bytes=1 << 40, cpu_bank_bytes=1 << 40, on_step=steps.append)
+            engine.set_tenants({n: deltas[n] for n in names})
+            engine.wait_ready(timeout=600)
+            run_engine(engine, [names[0]] * 4, traffic[:4])  # warm-up: slot copies, allocator
+
+            def measured(label, tenants, mix, fig, decode_steps=None):
+                row = {"batch": batch, "tenants": tenants, "mix": mix, "method": label, **fig}
+                if decode_steps:  # decode-only steps: their mean time against the bandwidth limit
+                    mean_t = statistics.mean(s.seconds for s in decode_steps)
+                    kv_tokens = statistics.mean(s.kv_blocks_used * engine.kv.block_size for s in decode_steps)
+                    n_t = statistics.mean(s.tenants - (1 if label == "engine-base" else 0) for s in decode_steps)
+                    ideal = decode_step_bytes(base, p, n_t, kv_tokens) / bw
+                    row.update(decode_step_s=mean_t, decode_step_limit_s=ideal, fraction_of_limit=ideal / mean_t)
+                rows.append(row)
+                print(f"[bench] batch {batch} T={tenants} {mix} {label}: {fig['tokens_per_s']:.0f} tok/s", file=sys.stderr)
+
+            steps.clear()
+            measured("engine-base", 0, "-", run_engine(engine, [None] * len(traffic), traffic),
+                     [s for s in steps if s.prefill_tokens == 0])
+            for T in p["tenants"]:
+                for mix in ("distinct", "zipf") if T > 1 else ("distinct",):
+                    models = assign(len(traffic), names[:T], mix)
+                    steps.clear()
+                    measured("engine", T, mix, run_engine(engine, models, traffic), [s for s in steps if s.prefill_tokens == 0])
+                    if T in (1, 16) and mix == "distinct":
+                        measured("naive", T, mix, run_naive(base, deltas, models, traffic, batch))
+            hot = time_to_first_token_of_new_tenant(engine, deltas[names[-1]], traffic[0][1])
+            stats = engine.stats()
+            engine.close()
+            measured("generate", 0, "-", run_generate(base, traffic, batch))
+            try:
+                measured("cb-manager", 0, "-", run_cb_manager(base, traffic, batch))
+            except Exception as e:  # reported, not hidden: the row says why it is missing
+                print(f"[bench] cb-manager failed: {type(e).__name__}: {e}", file=sys.stderr)
+                rows.append({"batch": batch, "tenants": 0, "mix": "-", "method": "cb-manager", "error": f"{type(e).__name__}: {e}"})
+    by = {(r["batch"], r["method"], r["tenants"], r["mix"]): r for r in rows}
     for r in rows:
-        r["vs_base"] = r["tokens_per_s"] / base_fig["tokens_per_s"]
-    for r in rows:
-        if r["method"] == "delta":
-            for naive in ("naive-swap", "naive-resident"):
-                other = next(x for x in rows if x["method"] == naive and x["tenants"] == r["tenants"] and x["mix"] == r["mix"])
-                r[f"speedup_vs_{naive}"] = r["tokens_per_s"] / other["tokens_per_s"]
+        b = by.get((r["batch"], "engine-base", 0, "-"))
+        if "tokens_per_s" in r and b:
+            r["vs_engine_base"] = r["tokens_per_s"] / b["tokens_per_s"]
+    ratios = {}
+    for batch in p["batches"]:
+        def tps(*k):
+            return by.get((batch, *k), {}).get("tokens_per_s")
+        pairs = {
+            "engine_base_vs_cb_manager": (tps("engine-base", 0, "-"), tps("cb-manager", 0, "-")),
+            "engine_base_vs_generate": (tps("engine-base", 0, "-"), tps("generate", 0, "-")),
+            "engine_16_distinct_vs_naive": (tps("engine", 16, "distinct"), tps("naive", 16, "distinct")),
+            "engine_16_distinct_vs_engine_base": (tps("engine", 16, "distinct"), tps("engine-base", 0, "-")),
+        }
+        ratios[f"batch{batch}"] = {k: (a / b if a and b else None) for k, (a, b) in pairs.items()}
+    device_bytes = torch.cuda.get_device_properties(0).total_memory if device == "cuda" else 80 * 2**30
     result = {
         "benchmark": "serving", "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
-        "device_type": device, "preset": preset, "settings": p, "threads": torch.get_num_threads(),
+        "device_type": device, "preset": preset, "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in p.items()},
+        "threads": torch.get_num_threads(), "copy_bandwidth_bytes_per_s": bw,
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__},
-        "rows": rows, "new_tenant_time_to_first_token_s": hot, "bank": {k: v for k, v in stats.items() if k != "tenants"},
+        "rows": rows, "ratios": ratios, "new_tenant_time_to_first_token_s": hot,
+        "tenants_that_fit_7b": {**tenants_that_fit_7b(device_bytes), "note": "on this device" if device == "cuda" else "for an 80 GiB GPU"},
+        "engine": {k: v for k, v in stats.items() if k != "bank"},
     }
     out = Path(opts.out or Path(__file__).parent / "results" / f"serving-{device}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(f"\n{preset} on {result['device']} ({device}), batch {p['batch']}, {p['requests']} requests x "
-          f"{p['prompt']} prompt + {p['gen']} generated tokens\n")
-    print("| tenants | mix | method | tok/s | vs base | p50 latency s | p99 latency s | p50 TTFT s |")
-    print("|---|---|---|---|---|---|---|---|")
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    lo, hi = p["prompt"], p["gen"]
+    print(f"\n{preset} on {result['device']} ({device}): {p['requests']} requests arriving at {p['rate']:.0f}/s, "
+          f"prompts {lo[0]}-{lo[1]} tokens, outputs {hi[0]}-{hi[1]} tokens\n")
+    print("| batch | tenants | mix | method | tok/s | vs engine-base | p50 latency s | p99 latency s | p50 TTFT s | decode step / limit |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['tenants']} | {r['mix']} | {r['method']} | {r['tokens_per_s']:.0f} | {r['vs_base']:.2f} | "
-              f"{r['latency_p50_s']:.2f} | {r['latency_p99_s']:.2f} | {r['ttft_p50_s']:.2f} |")
-    print(f"\nnew tenant (add -> first token): median {statistics.median(hot):.3f}s over {len(hot)}")
+        if "error" in r:
+            print(f"| {r['batch']} | - | - | {r['method']} | failed: {r['error']} | | | | | |")
+            continue
+        frac = f"{r['fraction_of_limit']:.2f}" if "fraction_of_limit" in r else ""
+        print(f"| {r['batch']} | {r['tenants']} | {r['mix']} | {r['method']} | {r['tokens_per_s']:.0f} | "
+              f"{r.get('vs_engine_base', float('nan')):.2f} | {r['latency_p50_s']:.2f} | {r['latency_p99_s']:.2f} | "
+              f"{r['ttft_p50_s']:.2f} | {frac} |")
+    print(f"\nratios: {json.dumps(ratios)}")
+    print(f"new tenant (add -> first token): median {statistics.median(hot):.3f}s over {len(hot)}")
     print(f"wrote {out}")
     return 0
 
