@@ -8,7 +8,8 @@ The pool holds every layer's keys and values in blocks of `block_size` token pos
 and a sequence owns a list of blocks (its block table). Admitting or finishing a sequence
 moves no cache bytes: blocks are handed out and returned. A step packs the new tokens of
 every scheduled sequence (decode rows: 1 token; prefill chunks: many) into one row [1, T];
-`StepLayout` says where each token's K/V goes and which positions each sequence attends to.
+`StepLayout` says where each token's K/V goes and which positions each sequence attends to;
+decode rows are attended together, each prefill chunk on its own (no padding to the longest).
 
 Attention runs through transformers' attention interface (`ATTENTION = "deltafleet_paged"`):
 the model's own layers compute q/k/v and RoPE; `paged_attention` writes the new K/V into
@@ -62,54 +63,72 @@ class KVPool:
 
 
 @dataclass
-class StepLayout:
-    """Where a packed step's tokens go. B sequences, T new tokens in all, Q = the longest chunk,
-    L = the longest context after this step."""
+class AttnGroup:
+    """Sequences whose queries are padded together: all decode rows (1 query each) in one
+    group, each prefill chunk in its own, so a decode row never pads to a prompt's length.
+    b sequences, Q = the group's longest chunk, L = its longest context after this step."""
 
-    write_index: torch.Tensor  # [T] flat pool position of each new token's K/V
-    q_index: torch.Tensor  # [B, Q] packed index of each sequence's i-th new token (padding -> 0)
-    q_valid: torch.Tensor  # [B * Q] bool: real tokens, in packed order when read row-major
-    q_pos: torch.Tensor  # [B, Q] position of each new token (padding -> 0)
-    kv_index: torch.Tensor  # [B, L] flat pool position of each context position (padding -> a real one, masked)
-    kv_len: torch.Tensor  # [B] context length after this step
-    positions: torch.Tensor  # [1, T] position ids of the packed tokens
+    q_index: torch.Tensor  # [b * Q] packed index of each sequence's i-th new token (padding -> 0)
+    valid: torch.Tensor  # [b * Q] bool: real queries
+    tokens: torch.Tensor  # [n] packed indices of the real queries, in the order `valid` selects them
+    q_pos: torch.Tensor  # [b, Q] position of each query (padding -> 0, it attends to position 0)
+    kv_index: torch.Tensor  # [b, L] flat pool position of each context position (padding -> a real one, masked)
     _masks: dict
 
-    @classmethod
-    def build(cls, chunks: list[tuple[list[int], int, int]], block_size: int, device: torch.device) -> "StepLayout":
-        """chunks: per sequence (block table, tokens already in the cache, new tokens this step)."""
-        b = len(chunks)
-        starts = torch.tensor([c[1] for c in chunks])  # [B]
-        counts = torch.tensor([c[2] for c in chunks])  # [B]
-        q, lmax = int(counts.max()), int((starts + counts).max())
-        nb = max(len(c[0]) for c in chunks)
-        table = torch.zeros(b, nb, dtype=torch.int64)  # [B, blocks]; padding block 0 is never read unmasked
-        for i, (blocks, _, _) in enumerate(chunks):
-            table[i, : len(blocks)] = torch.tensor(blocks, dtype=torch.int64)
-        kv_pos = torch.arange(lmax)[None].expand(b, lmax)  # [B, L]
-        kv_index = table.gather(1, (kv_pos // block_size).clamp(max=nb - 1)) * block_size + kv_pos % block_size
-        qi = torch.arange(q)[None].expand(b, q)  # [B, Q]
-        valid = qi < counts[:, None]  # [B, Q]
-        q_pos = torch.where(valid, starts[:, None] + qi, 0)
-        offsets = torch.cumsum(counts, 0) - counts  # [B] first packed index of each sequence
-        q_index = torch.where(valid, offsets[:, None] + qi, 0)
-        write_index = kv_index.gather(1, q_pos)[valid]  # [T], row-major = packed order
-        return cls(
-            write_index=write_index.to(device), q_index=q_index.to(device), q_valid=valid.reshape(-1).to(device),
-            q_pos=q_pos.to(device), kv_index=kv_index.to(device), kv_len=(starts + counts).to(device),
-            positions=q_pos[valid][None].to(device), _masks={},
-        )
-
     def mask(self, sliding_window: int | None) -> torch.Tensor:
-        """[B, 1, Q, L] bool: causal, within the context, within the window if any."""
+        """[b, 1, Q, L] bool: causal (which also keeps each query inside its context), windowed if asked."""
         if sliding_window not in self._masks:
             j = torch.arange(self.kv_index.shape[1], device=self.kv_index.device)[None, None]  # [1, 1, L]
-            p = self.q_pos[:, :, None]  # [B, Q, 1]
+            p = self.q_pos[:, :, None]  # [b, Q, 1]
             ok = j <= p
             if sliding_window is not None:
                 ok = ok & (p - j < sliding_window)
             self._masks[sliding_window] = ok[:, None]
         return self._masks[sliding_window]
+
+
+@dataclass
+class StepLayout:
+    """Where a packed step's T new tokens go, and the attention groups that read them."""
+
+    write_index: torch.Tensor  # [T] flat pool position of each new token's K/V
+    positions: torch.Tensor  # [1, T] position ids of the packed tokens
+    groups: list[AttnGroup]
+
+    @classmethod
+    def build(cls, chunks: list[tuple[list[int], int, int]], block_size: int, device: torch.device) -> "StepLayout":
+        """chunks: per sequence, in packed order: (block table, tokens already cached, new tokens)."""
+        offsets, positions, write = [], [], []
+        total = 0
+        for blocks, start, n in chunks:
+            offsets.append(total)
+            total += n
+            pos = torch.arange(start, start + n)
+            positions.append(pos)
+            write.append(torch.tensor(blocks, dtype=torch.int64)[pos // block_size] * block_size + pos % block_size)
+        decode = [i for i, c in enumerate(chunks) if c[2] == 1]
+        prefill = [[i] for i, c in enumerate(chunks) if c[2] > 1]
+        groups = [_group([chunks[i] for i in g], [offsets[i] for i in g], block_size, device) for g in ([decode] if decode else []) + prefill]
+        return cls(write_index=torch.cat(write).to(device), positions=torch.cat(positions)[None].to(device), groups=groups)
+
+
+def _group(chunks: list[tuple[list[int], int, int]], offsets: list[int], block_size: int, device: torch.device) -> AttnGroup:
+    b = len(chunks)
+    starts = torch.tensor([c[1] for c in chunks])  # [b]
+    counts = torch.tensor([c[2] for c in chunks])  # [b]
+    q, lmax, nb = int(counts.max()), int((starts + counts).max()), max(len(c[0]) for c in chunks)
+    table = torch.zeros(b, nb, dtype=torch.int64)  # [b, blocks]; padding block 0 is only read masked
+    for i, (blocks, _, _) in enumerate(chunks):
+        table[i, : len(blocks)] = torch.tensor(blocks, dtype=torch.int64)
+    kv_pos = torch.arange(lmax)[None].expand(b, lmax)  # [b, L]
+    kv_index = table.gather(1, (kv_pos // block_size).clamp(max=nb - 1)) * block_size + kv_pos % block_size
+    qi = torch.arange(q)[None].expand(b, q)  # [b, Q]
+    valid = qi < counts[:, None]
+    q_index = torch.where(valid, torch.tensor(offsets)[:, None] + qi, 0)
+    return AttnGroup(
+        q_index=q_index.reshape(-1).to(device), valid=valid.reshape(-1).to(device), tokens=q_index[valid].to(device),
+        q_pos=torch.where(valid, starts[:, None] + qi, 0).to(device), kv_index=kv_index.to(device), _masks={},
+    )
 
 
 class PagedContext:
@@ -126,20 +145,24 @@ def paged_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, v
     """query [1, H, T, D], key/value [1, KVH, T, D] of the packed new tokens -> ([1, T, H, D], None)."""
     ctx: PagedContext = module.deltafleet_paged
     pool, lay, layer = ctx.pool, ctx.layout, module.layer_idx
+    if lay is None:
+        raise RuntimeError("paged attention called outside an engine step (this model is the engine's)")
     if softcap is not None:
         raise NotImplementedError("attention logit soft-capping is not supported by the paged engine")
     pool.k[layer].index_copy_(0, lay.write_index, key[0].transpose(0, 1).to(pool.k.dtype))  # [T, KVH, D]
     pool.v[layer].index_copy_(0, lay.write_index, value[0].transpose(0, 1).to(pool.v.dtype))
-    b, l = lay.kv_index.shape
     _, h, t, d = query.shape
     kvh = key.shape[1]
-    k = pool.k[layer].index_select(0, lay.kv_index.reshape(-1)).view(b, l, kvh, d).transpose(1, 2)  # [B, KVH, L, D]
-    v = pool.v[layer].index_select(0, lay.kv_index.reshape(-1)).view(b, l, kvh, d).transpose(1, 2)
-    q = query[0].transpose(0, 1).index_select(0, lay.q_index.reshape(-1))  # [B*Q, H, D]
-    q = q.view(b, -1, h, d).transpose(1, 2)  # [B, H, Q, D]
-    out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=lay.mask(sliding_window),
-                                         scale=scaling, enable_gqa=kvh != h)  # [B, H, Q, D]
-    out = out.transpose(1, 2).reshape(-1, h, d)[lay.q_valid]  # [T, H, D], packed order
+    q_all = query[0].transpose(0, 1)  # [T, H, D]
+    out = q_all.new_empty(t, h, d)
+    for g in lay.groups:  # decode rows together, each prefill chunk alone
+        b, l = g.kv_index.shape
+        k = pool.k[layer].index_select(0, g.kv_index.reshape(-1)).view(b, l, kvh, d).transpose(1, 2)  # [b, KVH, L, D]
+        v = pool.v[layer].index_select(0, g.kv_index.reshape(-1)).view(b, l, kvh, d).transpose(1, 2)
+        q = q_all.index_select(0, g.q_index).view(b, -1, h, d).transpose(1, 2)  # [b, H, Q, D]
+        o = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=g.mask(sliding_window),
+                                           scale=scaling, enable_gqa=kvh != h)  # [b, H, Q, D]
+        out.index_copy_(0, g.tokens, o.transpose(1, 2).reshape(-1, h, d)[g.valid])
     return out[None], None
 
 
