@@ -20,6 +20,8 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema, model_validator
 from pydantic.alias_generators import to_camel
 
+from deltafleet.serving.config import BASE_ALIASES, TENANT_NAME_PATTERN
+
 GROUP = "deltafleet.dev"
 VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
@@ -34,8 +36,8 @@ CATEGORIES = ["deltafleet"]  # not "all": `kubectl get all` should not list mode
 MODEL_STORE_MOUNT = "/models"
 # Longest FineTune name: the Job `<name>-compress-g<gen>-r<n>` must fit a 63-char label value.
 MAX_NAME_LENGTH = 40
-# OpenAI `model` names a replica answers with its base model (the serving app's BASE_ALIASES).
-RESERVED_MODEL_NAMES = ("base",)
+# OpenAI `model` names a replica answers with its base model: the serve-config contract's.
+RESERVED_MODEL_NAMES = BASE_ALIASES
 
 
 def cel(rule: str, message: str, field_path: str | None = None, reason: str | None = None) -> dict[str, str]:
@@ -72,9 +74,9 @@ _DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 _DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
 _QUANTITY = r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
 _HF_REPO_ID = r"^[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?(/[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?)?$"
-# The serving app's tenant-name rule (serving/config.py TENANT_NAME): segments of [A-Za-z0-9._-]
-# separated by '/'. The schema checks an explicit modelName; validation.py the default one.
-TENANT_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)*$"
+# The serving app's tenant-name rule (TENANT_NAME_PATTERN of the serve-config contract):
+# segments of [A-Za-z0-9._-] separated by '/'. The schema checks an explicit modelName;
+# validation.py the default one.
 
 
 def _check_quantity(value: int | str) -> int | str:

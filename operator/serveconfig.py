@@ -17,9 +17,7 @@ from dataclasses import dataclass
 from deltafleet.operator import api
 from deltafleet.operator.api import MODEL_STORE_MOUNT
 from deltafleet.operator.settings import Settings
-
-IMPORT_PATH = "deltafleet.serving.app:build_app"
-DEPLOYMENT = "DeltaServer"
+from deltafleet.serving.config import DEPLOYMENT, IMPORT_PATH, AppArgs, TenantsConfig
 
 
 @dataclass(frozen=True)
@@ -90,14 +88,11 @@ def build_application(pool: str, tenants: list[Tenant], settings: Settings) -> d
         "name": pool,
         "route_prefix": f"/{pool}",
         "import_path": IMPORT_PATH,
-        "args": {
-            "pool": pool,
-            "base_model": tenants[0].base_model,
-            "device": settings.device,
-            "dtype": settings.dtype,
-            "max_batch_size": settings.max_batch_size,
-            "store_root": settings.replica_store_path,
-        },
+        # Built through the contract's own models, so the operator cannot write what replicas refuse.
+        "args": AppArgs(
+            pool=pool, base_model=tenants[0].base_model, device=settings.device, dtype=settings.dtype,
+            max_batch_size=settings.max_batch_size, store_root=settings.replica_store_path,
+        ).model_dump(exclude_unset=True),
         "deployments": [
             {
                 "name": DEPLOYMENT,
@@ -109,7 +104,8 @@ def build_application(pool: str, tenants: list[Tenant], settings: Settings) -> d
                 "max_ongoing_requests": max(ONGOING_PER_BATCH * settings.max_batch_size, math.ceil(target)),
                 "max_queued_requests": QUEUED_PER_BATCH * settings.max_batch_size,
                 "ray_actor_options": {"num_gpus": gpus, "num_cpus": settings.replica_cpus},
-                "user_config": {"tenants": {t.key: {"uri": t.uri} for t in sorted(tenants, key=lambda t: t.key)}},
+                "user_config": TenantsConfig.model_validate(
+                    {"tenants": {t.key: {"uri": t.uri} for t in sorted(tenants, key=lambda t: t.key)}}).model_dump(),
             }
         ],
     }

@@ -14,9 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from .config import ConfigError, parse_args, parse_tenants
-
-OUR_IMPORT_PATH = "deltafleet.serving.app:build_app"
+from .config import DEPLOYMENT, IMPORT_PATH, ConfigError, parse_args, parse_tenants
 
 
 def load_config(path: str | Path) -> dict:
@@ -41,12 +39,12 @@ def validate(raw: dict, where: str = "config") -> None:
     except Exception as e:  # a pydantic error over many lines: keep it to one
         raise ConfigError(f"{where}: not a valid Ray Serve config: {' '.join(str(e).split())[:300]}") from None
     for i, app in enumerate(raw["applications"]):
-        if app.get("import_path") != OUR_IMPORT_PATH:
+        if app.get("import_path") != IMPORT_PATH:
             continue
         try:
             args = parse_args(app.get("args") or {})
             for dep in app.get("deployments") or []:
-                if dep.get("name") == "DeltaServer":
+                if dep.get("name") == DEPLOYMENT:
                     parse_tenants(dep.get("user_config"), pool=args.pool)
         except ConfigError as e:
             raise ConfigError(f"{where}: applications[{i}] ({app.get('name')}): {e}") from None

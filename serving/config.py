@@ -1,4 +1,4 @@
-"""The serve-config contract: what the operator generates and `deltafleet serve --config` reads.
+"""The serve-config contract: what the operator generates and `deltafleet serve --config` reads (the owner module).
 
 A pool file is a standard Ray Serve config; each application is one base-model pool:
 
@@ -39,8 +39,13 @@ from urllib.parse import unquote, urlparse
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-BASE_ALIASES = ("base",)
-TENANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]*(/[A-Za-z0-9][A-Za-z0-9._\-]*)*$")
+# The contract's names, owned here and imported by the operator (operator/serveconfig.py,
+# operator/api.py): this module is torch-free so the operator image can import it.
+IMPORT_PATH = "deltafleet.serving.app:build_app"
+DEPLOYMENT = "DeltaServer"
+BASE_ALIASES = ("base",)  # OpenAI `model` names that mean the pool's base model (besides the pool name)
+TENANT_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)*$"
+TENANT_NAME = re.compile(TENANT_NAME_PATTERN)
 
 
 class ConfigError(ValueError):

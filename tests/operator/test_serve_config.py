@@ -88,3 +88,34 @@ def test_eligibility_needs_current_hash_and_gate():
     strict = finetune(status={"delta": delta_status(fidelity=0.7)}, spec={"compression": {"minFidelity": 0.8}})
     assert not eligible(strict, {comp.HASH_ANNOTATION: comp.compression_hash(strict.spec)}, deleting=False)
     assert not eligible(finetune(), current, deleting=False)  # no delta yet
+
+
+def test_the_operators_config_passes_servings_own_loader_and_rays_schema(tmp_path):
+    """The contract's two sides: what the operator writes is what `deltafleet serve --config`
+    and the replicas accept (serving/cli.py validate: Ray's ServeDeploySchema, the app args,
+    the tenant set), and every delta URI resolves inside the replicas' store root."""
+    from deltafleet.serving.cli import validate
+    from deltafleet.serving.config import parse_args, parse_tenants, resolve_uri
+
+    fts = [tenant("a", pool="p1"), tenant("b", ns="team-b", pool="p1", targetOngoingRequests=2),
+           tenant("c", base="bases/other", pool="p2", modelName="team-c/chat")]
+    config = sc.build_serve_config(fts, SETTINGS)
+    path = tmp_path / "pool.yaml"
+    path.write_text(yaml.safe_dump(config))
+    validate(yaml.safe_load(path.read_text()), where=str(path))  # raises ConfigError on any mismatch
+    for app in config["applications"]:
+        args = parse_args(app["args"])
+        tenants = parse_tenants(app["deployments"][0]["user_config"], pool=args.pool)
+        assert all(resolve_uri(t.uri, args.store_root).is_relative_to("/mnt/store") for t in tenants.tenants.values())
+    assert sorted(parse_tenants(config["applications"][0]["deployments"][0]["user_config"]).tenants) == ["team-a/a", "team-b/b"]
+
+
+def test_a_config_the_replicas_would_refuse_is_refused_by_the_operator_first():
+    import pytest
+
+    from deltafleet.serving.config import BASE_ALIASES
+
+    bad = sc.Tenant(namespace="team-a", name="x", model=BASE_ALIASES[0], pool="p1", base_model="/mnt/store/bases/tiny",
+                    uri="file:///mnt/store/deltas/x.safetensors")
+    with pytest.raises(ValueError, match="reserved for the base model"):
+        sc.build_serve_config([bad], SETTINGS)
