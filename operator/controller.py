@@ -15,8 +15,7 @@ import os
 import shutil
 import threading
 import time
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import kopf
@@ -30,13 +29,13 @@ from deltafleet.operator import compression as comp
 from deltafleet.operator import conditions as cond
 from deltafleet.operator import jobs
 from deltafleet.operator import serveconfig as sc
-from deltafleet.operator.backend import RUNNING, AppStatus, Backend, BackendError
-from deltafleet.operator.conditions import COMPRESSED, FALSE, SERVED, TRUE, Reason
+from deltafleet.operator.backend import AppStatus, Backend, BackendError
+from deltafleet.operator.conditions import COMPRESSED, FALSE, SERVED, Reason
+from deltafleet.operator.decisions import Attempt, decide_compression, decide_gate, decide_serving
 from deltafleet.operator.settings import Settings
 from deltafleet.operator.validation import spec_problems
 
 log = logging.getLogger("deltafleet.operator")
-FAILED_APP_STATES = {"DEPLOY_FAILED", "UNHEALTHY"}
 _PER_INPUT = ("delta", "job", "retries", "endpoint")  # status that describes one compression input
 
 
@@ -52,10 +51,6 @@ class ServingState:
     conflicts: dict[str, str] = field(default_factory=dict)
     digest: str | None = None
     synced: bool = False
-
-
-def parse_time(text: str) -> float:
-    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp() if text else 0.0
 
 
 def eligible(ft: api.FineTune, annotations: dict, deleting: bool) -> bool:
@@ -134,66 +129,25 @@ class Controller:
     # ------------------------------------------------------------ compression
 
     def _compression(self, raw: dict, ft: api.FineTune, digest: str, status: dict, conds: list, gen: int) -> list:
-        """Advance compression; returns the new conditions (status dict updated in place)."""
+        """Gather this input's attempts, decide (decisions.decide_compression), write: create
+        the Job it asks for; returns the new conditions (status dict updated in place)."""
         meta = raw["metadata"]
-        limit = ft.spec.backoff_limit
-        jobs_ = self._jobs(raw, digest)
-        outcomes = [(j, jobs.outcome(j, self._pod(meta["namespace"], j["metadata"]["name"]))) for j in jobs_]
-        for j, o in outcomes:
-            if o.state != jobs.SUCCEEDED:
-                continue
-            job_gen = int(j["metadata"]["labels"][comp.LABEL_GENERATION])
-            result = o.result or self._result_file(meta["namespace"], meta["name"], job_gen)
-            if result is not None:
-                delta = api.DeltaStatus.from_result(result, generation=job_gen)
-                delta.uri = comp.delta_uri(meta["namespace"], meta["name"], job_gen)
-                status["delta"] = delta.to_k8s()
-                status["job"] = j["metadata"]["name"]
-                return conds
-        failures = [(j, o) for j, o in outcomes if o.state == jobs.FAILED]
-        failures += [(j, jobs.Outcome(jobs.FAILED, f"{Reason.RESULT_UNREADABLE}: the Job succeeded but neither its termination message nor {RESULT_FILE} holds a result", o.finished_at))
-                     for j, o in outcomes if o.state == jobs.SUCCEEDED]
-        failures.sort(key=lambda jo: int(jo[0]["metadata"]["labels"][comp.LABEL_ATTEMPT]))
-        running = [j for j, o in outcomes if o.state == jobs.RUNNING]
-        status["retries"] = len(failures)
-        attempts = limit + 1
-        # After a failure the reason stays JobFailedRetrying (waiting or running the retry), so
-        # the failure is in the status and gets its Event even when the operator only notices
-        # it after the backoff has passed.
-        failed = ""
-        if failures:
-            last_job, last = failures[-1]
-            failed = f"attempt {len(failures)} of {attempts} failed ({last_job['metadata']['name']}): {last.reason}"
-        if running:
-            status["job"] = running[-1]["metadata"]["name"]
-            msg = f"Job {status['job']} is compressing (attempt {len(failures) + 1} of {attempts})"
-            if failures:
-                return cond.set_condition(conds, COMPRESSED, FALSE, Reason.JOB_FAILED_RETRYING, f"{msg}; {failed}", gen)[0]
-            return cond.set_condition(conds, COMPRESSED, FALSE, Reason.JOB_CREATED, msg, gen)[0]
-        if failures:
-            status["job"] = failures[-1][0]["metadata"]["name"]
-        if len(failures) >= attempts:
-            last = failures[-1]
-            msg = f"all {attempts} attempts failed; last ({last[0]['metadata']['name']}): {last[1].reason}"
-            return cond.set_condition(conds, COMPRESSED, FALSE, Reason.BACKOFF_LIMIT_EXCEEDED, msg, gen)[0]
-        if failures:
-            wait = comp.retry_delay(len(failures), self.settings.retry_base_seconds, self.settings.retry_max_seconds)
-            due = parse_time(failures[-1][1].finished_at) + wait
-            if time.time() < due:
-                when = datetime.fromtimestamp(due, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-                msg = f"{failed}; next attempt after {when}"
-                return cond.set_condition(conds, COMPRESSED, FALSE, Reason.JOB_FAILED_RETRYING, msg, gen)[0]
-        # Start the next attempt. The generation is the one the first attempt was made for
-        # (a serving-only change since then must not rename the attempts of this input).
-        job_gen = int(jobs_[0]["metadata"]["labels"][comp.LABEL_GENERATION]) if jobs_ else gen
-        attempt = int(jobs_[-1]["metadata"]["labels"][comp.LABEL_ATTEMPT]) + 1 if jobs_ else 0
-        manifest = jobs.build_job(ft, digest, job_gen, attempt, self.settings)
-        self._create_job(raw, manifest)
-        status["job"] = manifest["metadata"]["name"]
-        msg = f"created Job {status['job']} (attempt {len(failures) + 1} of {attempts})"
-        if failures:
-            return cond.set_condition(conds, COMPRESSED, FALSE, Reason.JOB_FAILED_RETRYING, f"{failed}; {msg}", gen)[0]
-        return cond.set_condition(conds, COMPRESSED, FALSE, Reason.JOB_CREATED, msg, gen)[0]
+        attempts = []
+        for j in self._jobs(raw, digest):
+            labels = j["metadata"]["labels"]
+            job_gen = int(labels[comp.LABEL_GENERATION])
+            o = jobs.outcome(j, self._pod(meta["namespace"], j["metadata"]["name"]))
+            if o.state == jobs.SUCCEEDED and o.result is None:
+                o = replace(o, result=self._result_file(meta["namespace"], meta["name"], job_gen))
+            attempts.append(Attempt(j["metadata"]["name"], job_gen, int(labels.get(comp.LABEL_ATTEMPT, "0")), o))
+        d = decide_compression(meta["namespace"], meta["name"], attempts, ft.spec.backoff_limit, gen, time.time(),
+                               self.settings.retry_base_seconds, self.settings.retry_max_seconds)
+        if d.create is not None:
+            self._create_job(raw, jobs.build_job(ft, digest, *d.create, self.settings))
+        status.update(d.fields)
+        if d.status is None:
+            return conds
+        return cond.set_condition(conds, COMPRESSED, d.status, d.reason, d.message, gen)[0]
 
     def _result_file(self, namespace: str, name: str, generation: int) -> CompressResult | None:
         """Fallback when the termination message is missing: result.json on the store, if this
@@ -241,36 +195,23 @@ class Controller:
             self.serving = ServingState(tenants, conflicts, digest, True)
 
     def _serving(self, raw: dict, ft: api.FineTune, status: dict, conds: list, gen: int) -> list:
+        """Gather (sync the serve config if this tenant changed, the pool's status), decide, write."""
         meta = raw["metadata"]
         key = f"{meta['namespace']}/{meta['name']}"
         status["pool"], status["modelName"] = ft.pool(), ft.model_name()
         mine = sc.tenant_of(ft, meta.get("creationTimestamp", ""), self.settings) if eligible(ft, meta.get("annotations") or {}, False) else None
+        app, error = None, None
         try:
             if not self.serving.synced or self.serving.tenants.get(key) != mine:
                 self.sync_serving()
             app = self._statuses().get(mine.pool) if mine is not None else None
-        except BackendError as e:
-            # Recorded, not raised: the compression status above must still be written; the
-            # next resync retries the backend.
-            status["endpoint"] = None
-            return cond.set_condition(conds, SERVED, FALSE, Reason.BACKEND_UNAVAILABLE, str(e), gen)[0]
-        if mine is None:
-            status["endpoint"] = None
-            msg = "not served: " + (cond.get_condition(conds, COMPRESSED) or {}).get("message", "no delta yet")
-            return cond.set_condition(conds, SERVED, FALSE, Reason.WAITING_FOR_DELTA, msg, gen)[0]
-        if key in self.serving.conflicts:
-            status["endpoint"] = None
-            return cond.set_condition(conds, SERVED, FALSE, Reason.POOL_BASE_CONFLICT, self.serving.conflicts[key], gen)[0]
-        if app is not None and app.status == RUNNING and (app.tenants is None or mine.model in app.tenants):
-            status["endpoint"] = f"{self.settings.endpoint_base}/{mine.pool}/v1"
-            msg = f"model {mine.model!r} served by application {mine.pool!r} at {status['endpoint']}"
-            return cond.set_condition(conds, SERVED, TRUE, Reason.APPLICATION_RUNNING, msg, gen)[0]
-        if app is not None and app.status in FAILED_APP_STATES:
-            msg = f"application {mine.pool!r} is {app.status}: {app.message.strip()[:500]}"
-            return cond.set_condition(conds, SERVED, FALSE, Reason.APPLICATION_FAILED, msg, gen)[0]
-        state = app.status if app else "not reported yet"
-        msg = f"serve config {self.serving.digest} applied; application {mine.pool!r}: {state}"
-        return cond.set_condition(conds, SERVED, FALSE, Reason.CONFIG_APPLIED, msg, gen)[0]
+        except BackendError as e:  # recorded, not raised: the compression status must still be written
+            error = str(e)
+        why = (cond.get_condition(conds, COMPRESSED) or {}).get("message", "no delta yet")
+        d = decide_serving(mine.model if mine else None, ft.pool(), self.serving.conflicts.get(key), app, error,
+                           self.serving.digest, self.settings.endpoint_base, why)
+        status.update(d.fields)
+        return cond.set_condition(conds, SERVED, d.status, d.reason, d.message, gen)[0]
 
     # ------------------------------------------------------------ the reconcile
 
@@ -321,15 +262,9 @@ class Controller:
                 self._patch_status(raw, {"delta": status["delta"], "job": status.get("job"), "retries": status.get("retries")})
                 raw = {**raw, "status": {**(raw.get("status") or {}), "delta": status["delta"]}}
                 ft = api.FineTune.model_validate(raw)
-        delta = ft.status.delta
-        if delta is not None:
-            fid, floor = delta.fidelity.retained_improvement, ft.spec.compression.min_fidelity
-            figures = f"delta {delta.bytes} bytes ({delta.compression_ratio:.1f}x smaller), retained improvement {fid:.3f}"
-            if comp.passes_gate(fid, floor):
-                conds = cond.set_condition(conds, COMPRESSED, TRUE, Reason.DELTA_READY, figures, gen)[0]
-            else:
-                msg = f"{figures} is below minFidelity {floor}: not served"
-                conds = cond.set_condition(conds, COMPRESSED, FALSE, Reason.FIDELITY_BELOW_THRESHOLD, msg, gen)[0]
+        if ft.status.delta is not None:
+            gate = decide_gate(ft.status.delta, ft.spec.compression.min_fidelity)
+            conds = cond.set_condition(conds, COMPRESSED, gate.status, gate.reason, gate.message, gen)[0]
         conds = self._serving(raw, ft, status, conds, gen)
         self._write(raw, status, conds, gen)
 

@@ -8,7 +8,7 @@ import json
 import pytest
 from op_harness import RAY_NS, RAYSERVICE, SYSTEM_NS, FineTunes, finetune_yaml, free_port, wait_for
 
-from deltafleet.operator.controller import parse_time
+from deltafleet.operator.decisions import parse_time
 from deltafleet.operator.settings import EXIT_HOOK_ENV
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]

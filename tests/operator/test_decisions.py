@@ -1,0 +1,113 @@
+"""The reconciler's decisions as pure functions: table tests named by sentences (cert-manager style)."""
+
+from __future__ import annotations
+
+import pytest
+
+from deltafleet.compress.result import CompressResult
+from deltafleet.operator import api
+from deltafleet.operator.backend import AppStatus
+from deltafleet.operator.conditions import FALSE, TRUE, Reason
+from deltafleet.operator.decisions import Attempt, decide_compression, decide_gate, decide_serving, parse_time
+from deltafleet.operator.jobs import FAILED, RUNNING, SUCCEEDED, Outcome
+
+T0 = parse_time("2026-01-01T00:00:00Z")
+RESULT = CompressResult.model_validate({
+    "delta_uri": "file:///models/deltas/team-a/bot/g1/delta.safetensors", "base_model": "b", "finetuned_model": "f",
+    "base_fingerprint": "abc", "seconds": 1.0,
+    "sizes": {"delta_bytes": 100, "finetuned_bytes": 1600, "compression_ratio": 16.0},
+    "fidelity": {"loss_base": 5.0, "loss_finetuned": 4.0, "loss_initial": 4.05, "loss_delta": 4.02, "retained_improvement": 0.98,
+                 "retained_improvement_initial": 0.95, "kl": 0.01, "kl_initial": 0.03, "eval_tokens": 1000},
+})
+
+
+def attempt(n: int, state: str, finished: str = "2026-01-01T00:00:00Z", result=None, gen: int = 1, reason: str = "exit code 1"):
+    name = f"bot-compress-g{gen}" + (f"-r{n}" if n else "")
+    return Attempt(name, gen, n, Outcome(state, reason if state == FAILED else "", finished if state != RUNNING else "", result))
+
+
+def decide(attempts, now=T0, limit=3, gen=1):
+    return decide_compression("team-a", "bot", attempts, limit, gen, now, retry_base_s=10, retry_max_s=300)
+
+
+COMPRESSION = [
+    ("no Job yet: the first attempt is created",
+     [], T0, (FALSE, Reason.JOB_CREATED, "created Job bot-compress-g1 (attempt 1 of 4)"), (1, 0)),
+    ("a running Job is waited on",
+     [attempt(0, RUNNING)], T0, (FALSE, Reason.JOB_CREATED, "Job bot-compress-g1 is compressing (attempt 1 of 4)"), None),
+    ("a failed attempt waits out its backoff before the retry",
+     [attempt(0, FAILED)], T0 + 5, (FALSE, Reason.JOB_FAILED_RETRYING, "next attempt after 2026-01-01T00:00:10Z"), None),
+    ("a failed attempt past its backoff starts the retry",
+     [attempt(0, FAILED)], T0 + 11, (FALSE, Reason.JOB_FAILED_RETRYING, "created Job bot-compress-g1-r1 (attempt 2 of 4)"), (1, 1)),
+    ("the backoff doubles with each failure",
+     [attempt(0, FAILED), attempt(1, FAILED)], T0 + 15, (FALSE, Reason.JOB_FAILED_RETRYING, "next attempt after 2026-01-01T00:00:20Z"), None),
+    ("a running retry keeps the last failure in the message",
+     [attempt(0, FAILED), attempt(1, RUNNING)], T0, (FALSE, Reason.JOB_FAILED_RETRYING, "attempt 1 of 4 failed (bot-compress-g1): exit code 1"), None),
+    ("the last allowed failure gives up",
+     [attempt(i, FAILED) for i in range(4)], T0 + 10_000, (FALSE, Reason.BACKOFF_LIMIT_EXCEEDED, "all 4 attempts failed"), None),
+    ("a Job that succeeded without a readable result counts as a failure",
+     [attempt(0, SUCCEEDED)], T0 + 11, (FALSE, Reason.JOB_FAILED_RETRYING, "ResultUnreadable"), (1, 1)),
+    ("retries keep the generation of the first attempt",
+     [attempt(0, FAILED, gen=1)], T0 + 11, (FALSE, Reason.JOB_FAILED_RETRYING, "bot-compress-g1-r1"), (1, 1)),
+]
+
+
+@pytest.mark.parametrize("sentence,attempts,now,want,create", COMPRESSION, ids=[c[0] for c in COMPRESSION])
+def test_compression(sentence, attempts, now, want, create):
+    gen = 3 if "generation" in sentence else 1  # the FineTune moved on (a serving-only change)
+    d = decide(attempts, now=now, gen=gen)
+    assert (d.status, d.reason) == want[:2]
+    assert want[2] in d.message
+    assert d.create == create
+    assert "delta" not in d.fields
+
+
+def test_a_succeeded_attempt_records_its_delta_and_leaves_the_condition_to_the_gate():
+    d = decide([attempt(0, FAILED), attempt(1, SUCCEEDED, result=RESULT)])
+    assert d.status is None and d.create is None
+    assert d.fields["job"] == "bot-compress-g1-r1"
+    assert d.fields["delta"]["uri"] == "file:///models/deltas/team-a/bot/g1/delta.safetensors"
+    assert d.fields["delta"]["fidelity"]["retainedImprovement"] == 0.98
+
+
+def test_retries_are_counted_in_the_status():
+    assert decide([attempt(0, FAILED), attempt(1, RUNNING)]).fields == {"retries": 1, "job": "bot-compress-g1-r1"}
+
+
+GATE = [
+    ("a delta above the floor is ready", 0.98, 0.9, TRUE, Reason.DELTA_READY),
+    ("a delta at the floor is ready", 0.9, 0.9, TRUE, Reason.DELTA_READY),
+    ("a delta below the floor is never served", 0.5, 0.9, FALSE, Reason.FIDELITY_BELOW_THRESHOLD),
+]
+
+
+@pytest.mark.parametrize("sentence,retained,floor,status,reason", GATE, ids=[g[0] for g in GATE])
+def test_gate(sentence, retained, floor, status, reason):
+    delta = api.DeltaStatus.from_result(RESULT.model_copy(update={"fidelity": RESULT.fidelity.model_copy(update={"retained_improvement": retained})}))
+    d = decide_gate(delta, floor)
+    assert (d.status, d.reason) == (status, reason)
+
+
+RUNNING_APP = AppStatus("RUNNING", "", frozenset({"team-a/bot"}))
+SERVING = [
+    ("an unreachable backend is reported, not raised", "team-a/bot", None, RUNNING_APP, "connection refused",
+     FALSE, Reason.BACKEND_UNAVAILABLE, None),
+    ("a FineTune without a servable delta waits for one", None, None, None, None, FALSE, Reason.WAITING_FOR_DELTA, None),
+    ("a tenant whose pool serves another base is refused", "team-a/bot", "pool p serves base x", RUNNING_APP, None,
+     FALSE, Reason.POOL_BASE_CONFLICT, None),
+    ("a running application that lists the tenant serves it", "team-a/bot", None, RUNNING_APP, None,
+     TRUE, Reason.APPLICATION_RUNNING, "http://svc:8000/p/v1"),
+    ("a running application that does not list the tenant yet is not serving it",
+     "team-a/bot", None, AppStatus("RUNNING", "", frozenset({"team-a/other"})), None, FALSE, Reason.CONFIG_APPLIED, None),
+    ("a failed application says why", "team-a/bot", None, AppStatus("DEPLOY_FAILED", "boom\n", None), None,
+     FALSE, Reason.APPLICATION_FAILED, None),
+    ("an application not reported yet is waited on", "team-a/bot", None, None, None, FALSE, Reason.CONFIG_APPLIED, None),
+]
+
+
+@pytest.mark.parametrize("sentence,model,conflict,app,error,status,reason,endpoint", SERVING, ids=[s[0] for s in SERVING])
+def test_serving(sentence, model, conflict, app, error, status, reason, endpoint):
+    d = decide_serving(model, "p", conflict, app, error, "h1", "http://svc:8000", "no delta yet")
+    assert (d.status, d.reason) == (status, reason)
+    if status == TRUE or "endpoint" in d.fields:
+        assert d.fields.get("endpoint") == endpoint
