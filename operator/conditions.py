@@ -27,6 +27,7 @@ class Reason:
     # Compressed
     INVALID_SPEC = "InvalidSpec"  # the schema let it through, the code cannot run it
     JOB_CREATED = "JobCreated"  # the Job of this generation exists, its pod has not finished
+    POD_CANNOT_START = "PodCannotStart"  # image pull, scheduling, a missing Secret: it will not start by itself
     JOB_FAILED_RETRYING = "JobFailedRetrying"  # an attempt failed; the next one waits for its backoff, or runs
     BACKOFF_LIMIT_EXCEEDED = "BackoffLimitExceeded"  # every attempt failed: Failed for good
     RESULT_UNREADABLE = "ResultUnreadable"  # the Job succeeded but wrote no readable result
@@ -64,6 +65,7 @@ class Transition:
 
 WARNING_REASONS = {
     Reason.INVALID_SPEC,
+    Reason.POD_CANNOT_START,
     Reason.JOB_FAILED_RETRYING,
     Reason.BACKOFF_LIMIT_EXCEEDED,
     Reason.RESULT_UNREADABLE,

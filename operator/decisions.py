@@ -68,6 +68,9 @@ def decide_compression(namespace: str, name: str, attempts: list[Attempt], backo
         failed = f"attempt {len(failures)} of {total} failed ({last.name}): {last.outcome.reason}"
     if running:
         fields["job"] = running[-1].name
+        if running[-1].outcome.waiting:
+            msg = f"Job {running[-1].name}'s pod cannot start (attempt {len(failures) + 1} of {total}): {running[-1].outcome.waiting}"
+            return Decision(FALSE, Reason.POD_CANNOT_START, msg, fields)
         msg = f"Job {running[-1].name} is compressing (attempt {len(failures) + 1} of {total})"
         if failures:
             return Decision(FALSE, Reason.JOB_FAILED_RETRYING, f"{msg}; {failed}", fields)

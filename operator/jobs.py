@@ -171,6 +171,7 @@ class Outcome:
     reason: str = ""  # one line for the status: exit code, Job condition reason, message
     finished_at: str = ""  # RFC 3339, when the Job finished (backoff counts from here)
     result: CompressResult | None = None
+    waiting: str = ""  # while running: why its pod cannot start ("ImagePullBackOff: ..."), if it cannot
 
 
 def _job_condition(job: dict, type_: str) -> dict | None:
@@ -187,6 +188,27 @@ def terminated_state(pod: dict | None) -> dict:
         if cs.get("name") == CONTAINER:
             return (cs.get("state") or {}).get("terminated") or {}
     return {}
+
+
+# Waiting reasons of a container that will not start by itself (the kubelet keeps retrying,
+# the Job never fails before its deadline): surfaced in the FineTune's status at once.
+STUCK_REASONS = {"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull",
+                 "CreateContainerConfigError", "CreateContainerError", "CrashLoopBackOff", "RunContainerError"}
+
+
+def pod_cannot_start(pod: dict | None) -> str:
+    """One line saying why the pod cannot start (unschedulable, image, config), or ""."""
+    if not pod:
+        return ""
+    status = pod.get("status") or {}
+    for cs in [*(status.get("initContainerStatuses") or []), *(status.get("containerStatuses") or [])]:
+        waiting = (cs.get("state") or {}).get("waiting") or {}
+        if waiting.get("reason") in STUCK_REASONS:
+            return f"{waiting['reason']}: {_last_line(waiting.get('message') or '')}".rstrip(": ")
+    for c in status.get("conditions") or []:
+        if c.get("type") == "PodScheduled" and c.get("status") == "False" and c.get("reason") == "Unschedulable":
+            return f"Unschedulable: {_last_line(c.get('message') or '')}".rstrip(": ")
+    return ""
 
 
 def parse_result(text: str | None) -> CompressResult | None:
@@ -207,7 +229,7 @@ def outcome(job: dict, pod: dict | None) -> Outcome:
     if done and not failed:
         return Outcome(SUCCEEDED, "", done.get("lastTransitionTime", ""), parse_result(term.get("message")))
     if not failed:
-        return Outcome(RUNNING)
+        return Outcome(RUNNING, waiting=pod_cannot_start(pod))
     parts = [failed.get("reason") or "Failed"]
     if term:
         parts.append(f"exit code {term.get('exitCode')}")

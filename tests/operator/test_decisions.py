@@ -111,3 +111,49 @@ def test_serving(sentence, model, conflict, app, error, status, reason, endpoint
     assert (d.status, d.reason) == (status, reason)
     if status == TRUE or "endpoint" in d.fields:
         assert d.fields.get("endpoint") == endpoint
+
+
+def test_a_pod_that_cannot_start_is_reported_with_its_reason_instead_of_compressing():
+    stuck = Attempt("bot-compress-g1", 1, 0, Outcome(RUNNING, waiting="ImagePullBackOff: back-off pulling image x"))
+    d = decide([stuck])
+    assert (d.status, d.reason) == (FALSE, Reason.POD_CANNOT_START)
+    assert "Job bot-compress-g1's pod cannot start (attempt 1 of 4): ImagePullBackOff: back-off pulling image x" == d.message
+    assert d.create is None
+
+
+def _pod(waiting=None, terminated=None, scheduled=None):
+    state = {"waiting": waiting} if waiting else {"terminated": terminated} if terminated else {"running": {}}
+    conds = [{"type": "PodScheduled", **scheduled}] if scheduled else []
+    return {"status": {"containerStatuses": [{"name": "compress", "state": state}], "conditions": conds}}
+
+
+RUNNING_JOB = {"status": {"conditions": []}}
+FAILED_JOB = {"status": {"conditions": [{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded",
+                                         "lastTransitionTime": "2026-01-01T00:00:00Z"}]}}
+POD_STATES = [
+    ("an image that cannot be pulled", RUNNING_JOB, _pod(waiting={"reason": "ImagePullBackOff", "message": "Back-off pulling image \"x\""}),
+     RUNNING, 'ImagePullBackOff: Back-off pulling image "x"'),
+    ("a missing Secret", RUNNING_JOB, _pod(waiting={"reason": "CreateContainerConfigError", "message": 'secret "hf" not found'}),
+     RUNNING, 'CreateContainerConfigError: secret "hf" not found'),
+    ("a pod no node can take", RUNNING_JOB, {"status": {"conditions": [
+        {"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": "0/3 nodes: Insufficient nvidia.com/gpu."}]}},
+     RUNNING, "Unschedulable: 0/3 nodes: Insufficient nvidia.com/gpu."),
+    ("a container that is merely starting", RUNNING_JOB, _pod(waiting={"reason": "ContainerCreating"}), RUNNING, ""),
+    ("a running container", RUNNING_JOB, _pod(), RUNNING, ""),
+    ("no pod yet", RUNNING_JOB, None, RUNNING, ""),
+]
+
+
+@pytest.mark.parametrize("sentence,job,pod,state,waiting", POD_STATES, ids=[p[0] for p in POD_STATES])
+def test_why_a_pod_cannot_start(sentence, job, pod, state, waiting):
+    from deltafleet.operator.jobs import outcome
+
+    o = outcome(job, pod)
+    assert (o.state, o.waiting) == (state, waiting)
+
+
+def test_an_out_of_memory_kill_names_itself_in_the_failure():
+    from deltafleet.operator.jobs import outcome
+
+    o = outcome(FAILED_JOB, _pod(terminated={"exitCode": 137, "reason": "OOMKilled"}))
+    assert o.state == FAILED and o.reason == "BackoffLimitExceeded: exit code 137: OOMKilled"

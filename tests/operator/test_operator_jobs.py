@@ -90,3 +90,19 @@ def test_operators_run_as_the_charts_service_account(k8s, namespace, chart, rays
     if backend == "rayservice":  # one named RayService, nothing else of KubeRay's
         assert can("-n", RAY_NS, "patch", f"rayservices.ray.io/{RAYSERVICE}")
         assert not can("-n", RAY_NS, "patch", "rayservices.ray.io/another")
+
+
+def test_a_compression_pod_that_cannot_start_shows_why_in_the_status(k8s, namespace, run_operator, rayservice, tmp_path):
+    """A token Secret that does not exist: the kubelet (here the pod runner) keeps the container
+    waiting with CreateContainerConfigError and the Job never fails by itself. The FineTune
+    says so within seconds, not "compressing" until its deadline."""
+    op = run_operator(namespace, "rayservice")
+    fts = FineTunes(k8s, namespace, tmp_path)
+    body = finetune_yaml("nosecret", namespace).replace(
+        "baseModel: {path: bases/tiny}", "baseModel: {huggingFace: org/tiny, tokenSecretRef: {name: missing-hf-token}}")
+    fts.apply(body)
+    ft = fts.wait_condition("nosecret", "Compressed", "False", 60, reason="PodCannotStart", log=op.log)
+    message = fts.condition("nosecret", "Compressed")["message"]
+    assert "CreateContainerConfigError" in message and "missing-hf-token" in message, message
+    assert ft["status"]["phase"] != "Failed"  # not given up on: creating the Secret lets it start
+    assert "PodCannotStart" in fts.event_reasons("nosecret")
