@@ -164,9 +164,15 @@ def add_embedding_hook(module: nn.Embedding, name: str, ctx: BatchContext) -> No
 
 def add_norm_hook(module: nn.Module, name: str, ctx: BatchContext) -> None:
     """Rerun a small module (a norm) with each token's parameters when a tenant in the batch
-    changes them: one vectorized call over the bank's stacks (torch.func.vmap over
-    functional_call: the module's own code, no Python loop over slots)."""
+    changes them, in one call over the bank's stacks — no Python loop over slots.
+
+    Norms use their weight elementwise (`weight * x`, `x * (1 + weight)`), so the module's own
+    forward run once with per-token weights [B, S, ..., H] computes every token exactly as
+    that token's tenant would. A module for which that is not so (it raises, or differs) is
+    run under torch.func.vmap over functional_call instead: exact for any module, slower.
+    Which one holds is checked on the first batch that needs it, against vmap."""
     busy = [False]
+    broadcasts: list[bool] = []  # decided once: [True] = per-token weights broadcast exactly
 
     def call(mod, params, x):
         busy[0] = True
@@ -174,6 +180,14 @@ def add_norm_hook(module: nn.Module, name: str, ctx: BatchContext) -> None:
             return torch.func.functional_call(mod, params, (x,))
         finally:
             busy[0] = False
+
+    def by_vmap(mod, params, x, m):
+        return torch.func.vmap(lambda p, xi: call(mod, p, xi))(params, x.reshape(m, 1, *x.shape[2:]))  # [m, 1, ...]
+
+    def by_broadcast(mod, params, x):
+        lead = x.shape[:2]  # [B, S]
+        shaped = {p: t.reshape(*lead, *([1] * (x.dim() - 2 - (t.dim() - 1))), *t.shape[1:]) for p, t in params.items()}
+        return call(mod, shaped, x)
 
     def hook(mod, args, output):
         if busy[0] or not ctx.slots or not isinstance(output, torch.Tensor):
@@ -186,7 +200,16 @@ def add_norm_hook(module: nn.Module, name: str, ctx: BatchContext) -> None:
         m = x.shape[0] * x.shape[1]  # tokens
         sel = ctx.row_slots(m) + 1  # [m]; stack row 0 is the base's
         params = {p: t.index_select(0, sel) for p, t in ctx.bank.param_stacks[name].items()}  # [m, *shape]
-        y = torch.func.vmap(lambda p, xi: call(mod, p, xi))(params, x.reshape(m, 1, *x.shape[2:]))  # [m, 1, *rest]
+        if not broadcasts:
+            want = by_vmap(mod, params, x, m).reshape(output.shape)
+            try:
+                got = by_broadcast(mod, params, x)
+                broadcasts.append(got.shape == output.shape and bool(torch.equal(got, want)))
+            except RuntimeError:
+                broadcasts.append(False)
+            mod.deltafleet_norm_path = "broadcast" if broadcasts[0] else "vmap"  # for tests and debugging
+            return want.to(output.dtype)
+        y = by_broadcast(mod, params, x) if broadcasts[0] else by_vmap(mod, params, x, m)
         return y.reshape(output.shape).to(output.dtype)
 
     module.register_forward_hook(hook)
