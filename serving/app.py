@@ -22,8 +22,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .config import BASE_ALIASES, ConfigError, parse_args, parse_tenants, resolve_uri
-from .engine import BASE_TENANT, BadRequest, Engine, EngineError, Event
+from .config import BASE_ALIASES, ConfigError, key_digest, parse_args, parse_tenants, resolve_uri
+from .engine import BASE_TENANT, BadRequest, Engine, EngineError, Event, UnknownTenant
 from .openai_api import (
     ChatRequest, CompletionRequest, chat_body, chat_prompt, completion_body, error_body, models_body, new_id, usage,
     usage_chunk,
@@ -102,8 +102,16 @@ def _data(obj: dict) -> str:
     return f"data: {json.dumps(obj)}\n\n"
 
 
+class Unauthorized(EngineError):
+    status, type, code = 401, "invalid_request_error", "invalid_api_key"
+
+
+class UnknownRoute(EngineError):
+    status, type = 404, "not_found_error"
+
+
 def _error(e: EngineError) -> JSONResponse:
-    return JSONResponse(error_body(str(e), e.type, e.status), status_code=e.status)
+    return JSONResponse(error_body(str(e), e.type, getattr(e, "code", e.status)), status_code=e.status)
 
 
 @serve.deployment(name="DeltaServer", max_ongoing_requests=256, health_check_period_s=10)
@@ -124,6 +132,7 @@ class DeltaServer:
         )
         self.base_names = (a.pool, *BASE_ALIASES)
         self.uris: dict[str, str] = {}
+        self.key_tenants: dict[str, frozenset[str]] = {}  # key digest -> the tenants it may call
 
     def reconfigure(self, user_config: dict) -> None:
         """Apply a new tenant set: load new ones in the background, unload removed ones."""
@@ -131,6 +140,28 @@ class DeltaServer:
         paths = {name: resolve_uri(spec.uri, self.args.store_root) for name, spec in cfg.tenants.items()}
         self.engine.set_tenants(paths)
         self.uris = {name: spec.uri for name, spec in cfg.tenants.items()}
+        keys: dict[str, set[str]] = {}
+        for name, spec in cfg.tenants.items():
+            for digest in spec.key_sha256:
+                keys.setdefault(digest, set()).add(name)
+        self.key_tenants = {d: frozenset(names) for d, names in keys.items()}  # swapped whole: requests see old or new
+
+    def _caller(self, request: Request) -> frozenset[str] | None:
+        """The tenants this request's API key may call; None when the pool needs no keys.
+        Raises Unauthorized (401) for a missing or unknown key."""
+        if self.args.auth == "none":
+            return None
+        header = request.headers.get("authorization", "")
+        scheme, _, key = header.partition(" ")
+        if scheme.lower() != "bearer" or not key.strip():
+            raise Unauthorized("no API key: send `Authorization: Bearer <key>`")
+        allowed = self.key_tenants.get(key_digest(key.strip()))
+        if allowed is None:
+            raise Unauthorized("invalid API key")
+        return allowed
+
+    def _may_call(self, allowed: frozenset[str] | None, model: str) -> bool:
+        return allowed is None or model in self.base_names or model in allowed
 
     def check_health(self) -> None:
         """Ray replaces a replica whose health check raises."""
@@ -142,14 +173,21 @@ class DeltaServer:
 
     # ---- API ---------------------------------------------------------------------------
     @api.get("/v1/models")
-    async def models(self):
+    async def models(self, request: Request):
+        try:
+            allowed = self._caller(request)
+        except Unauthorized as e:
+            return _error(e)
         names = [(n, "deltafleet-base") for n in self.base_names]
-        names += [(n, n.split("/")[0] if "/" in n else "deltafleet") for n in self.engine.bank.names()]
+        names += [(n, n.split("/")[0] if "/" in n else "deltafleet") for n in self.engine.bank.names() if self._may_call(allowed, n)]
         return models_body(names)
 
     @api.get("/debug/replica")
     async def replica(self):
-        """Process id (tests check it survives reconfigure), tenant states and engine figures."""
+        """Process id (tests check it survives reconfigure), tenant states and engine figures.
+        Only on pools without API keys: it names every tenant."""
+        if self.args.auth != "none":
+            return _error(UnknownRoute("not found"))
         return {"pid": os.getpid(), "pool": self.args.pool, "uris": self.uris, **self.engine.stats()}
 
     @api.post("/v1/completions")
@@ -167,6 +205,14 @@ class DeltaServer:
         """prompt: text, token ids, or a function making them (a chat template): tokenizing runs
         in a worker thread, so a huge prompt never stalls the event loop other tenants share."""
         t0 = time.monotonic()
+        try:
+            allowed = self._caller(request)
+        except Unauthorized as e:
+            self._record("<unauthorized>", e.type, 0, 0, t0, None)
+            return _error(e)
+        if not self._may_call(allowed, body.model):  # the same answer as a model that does not exist
+            self._record("<unknown>", UnknownTenant.type, 0, 0, t0, None)
+            return _error(UnknownTenant(f"model {body.model!r} is not served by this pool"))
         tenant = BASE_TENANT if body.model in self.base_names else body.model
         loop = asyncio.get_running_loop()
 

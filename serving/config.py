@@ -9,7 +9,8 @@ A pool file is a standard Ray Serve config; each application is one base-model p
         args: {pool: <pool>, base_model: <local path or HF id>, device: auto, dtype: auto,
                max_batch_size: 16, max_queue: 256, gpu_bank_bytes: <int>, cpu_bank_bytes: <int>,
                store_root: <optional dir; delta URIs must resolve inside it>, max_request_bytes: 4194304,
-               kv_cache_bytes: <optional int>, kv_block_size: 16, max_step_tokens: 512}
+               kv_cache_bytes: <optional int>, kv_block_size: 16, max_step_tokens: 512,
+               auth: keys}                         # or none: no API keys (local use only)
         deployments:
           - name: DeltaServer
             autoscaling_config: {min_replicas: 1, max_replicas: 4, target_ongoing_requests: 24}  # 1.5 x max_batch_size
@@ -18,12 +19,19 @@ A pool file is a standard Ray Serve config; each application is one base-model p
             ray_actor_options: {num_gpus: 0, num_cpus: 1}
             user_config:
               tenants:
-                "<namespace>/<name>": {uri: "file:///models/deltas/ns/name/g1/delta.safetensors"}
+                "<namespace>/<name>": {uri: "file:///models/deltas/ns/name/g1/delta.safetensors",
+                                       key_sha256: [<sha256 hex of each API key that may call it>]}
 
 `args` -> `AppArgs` (fixed for the replica's life); `user_config` -> `TenantsConfig`
 (applied by `reconfigure()` without restarting the replica: new tenants load in the
 background, removed ones unload). Tenant names may contain "/". The base model itself is
 served under the names in `BASE_ALIASES` plus the pool name, so tenants may not use them.
+
+API keys (`args.auth: keys`, the default): a request carries `Authorization: Bearer <key>`;
+the replica hashes it and serves only the tenants whose `key_sha256` holds the digest (any
+other model, existing or not, is a 404), and the base model to any valid key; no key or an
+unknown one is a 401. The config holds digests only, so it never carries a usable key, and a
+new config (a rotated key) takes effect at `reconfigure()`, without a restart.
 
 Delta URIs: `file://<absolute path>` or a plain absolute path, nothing else (no http, s3,
 relative paths). When `store_root` is set, the resolved path (symlinks and `..` followed)
@@ -32,6 +40,7 @@ must lie inside it, so a config cannot make a replica read arbitrary files.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from pathlib import Path
 from typing import Literal
@@ -46,6 +55,7 @@ DEPLOYMENT = "DeltaServer"
 BASE_ALIASES = ("base",)  # OpenAI `model` names that mean the pool's base model (besides the pool name)
 TENANT_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)*$"
 TENANT_NAME = re.compile(TENANT_NAME_PATTERN)
+SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 
 
 class ConfigError(ValueError):
@@ -68,6 +78,9 @@ class AppArgs(BaseModel):
     store_root: str | None = Field(None, description="delta URIs must resolve inside this folder")
     max_request_bytes: int = Field(4 << 20, ge=1024, description="larger request bodies get a 413")
     load_timeout_s: float = Field(120.0, gt=0, description="how long a request waits for its tenant to load")
+    auth: Literal["keys", "none"] = Field(
+        "keys", description="keys: a request needs `Authorization: Bearer <key>` and reaches only the tenants whose "
+        "key_sha256 holds that key's digest (the base: any valid key); none: no authentication, for local use")
     kv_cache_bytes: int | None = Field(None, ge=1, description="KV pool size; default: 80% of free GPU memory, 1 GiB on CPU")
     kv_block_size: int = Field(16, ge=1, le=1024, description="token positions per KV block")
     max_step_tokens: int = Field(512, ge=1, description="tokens per engine step: decode rows plus prefill chunks")
@@ -90,6 +103,21 @@ class AppArgs(BaseModel):
 class TenantSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
     uri: str = Field(min_length=1)
+    # sha256 hex digests of the API keys that may call this tenant (never the keys themselves).
+    key_sha256: list[str] = Field(default_factory=list, max_length=64)
+
+    @field_validator("key_sha256")
+    @classmethod
+    def _digests(cls, v: list[str]) -> list[str]:
+        for d in v:
+            if not SHA256_HEX.fullmatch(d):
+                raise ValueError(f"key_sha256 entries must be 64 lowercase hex characters (a sha256 digest), got {d[:80]!r}")
+        return v
+
+
+def key_digest(key: str) -> str:
+    """What a tenant's key_sha256 holds for an API key: its sha256, hex."""
+    return hashlib.sha256(key.encode()).hexdigest()
 
 
 class TenantsConfig(BaseModel):

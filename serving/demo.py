@@ -17,7 +17,8 @@ def pool_config(pool: str, base_dir: Path, deltas: dict[str, Path], **args) -> d
                 "name": pool,
                 "route_prefix": f"/{pool}",
                 "import_path": "deltafleet.serving.app:build_app",
-                "args": {"pool": pool, "base_model": str(base_dir), "device": "auto", "dtype": "auto", **args},
+                # a local demo: no API keys (a pool the operator generates requires them)
+                "args": {"pool": pool, "base_model": str(base_dir), "device": "auto", "dtype": "auto", "auth": "none", **args},
                 "deployments": [
                     {
                         "name": "DeltaServer",

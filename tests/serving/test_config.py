@@ -85,3 +85,15 @@ def test_the_api_server_reserves_the_names_a_replica_serves_its_base_under():
     from deltafleet.serving.config import BASE_ALIASES
 
     assert set(RESERVED_MODEL_NAMES) == set(BASE_ALIASES)
+
+
+def test_tenant_keys_are_digests_never_keys():
+    from deltafleet.serving.config import ConfigError, key_digest, parse_args, parse_tenants
+
+    good = parse_tenants({"tenants": {"a/b": {"uri": "/m/d.safetensors", "key_sha256": [key_digest("secret")]}}})
+    assert good.tenants["a/b"].key_sha256 == ["2bb80d537b1da3e38bd30361aa855686bde0eacd7162fef6a25fe97bf527a25b"]
+    with pytest.raises(ConfigError, match="key_sha256 entries must be 64 lowercase hex"):
+        parse_tenants({"tenants": {"a/b": {"uri": "/m/d.safetensors", "key_sha256": ["secret"]}}})
+    assert parse_args({"pool": "p", "base_model": "/m/b"}).auth == "keys"  # secure by default
+    with pytest.raises(ConfigError, match="auth"):
+        parse_args({"pool": "p", "base_model": "/m/b", "auth": "open"})

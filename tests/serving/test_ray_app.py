@@ -14,6 +14,7 @@ ray = pytest.importorskip("ray")
 from ray import serve  # noqa: E402
 
 from deltafleet.serving.cli import deploy  # noqa: E402
+from deltafleet.serving.config import key_digest  # noqa: E402
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 POOL = "toy"
@@ -25,16 +26,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _deploy(toy, tenants: list[str], port: int):
+def _deploy(toy, tenants: list[str], port: int, keys: dict[str, list[str]] | None = None):
     """Deploy the pool the way the operator and `deltafleet serve --config` do: a Serve config.
     Ray versions a config's deployments by import path and args, so a redeploy that changes
     only user_config reconfigures the running replica (test_tenant_hot_added_... checks its pid)."""
     args = dict(pool=POOL, base_model=str(toy.base_dir), device="cpu", dtype="float32", max_batch_size=8,
-                store_root=str(toy.base_dir.parent))
+                store_root=str(toy.base_dir.parent), auth="keys" if keys is not None else "none")
     config = {"applications": [{
         "name": POOL, "route_prefix": f"/{POOL}", "import_path": "deltafleet.serving.app:build_app", "args": args,
         "deployments": [{"name": "DeltaServer", "ray_actor_options": {"num_cpus": 0},
-                         "user_config": {"tenants": {n: {"uri": toy.deltas[n].as_uri()} for n in tenants}}}],
+                         "user_config": {"tenants": {n: {"uri": toy.deltas[n].as_uri(),
+                                                         "key_sha256": [key_digest(k) for k in (keys or {}).get(n, [])]}
+                                                     for n in tenants}}}],
     }]}
     deploy(config, port=port)
 
@@ -170,3 +173,53 @@ def test_tenant_hot_added_without_restarting_the_replica(url, toy):
     assert _complete(url, "team-b/gamma", "one base saves")["choices"][0]["text"]
     r = httpx.post(f"{url}/v1/completions", json={"model": "team-a/beta", "prompt": "hi"})
     assert r.status_code == 404
+
+
+def _post(url, model, key=None):
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    return httpx.post(f"{url}/v1/completions", json={"model": model, "prompt": "hi", "max_tokens": 2, "temperature": 0},
+                      headers=headers, timeout=120)
+
+
+def _wait_status(url, model, key, status, timeout=120):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            r = _post(url, model, key)
+            if r.status_code == status:
+                return r
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{model} with key {key!r} never answered {status}")
+
+
+def test_api_keys_confine_each_caller_to_its_tenants_and_rotate_without_a_restart(url, toy):
+    """Runs last in this module: it switches the pool to API keys."""
+    port = urlparse(url).port
+    _deploy(toy, ["team-a/alpha", "team-b/gamma"], port, keys={"team-a/alpha": ["key-a"], "team-b/gamma": ["key-b"]})
+    _wait_status(url, "team-a/alpha", None, 401)  # the new args start a new replica; the old one had no keys
+    _wait_status(url, "team-a/alpha", "key-a", 200)
+
+    r = _post(url, "team-a/alpha")  # no key
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", r.text
+    assert _post(url, "team-a/alpha", "not-a-key").status_code == 401
+    # B's key cannot reach A's model, and cannot tell it from one that does not exist
+    other, missing = _post(url, "team-a/alpha", "key-b"), _post(url, "team-x/none", "key-b")
+    assert other.status_code == missing.status_code == 404
+    assert other.json()["error"]["message"].replace("team-a/alpha", "X") == missing.json()["error"]["message"].replace("team-x/none", "X")
+    assert _post(url, "team-b/gamma", "key-b").status_code == 200
+    assert _post(url, POOL, "key-b").status_code == 200  # any valid key may use the base
+    listed = httpx.get(f"{url}/v1/models", headers={"Authorization": "Bearer key-a"}).json()
+    assert {m["id"] for m in listed["data"]} == {POOL, "base", "team-a/alpha"}
+    assert httpx.get(f"{url}/v1/models").status_code == 401
+    assert httpx.get(f"{url}/debug/replica").status_code == 404  # it would name every tenant
+
+    # Rotation: a new config that changes only user_config reconfigures the running replica
+    # (test_tenant_hot_added_without_restarting_the_replica shows the pid stays).
+    _deploy(toy, ["team-a/alpha", "team-b/gamma"], port, keys={"team-a/alpha": ["key-a2"], "team-b/gamma": ["key-b"]})
+    _wait_status(url, "team-a/alpha", "key-a2", 200)
+    assert _post(url, "team-a/alpha", "key-a").status_code == 401
+    assert _post(url, "team-b/gamma", "key-b").status_code == 200
