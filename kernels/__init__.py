@@ -1,7 +1,8 @@
 """1-bit delta kernels: packing layout, fp32 reference, Triton kernels, the CPU path and the dispatcher.
 
-The Triton modules (triton_delta, triton_fused) are imported on first CUDA use, so importing
-this package never compiles or interprets a kernel."""
+The Triton modules (triton_decode, triton_delta) are imported on first use of the Triton path,
+so importing this package never compiles or interprets a kernel. Importing it registers the
+`deltafleet::delta_linear` custom op (dispatch.py)."""
 
 from .cpu import SignCache, delta_linear_cpu
 from .dispatch import delta_linear
