@@ -113,6 +113,12 @@ class SecretKeyRef(_Model):
     key: str = Field("token", description="Key inside the Secret whose value is used.", min_length=1, max_length=253, pattern=r"^[-._a-zA-Z0-9]+$")
 
 
+class SecretRef(_Model):
+    """A whole Secret in the FineTune's namespace."""
+
+    name: str = Field(description="Name of the Secret (same namespace as the FineTune).", min_length=1, max_length=253, pattern=_DNS_SUBDOMAIN)
+
+
 # ---------------------------------------------------------------- model sources
 
 
@@ -324,6 +330,10 @@ class Serving(_Model):
         None, description="Ray Serve autoscaling target: ongoing requests per replica (default: 1.5 x the pool's batch size, "
         "so a replica's batch is full before another is added).", gt=0, le=10_000)
     gpus_per_replica: float = Field(1, description="GPUs per serving replica (fractions share a GPU).", ge=0, le=16)
+    api_key_secret_ref: SecretRef | None = Field(
+        None, description="Secret whose every value is an API key that may call this model (`Authorization: Bearer <key>`). "
+        "Only the keys' sha256 digests reach the serving pool; editing the Secret rotates the keys within a resync. "
+        "Required when the operator's pools use API keys (the default).")
 
     @model_validator(mode="after")
     def _replica_range(self) -> "Serving":

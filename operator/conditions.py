@@ -41,6 +41,7 @@ class Reason:
     APPLICATION_FAILED = "ApplicationFailed"
     BACKEND_UNAVAILABLE = "BackendUnavailable"
     POOL_BASE_CONFLICT = "PoolBaseConflict"  # another base model already owns this pool
+    API_KEYS_MISSING = "ApiKeysMissing"  # the pool needs API keys and this FineTune's cannot be read
     DELETING = "Deleting"
 
     # Ready
@@ -65,6 +66,7 @@ class Transition:
 
 WARNING_REASONS = {
     Reason.INVALID_SPEC,
+    Reason.API_KEYS_MISSING,
     Reason.POD_CANNOT_START,
     Reason.JOB_FAILED_RETRYING,
     Reason.BACKOFF_LIMIT_EXCEEDED,

@@ -9,6 +9,7 @@ contribution differs from what was applied last, and applied only when its hash 
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import os
@@ -34,6 +35,7 @@ from deltafleet.operator.conditions import COMPRESSED, FALSE, SERVED, Reason
 from deltafleet.operator.decisions import Attempt, decide_compression, decide_gate, decide_serving
 from deltafleet.operator.settings import Settings
 from deltafleet.operator.validation import spec_problems
+from deltafleet.serving.config import key_digest
 
 log = logging.getLogger("deltafleet.operator")
 _PER_INPUT = ("delta", "job", "retries", "endpoint")  # status that describes one compression input
@@ -183,8 +185,11 @@ class Controller:
                     ft = api.FineTune.model_validate(raw)
                 except ValidationError:
                     continue
-                if eligible(ft, meta.get("annotations") or {}, bool(meta.get("deletionTimestamp"))):
-                    tenants[key] = sc.tenant_of(ft, meta.get("creationTimestamp", ""), self.settings)
+                if meta.get("deletionTimestamp"):
+                    continue
+                tenant, _ = self._tenant(raw, ft)
+                if tenant is not None:
+                    tenants[key] = tenant
             config = sc.build_serve_config(list(tenants.values()), self.settings)
             digest = sc.config_hash(config)
             if digest != self.backend.applied_hash():
@@ -199,9 +204,9 @@ class Controller:
         meta = raw["metadata"]
         key = f"{meta['namespace']}/{meta['name']}"
         status["pool"], status["modelName"] = ft.pool(), ft.model_name()
-        mine = sc.tenant_of(ft, meta.get("creationTimestamp", ""), self.settings) if eligible(ft, meta.get("annotations") or {}, False) else None
-        app, error = None, None
+        app, error, keys_problem, mine = None, None, None, None
         try:
+            mine, keys_problem = self._tenant(raw, ft)
             if not self.serving.synced or self.serving.tenants.get(key) != mine:
                 self.sync_serving()
             app = self._statuses().get(mine.pool) if mine is not None else None
@@ -209,9 +214,38 @@ class Controller:
             error = str(e)
         why = (cond.get_condition(conds, COMPRESSED) or {}).get("message", "no delta yet")
         d = decide_serving(mine.model if mine else None, ft.pool(), self.serving.conflicts.get(key), app, error,
-                           self.serving.digest, self.settings.endpoint_base, why)
+                           self.serving.digest, self.settings.endpoint_base, why, keys_problem)
         status.update(d.fields)
         return cond.set_condition(conds, SERVED, d.status, d.reason, d.message, gen)[0]
+
+    def _tenant(self, raw: dict, ft: api.FineTune) -> tuple[sc.Tenant | None, str | None]:
+        """The tenant this FineTune adds to its pool, or None; and, when the pool needs API keys
+        it has not got, why. Reads its key Secret fresh, so an edited Secret rotates the keys."""
+        meta = raw["metadata"]
+        if not eligible(ft, meta.get("annotations") or {}, False):
+            return None, None
+        digests, problem = self._key_digests(ft, meta["namespace"])
+        if problem is not None and self.settings.serve_auth == "keys":
+            return None, problem
+        return sc.tenant_of(ft, meta.get("creationTimestamp", ""), self.settings, digests), None
+
+    def _key_digests(self, ft: api.FineTune, namespace: str) -> tuple[tuple[str, ...], str | None]:
+        """sha256 digests of the API keys in the FineTune's Secret (every value is a key), or why there are none."""
+        ref = ft.spec.serving.api_key_secret_ref
+        if ref is None:
+            return (), "the pool requires API keys: set spec.serving.apiKeySecretRef to a Secret holding them"
+        try:
+            secret = self.core.read_namespaced_secret(ref.name, namespace)
+        except ApiException as e:
+            if e.status in (403, 404):
+                what = "not found" if e.status == 404 else "not readable by the operator (RBAC: get secrets)"
+                return (), f"API key Secret {namespace}/{ref.name} {what}"
+            raise BackendError(f"reading Secret {namespace}/{ref.name}: HTTP {e.status}") from None
+        keys = [base64.b64decode(v).decode("utf-8", "replace").strip() for v in (secret.data or {}).values()]
+        digests = tuple(sorted({key_digest(k) for k in keys if k}))
+        if not digests:
+            return (), f"API key Secret {namespace}/{ref.name} holds no keys"
+        return digests, None
 
     # ------------------------------------------------------------ the reconcile
 

@@ -108,11 +108,14 @@ def decide_gate(delta: api.DeltaStatus, min_fidelity: float) -> Decision:
 
 
 def decide_serving(model: str | None, pool: str, conflict: str | None, app: AppStatus | None, backend_error: str | None,
-                   digest: str | None, endpoint_base: str, not_served_because: str) -> Decision:
+                   digest: str | None, endpoint_base: str, not_served_because: str, keys_problem: str | None = None) -> Decision:
     """The Served condition. model: the tenant's name when it is eligible (gate passed, current
-    input), else None; app: its pool's application as the backend reports it."""
+    input, API keys in hand where the pool needs them), else None; keys_problem: why its keys
+    are missing; app: its pool's application as the backend reports it."""
     if backend_error is not None:
         return Decision(FALSE, Reason.BACKEND_UNAVAILABLE, backend_error, {"endpoint": None})
+    if keys_problem is not None:
+        return Decision(FALSE, Reason.API_KEYS_MISSING, keys_problem, {"endpoint": None})
     if model is None:
         return Decision(FALSE, Reason.WAITING_FOR_DELTA, f"not served: {not_served_because}", {"endpoint": None})
     if conflict is not None:

@@ -35,6 +35,7 @@ class Tenant:
     target_ongoing_requests: float | None = None  # None: TARGET_PER_BATCH x the pool's batch size
     gpus_per_replica: float = 1
     created: str = ""  # creationTimestamp: the oldest FineTune of a pool decides its base
+    key_sha256: tuple[str, ...] = ()  # digests of the API keys that may call it (never the keys)
 
     @property
     def key(self) -> str:
@@ -91,7 +92,7 @@ def build_application(pool: str, tenants: list[Tenant], settings: Settings) -> d
         # Built through the contract's own models, so the operator cannot write what replicas refuse.
         "args": AppArgs(
             pool=pool, base_model=tenants[0].base_model, device=settings.device, dtype=settings.dtype,
-            max_batch_size=settings.max_batch_size, store_root=settings.replica_store_path,
+            max_batch_size=settings.max_batch_size, store_root=settings.replica_store_path, auth=settings.serve_auth,
         ).model_dump(exclude_unset=True),
         "deployments": [
             {
@@ -105,7 +106,8 @@ def build_application(pool: str, tenants: list[Tenant], settings: Settings) -> d
                 "max_queued_requests": QUEUED_PER_BATCH * settings.max_batch_size,
                 "ray_actor_options": {"num_gpus": gpus, "num_cpus": settings.replica_cpus},
                 "user_config": TenantsConfig.model_validate(
-                    {"tenants": {t.key: {"uri": t.uri} for t in sorted(tenants, key=lambda t: t.key)}}).model_dump(),
+                    {"tenants": {t.key: {"uri": t.uri, "key_sha256": list(t.key_sha256)} for t in sorted(tenants, key=lambda t: t.key)}}
+                ).model_dump(exclude_defaults=True),
             }
         ],
     }
@@ -145,7 +147,7 @@ def replica_uri(uri: str, settings: Settings) -> str:
     return replica_path(uri, settings)
 
 
-def tenant_of(ft: api.FineTune, created: str, settings: Settings) -> Tenant:
+def tenant_of(ft: api.FineTune, created: str, settings: Settings, key_sha256: tuple[str, ...] = ()) -> Tenant:
     """The tenant a gate-passed FineTune adds to its pool (the caller decides eligibility)."""
     assert ft.status.delta is not None, "tenant_of needs a compressed FineTune"
     serving = ft.spec.serving
@@ -161,4 +163,5 @@ def tenant_of(ft: api.FineTune, created: str, settings: Settings) -> Tenant:
         target_ongoing_requests=serving.target_ongoing_requests,
         gpus_per_replica=serving.gpus_per_replica,
         created=created,
+        key_sha256=tuple(sorted(key_sha256)),
     )

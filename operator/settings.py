@@ -49,6 +49,7 @@ class Settings:
     # Serving replicas (one Ray Serve application per pool).
     replica_cpus: float = 1.0
     max_batch_size: int = 16
+    serve_auth: str = "keys"  # keys: pools need API keys (from each FineTune's Secret); none: open pools (local use)
     device: str = "auto"
     dtype: str = "auto"
     gpu_resource: str = "nvidia.com/gpu"  # extended resource that requests GPUs in Jobs
@@ -111,6 +112,7 @@ _FLAGS: tuple[tuple[str, str, str], ...] = (
     ("job_run_as_user", "DELTAFLEET_JOB_RUN_AS_USER", ""),
     ("replica_cpus", "DELTAFLEET_REPLICA_CPUS", "CPUs per serving replica"),
     ("max_batch_size", "DELTAFLEET_SERVE_MAX_BATCH_SIZE", ""),
+    ("serve_auth", "DELTAFLEET_SERVE_AUTH", "keys: pools require each FineTune's API keys; none: no authentication (local use)"),
     ("device", "DELTAFLEET_SERVE_DEVICE", "device of serving replicas: auto, cpu, cuda"),
     ("dtype", "DELTAFLEET_SERVE_DTYPE", ""),
     ("gpu_resource", "DELTAFLEET_GPU_RESOURCE", "extended resource name that requests GPUs in compression Jobs"),
@@ -125,6 +127,7 @@ _CHOICES = {
     "backend": BACKENDS,
     "job_image_pull_policy": ("Always", "IfNotPresent", "Never"),
     "dtype": ("auto", "float32", "float16", "bfloat16"),
+    "serve_auth": ("keys", "none"),
     "log_level": ("debug", "info", "warning", "error"),
 }
 

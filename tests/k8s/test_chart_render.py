@@ -129,10 +129,13 @@ def test_rbac_cluster_wide_vs_per_namespace(helm):
     for doc in by_kind(cluster, "ClusterRole") + by_kind(namespaced, "Role"):
         for rule in doc["rules"]:
             assert "*" not in rule["verbs"] and "*" not in rule["resources"] and "*" not in rule["apiGroups"]
-            assert "secrets" not in rule["resources"]
+            if "secrets" in rule["resources"]:  # API keys: the Secret a FineTune names, never all of them
+                assert rule["resources"] == ["secrets"] and rule["verbs"] == ["get"]
     ray = [r for r in by_kind(namespaced, "Role") if r["metadata"]["name"].endswith("rayservice")][0]
     assert ray["rules"] == [{"apiGroups": ["ray.io"], "resources": ["rayservices"], "resourceNames": ["deltafleet"], "verbs": ["get", "patch"]}]
     assert not [r for r in by_kind(template(helm, "serve.backend=ray-api"), "Role")]
+    open_pools = template(helm, "serve.auth=none")
+    assert not [r for d in by_kind(open_pools, "ClusterRole") for r in d["rules"] if "secrets" in r["resources"]]
 
 
 @pytest.mark.parametrize(
@@ -196,7 +199,8 @@ def test_ray_auth_token_comes_from_a_mounted_secret(helm):
     assert mount == {"name": "ray-auth-token", "mountPath": "/var/run/secrets/ray", "readOnly": True}
     volume = [v for v in pod["volumes"] if v["name"] == "ray-auth-token"][0]
     assert volume["secret"]["secretName"] == "ray-token"
-    assert not [r for d in docs if d["kind"] in ("Role", "ClusterRole") for r in d["rules"] if "secrets" in r["resources"]]
+    # the token is mounted, not read through the API: the only Secret rule is API keys' get
+    assert [r["verbs"] for d in docs if d["kind"] in ("Role", "ClusterRole") for r in d["rules"] if "secrets" in r["resources"]] == [["get"]]
     plain = by_kind(template(helm, "serve.backend=ray-api"), "Deployment")[0]["spec"]["template"]["spec"]
     assert "ray-auth-token" not in {v["name"] for v in plain["volumes"]}
     assert "DELTAFLEET_RAY_AUTH_TOKEN_FILE" not in {e["name"] for e in plain["containers"][0]["env"]}

@@ -127,7 +127,7 @@ def test_server_fills_defaults(release):
     spec = json.loads(release.kubectl("get", "ft", "defaults", "-n", WATCHED[0], "-o", "json").stdout)["spec"]
     assert spec["compression"]["steps"] == 200 and spec["compression"]["minFidelity"] == 0.9
     assert spec["compression"]["calibration"] == {"samples": 800, "seqLen": 128}
-    assert spec["serving"] == {"minReplicas": 1, "maxReplicas": 4, "targetOngoingRequests": 8, "gpusPerReplica": 1}
+    assert spec["serving"] == {"minReplicas": 1, "maxReplicas": 4, "gpusPerReplica": 1}  # targetOngoingRequests: the pool derives it
     assert spec["deletionPolicy"] == "Delete" and spec["backoffLimit"] == 3
 
 
@@ -267,10 +267,12 @@ NEEDED = [
     ("get", "pods", "--subresource=log"),
     ("create", "events"),
     ("patch", "events"),
+    ("get", "secrets"),  # API keys: the Secret a FineTune names
 ]
 REFUSED = [
-    ("get", "secrets"),
     ("list", "secrets"),
+    ("watch", "secrets"),
+    ("create", "secrets"),
     ("create", "pods"),
     ("delete", "finetunes.deltafleet.dev"),
     ("create", "finetunes.deltafleet.dev"),

@@ -110,9 +110,10 @@ def run_operator(chart, store, tmp_path):
     """Start `deltafleet operator` as the chart's ServiceAccount, watching the test's namespace."""
     started: list[OperatorProcess] = []
 
-    def start(namespace: str, backend: str, *extra: str, env: dict | None = None, ray: LocalRay | None = None) -> OperatorProcess:
+    def start(namespace: str, backend: str, *extra: str, env: dict | None = None, ray: LocalRay | None = None,
+              auth: str = "none") -> OperatorProcess:
         args = [
-            "--backend", backend, "-n", namespace,
+            "--backend", backend, "-n", namespace, "--serve-auth", auth,
             "--store-host-path", str(store), "--operator-store-path", str(store), "--replica-store-path", str(store),
             "--job-image", "deltafleet-ml:test", "--resync-seconds", "1", "--retry-base-seconds", "1",
             "--delete-attempts", "3", "--replica-cpus", "1",

@@ -224,9 +224,10 @@ class FineTunes:
 
 def finetune_yaml(name: str, namespace: str, *, base: str = "bases/tiny", finetuned: str = "finetunes/tiny-code",
                   pool: str | None = None, min_fidelity: float = 0.0, backoff_limit: int = 1, steps: int = 2,
-                  model_name: str | None = None) -> str:
+                  model_name: str | None = None, api_key_secret: str | None = None) -> str:
     pool_line = f"\n    pool: {pool}" if pool else ""
     pool_line += f"\n    modelName: {model_name}" if model_name else ""
+    pool_line += f"\n    apiKeySecretRef: {{name: {api_key_secret}}}" if api_key_secret else ""
     return f"""
 apiVersion: deltafleet.dev/v1alpha1
 kind: FineTune

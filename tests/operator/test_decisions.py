@@ -157,3 +157,10 @@ def test_an_out_of_memory_kill_names_itself_in_the_failure():
 
     o = outcome(FAILED_JOB, _pod(terminated={"exitCode": 137, "reason": "OOMKilled"}))
     assert o.state == FAILED and o.reason == "BackoffLimitExceeded: exit code 137: OOMKilled"
+
+
+def test_a_tenant_whose_pool_needs_keys_it_has_not_got_is_not_served_and_says_why():
+    d = decide_serving(None, "p", None, RUNNING_APP, None, "h1", "http://svc:8000", "no delta yet",
+                       keys_problem="API key Secret team-a/bot-keys not found")
+    assert (d.status, d.reason, d.message) == (FALSE, Reason.API_KEYS_MISSING, "API key Secret team-a/bot-keys not found")
+    assert d.fields == {"endpoint": None}

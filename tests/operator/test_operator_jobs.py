@@ -85,7 +85,8 @@ def test_operators_run_as_the_charts_service_account(k8s, namespace, chart, rays
     assert can("-n", namespace, "create", "jobs.batch") and can("-n", namespace, "patch", "finetunes.deltafleet.dev/status")
     assert not can("*", "*", "--all-namespaces")
     assert not can("create", "clusterrolebindings")
-    assert not can("-n", namespace, "get", "secrets")
+    assert can("-n", namespace, "get", "secrets")  # API keys: the Secret a FineTune names ...
+    assert not can("-n", namespace, "list", "secrets") and not can("-n", namespace, "watch", "secrets")  # ... never all
     assert not can("-n", namespace, "delete", "pods")
     if backend == "rayservice":  # one named RayService, nothing else of KubeRay's
         assert can("-n", RAY_NS, "patch", f"rayservices.ray.io/{RAYSERVICE}")

@@ -11,9 +11,10 @@ pytestmark = [pytest.mark.cluster, pytest.mark.ray, pytest.mark.slow]
 
 
 def test_finetune_to_served_tenant_and_back(k8s, namespace, run_operator, local_ray, store, tmp_path):
-    op = run_operator(namespace, "ray-api", ray=local_ray)
+    op = run_operator(namespace, "ray-api", ray=local_ray, auth="keys")
     fts = FineTunes(k8s, namespace, tmp_path)
-    fts.apply(finetune_yaml("bot", namespace, pool="tiny"))
+    k8s.kubectl("-n", namespace, "create", "secret", "generic", "bot-keys", "--from-literal=ci=key-1")
+    fts.apply(finetune_yaml("bot", namespace, pool="tiny", api_key_secret="bot-keys"))
     # A "fine-tune" that learned nothing (the base's own weights): it retains 0% of a zero
     # improvement, deterministically below any gate, whatever the eval sample's noise.
     fts.apply(finetune_yaml("strict", namespace, pool="tiny", finetuned="bases/tiny-b", min_fidelity=0.5))
@@ -56,19 +57,32 @@ def test_finetune_to_served_tenant_and_back(k8s, namespace, run_operator, local_
     # Served on the local Ray, Ready, and answering.
     ft = fts.wait_condition("bot", "Ready", "True", 420, log=lambda: op.log() + "\n" + str(local_ray.applications()))
     app = local_ray.applications()["tiny"]
+    from deltafleet.serving.config import key_digest
+
     assert tenants_of_application(app["deployed_app_config"]) == {
-        f"{namespace}/bot": {"uri": f"file://{store}/deltas/{namespace}/bot/g1/delta.safetensors"}}
+        f"{namespace}/bot": {"uri": f"file://{store}/deltas/{namespace}/bot/g1/delta.safetensors", "key_sha256": [key_digest("key-1")]}}
     assert ft["status"]["endpoint"] == f"{local_ray.serve_url}/tiny/v1"
     assert ft["status"]["modelName"] == f"{namespace}/bot"
     assert ft["status"]["phase"] == "Serving"
-    code, body = http_json("POST", ft["status"]["endpoint"] + "/completions",
-                           {"model": f"{namespace}/bot", "prompt": "def main(", "max_tokens": 4, "temperature": 0})
+    request = {"model": f"{namespace}/bot", "prompt": "def main(", "max_tokens": 4, "temperature": 0}
+    code, body = http_json("POST", ft["status"]["endpoint"] + "/completions", request, token="key-1")
     assert code == 200, body
     assert body["model"] == f"{namespace}/bot" and isinstance(body["choices"][0]["text"], str)
     assert body["usage"]["completion_tokens"] >= 1
     reasons = fts.event_reasons("bot")
     assert {"JobCreated", "DeltaReady", "ApplicationRunning", "Ready"} <= set(reasons), reasons
     assert "FidelityBelowThreshold" in fts.event_reasons("strict")
+
+    # API keys: only the Secret's keys get in; the pool's config holds their digests, not them.
+    assert http_json("POST", ft["status"]["endpoint"] + "/completions", request)[0] == 401
+    assert http_json("POST", ft["status"]["endpoint"] + "/completions", request, token="key-2")[0] == 401
+    assert "key-1" not in str(local_ray.applications()["tiny"])
+    # Rotation: edit the Secret; within a resync the new key works and the old one stops.
+    k8s.kubectl("-n", namespace, "patch", "secret", "bot-keys", "--type=merge", "-p", '{"stringData": {"ci": "key-2"}}')
+    wait_for(lambda: http_json("POST", ft["status"]["endpoint"] + "/completions", request, token="key-2")[0] == 200, 120,
+             "the rotated key to work", on_timeout=op.log)
+    assert http_json("POST", ft["status"]["endpoint"] + "/completions", request, token="key-1")[0] == 401
+    fts.wait_condition("bot", "Ready", "True", 120, log=op.log)  # Ray reports the app updating while it reconfigures
 
     # A serving change is a new generation but no new Job: only the serve config changes.
     fts.patch("bot", {"spec": {"serving": {"maxReplicas": 2}}})

@@ -1,5 +1,6 @@
 """The serve config: a pure, deterministic function of the gate-passed FineTunes."""
 
+import json
 import random
 
 import yaml
@@ -27,7 +28,7 @@ def test_contract_shape_of_one_pool():
         "route_prefix": "/tiny",
         "import_path": "deltafleet.serving.app:build_app",
         "args": {"pool": "tiny", "base_model": "/mnt/store/bases/tiny", "device": "auto", "dtype": "auto",
-                 "max_batch_size": 16, "store_root": "/mnt/store"},
+                 "max_batch_size": 16, "store_root": "/mnt/store", "auth": "keys"},
         "deployments": [{
             "name": "DeltaServer",
             "autoscaling_config": {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 24.0},
@@ -119,3 +120,18 @@ def test_a_config_the_replicas_would_refuse_is_refused_by_the_operator_first():
                     uri="file:///mnt/store/deltas/x.safetensors")
     with pytest.raises(ValueError, match="reserved for the base model"):
         sc.build_serve_config([bad], SETTINGS)
+
+
+def test_a_tenants_key_digests_reach_its_pool_and_the_pool_needs_keys():
+    from deltafleet.serving.config import key_digest, parse_tenants
+
+    ft = finetune(name="bot", namespace="team-a", base="bases/tiny", spec={"serving": {"apiKeySecretRef": {"name": "bot-keys"}}},
+                  status={"delta": delta_status("file:///models/deltas/team-a/bot/g1/delta.safetensors")})
+    t = sc.tenant_of(ft, "", SETTINGS, key_sha256=(key_digest("k2"), key_digest("k1")))
+    app = sc.build_serve_config([t], SETTINGS)["applications"][0]
+    assert app["args"]["auth"] == "keys"
+    tenants = parse_tenants(app["deployments"][0]["user_config"]).tenants
+    assert tenants["team-a/bot"].key_sha256 == sorted([key_digest("k1"), key_digest("k2")])
+    assert "k1" not in json.dumps(app)  # digests only
+    open_pool = sc.build_serve_config([t], Settings(replica_store_path="/mnt/store", serve_auth="none"))
+    assert open_pool["applications"][0]["args"]["auth"] == "none"

@@ -88,6 +88,12 @@ Pods are only read: the compression result comes back in a pod's termination mes
 - apiGroups: [""]
   resources: [events]
   verbs: [create, patch]
+{{- if eq .Values.serve.auth "keys" }}
+# API keys: the Secret each FineTune names (get only: never list or watch every Secret).
+- apiGroups: [""]
+  resources: [secrets]
+  verbs: [get]
+{{- end }}
 {{- end }}
 
 {{- define "deltafleet.modelStoreVolume" -}}
