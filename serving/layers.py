@@ -69,11 +69,12 @@ class BatchContext:
             self._row_slots[m] = self._slot_of_seq.repeat_interleave(m // b)
         return self._row_slots[m]
 
-    def rows(self, m: int) -> tuple[torch.Tensor, TenantGroups]:
-        """Slot of each of m flattened rows, and their grouping for the kernels."""
+    def rows(self, m: int) -> tuple[torch.Tensor, TenantGroups | None]:
+        """Slot of each of m flattened rows, and (CPU only) their grouping. On CUDA the kernels
+        read each row's slot on the device: grouping there would cost a host sync per step."""
         if m not in self._rows:
             rows = self.row_slots(m)
-            self._rows[m] = (rows, group_rows(rows, self.bank.n_slots))
+            self._rows[m] = (rows, group_rows(rows, self.bank.n_slots) if rows.device.type == "cpu" else None)
         return self._rows[m]
 
 

@@ -21,6 +21,9 @@ def pick_device(device: str) -> torch.device:
 def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype == "auto":  # bf16 where the hardware does it well, fp32 on CPU (correct, not fast)
         return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if device.type == "cuda" and dtype == "float32":  # refused before the base is loaded, not at the first request
+        raise ValueError("dtype float32 on CUDA is not served (the delta kernels take fp16/bf16 activations): "
+                         "use bfloat16 or float16")
     return DTYPES[dtype]
 
 

@@ -97,3 +97,14 @@ def test_tenant_keys_are_digests_never_keys():
     assert parse_args({"pool": "p", "base_model": "/m/b"}).auth == "keys"  # secure by default
     with pytest.raises(ConfigError, match="auth"):
         parse_args({"pool": "p", "base_model": "/m/b", "auth": "open"})
+
+
+def test_fp32_on_cuda_is_refused_before_the_base_loads():
+    import torch
+
+    from deltafleet.serving.model import pick_dtype
+
+    with pytest.raises(ValueError, match="dtype float32 on CUDA is not served"):
+        pick_dtype("float32", torch.device("cuda"))
+    assert pick_dtype("auto", torch.device("cuda")) == torch.bfloat16
+    assert pick_dtype("float32", torch.device("cpu")) == torch.float32
