@@ -11,6 +11,8 @@ import os
 import sys
 from dataclasses import dataclass, field
 
+from .images import ML_IMAGE
+
 BACKENDS = ("rayservice", "ray-api")
 EXIT_HOOK_ENV = "DELTAFLEET_OPERATOR_EXIT_AFTER_JOB_CREATE"  # test hook: exit right after creating a Job
 
@@ -41,8 +43,8 @@ class Settings:
     # Where serving replicas see the store: delta URIs and `path` bases in the serve config
     # are rewritten from /models to this (the same /models in a RayService's pods).
     replica_store_path: str = "/models"
-    # Compression Jobs.
-    job_image: str = "ghcr.io/deltafleet/deltafleet:0.1.0"
+    # Compression Jobs: the ML image (torch); the operator's own image has none.
+    job_image: str = ML_IMAGE
     job_image_pull_policy: str = "IfNotPresent"
     job_service_account: str = ""
     job_run_as_user: int = 1000

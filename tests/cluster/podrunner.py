@@ -1,14 +1,24 @@
 """The test cluster's stand-in for a kubelet.
 
-It registers one Node, binds the pods it is responsible for to it, runs each container's
-command + args as a local process (the image is ignored; the project's venv `bin/` comes
-first on PATH) and reports phase, container states, exit codes and termination messages
-through the pod status subresource, so the real Job controller completes or fails Jobs.
+It registers one Node, binds the pods it is responsible for to it, runs their containers and
+reports phase, container states, exit codes and termination messages through the pod status
+subresource, so the real Job controller completes or fails Jobs.
 
 Pods it runs: those owned by a Job, `helm test` hooks (annotation helm.sh/hook: test) and
 any pod annotated `tests.deltafleet.dev/run-locally: "true"`. Others stay Pending.
 
-Mounts are emulated by path remapping: each volumeMount's mountPath maps to a local folder
+A container whose image was built by images/build.py --unpack (listed in the image index,
+~/.cache/deltafleet/images/index.json, by tag or by digest) runs from that image: its
+command (or the image's entrypoint and cmd, with Kubernetes' override rules) inside the
+image's root filesystem (sandbox.py: an overlay on the unpacked rootfs, bwrap as the pod's
+runAsUser/runAsGroup/fsGroup, read-only where readOnlyRootFilesystem says so), with the
+image's env plus the pod's, and each volume bind-mounted at its mountPath (the ServiceAccount
+token too, so in-cluster config works as in a cluster). A missing executable is a StartError,
+like a runtime's "executable file not found in $PATH".
+
+Any other image (the tests of the runner itself use placeholders) falls back to a local
+process: the command runs on the host with the project's venv `bin/` first on PATH, and mounts
+are emulated by path remapping: each volumeMount's mountPath maps to a local folder
 (hostPath: its path; emptyDir: a temp folder; configMap/secret/projected/downwardAPI:
 a folder with the files; persistentVolumeClaim: one folder per claim shared by its pods),
 and every occurrence of a mountPath (or of the terminationMessagePath) in command, args,
@@ -26,6 +36,7 @@ import argparse
 import base64
 import ctypes
 import datetime as dt
+import functools
 import json
 import logging
 import math
@@ -119,6 +130,68 @@ def expand(s: str | None, env: dict[str, str]) -> str | None:
     return _VAR_REF.sub(sub, s)
 
 
+# -- images ----------------------------------------------------------------------------------
+IMAGE_INDEX = Path(os.environ.get("DELTAFLEET_IMAGE_CACHE", Path.home() / ".cache" / "deltafleet" / "images")) / "index.json"
+SANDBOX = Path(__file__).resolve().parent / "sandbox.py"
+
+
+def unpacked_image(ref: str | None) -> dict | None:
+    """{"rootfs": Path, "config": OCI image config} of an image images/build.py unpacked, looked
+    up by reference (tag or digest); None for an image it never built. Read per pod: an image
+    built while the runner runs is found."""
+    try:
+        index = json.loads(IMAGE_INDEX.read_text())
+    except (OSError, ValueError):
+        return None
+    folder = index.get(ref or "")
+    if folder is None or not (Path(folder) / "image.json").exists():
+        return None
+    meta = json.loads((Path(folder) / "image.json").read_text())
+    repository = meta["ref"].rsplit(":", 1)[0]
+    return {"rootfs": Path(folder) / "rootfs", "config": meta["config"], "id": f"{repository}@{meta['digest']}"}
+
+
+def image_argv(c, config: dict) -> list[str]:
+    """Kubernetes' rules: command replaces the entrypoint (and drops cmd), args replace cmd."""
+    if c.command:
+        return list(c.command) + list(c.args or [])
+    return list(config.get("Entrypoint") or []) + list(c.args if c.args else config.get("Cmd") or [])
+
+
+@functools.cache
+def _sandbox():
+    """sandbox.py, loaded by path: this file also runs as a script, with no package around it."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("deltafleet_pod_sandbox", SANDBOX)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def find_executable(rootfs: Path, name: str, path_env: str) -> bool:
+    """Whether `name` resolves to an executable file inside rootfs (symlinks resolved there)."""
+    inside = _sandbox().inside
+    candidates = [name] if "/" in name else [f"{d}/{name}" for d in path_env.split(":") if d]
+    for cand in candidates:
+        p = inside(rootfs, cand)
+        if p.is_file() and os.access(p, os.X_OK):
+            return True
+    return False
+
+
+def passwd_ids(rootfs: Path, user: str) -> tuple[int, int] | None:
+    """uid and gid of a user named in the image's /etc/passwd."""
+    try:
+        for line in (rootfs / "etc" / "passwd").read_text().splitlines():
+            f = line.split(":")
+            if len(f) > 3 and f[0] == user:
+                return int(f[2]), int(f[3])
+    except OSError:
+        pass
+    return None
+
+
 # -- one pod -------------------------------------------------------------------------------
 class PodWorker(threading.Thread):
     def __init__(self, runner: "Runner", pod):
@@ -133,6 +206,7 @@ class PodWorker(threading.Thread):
         self.procs_lock = threading.Lock()
         self.statuses: dict[str, dict] = {}  # container name -> containerStatus
         self.init_statuses: dict[str, dict] = {}
+        self.image_ids: dict[str, str] = {}  # container -> repository@digest of the image it runs from
         self.phase = "Pending"
         self.start_time = now()
         self.pod_message: str | None = None
@@ -295,7 +369,7 @@ class PodWorker(threading.Thread):
     # -- status ------------------------------------------------------------------------------
     def _status(self, c, state: dict, restarts: int = 0, last_state: dict | None = None,
                 cid: str | None = None, ready: bool = False) -> dict:
-        s = {"name": c.name, "image": c.image or "", "imageID": "", "ready": ready,
+        s = {"name": c.name, "image": c.image or "", "imageID": self.image_ids.get(c.name, ""), "ready": ready,
              "started": "running" in state, "restartCount": restarts, "state": state,
              "lastState": last_state or {}}
         if cid:
@@ -330,6 +404,9 @@ class PodWorker(threading.Thread):
 
     # -- what a container gets ---------------------------------------------------------------
     def _plan(self, c, volumes: dict[str, Path]) -> dict:
+        image = unpacked_image(c.image)
+        if image is not None:
+            return self._image_plan(c, volumes, image)
         mapping: dict[str, Path] = {}
         for vm in c.volume_mounts or []:
             if vm.name not in volumes:
@@ -345,6 +422,77 @@ class PodWorker(threading.Thread):
         cwd = Path(remap(c.working_dir)) if c.working_dir else self.dir / "work"
         cwd.mkdir(parents=True, exist_ok=True)
         return {"argv": argv, "env": env, "cwd": str(cwd), "termination_file": term_file}
+
+    def _image_plan(self, c, volumes: dict[str, Path], image: dict) -> dict:
+        """Run the container from its unpacked image: sandbox.py with a spec (see its docstring)."""
+        config, rootfs = image["config"], image["rootfs"]
+        term_file = self.dir / "termination" / c.name
+        term_file.touch()
+        term_file.chmod(0o666)  # the kubelet's file is writable by any container user
+        mounts = [{"source": str(term_file), "target": c.termination_message_path or DEFAULT_TERMINATION_PATH,
+                   "read_only": False}]
+        for vm in c.volume_mounts or []:
+            if vm.name not in volumes:
+                raise CannotRun(f"container {c.name}: volumeMount {vm.name!r} names no volume of the pod")
+            mounts.append({"source": str(volumes[vm.name] / (vm.sub_path or "")), "target": vm.mount_path,
+                           "read_only": bool(vm.read_only)})
+        env = dict(e.split("=", 1) for e in config.get("Env") or [] if "=" in e)
+        host, _, port = self.runner.server.removeprefix("https://").rpartition(":")
+        env.update({"HOSTNAME": self.name, "KUBERNETES_SERVICE_HOST": host, "KUBERNETES_SERVICE_PORT": port})
+        env = self._env(c, Remap({}), {}, env)
+        argv = [expand(a, env) for a in image_argv(c, config)]
+        if not argv:
+            raise CannotRun(f"container {c.name}: no command, and image {c.image} has no entrypoint or cmd")
+        mounted = [m["target"].rstrip("/") + "/" for m in mounts]
+        if not any(argv[0].startswith(m) for m in mounted) and not find_executable(rootfs, argv[0], env.get("PATH", "")):
+            raise CannotRun(f'exec: "{argv[0]}": executable file not found in $PATH (image {c.image})')
+        uid, gid, groups = self._user(c, config, rootfs)
+        csc = c.security_context
+        spec = {
+            "rootfs": str(rootfs), "read_only": bool(csc and csc.read_only_root_filesystem),
+            "uid": uid, "gid": gid, "groups": groups, "hostname": self.name[:63],
+            "cwd": c.working_dir or config.get("WorkingDir") or "/", "argv": argv, "env": env, "mounts": mounts,
+        }
+        self.image_ids[c.name] = image["id"]
+        spec_file = self.dir / f"sandbox.{c.name}.json"
+        spec_file.write_text(json.dumps(spec, indent=1))
+        return {"argv": [sys.executable, str(SANDBOX), str(spec_file)], "env": {"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
+                "cwd": str(self.dir), "termination_file": term_file}
+
+    def _user(self, c, config: dict, rootfs: Path) -> tuple[int, int, list[int]]:
+        """uid, gid and groups as a runtime picks them: the container's securityContext, the
+        pod's, then the image's USER; runAsNonRoot refused for root as the kubelet does."""
+        psc, csc = self.pod.spec.security_context, c.security_context
+
+        def pick(field: str):
+            for sc in (csc, psc):
+                if sc is not None and getattr(sc, field, None) is not None:
+                    return getattr(sc, field)
+            return None
+
+        name, _, group = (config.get("User") or "0").partition(":")
+        uid, gid = pick("run_as_user"), pick("run_as_group")
+        if uid is None:
+            if name.isdigit():
+                uid, image_gid = int(name), int(group) if group.isdigit() else None
+            else:
+                ids = passwd_ids(rootfs, name)
+                if pick("run_as_non_root"):
+                    raise ConfigError(f"container has runAsNonRoot and image has non-numeric user ({name}), cannot verify user is non-root")
+                if ids is None:
+                    raise CannotRun(f"unable to find user {name}: no matching entries in passwd file")
+                uid, image_gid = ids
+            gid = gid if gid is not None else image_gid
+        if gid is None:
+            gid = int(group) if group.isdigit() else 0
+        if pick("run_as_non_root") and uid == 0:
+            raise ConfigError("container has runAsNonRoot and image will run as root")
+        groups = [gid]
+        if psc is not None and psc.fs_group is not None:
+            groups.append(psc.fs_group)
+        if psc is not None:
+            groups += list(psc.supplemental_groups or [])
+        return uid, gid, sorted(set(groups))
 
     def _identity(self, c, volumes: dict[str, Path]) -> dict[str, str]:
         """In a cluster, a client in the pod finds its ServiceAccount token at SA_MOUNT, a path
@@ -366,10 +514,10 @@ class PodWorker(threading.Thread):
         path.write_text(json.dumps(cfg))
         return {"KUBECONFIG": str(path)}
 
-    def _env(self, c, remap: Remap, identity: dict[str, str]) -> dict[str, str]:
-        env = dict(self.runner.base_env)
-        # HOME stays the runner's: caches under it (Triton, HF) are shared as on a warm node.
-        env.update({"HOSTNAME": self.name, **identity})
+    def _env(self, c, remap: Remap, identity: dict[str, str], base: dict[str, str] | None = None) -> dict[str, str]:
+        if base is None:  # a local process: the runner's env; HOME stays the runner's, so caches
+            base = {**self.runner.base_env, "HOSTNAME": self.name}  # under it (Triton, HF) are shared
+        env = {**base, **identity}
         for src in c.env_from or []:
             prefix = src.prefix or ""
             if src.config_map_ref:
@@ -476,10 +624,12 @@ class PodWorker(threading.Thread):
                     out[v.name].mkdir(parents=True, exist_ok=True)
             elif v.empty_dir is not None:
                 local.mkdir(parents=True, exist_ok=True)
+                local.chmod(0o777)  # as the kubelet makes it: writable by whatever user the pod runs as
                 out[v.name] = local
             elif v.persistent_volume_claim:
                 claim = self.runner.workdir / "pvcs" / self.ns / v.persistent_volume_claim.claim_name
                 claim.mkdir(parents=True, exist_ok=True)
+                claim.chmod(0o777)  # a freshly provisioned volume, writable by the pod's user
                 out[v.name] = claim
             elif v.config_map:
                 data = self._config_map(v.config_map.name, v.config_map.optional) or {}

@@ -60,3 +60,29 @@ def _pod(owners=(), annotations=None):
 ])
 def test_which_pods_the_runner_takes(pod, runs):
     assert selected(pod) is runs
+
+
+@pytest.mark.parametrize("command, args, expected", [
+    (None, None, ["deltafleet", "operator"]),                   # the image's ENTRYPOINT + CMD
+    (None, ["crds"], ["deltafleet", "crds"]),                   # args replace CMD only
+    (["sh", "-c"], None, ["sh", "-c"]),                         # command drops ENTRYPOINT and CMD
+    (["python3"], ["-V"], ["python3", "-V"]),
+])
+def test_image_argv_follows_kubernetes_override_rules(command, args, expected):
+    from .podrunner import image_argv
+
+    c = _Obj(command=command, args=args)
+    assert image_argv(c, {"Entrypoint": ["deltafleet"], "Cmd": ["operator"]}) == expected
+
+
+def test_paths_inside_a_rootfs_follow_its_symlinks_there(tmp_path):
+    from .sandbox import inside
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "var").mkdir()
+    (tmp_path / "var" / "run").symlink_to("/run")        # absolute: re-rooted, not the host's /run
+    (tmp_path / "usr" / "bin").mkdir(parents=True)
+    (tmp_path / "bin").symlink_to("usr/bin")             # relative, as in merged-/usr Debian
+    assert inside(tmp_path, "/var/run/secrets/token") == tmp_path / "run" / "secrets" / "token"
+    assert inside(tmp_path, "/bin/sh") == tmp_path / "usr" / "bin" / "sh"
+    assert inside(tmp_path, "/models") == tmp_path / "models"

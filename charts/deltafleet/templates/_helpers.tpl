@@ -38,12 +38,22 @@ app.kubernetes.io/part-of: deltafleet
 {{- end }}
 {{- end }}
 
+{{/* An image reference from {repository, tag, digest}: by digest when one is given (the tag
+is then ignored), else repository:tag with the chart's appVersion as the default tag. */}}
+{{- define "deltafleet.imageRef" -}}
+{{- if .image.digest }}
+{{- printf "%s@%s" .image.repository .image.digest }}
+{{- else }}
+{{- printf "%s:%s" .image.repository (default .appVersion .image.tag) }}
+{{- end }}
+{{- end }}
+
 {{- define "deltafleet.image" -}}
-{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- include "deltafleet.imageRef" (dict "image" .Values.image "appVersion" .Chart.AppVersion) }}
 {{- end }}
 
 {{- define "deltafleet.jobImage" -}}
-{{- printf "%s:%s" .Values.compression.image.repository (default .Chart.AppVersion .Values.compression.image.tag) }}
+{{- include "deltafleet.imageRef" (dict "image" .Values.compression.image "appVersion" .Chart.AppVersion) }}
 {{- end }}
 
 {{- define "deltafleet.rayServiceNamespace" -}}
