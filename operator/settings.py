@@ -22,7 +22,7 @@ class Settings:
     backend: str = "rayservice"
     # rayservice backend
     rayservice_name: str = "deltafleet"
-    rayservice_namespace: str = "deltafleet-system"
+    rayservice_namespace: str = "deltafleet"  # the chart: its release namespace (README installs into deltafleet)
     # ray-api backend
     ray_dashboard_url: str = "http://127.0.0.1:8265"
     # Ray's token authentication (on by default for clusters Ray 2.60 starts itself): a file

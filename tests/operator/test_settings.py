@@ -20,7 +20,7 @@ def test_env_defaults_and_flags_override():
     assert s.endpoint_base == "http://ray:8000"
     s, _ = parse_settings(["--backend", "rayservice", "-n", "x"], env)
     assert s.backend == "rayservice" and s.namespaces == ("x",)
-    assert s.endpoint_base == "http://deltafleet-serve-svc.deltafleet-system.svc:8000"
+    assert s.endpoint_base == "http://deltafleet-serve-svc.deltafleet.svc:8000"
 
 
 def test_conflicting_store_flags_are_refused():
