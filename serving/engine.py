@@ -128,7 +128,7 @@ class Sequence:
     slot: int = -1
     generator: torch.Generator | None = None
     out_ids: list[int] = field(default_factory=list)
-    text: IncrementalText | None = None
+    detok: IncrementalText | None = None  # the completion so far as text, decoded incrementally
     emitted: int = 0  # characters of the completion text already streamed
     first_token_at: float | None = None
     computed: int = 0  # tokens (prompt + generated) whose K/V are in the cache
@@ -269,7 +269,7 @@ class Engine:
         if params.temperature > 0:
             gen = torch.Generator(device=self.device)
             gen.manual_seed(params.seed if params.seed is not None else random.getrandbits(63))
-        seq = Sequence(next(self._ids), tenant, ids, params, stream, generator=gen, text=IncrementalText(self.tokenizer))
+        seq = Sequence(next(self._ids), tenant, ids, params, stream, generator=gen, detok=IncrementalText(self.tokenizer))
         with self._cv:
             if len(self.pending) >= self.max_queue:
                 raise Overloaded(f"queue is full ({self.max_queue} waiting requests); retry later")
@@ -451,8 +451,8 @@ class Engine:
         if token in self.eos_ids:
             return self._finish(seq, "stop")
         seq.out_ids.append(token)
-        seq.text.add(token)
-        text = seq.text.text
+        seq.detok.add(token)
+        text = seq.detok.text
         stops = seq.params.stop
         for stop in stops:
             at = text.find(stop, max(0, seq.emitted - len(stop)))
@@ -471,8 +471,8 @@ class Engine:
 
     def _finish(self, seq: Sequence, reason: str, text: str | None = None) -> bool:
         if text is None:
-            seq.text.flush()  # a character still incomplete at the end is emitted as it is
-            text = seq.text.text
+            seq.detok.flush()  # a character still incomplete at the end is emitted as it is
+            text = seq.detok.text
         last = [seq.out_ids[-1]] if reason == "length" else []
         seq.stream.put(self._final(seq, text[seq.emitted:], last, reason))
         return False
