@@ -26,6 +26,7 @@ class Reason:
 
     # Compressed
     INVALID_SPEC = "InvalidSpec"  # the schema let it through, the code cannot run it
+    REFUSED_BY_POLICY = "RefusedByPolicy"  # the admin's policy forbids what the spec asks (no Job)
     JOB_CREATED = "JobCreated"  # the Job of this generation exists, its pod has not finished
     POD_CANNOT_START = "PodCannotStart"  # image pull, scheduling, a missing Secret: it will not start by itself
     JOB_FAILED_RETRYING = "JobFailedRetrying"  # an attempt failed; the next one waits for its backoff, or runs
@@ -66,6 +67,7 @@ class Transition:
 
 WARNING_REASONS = {
     Reason.INVALID_SPEC,
+    Reason.REFUSED_BY_POLICY,
     Reason.API_KEYS_MISSING,
     Reason.POD_CANNOT_START,
     Reason.JOB_FAILED_RETRYING,

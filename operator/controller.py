@@ -34,7 +34,7 @@ from deltafleet.operator.backend import AppStatus, Backend, BackendError
 from deltafleet.operator.conditions import COMPRESSED, FALSE, SERVED, Reason
 from deltafleet.operator.decisions import Attempt, decide_compression, decide_gate, decide_serving
 from deltafleet.operator.settings import Settings
-from deltafleet.operator.validation import spec_problems
+from deltafleet.operator.validation import policy_problems, spec_problems
 from deltafleet.serving.config import key_digest
 
 log = logging.getLogger("deltafleet.operator")
@@ -259,15 +259,18 @@ class Controller:
     def _reconcile(self, raw: dict) -> None:
         meta = raw["metadata"]
         namespace, name, gen = meta["namespace"], meta["name"], meta.get("generation", 1)
+        reason = Reason.INVALID_SPEC
         try:
             ft = api.FineTune.model_validate(raw)
             problems = spec_problems(ft, self.settings)
+            if not problems and (problems := policy_problems(ft, self.settings)):
+                reason = Reason.REFUSED_BY_POLICY
         except ValidationError as e:
             err = e.errors()[0]
             problems = [f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}"]
-        if problems:
+        if problems:  # before any Job: nothing runs that the schema, the code or the policy refuses
             conds = (raw.get("status") or {}).get("conditions") or []
-            conds = cond.set_condition(conds, COMPRESSED, FALSE, Reason.INVALID_SPEC, "; ".join(problems), gen)[0]
+            conds = cond.set_condition(conds, COMPRESSED, FALSE, reason, "; ".join(problems), gen)[0]
             conds = cond.set_condition(conds, SERVED, FALSE, Reason.WAITING_FOR_DELTA, "the spec cannot be compressed", gen)[0]
             self._write(raw, dict(raw.get("status") or {}), conds, gen)
             raise InvalidSpec("; ".join(problems))

@@ -55,6 +55,12 @@ class Settings:
     device: str = "auto"
     dtype: str = "auto"
     gpu_resource: str = "nvidia.com/gpu"  # extended resource that requests GPUs in Jobs
+    # Admin policy over what a FineTune author may ask of its compression Job.
+    policy_host_path: str = "deny"  # allow: FineTunes may mount spec.modelStore.hostPath (a node's files)
+    policy_allowed_images: str = ""  # comma-separated images FineTunes may name besides job_image
+    policy_max_gpus: int = 8
+    policy_max_memory: str = ""  # a quantity (e.g. 256Gi) no request or limit may exceed; empty: none
+    policy_max_deadline_seconds: int = 86_400
     log_level: str = "info"
     # Scope and timing.
     namespaces: tuple[str, ...] = field(default_factory=tuple)  # empty: all namespaces
@@ -118,6 +124,12 @@ _FLAGS: tuple[tuple[str, str, str], ...] = (
     ("device", "DELTAFLEET_SERVE_DEVICE", "device of serving replicas: auto, cpu, cuda"),
     ("dtype", "DELTAFLEET_SERVE_DTYPE", ""),
     ("gpu_resource", "DELTAFLEET_GPU_RESOURCE", "extended resource name that requests GPUs in compression Jobs"),
+    ("policy_host_path", "DELTAFLEET_POLICY_HOST_PATH", "allow or deny FineTunes' spec.modelStore.hostPath"),
+    ("policy_allowed_images", "DELTAFLEET_POLICY_ALLOWED_IMAGES",
+     "comma-separated images FineTunes may set in spec.compression.image (the Job image always)"),
+    ("policy_max_gpus", "DELTAFLEET_POLICY_MAX_GPUS", "most GPUs a compression Job may ask for"),
+    ("policy_max_memory", "DELTAFLEET_POLICY_MAX_MEMORY", "most memory a compression Job may request or limit (empty: no ceiling)"),
+    ("policy_max_deadline_seconds", "DELTAFLEET_POLICY_MAX_DEADLINE_SECONDS", "longest activeDeadlineSeconds a FineTune may set"),
     ("log_level", "DELTAFLEET_LOG_LEVEL", ""),
     ("resync_seconds", "DELTAFLEET_RESYNC_SECONDS", ""),
     ("retry_base_seconds", "DELTAFLEET_RETRY_BASE_SECONDS", "first backoff after a failed compression attempt"),
@@ -130,6 +142,7 @@ _CHOICES = {
     "job_image_pull_policy": ("Always", "IfNotPresent", "Never"),
     "dtype": ("auto", "float32", "float16", "bfloat16"),
     "serve_auth": ("keys", "none"),
+    "policy_host_path": ("allow", "deny"),
     "log_level": ("debug", "info", "warning", "error"),
 }
 

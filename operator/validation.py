@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import re
 
+from kubernetes.utils import parse_quantity
+
 from deltafleet.operator import api
 from deltafleet.operator import compression as comp
 from deltafleet.operator.settings import Settings
@@ -29,4 +31,29 @@ def spec_problems(ft: api.FineTune, settings: Settings) -> list[str]:
         problems.append(f"spec.serving.modelName: {model!r} is reserved for the pool's base model")
     if spec.model_store is None and not (settings.store_claim or settings.store_host_path):
         problems.append("spec.modelStore: not set and the operator has no default store (--store-claim / --store-host-path)")
+    return problems
+
+
+def policy_problems(ft: api.FineTune, settings: Settings) -> list[str]:
+    """What the admin's policy refuses in this spec, each naming the field and the policy."""
+    c, problems = ft.spec.compression, []
+    if ft.spec.model_store is not None and ft.spec.model_store.host_path and settings.policy_host_path != "allow":
+        problems.append("spec.modelStore.hostPath: FineTunes may not mount a node's files "
+                        "(policy: chart policy.allowHostPath / --policy-host-path allow)")
+    allowed = {settings.job_image, *(i.strip() for i in settings.policy_allowed_images.split(",") if i.strip())}
+    if c.image is not None and c.image not in allowed:
+        problems.append(f"spec.compression.image: {c.image!r} is not an allowed image "
+                        f"(policy: {', '.join(sorted(allowed))}; chart policy.allowedImages)")
+    if c.gpus > settings.policy_max_gpus:
+        problems.append(f"spec.compression.gpus: {c.gpus} is above the policy's {settings.policy_max_gpus} (chart policy.maxGpus)")
+    if settings.policy_max_memory and c.resources is not None:
+        ceiling = parse_quantity(settings.policy_max_memory)
+        for kind in ("requests", "limits"):
+            value = (getattr(c.resources, kind) or {}).get("memory")
+            if value is not None and parse_quantity(str(value)) > ceiling:
+                problems.append(f"spec.compression.resources.{kind}.memory: {value} is above the policy's "
+                                f"{settings.policy_max_memory} (chart policy.maxMemory)")
+    if ft.spec.active_deadline_seconds > settings.policy_max_deadline_seconds:
+        problems.append(f"spec.activeDeadlineSeconds: {ft.spec.active_deadline_seconds} is above the policy's "
+                        f"{settings.policy_max_deadline_seconds} (chart policy.maxDeadlineSeconds)")
     return problems

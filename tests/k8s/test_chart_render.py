@@ -169,7 +169,9 @@ def test_the_operator_understands_the_chart_settings(helm):
 
     source = (ROOT / "operator" / "settings.py").read_text()
     sets = (*NAMESPACED, "modelStore.hostPath=/srv/models", "compression.image.tag=9.9", "serve.backend=ray-api",
-            "serve.rayApi.dashboardUrl=http://ray-head:8265", "compression.runAsUser=4242")
+            "serve.rayApi.dashboardUrl=http://ray-head:8265", "compression.runAsUser=4242", "serve.auth=none",
+            "policy.allowHostPath=true", "policy.allowedImages={reg/a:1,reg/b:2}", "policy.maxGpus=2",
+            "policy.maxMemory=64Gi", "policy.maxDeadlineSeconds=3600")
     container = by_kind(template(helm, *sets), "Deployment")[0]["spec"]["template"]["spec"]["containers"][0]
     env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
     for name in env:
@@ -181,11 +183,17 @@ def test_the_operator_understands_the_chart_settings(helm):
     assert settings.store_host_path == "/srv/models" and settings.store_claim == ""
     assert settings.job_image == "ghcr.io/deltafleet/deltafleet-ml:9.9" and settings.job_run_as_user == 4242
     assert settings.liveness_port == container["ports"][0]["containerPort"]
+    assert settings.serve_auth == "none"
+    assert (settings.policy_host_path, settings.policy_allowed_images, settings.policy_max_gpus) == ("allow", "reg/a:1,reg/b:2", 2)
+    assert (settings.policy_max_memory, settings.policy_max_deadline_seconds) == ("64Gi", 3600)
+    defaults, _ = parse_settings([], environ={e["name"]: e["value"] for e in by_kind(template(helm), "Deployment")[0]
+                                              ["spec"]["template"]["spec"]["containers"][0]["env"] if "value" in e})
+    assert (defaults.serve_auth, defaults.policy_host_path, defaults.policy_max_gpus) == ("keys", "deny", 8)
 
 
 def test_ray_auth_token_comes_from_a_mounted_secret(helm):
-    """Ray token authentication: the Secret is mounted read-only (the operator has no RBAC on
-    Secrets) and its file handed to the operator; nothing is mounted when no Secret is named."""
+    """Ray token authentication: the Secret is mounted read-only (the operator's only RBAC on
+    Secrets is API keys' get) and its file handed to the operator; nothing is mounted when no Secret is named."""
     from deltafleet.operator.settings import parse_settings
 
     sets = ("serve.backend=ray-api", "serve.rayApi.authTokenSecret.name=ray-token")

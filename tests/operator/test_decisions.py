@@ -164,3 +164,38 @@ def test_a_tenant_whose_pool_needs_keys_it_has_not_got_is_not_served_and_says_wh
                        keys_problem="API key Secret team-a/bot-keys not found")
     assert (d.status, d.reason, d.message) == (FALSE, Reason.API_KEYS_MISSING, "API key Secret team-a/bot-keys not found")
     assert d.fields == {"endpoint": None}
+
+
+POLICY = [
+    ("a FineTune of the chart's defaults passes", {}, {}, []),
+    ("a host path from a FineTune is refused by default", {"modelStore": {"hostPath": "//"}}, {},
+     ["spec.modelStore.hostPath: FineTunes may not mount a node's files"]),
+    ("a host path is allowed when the admin allows it", {"modelStore": {"hostPath": "/srv/models"}}, {"policy_host_path": "allow"}, []),
+    ("an image that is not the Job image is refused", {"compression": {"image": "evil/miner:1"}}, {},
+     ["spec.compression.image: 'evil/miner:1' is not an allowed image"]),
+    ("the Job image itself is allowed", {"compression": {"image": "reg/deltafleet-ml:1"}}, {}, []),
+    ("an image the admin lists is allowed", {"compression": {"image": "reg/custom:2"}},
+     {"policy_allowed_images": "reg/other:1, reg/custom:2"}, []),
+    ("more GPUs than the ceiling are refused", {"compression": {"gpus": 9}}, {}, ["spec.compression.gpus: 9 is above the policy's 8"]),
+    ("memory above the ceiling is refused, in either field", {"compression": {"resources": {"requests": {"memory": "300Gi"}, "limits": {"memory": "1Ti"}}}},
+     {"policy_max_memory": "256Gi"}, ["resources.requests.memory: 300Gi is above", "resources.limits.memory: 1Ti is above"]),
+    ("memory at the ceiling passes", {"compression": {"resources": {"limits": {"memory": "256Gi"}}}}, {"policy_max_memory": "256Gi"}, []),
+    ("a deadline above the ceiling is refused", {"activeDeadlineSeconds": 200_000}, {},
+     ["spec.activeDeadlineSeconds: 200000 is above the policy's 86400"]),
+]
+
+
+@pytest.mark.parametrize("sentence,spec,settings,problems", POLICY, ids=[p[0] for p in POLICY])
+def test_policy(sentence, spec, settings, problems):
+    from op_factories import finetune
+
+    from deltafleet.operator.settings import Settings
+    from deltafleet.operator.validation import policy_problems
+
+    body = {k: v for k, v in spec.items() if k != "compression"}
+    if "compression" in spec:
+        body["compression"] = {"steps": 2, "minFidelity": 0.5, "gpus": 0, **spec["compression"]}
+    got = policy_problems(finetune(spec=body), Settings(job_image="reg/deltafleet-ml:1", **settings))
+    assert len(got) == len(problems), got
+    for want, line in zip(problems, got):
+        assert want in line and "policy" in line, line

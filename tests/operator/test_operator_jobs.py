@@ -107,3 +107,38 @@ def test_a_compression_pod_that_cannot_start_shows_why_in_the_status(k8s, namesp
     assert "CreateContainerConfigError" in message and "missing-hf-token" in message, message
     assert ft["status"]["phase"] != "Failed"  # not given up on: creating the Secret lets it start
     assert "PodCannotStart" in fts.event_reasons("nosecret")
+
+
+def test_a_spec_the_policy_refuses_gets_no_job_and_says_which_policy(k8s, namespace, run_operator, rayservice, tmp_path):
+    op = run_operator(namespace, "rayservice")
+    fts = FineTunes(k8s, namespace, tmp_path)
+    fts.apply(finetune_yaml("miner", namespace).replace("    gpus: 0\n", "    gpus: 0\n    image: evil/miner:1\n"))
+    ft = fts.wait_condition("miner", "Compressed", "False", 60, reason="RefusedByPolicy", log=op.log)
+    message = fts.condition("miner", "Compressed")["message"]
+    assert "'evil/miner:1' is not an allowed image" in message and "deltafleet-ml:test" in message, message
+    assert fts.job_names() == []
+    assert "RefusedByPolicy" in fts.event_reasons("miner")
+    assert ft["status"]["phase"] != "Serving"
+
+
+def test_compression_pods_are_admitted_in_a_namespace_enforcing_the_restricted_profile(k8s, namespace, run_operator, rayservice, tmp_path):
+    """Pod Security admission (in the API server) with enforce=restricted: the Job's pod, with a
+    claim for its store, is admitted. The same Job with a hostPath store is not — the check has teeth."""
+    k8s.kubectl("label", "namespace", namespace, "pod-security.kubernetes.io/enforce=restricted")
+    op = run_operator(namespace, "rayservice")  # its default store is a hostPath
+    fts = FineTunes(k8s, namespace, tmp_path)
+    fts.apply(finetune_yaml("claimed", namespace).replace("  backoffLimit:", "  modelStore: {claimName: models}\n  backoffLimit:"))
+    fts.apply(finetune_yaml("hostpath", namespace))
+
+    def pods(job):
+        out = k8s.kubectl("-n", namespace, "get", "pods", "-l", f"batch.kubernetes.io/job-name={job}", "-o", "json")
+        return json.loads(out.stdout)["items"]
+
+    wait_for(lambda: pods("claimed-compress-g1"), 120, "the claimed store's pod to be admitted", on_timeout=op.log)
+
+    def refused():
+        out = k8s.kubectl("-n", namespace, "get", "events", "--field-selector", "involvedObject.name=hostpath-compress-g1", "-o", "json")
+        return [e for e in json.loads(out.stdout)["items"] if e["reason"] == "FailedCreate" and "PodSecurity" in e["message"]]
+    events = wait_for(refused, 120, "the hostPath Job's pod to be refused by Pod Security", on_timeout=op.log)
+    assert "hostPath" in events[0]["message"]
+    assert not pods("hostpath-compress-g1")
