@@ -346,10 +346,10 @@ def test_the_operator_works_with_the_namespaced_rbac(release, tmp_path):
         DELTAFLEET_NAMESPACES=WATCHED[1],  # the other watched namespace holds earlier tests' objects
         DELTAFLEET_HEALTH_PORT=str(port), DELTAFLEET_OPERATOR_STORE_PATH=str(tmp_path),
         DELTAFLEET_RESYNC_SECONDS="1", DELTAFLEET_RETRY_BASE_SECONDS="600",
+        DELTAFLEET_MODEL_STORE_HOST_PATH=str(tmp_path),  # the admin's store (FineTunes may not name a hostPath)
     )
     command = [str(Path(sys.executable).parent / container["command"][0]), *container["command"][1:]]
-    store = {"hostPath": str(tmp_path)}
-    spec = {"baseModel": {"path": "bases/none"}, "fineTunedModel": {"path": "finetunes/none"}, "modelStore": store, "compression": {"gpus": 0}}
+    spec = {"baseModel": {"path": "bases/none"}, "fineTunedModel": {"path": "finetunes/none"}, "compression": {"gpus": 0}}
     watched = {"apiVersion": "deltafleet.dev/v1alpha1", "kind": "FineTune", "metadata": {"name": "operated", "namespace": WATCHED[1]}, "spec": spec}
     unwatched = {**watched, "metadata": {"name": "ignored", "namespace": OTHER}}
     log = tmp_path / "operator.log"
