@@ -67,9 +67,14 @@ def release(k8s, operator_image, tmp_path):
              "--set-string", RUN_LOCALLY, "--set", f"image.digest={operator_image['digest']}",
              "--set", f"modelStore.hostPath={tmp_path}", "--set", f"crds.enabled={str(own_crd).lower()}")
     yield {"system": system, "watched": watched, "port": port}
-    for name in k8s.kubectl("get", "ft", "-n", watched, "-o", "name", check=False).stdout.split():
-        k8s.kubectl("patch", name, "-n", watched, "--type=merge", "-p", '{"metadata":{"finalizers":null}}', check=False)
+    # The operator first (a running operator puts back a finalizer taken away), then the
+    # finalizers it left, then the CRD: one FineTune left with a finalizer would keep the CRD
+    # terminating for every later test on this cluster.
     k8s.helm("uninstall", "img", "-n", system, "--wait", check=False)
+    for line in k8s.kubectl("get", "ft", "-A", "-o", "jsonpath={range .items[*]}{.metadata.namespace}/{.metadata.name}{\"\\n\"}{end}",
+                            check=False).stdout.split():
+        ns, name = line.split("/", 1)
+        k8s.kubectl("patch", "ft", name, "-n", ns, "--type=merge", "-p", '{"metadata":{"finalizers":null}}', check=False)
     if own_crd:
         k8s.kubectl("delete", "crd", "finetunes.deltafleet.dev", "--wait=true", "--timeout=60s", check=False)
     for ns in (system, watched):
