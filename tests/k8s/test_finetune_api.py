@@ -118,3 +118,13 @@ def test_the_examples_are_valid_finetunes():
     local = api.FineTune.model_validate(yaml.safe_load((ROOT / "examples/finetune-store.yaml").read_text()))
     assert local.spec.base_model.reference() == "/models/bases/tiny-llama"
     assert local.spec.compression.gpus == 0 and local.model_name() == "code-helper"
+
+
+def test_the_examples_pass_the_default_policy_and_name_their_api_keys():
+    from deltafleet.operator.settings import Settings
+    from deltafleet.operator.validation import policy_problems
+
+    for example in ("finetune.yaml", "finetune-store.yaml"):
+        ft = api.FineTune.model_validate(yaml.safe_load((ROOT / "examples" / example).read_text()))
+        assert policy_problems(ft, Settings()) == [], example
+        assert ft.spec.serving.api_key_secret_ref is not None, example  # pools need keys by default
