@@ -120,9 +120,15 @@ def test_operator_settings_follow_values(helm):
 
 def test_rbac_cluster_wide_vs_per_namespace(helm):
     cluster = template(helm)
-    assert [r["metadata"]["name"] for r in by_kind(cluster, "ClusterRole")] == ["df-deltafleet"]
+    # the operator's, plus the two aggregated into the built-in edit/admin and view roles
+    assert [r["metadata"]["name"] for r in by_kind(cluster, "ClusterRole")] == [
+        "df-deltafleet", "df-deltafleet-finetune-editor", "df-deltafleet-finetune-viewer"]
+    users = {r["metadata"]["name"]: r for r in by_kind(cluster, "ClusterRole") if "finetune-" in r["metadata"]["name"]}
+    assert users["df-deltafleet-finetune-editor"]["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-edit"] == "true"
+    assert users["df-deltafleet-finetune-viewer"]["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-view"] == "true"
+    assert not [r for d in users.values() for r in d["rules"] if "finetunes/status" in r["resources"] and set(r["verbs"]) - {"get", "list", "watch"}]
     assert [r["metadata"]["namespace"] for r in by_kind(cluster, "Role")] == ["deltafleet"]  # the RayService role
-    namespaced = template(helm, *NAMESPACED)
+    namespaced = template(helm, *NAMESPACED, "userRoles.create=false")
     assert not by_kind(namespaced, "ClusterRole") and not by_kind(namespaced, "ClusterRoleBinding")
     roles = {(r["metadata"]["namespace"], r["metadata"]["name"]) for r in by_kind(namespaced, "Role")}
     assert roles == {("team-a", "df-deltafleet"), ("team-b", "df-deltafleet"), ("deltafleet", "df-deltafleet-rayservice")}

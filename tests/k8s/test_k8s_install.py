@@ -376,3 +376,22 @@ def test_the_operator_works_with_the_namespaced_rbac(release, tmp_path):
             release.kubectl("delete", "ft", name, "-n", ns, "--wait=false", check=False)
     text = log.read_text()
     assert "Forbidden" not in text and " 403" not in text, text[-3000:]
+
+
+def test_the_built_in_edit_and_view_roles_cover_finetunes(release):
+    """A team member bound to Kubernetes' own `edit` in their namespace manages FineTunes there;
+    `view` reads them; neither writes status (the operator's) or reaches another namespace."""
+    ns = WATCHED[0]
+    for who, role in (("alice", "edit"), ("bob", "view")):
+        release.kubectl("-n", ns, "create", "serviceaccount", who)
+        release.kubectl("-n", ns, "create", "rolebinding", f"{who}-{role}", f"--clusterrole={role}", f"--serviceaccount={ns}:{who}")
+    alice, bob = release.sa_kubeconfig(ns, "alice"), release.sa_kubeconfig(ns, "bob")
+    wait_for(lambda: can_i(release, alice, "create", "finetunes.deltafleet.dev", "-n", ns), "edit to aggregate FineTunes")
+    wait_for(lambda: can_i(release, bob, "list", "finetunes.deltafleet.dev", "-n", ns), "view to aggregate FineTunes")
+    for verb in ("get", "list", "watch", "create", "update", "patch", "delete"):
+        assert can_i(release, alice, verb, "finetunes.deltafleet.dev", "-n", ns), verb
+    for verb in ("create", "patch", "delete"):
+        assert not can_i(release, bob, verb, "finetunes.deltafleet.dev", "-n", ns), verb
+    for kc in (alice, bob):
+        assert not can_i(release, kc, "patch", "finetunes.deltafleet.dev", "--subresource=status", "-n", ns)
+        assert not can_i(release, kc, "get", "finetunes.deltafleet.dev", "-n", OTHER)
