@@ -80,6 +80,9 @@ def main(argv: list[str]) -> int:
     ctl = Controller(settings, make_backend(settings, api_client), api_client)
     registry = kopf.OperatorRegistry()
     register(registry, ctl)
+    from deltafleet.operator import metrics
+
+    metrics.serve(settings.metrics_port)
     kopf.run(
         registry=registry,
         standalone=True,  # one replica (the chart's); no peering CRDs needed

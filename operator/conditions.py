@@ -150,7 +150,7 @@ def reduce_phase(conditions: list[dict], deleting: bool = False) -> str:
     reason = compressed.get("reason")
     if reason == Reason.FIDELITY_BELOW_THRESHOLD:
         return Phase.Rejected.value
-    if reason in (Reason.BACKOFF_LIMIT_EXCEEDED, Reason.INVALID_SPEC):
+    if reason in (Reason.BACKOFF_LIMIT_EXCEEDED, Reason.INVALID_SPEC, Reason.REFUSED_BY_POLICY):
         return Phase.Failed.value
     if reason == Reason.JOB_FAILED_RETRYING:
         return Phase.Retrying.value

@@ -28,7 +28,7 @@ from deltafleet.compress.result import RESULT_FILE, CompressResult
 from deltafleet.operator import api
 from deltafleet.operator import compression as comp
 from deltafleet.operator import conditions as cond
-from deltafleet.operator import jobs
+from deltafleet.operator import jobs, metrics
 from deltafleet.operator import serveconfig as sc
 from deltafleet.operator.backend import AppStatus, Backend, BackendError
 from deltafleet.operator.conditions import COMPRESSED, FALSE, SERVED, Reason
@@ -43,6 +43,10 @@ _PER_INPUT = ("delta", "job", "retries", "endpoint")  # status that describes on
 
 class InvalidSpec(Exception):
     """The spec passed the schema but cannot be run; recorded as a condition, never retried."""
+
+
+class PolicyRefused(InvalidSpec):
+    """The spec asks what the admin's policy forbids; recorded as a condition, never retried."""
 
 
 @dataclass
@@ -78,6 +82,7 @@ class Controller:
         self._serving_lock = threading.Lock()
         self.serving = ServingState()
         self._status_cache: tuple[float, dict[str, AppStatus]] = (0.0, {})
+        self._phases: dict[str, str] = {}  # each FineTune's last written phase, for the metric
 
     # ------------------------------------------------------------ API helpers
 
@@ -146,6 +151,12 @@ class Controller:
                                self.settings.retry_base_seconds, self.settings.retry_max_seconds)
         if d.create is not None:
             self._create_job(raw, jobs.build_job(ft, digest, *d.create, self.settings))
+            metrics.JOBS.labels("created").inc()
+        if "delta" in d.fields:
+            metrics.JOBS.labels("succeeded").inc()
+        newly_failed = d.fields.get("retries", 0) - ((raw.get("status") or {}).get("retries") or 0)
+        if newly_failed > 0:
+            metrics.JOBS.labels("failed").inc(newly_failed)
         status.update(d.fields)
         if d.status is None:
             return conds
@@ -194,6 +205,7 @@ class Controller:
             digest = sc.config_hash(config)
             if digest != self.backend.applied_hash():
                 self.backend.apply(config, digest)
+                metrics.APPLIES.inc()
                 self._status_cache = (0.0, {})
                 log.info("applied serve config %s: %d pool(s), %d tenant(s)", digest, len(config["applications"]), len(tenants))
             _, conflicts = sc.split_pools(list(tenants.values()))
@@ -273,7 +285,7 @@ class Controller:
             conds = cond.set_condition(conds, COMPRESSED, FALSE, reason, "; ".join(problems), gen)[0]
             conds = cond.set_condition(conds, SERVED, FALSE, Reason.WAITING_FOR_DELTA, "the spec cannot be compressed", gen)[0]
             self._write(raw, dict(raw.get("status") or {}), conds, gen)
-            raise InvalidSpec("; ".join(problems))
+            raise (PolicyRefused if reason == Reason.REFUSED_BY_POLICY else InvalidSpec)("; ".join(problems))
 
         digest = comp.compression_hash(ft.spec)
         if (meta.get("annotations") or {}).get(comp.HASH_ANNOTATION) != digest:
@@ -320,6 +332,9 @@ class Controller:
         conds, _ = cond.reduce_ready(conds, gen)
         status["conditions"] = conds
         status["phase"] = cond.reduce_phase(conds)
+        with self._locks_guard:
+            self._phases[f"{raw['metadata']['namespace']}/{raw['metadata']['name']}"] = status["phase"]
+            metrics.count_phases(list(self._phases.values()))
         status["observedGeneration"] = gen
         transitions = cond.transitions(old_status.get("conditions") or [], conds)
         if _strip_none(status) != _strip_none(old_status):
@@ -335,6 +350,9 @@ class Controller:
         key = f"{meta['namespace']}/{meta['name']}"
         with self._lock(key):
             self.sync_serving(exclude=key)
+            with self._locks_guard:
+                self._phases.pop(key, None)
+                metrics.count_phases(list(self._phases.values()))
             policy = (raw.get("spec") or {}).get("deletionPolicy", api.DeletionPolicy.Delete.value)
             store = (raw.get("spec") or {}).get("modelStore")
             mounted = bool(self.settings.operator_store_path) and Path(self.settings.operator_store_path).is_dir()

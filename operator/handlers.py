@@ -14,7 +14,8 @@ from kubernetes.client.exceptions import ApiException
 from deltafleet.operator import api
 from deltafleet.operator import compression as comp
 from deltafleet.operator.backend import BackendError
-from deltafleet.operator.controller import Controller, InvalidSpec
+from deltafleet.operator import metrics
+from deltafleet.operator.controller import Controller, InvalidSpec, PolicyRefused
 from deltafleet.operator.settings import Settings
 
 PREFIX = api.GROUP  # finalizer and progress annotations: deltafleet.dev/…
@@ -43,15 +44,26 @@ def configure(kopf_settings: kopf.OperatorSettings, settings: Settings) -> None:
 
 
 def _run(ctl: Controller, namespace: str, name: str) -> None:
-    """Translate the reconciler's failures into kopf's vocabulary."""
-    try:
-        ctl.reconcile(namespace, name)
-    except InvalidSpec as e:
-        raise kopf.PermanentError(f"invalid spec: {e}") from None
-    except BackendError as e:
-        raise kopf.TemporaryError(f"serve backend: {e}", delay=ctl.settings.resync_seconds) from None
-    except ApiException as e:
-        raise kopf.TemporaryError(f"Kubernetes API: HTTP {e.status} {e.reason}", delay=5) from None
+    """Translate the reconciler's failures into kopf's vocabulary, counting each outcome."""
+    with metrics.RECONCILE_SECONDS.time():
+        try:
+            ctl.reconcile(namespace, name)
+        except PolicyRefused as e:
+            metrics.RECONCILES.labels("refused").inc()
+            raise kopf.PermanentError(f"refused by policy: {e}") from None
+        except InvalidSpec as e:
+            metrics.RECONCILES.labels("invalid").inc()
+            raise kopf.PermanentError(f"invalid spec: {e}") from None
+        except BackendError as e:
+            metrics.RECONCILES.labels("retry").inc()
+            raise kopf.TemporaryError(f"serve backend: {e}", delay=ctl.settings.resync_seconds) from None
+        except ApiException as e:
+            metrics.RECONCILES.labels("retry").inc()
+            raise kopf.TemporaryError(f"Kubernetes API: HTTP {e.status} {e.reason}", delay=5) from None
+        except Exception:
+            metrics.RECONCILES.labels("error").inc()
+            raise
+        metrics.RECONCILES.labels("ok").inc()
 
 
 def register(registry: kopf.OperatorRegistry, ctl: Controller) -> None:

@@ -69,6 +69,7 @@ class Settings:
     retry_max_seconds: float = 600.0
     delete_attempts: int = 5  # finalizer attempts before it is dropped anyway, with a Warning
     liveness_port: int = 8080
+    metrics_port: int = 8081  # Prometheus /metrics; 0: off
     # Test hook (never set in production): exit the process right after a Job is created,
     # before its name is recorded in status, to prove create-if-absent on restart.
     exit_after_job_create: bool = False
@@ -136,6 +137,7 @@ _FLAGS: tuple[tuple[str, str, str], ...] = (
     ("retry_max_seconds", "DELTAFLEET_RETRY_MAX_SECONDS", ""),
     ("delete_attempts", "DELTAFLEET_DELETE_ATTEMPTS", ""),
     ("liveness_port", "DELTAFLEET_HEALTH_PORT", "kopf liveness endpoint http://0.0.0.0:PORT/healthz"),
+    ("metrics_port", "DELTAFLEET_METRICS_PORT", "Prometheus metrics at http://0.0.0.0:PORT/metrics (0: off)"),
 )
 _CHOICES = {
     "backend": BACKENDS,

@@ -64,6 +64,7 @@ def release(k8s, operator_image, tmp_path):
     port = free_port()
     k8s.helm("install", "img", CHART, "-n", system, "--set", "watch.allNamespaces=false",
              "--set", f"watch.namespaces={{{watched}}}", "--set", f"operator.healthPort={port}",
+             "--set", f"metrics.port={free_port()}",
              "--set-string", RUN_LOCALLY, "--set", f"image.digest={operator_image['digest']}",
              "--set", f"modelStore.hostPath={tmp_path}", "--set", f"crds.enabled={str(own_crd).lower()}")
     yield {"system": system, "watched": watched, "port": port}

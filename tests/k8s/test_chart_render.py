@@ -218,3 +218,15 @@ def test_ray_auth_token_comes_from_a_mounted_secret(helm):
     plain = by_kind(template(helm, "serve.backend=ray-api"), "Deployment")[0]["spec"]["template"]["spec"]
     assert "ray-auth-token" not in {v["name"] for v in plain["volumes"]}
     assert "DELTAFLEET_RAY_AUTH_TOKEN_FILE" not in {e["name"] for e in plain["containers"][0]["env"]}
+
+
+def test_the_operators_metrics_have_a_service_and_an_optional_service_monitor(helm):
+    docs = template(helm)
+    svc = [d for d in by_kind(docs, "Service") if d["metadata"]["name"].endswith("-metrics")][0]
+    deployment = by_kind(docs, "Deployment")[0]
+    assert svc["spec"]["selector"].items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
+    ports = {p["name"]: p["containerPort"] for p in deployment["spec"]["template"]["spec"]["containers"][0]["ports"]}
+    assert svc["spec"]["ports"][0]["targetPort"] == "metrics" and ports["metrics"] == 8081
+    assert not by_kind(docs, "ServiceMonitor")
+    monitor = by_kind(template(helm, "metrics.serviceMonitor.enabled=true"), "ServiceMonitor")[0]
+    assert monitor["spec"]["endpoints"] == [{"port": "metrics", "interval": "30s"}]

@@ -347,6 +347,7 @@ def test_the_operator_works_with_the_namespaced_rbac(release, tmp_path):
         DELTAFLEET_HEALTH_PORT=str(port), DELTAFLEET_OPERATOR_STORE_PATH=str(tmp_path),
         DELTAFLEET_RESYNC_SECONDS="1", DELTAFLEET_RETRY_BASE_SECONDS="600",
         DELTAFLEET_MODEL_STORE_HOST_PATH=str(tmp_path),  # the admin's store (FineTunes may not name a hostPath)
+        DELTAFLEET_METRICS_PORT="0",
     )
     command = [str(Path(sys.executable).parent / container["command"][0]), *container["command"][1:]]
     spec = {"baseModel": {"path": "bases/none"}, "fineTunedModel": {"path": "finetunes/none"}, "compression": {"gpus": 0}}

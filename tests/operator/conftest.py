@@ -111,9 +111,9 @@ def run_operator(chart, store, tmp_path):
     started: list[OperatorProcess] = []
 
     def start(namespace: str, backend: str, *extra: str, env: dict | None = None, ray: LocalRay | None = None,
-              auth: str = "none") -> OperatorProcess:
+              auth: str = "none", metrics_port: int = 0) -> OperatorProcess:
         args = [
-            "--backend", backend, "-n", namespace, "--serve-auth", auth,
+            "--backend", backend, "-n", namespace, "--serve-auth", auth, "--metrics-port", str(metrics_port),
             "--store-host-path", str(store), "--operator-store-path", str(store), "--replica-store-path", str(store),
             "--job-image", "deltafleet-ml:test", "--resync-seconds", "1", "--retry-base-seconds", "1",
             "--delete-attempts", "3", "--replica-cpus", "1",

@@ -110,7 +110,8 @@ def test_a_compression_pod_that_cannot_start_shows_why_in_the_status(k8s, namesp
 
 
 def test_a_spec_the_policy_refuses_gets_no_job_and_says_which_policy(k8s, namespace, run_operator, rayservice, tmp_path):
-    op = run_operator(namespace, "rayservice")
+    port = free_port()
+    op = run_operator(namespace, "rayservice", metrics_port=port)
     fts = FineTunes(k8s, namespace, tmp_path)
     fts.apply(finetune_yaml("miner", namespace).replace("    gpus: 0\n", "    gpus: 0\n    image: evil/miner:1\n"))
     ft = fts.wait_condition("miner", "Compressed", "False", 60, reason="RefusedByPolicy", log=op.log)
@@ -118,7 +119,16 @@ def test_a_spec_the_policy_refuses_gets_no_job_and_says_which_policy(k8s, namesp
     assert "'evil/miner:1' is not an allowed image" in message and "deltafleet-ml:test" in message, message
     assert fts.job_names() == []
     assert "RefusedByPolicy" in fts.event_reasons("miner")
-    assert ft["status"]["phase"] != "Serving"
+    assert ft["status"]["phase"] == "Failed"
+    # ... and the operator's Prometheus metrics say so
+    import urllib.request
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    samples = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line and not line.startswith("#")}
+    assert samples['deltafleet_operator_reconciles_total{result="refused"}'] >= 1
+    assert samples['deltafleet_operator_finetunes{phase="Failed"}'] == 1
+    assert samples["deltafleet_operator_reconcile_seconds_count"] >= 1
+    assert samples.get('deltafleet_operator_jobs_total{outcome="created"}', 0) == 0
 
 
 def test_compression_pods_are_admitted_in_a_namespace_enforcing_the_restricted_profile(k8s, namespace, run_operator, rayservice, tmp_path):
