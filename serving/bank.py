@@ -21,6 +21,7 @@ runs on one background thread, so decoding of other tenants never waits for it.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections import OrderedDict
@@ -287,7 +288,7 @@ class DeltaBank:
     @torch.inference_mode()
     def _fill_slot(self, slot: int, delta: Delta) -> None:
         """Copy a delta into a slot's stacks and pools (`_read` checked every tensor has one)."""
-        stream = torch.cuda.stream(self._copy_stream) if self._copy_stream is not None else _nullctx()
+        stream = torch.cuda.stream(self._copy_stream) if self._copy_stream is not None else contextlib.nullcontext()
         with stream:
             for name, (signs, scales) in self.stacks.items():
                 if name in delta.signs:
@@ -387,11 +388,3 @@ def _tied_groups(model: nn.Module) -> list[list[str]]:
     for name, p in model.named_parameters(remove_duplicate=False):
         by_id.setdefault(id(p), []).append(name)
     return [names for names in by_id.values() if len(names) > 1]
-
-
-class _nullctx:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False

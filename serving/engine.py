@@ -394,7 +394,7 @@ class Engine:
                     self._fail([s], e1)
         self.steps += 1
         if self.on_step is not None:
-            decode = sum(1 for s, n in batch if n == 1 and s.computed > len(s.prompt_ids))
+            decode = sum(1 for s, n in batch if _is_decode(s, n))
             self.on_step(StepStats(
                 time.perf_counter() - t0, len(batch), len({s.tenant for s, _ in batch}), plan.tokens - decode, decode,
                 self.kv.n_blocks - self.kv.num_free, self.kv.num_free,
@@ -434,7 +434,7 @@ class Engine:
             self.paged.layout = None
         for s, n in batch:
             s.computed += n
-            self.counters["decode_tokens" if n == 1 and s.computed > len(s.prompt_ids) else "prefill_tokens"] += n
+            self.counters["decode_tokens" if _is_decode(s, n) else "prefill_tokens"] += n
         if not sampled:
             return []
         logits = out.logits[0, : len(sampled)]  # [K, V]
@@ -500,6 +500,11 @@ class Engine:
             waiting, self.pending = list(self.pending), deque()
         for seq in waiting:
             seq.stream.put(Event("", [], error=error))
+
+
+def _is_decode(seq: Sequence, n: int) -> bool:
+    """After a step: its chunk was one token past the prompt (a decode row, not a prefill)."""
+    return n == 1 and seq.computed > len(seq.prompt_ids)
 
 
 def _is_sticky_device_error(e: Exception) -> bool:

@@ -20,6 +20,7 @@ filled on the loader's copy stream after waiting on it (see `put`).
 
 from __future__ import annotations
 
+import contextlib
 import threading
 
 import torch
@@ -99,18 +100,6 @@ class SlotPool:
             self.slot_of_entry += [None] * (cap - old_cap)
 
 
-class _on:
+def _on(stream: torch.cuda.Stream | None):
     """`torch.cuda.stream(s)`, or nothing on CPU."""
-
-    def __init__(self, stream: torch.cuda.Stream | None) -> None:
-        self.ctx = torch.cuda.stream(stream) if stream is not None else None
-
-    def __enter__(self):
-        if self.ctx is not None:
-            self.ctx.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        if self.ctx is not None:
-            return self.ctx.__exit__(*exc)
-        return False
+    return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()

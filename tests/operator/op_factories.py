@@ -48,3 +48,15 @@ def delta_status(uri: str = "file:///models/deltas/team-a/support-bot/g1/delta.s
 
 def finetune(**kw) -> api.FineTune:
     return api.FineTune.model_validate(finetune_body(**kw))
+
+
+def compress_result(uri: str = "file:///models/deltas/a/b/g1/delta.safetensors", retained: float = 0.9):
+    """A Job's CompressResult (what `deltafleet compress` writes to its termination message)."""
+    from deltafleet.compress.result import CompressResult
+
+    return CompressResult.model_validate({
+        "delta_uri": uri, "base_model": "b", "finetuned_model": "f", "base_fingerprint": "abc", "seconds": 1.5,
+        "sizes": {"delta_bytes": 10, "finetuned_bytes": 160, "compression_ratio": 16.0},
+        "fidelity": {"loss_base": 3, "loss_finetuned": 2, "loss_initial": 2.5, "loss_delta": 2.1, "retained_improvement": retained,
+                     "retained_improvement_initial": 0.5, "kl": 0.01, "kl_initial": 0.1, "eval_tokens": 100},
+    })

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from deltafleet.compress.result import CompressResult
+from op_factories import compress_result
 from deltafleet.operator import api
 from deltafleet.operator.backend import AppStatus
 from deltafleet.operator.conditions import FALSE, TRUE, Reason
@@ -12,13 +12,7 @@ from deltafleet.operator.decisions import Attempt, decide_compression, decide_ga
 from deltafleet.operator.jobs import FAILED, RUNNING, SUCCEEDED, Outcome
 
 T0 = parse_time("2026-01-01T00:00:00Z")
-RESULT = CompressResult.model_validate({
-    "delta_uri": "file:///models/deltas/team-a/bot/g1/delta.safetensors", "base_model": "b", "finetuned_model": "f",
-    "base_fingerprint": "abc", "seconds": 1.0,
-    "sizes": {"delta_bytes": 100, "finetuned_bytes": 1600, "compression_ratio": 16.0},
-    "fidelity": {"loss_base": 5.0, "loss_finetuned": 4.0, "loss_initial": 4.05, "loss_delta": 4.02, "retained_improvement": 0.98,
-                 "retained_improvement_initial": 0.95, "kl": 0.01, "kl_initial": 0.03, "eval_tokens": 1000},
-})
+RESULT = compress_result("file:///models/deltas/team-a/bot/g1/delta.safetensors", retained=0.98)
 
 
 def attempt(n: int, state: str, finished: str = "2026-01-01T00:00:00Z", result=None, gen: int = 1, reason: str = "exit code 1"):

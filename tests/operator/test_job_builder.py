@@ -3,9 +3,8 @@
 import pytest
 from cluster.binaries import kube_minor_schema
 from kubernetes_validate import validate
-from op_factories import finetune
+from op_factories import compress_result, finetune
 
-from deltafleet.compress.result import CompressResult
 from deltafleet.operator import compression as comp
 from deltafleet.operator import jobs
 from deltafleet.operator.settings import Settings
@@ -90,13 +89,7 @@ def test_retry_delay_doubles_and_caps():
     assert [comp.retry_delay(n, 10, 60) for n in range(6)] == [0, 10, 20, 40, 60, 60]
 
 
-RESULT = CompressResult.model_validate({
-    "delta_uri": "file:///models/deltas/a/b/g1/delta.safetensors", "base_model": "b", "finetuned_model": "f",
-    "base_fingerprint": "abc", "seconds": 1.5,
-    "sizes": {"delta_bytes": 10, "finetuned_bytes": 160, "compression_ratio": 16.0},
-    "fidelity": {"loss_base": 3, "loss_finetuned": 2, "loss_initial": 2.5, "loss_delta": 2.1, "retained_improvement": 0.9,
-                 "retained_improvement_initial": 0.5, "kl": 0.01, "kl_initial": 0.1, "eval_tokens": 100},
-})
+RESULT = compress_result()
 
 
 def job_with(cond_type):
