@@ -1,6 +1,13 @@
-"""The CPU path of `delta_linear`: as fast as plain torch allows, no Triton.
+"""The CPU path of `delta_linear`: no Triton; the delta term straight from the packed bits.
 
-Base: one `F.linear` for the whole batch. Deltas: per tenant segment (grouping.py), one of
+Base: one `F.linear` for the whole batch. Deltas, all segments (grouping.py) in one call:
+
+* **native** (the default): `cpu_native.py`, a small C kernel compiled once per machine, reads
+  the packed sign words in place and expands them in registers (one AVX-512 masked add per 16
+  weights, S·x = 2·B·x − Σx), up to 4 rows of a segment per pass over a tenant's bits. Nothing
+  is cached per tenant: the bank's packed stack (N·K/8 bytes) is all it reads.
+
+Without a C compiler (or DELTAFLEET_CPU_KERNEL=torch), per tenant segment, one of:
 
 * **byte LUT** (few rows, cold tenant): x·bᵀ with bits b ∈ {0,1} is a sum over the K/8
   sign bytes of "sum of the x entries whose bits are set in this byte". Build that table
@@ -12,14 +19,24 @@ Base: one `F.linear` for the whole batch. Deltas: per tenant segment (grouping.p
 * **cached signs** (hot tenants, optional `SignCache`): keep the unpacked ±1 matrix and
   just run the GEMM. 32× (fp32) or 16× (bf16) the packed bytes, so it is bounded and LRU.
 
-Measured on the 2-core build machine (1 torch thread, best of 7, fp32, ms for one tenant
-segment; the CPU was shared, so treat as rough):
+Measured on the 2-core build machine (AVX-512, 1 torch thread, fp32, best of 7, ms for the
+whole layer, base GEMM included; the machine was shared, load 2-5, so treat as rough;
+alternatives re-measured by bench/cpu_delta.py):
 
-    4096×4096   rows=1: LUT 11.9, unpack+GEMM 81, cached 4.5    rows=8: LUT 120, unpack 116, cached 21
-    2048×2048   rows=1: LUT 2.6,  unpack+GEMM 15, cached 2.0    rows=8: LUT 15,  unpack 18,  cached 2.7
+    layer N×K, tenants × rows        base    torch fp32-cached   native
+    256×256, 16 × 1 (decode)         0.023   0.49                0.09
+    256×704, 16 × 1                  0.060   1.67 (0.79 idle)    0.17
+    256×704, 64 × 1                  0.16    3.6                 0.60
+    4096×4096, 1 × 1                 2.5     15.4                2.9
+    4096×4096, 4 × 1                 5.2     27.6                7.8
+    4096×4096, 1 × 16 (prefill)      9.6     25.0                18.7
 
-Hence the LUT up to LUT_MAX_ROWS rows and unpack above; bench/kernels.py re-measures the
-crossover on every CPU run.
+Torch-only alternatives that lost (same machine, one 256×256 tenant, 1 row, ms): fp32 cached
+GEMV 0.008, byte-LUT gather 0.035, LUT through embedding_bag(mode="sum") 0.13, int8 signs
+through _weight_int8pack_mm 0.037 (and 12 ms at 4096², vs 2.4 fp32), int8 `_int_mm` with x
+split exactly into four int8 planes ~9 µs a call (it re-lays out its weights every call);
+all tenants in one grouped_mm/bmm over cached fp32 signs halves the per-tenant overhead
+but stays bound by reading 4 bytes per weight (0.25 ms for 16 × 256×256).
 """
 
 from __future__ import annotations
@@ -30,6 +47,7 @@ from collections import OrderedDict
 import torch
 import torch.nn.functional as F
 
+from . import cpu_native
 from .grouping import TenantGroups
 
 LUT_MAX_ROWS = 4
@@ -108,6 +126,16 @@ def delta_linear_cpu(
     """y = x·Wᵀ + α_t·(x·sign(Δ_t)ᵀ) per row on CPU; fp32 accumulation, returned in x's dtype."""
     y = F.linear(x, base_weight).float()
     x32 = x.float()
+    lib = cpu_native.load()
+    if lib is not None:  # every segment in one call, from the packed bits (sign_cache unused)
+        if not y.is_contiguous():
+            y = y.contiguous()
+        cpu_native.delta_accumulate(
+            lib, y, x32 if x32.stride(1) == 1 else x32.contiguous(),
+            signs if signs.stride(2) == 1 else signs.contiguous(), scales.float(),
+            groups.order.contiguous(), groups.seg_start.contiguous(), groups.seg_tenant.contiguous(),
+        )
+        return y.to(x.dtype)
     # bf16 activations lose nothing to a bf16 sign GEMM (signs are exact); fp16/fp32 use fp32.
     gemm_dtype = torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32
     for s, tenant in enumerate(groups.tenants):

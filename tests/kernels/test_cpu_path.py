@@ -1,4 +1,7 @@
-"""The CPU path of `delta_linear` (what the dispatcher runs without CUDA) against the reference."""
+"""The CPU path of `delta_linear` (what the dispatcher runs without CUDA) against the reference:
+the native bit kernel (cpu_native.py) and the torch-ops fallback, both."""
+
+import warnings
 
 import pytest
 import torch
@@ -6,10 +9,25 @@ import torch
 from kernel_cases import MIXES, problem, tenant_rows
 
 from deltafleet.kernels import SignCache, delta_linear, delta_linear_reference, group_rows, unpack_signs
-from deltafleet.kernels import cpu
+from deltafleet.kernels import cpu, cpu_native
 from deltafleet.kernels.cpu import signed_dot_lut, unpack_signs_fast
 
 N, K = 48, 96
+
+
+@pytest.fixture(params=["native", "torch"])
+def cpu_kernel(request, monkeypatch):
+    """Run a test on the native kernel and on the torch-ops fallback (no C compiler)."""
+    if request.param == "torch":
+        monkeypatch.setattr(cpu.cpu_native, "load", lambda: None)
+    elif cpu_native.load() is None:
+        pytest.skip("no C compiler here: the native CPU kernel is not built")
+    return request.param
+
+
+@pytest.fixture
+def torch_path(monkeypatch):
+    monkeypatch.setattr(cpu.cpu_native, "load", lambda: None)
 
 
 def check(y, ref, dtype):
@@ -23,7 +41,7 @@ def check(y, ref, dtype):
 @pytest.mark.parametrize("per_row", [False, True], ids=["per-matrix", "per-row"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("mix", list(MIXES))
-def test_cpu_path_matches_reference(mix, dtype, per_row, cache):
+def test_cpu_path_matches_reference(mix, dtype, per_row, cache, cpu_kernel):
     gen = torch.Generator().manual_seed(hash((mix, per_row, str(dtype))) % 2**31)
     t, rows = tenant_rows(mix, gen)
     x, w, signs, scales = problem(t, rows.numel(), N, K, dtype, per_row, gen)
@@ -33,7 +51,7 @@ def test_cpu_path_matches_reference(mix, dtype, per_row, cache):
 
 
 @pytest.mark.parametrize("m", [1, cpu.LUT_MAX_ROWS, cpu.LUT_MAX_ROWS + 1, 9])
-def test_lut_and_unpack_agree_across_the_row_threshold(m):
+def test_lut_and_unpack_agree_across_the_row_threshold(m, torch_path):
     gen = torch.Generator().manual_seed(m)
     x, w, signs, scales = problem(1, m, N, K, torch.float32, False, gen)
     exact = x @ unpack_signs(signs[0]).t()
@@ -47,7 +65,7 @@ def test_byte_table_unpack_matches_the_layout():
     assert torch.equal(unpack_signs_fast(packed), unpack_signs(packed))
 
 
-def test_non_contiguous_inputs_on_cpu():
+def test_non_contiguous_inputs_on_cpu(cpu_kernel):
     gen = torch.Generator().manual_seed(1)
     t, rows = tenant_rows("uniform", gen)
     x, w, signs, scales = problem(2 * t, rows.numel(), N, K, torch.float32, True, gen)
@@ -56,7 +74,7 @@ def test_non_contiguous_inputs_on_cpu():
     check(y, ref, torch.float32)
 
 
-def test_precomputed_groups_give_the_same_result():
+def test_precomputed_groups_give_the_same_result(cpu_kernel):
     gen = torch.Generator().manual_seed(2)
     t, rows = tenant_rows("zipf", gen)
     x, w, signs, scales = problem(t, rows.numel(), N, K, torch.float32, False, gen)
@@ -72,7 +90,7 @@ def test_groups_built_for_a_bigger_stack_are_refused():
         delta_linear(x, w, signs, scales, torch.tensor([0, 1, 1]), groups=group_rows(rows, 4))
 
 
-def test_sign_cache_hits_and_never_serves_a_stale_tenant():
+def test_sign_cache_hits_and_never_serves_a_stale_tenant(torch_path):
     gen = torch.Generator().manual_seed(4)
     x, w, signs, scales = problem(2, 3, N, K, torch.float32, False, gen)
     rows = torch.tensor([0, 1, 0])
@@ -85,13 +103,70 @@ def test_sign_cache_hits_and_never_serves_a_stale_tenant():
     check(delta_linear(x, w, signs, scales, rows, sign_cache=cache), ref, torch.float32)
 
 
-def test_sign_cache_stays_within_its_byte_budget():
+def test_sign_cache_stays_within_its_byte_budget(torch_path):
     gen = torch.Generator().manual_seed(5)
     x, w, signs, scales = problem(4, 4, N, K, torch.float32, False, gen)
     one = N * K * 4
     cache = SignCache(2 * one)
     delta_linear(x, w, signs, scales, torch.arange(4), sign_cache=cache)
     assert cache.bytes == 2 * one and cache.misses == 4
+
+
+@pytest.mark.parametrize("n, k", [(1, 32), (3, 64), (17, 96), (33, 160), (64, 224), (40, 512), (5, 1056)])
+@pytest.mark.parametrize("rows_per_tenant", [1, 3, 4, 5, 9])
+@pytest.mark.parametrize("per_row", [False, True], ids=["per-matrix", "per-row"])
+def test_native_kernel_across_shapes(n, k, rows_per_tenant, per_row, cpu_kernel):
+    """K with an odd number of words and chunk counts that are not a multiple of 4, N tails,
+    segments of 1..9 rows (the kernel takes rows 4 at a time), base rows mixed in, rows shuffled."""
+    gen = torch.Generator().manual_seed(n * 1000 + k + rows_per_tenant)
+    t = 5
+    rows = torch.arange(t).repeat_interleave(rows_per_tenant)
+    rows = torch.cat([rows, torch.full((2,), -1)])[torch.randperm(t * rows_per_tenant + 2, generator=gen)]
+    x, w, signs, scales = problem(t, rows.numel(), n, k, torch.float32, per_row, gen)
+    ref = delta_linear_reference(x, w, signs, scales, rows)
+    check(delta_linear(x, w, signs, scales, rows), ref, torch.float32)
+
+
+def test_many_tenants_one_row_each_and_a_large_k(cpu_kernel):
+    gen = torch.Generator().manual_seed(6)
+    t = 70
+    rows = torch.cat([torch.randperm(t, generator=gen), torch.tensor([-1, 3, -1])])
+    x, w, signs, scales = problem(t, rows.numel(), 24, 2048, torch.float32, False, gen)
+    ref = delta_linear_reference(x, w, signs, scales, rows)
+    check(delta_linear(x, w, signs, scales, rows), ref, torch.float32)
+
+
+def test_only_base_rows_and_no_rows(cpu_kernel):
+    gen = torch.Generator().manual_seed(7)
+    x, w, signs, scales = problem(2, 3, N, K, torch.float32, False, gen)
+    rows = torch.full((3,), -1)
+    torch.testing.assert_close(delta_linear(x, w, signs, scales, rows), x @ w.t())
+    assert delta_linear(x[:0], w, signs, scales, rows[:0]).shape == (0, N)
+
+
+def test_native_kernel_is_refused_quietly_when_it_cannot_be_built(monkeypatch, tmp_path):
+    """A machine without a working compiler serves through torch ops, with one warning."""
+    monkeypatch.setattr(cpu_native, "_tried", False)
+    monkeypatch.setattr(cpu_native, "_lib", None)
+    monkeypatch.setenv("DELTAFLEET_CPU_KERNEL_DIR", str(tmp_path))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setattr(cpu_native.tempfile, "gettempdir", lambda: str(tmp_path))
+    monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
+    with pytest.warns(UserWarning, match="native CPU delta kernel is unavailable"):
+        assert cpu_native.load() is None
+    gen = torch.Generator().manual_seed(8)
+    x, w, signs, scales = problem(2, 3, N, K, torch.float32, False, gen)
+    rows = torch.tensor([0, 1, -1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once, not per call
+        check(delta_linear(x, w, signs, scales, rows), delta_linear_reference(x, w, signs, scales, rows), torch.float32)
+
+
+def test_native_kernel_can_be_switched_off(monkeypatch):
+    monkeypatch.setattr(cpu_native, "_tried", False)
+    monkeypatch.setattr(cpu_native, "_lib", None)
+    monkeypatch.setenv("DELTAFLEET_CPU_KERNEL", "torch")
+    assert cpu_native.load() is None
 
 
 def test_grouping_is_a_stable_sort_into_segments():
