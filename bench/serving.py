@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -44,7 +45,7 @@ from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTra
 
 from deltafleet.compress.fingerprint import fingerprint_model
 from deltafleet.compress.format import Delta, load_delta, save_delta
-from deltafleet.kernels import dense_delta_weight
+from deltafleet.kernels import cpu_native, dense_delta_weight
 from deltafleet.serving.engine import Engine
 from deltafleet.serving.sampling import SamplingParams
 
@@ -290,6 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(opts.threads or (1 if device == "cpu" else torch.get_num_threads()))
     traffic = make_traffic(p)
     rows, limits = [], []
+    load_before = os.getloadavg()  # a shared machine: the figures are only as good as the load was low
     with tempfile.TemporaryDirectory(prefix="deltafleet-bench-") as tmp:
         tmp = Path(tmp)
         t_build = time.perf_counter()
@@ -356,6 +358,8 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "serving", "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
         "device_type": device, "preset": preset, "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in p.items()},
         "threads": torch.get_num_threads(), "copy_bandwidth_bytes_per_s": bw,
+        "load_average": {"before": load_before, "after": os.getloadavg(), "cpus": os.cpu_count()},
+        "cpu_delta_kernel": "native" if device == "cpu" and cpu_native.load() is not None else "torch" if device == "cpu" else "triton",
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__},
         "rows": rows, "ratios": ratios, "new_tenant_time_to_first_token_s": hot,
         "tenants_that_fit_7b": {**tenants_that_fit_7b(device_bytes), "note": "on this device" if device == "cuda" else "for an 80 GiB GPU"},
@@ -379,6 +383,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['ttft_p50_s']:.2f} | {frac} |")
     print(f"\nratios: {json.dumps(ratios)}")
     print(f"new tenant (add -> first token): median {statistics.median(hot):.3f}s over {len(hot)}")
+    print(f"load average (1, 5, 15 min) before {load_before}, after {result['load_average']['after']} on {os.cpu_count()} CPUs")
     print(f"wrote {out}")
     return 0
 
