@@ -10,7 +10,9 @@
     map (segments.py). No host sync on either path; launch configs from launch_table.py.
   The device is taken from x (`torch.cuda.device(x.device)`): a replica on cuda:1 launches
   on cuda:1. fp16/bf16 only: fp32 activations on CUDA are refused (cast the model).
-* CPU: torch (cpu.py): byte-LUT for few rows, unpack+GEMM for many, optional sign cache.
+* CPU (cpu.py): the native bit kernel (cpu_native.py, every segment in one call, packed bits
+  read in place); without a C compiler, torch ops: byte-LUT for few rows, unpack+GEMM for
+  many, optional sign cache.
 
 Optional keywords: `groups` (from `group_rows`: the CPU path's host-side segments; on CUDA
 it is only checked, the op builds what it needs on the device), `sign_cache` (CPU only),

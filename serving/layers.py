@@ -25,7 +25,8 @@ from deltafleet.kernels import SignCache, TenantGroups, delta_linear, group_rows
 from deltafleet.kernels.packing import unpack_signs
 
 
-# Unpacked signs of hot (layer, tenant) pairs on CPU: the unpack is most of the CPU delta cost.
+# Unpacked signs of hot (layer, tenant) pairs on CPU, used only by the torch-ops fallback
+# (no C compiler): the native kernel reads the packed bits and caches nothing.
 CPU_SIGN_CACHE_BYTES = 1 << 30
 
 
