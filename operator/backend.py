@@ -19,11 +19,32 @@ class BackendError(RuntimeError):
 
 
 @dataclass(frozen=True)
+class TenantState:
+    """One tenant's delta on a replica, as its tenant-status route reports it."""
+
+    state: str  # serving.config.TENANT_STATES: loading, ready, failed
+    error: str = ""  # why it failed (the replica's own message)
+
+
+@dataclass(frozen=True)
+class ReplicaReport:
+    """What a replica of a pool answered at its tenant-status route (operator/replica_status.py),
+    or why it could not be read (tenants None, error set)."""
+
+    tenants: dict[str, TenantState] | None
+    error: str = ""
+    replica: str = ""  # the replica that answered (one of the pool's, chosen by Serve's router)
+
+
+@dataclass(frozen=True)
 class AppStatus:
     status: str  # Ray Serve's: RUNNING, DEPLOYING, DEPLOY_FAILED, UNHEALTHY, DELETING, NOT_STARTED
     message: str = ""
     # Tenants the deployed config holds, when the backend can tell (ray-api); None otherwise.
     tenants: frozenset[str] | None = None
+    # A replica's tenant states, read through the serve endpoint once the application is RUNNING
+    # (replica_status.attach_reports); None: not read.
+    replica: ReplicaReport | None = None
 
 
 class Backend(Protocol):

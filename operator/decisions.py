@@ -14,7 +14,7 @@ from datetime import datetime, timezone
 from deltafleet.operator import api
 from deltafleet.operator import compression as comp
 from deltafleet.operator import jobs
-from deltafleet.operator.backend import RUNNING, AppStatus
+from deltafleet.operator.backend import RUNNING, AppStatus, ReplicaReport
 from deltafleet.operator.conditions import FALSE, TRUE, Reason
 
 FAILED_APP_STATES = {"DEPLOY_FAILED", "UNHEALTHY"}
@@ -111,7 +111,8 @@ def decide_serving(model: str | None, pool: str, conflict: str | None, app: AppS
                    digest: str | None, endpoint_base: str, not_served_because: str, keys_problem: str | None = None) -> Decision:
     """The Served condition. model: the tenant's name when it is eligible (gate passed, current
     input, API keys in hand where the pool needs them), else None; keys_problem: why its keys
-    are missing; app: its pool's application as the backend reports it."""
+    are missing; app: its pool's application as the backend reports it, with (once RUNNING) a
+    replica's report of its tenants: Served=True only when that replica has the tenant ready."""
     if backend_error is not None:
         return Decision(FALSE, Reason.BACKEND_UNAVAILABLE, backend_error, {"endpoint": None})
     if keys_problem is not None:
@@ -121,10 +122,29 @@ def decide_serving(model: str | None, pool: str, conflict: str | None, app: AppS
     if conflict is not None:
         return Decision(FALSE, Reason.POOL_BASE_CONFLICT, conflict, {"endpoint": None})
     if app is not None and app.status == RUNNING and (app.tenants is None or model in app.tenants):
-        endpoint = f"{endpoint_base}/{pool}/v1"
-        return Decision(TRUE, Reason.APPLICATION_RUNNING, f"model {model!r} served by application {pool!r} at {endpoint}",
-                        {"endpoint": endpoint})
+        return _tenant_on_replica(model, pool, app.replica, f"{endpoint_base}/{pool}/v1")
     if app is not None and app.status in FAILED_APP_STATES:
         return Decision(FALSE, Reason.APPLICATION_FAILED, f"application {pool!r} is {app.status}: {app.message.strip()[:500]}")
     state = app.status if app else "not reported yet"
     return Decision(FALSE, Reason.CONFIG_APPLIED, f"serve config {digest} applied; application {pool!r}: {state}")
+
+
+def _tenant_on_replica(model: str, pool: str, report: ReplicaReport | None, endpoint: str) -> Decision:
+    """A RUNNING application serves the tenant only if its replica has the delta loaded: a
+    replica that could not load it answers 503 for it, whatever the application's status."""
+    if report is None or report.tenants is None:
+        why = report.error if report is not None else "not read yet"
+        return Decision(FALSE, Reason.REPLICA_STATUS_UNAVAILABLE,
+                        f"application {pool!r} is RUNNING but its replicas' tenant states cannot be read: {why}")
+    on = f" on replica {report.replica}" if report.replica else ""
+    t = report.tenants.get(model)
+    if t is None:
+        return Decision(FALSE, Reason.TENANT_LOADING, f"application {pool!r} is RUNNING; its replica{on} has not taken "
+                        f"model {model!r} yet (the config update is on its way)")
+    if t.state == "ready":
+        return Decision(TRUE, Reason.APPLICATION_RUNNING, f"model {model!r} served by application {pool!r} at {endpoint}",
+                        {"endpoint": endpoint})
+    if t.state == "failed":
+        return Decision(FALSE, Reason.TENANT_LOAD_FAILED,
+                        f"model {model!r} failed to load{on} of application {pool!r}: {t.error.strip()[:700]}")
+    return Decision(FALSE, Reason.TENANT_LOADING, f"model {model!r} is loading{on} of application {pool!r}")

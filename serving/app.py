@@ -12,6 +12,7 @@ without restarting the replica. The engine's decode loop runs in its own thread.
 # where string annotations no longer resolve, and FastAPI then reads the request models as
 # query parameters ("query: Field required").
 import asyncio
+import hmac
 import json
 import os
 import time
@@ -22,7 +23,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .config import BASE_ALIASES, ConfigError, key_digest, parse_args, parse_tenants, resolve_uri
+from .config import BASE_ALIASES, TENANT_STATUS_ROUTE, ConfigError, key_digest, parse_args, parse_tenants, resolve_uri
 from .engine import BASE_TENANT, BadRequest, Engine, EngineError, Event, UnknownTenant
 from .openai_api import (
     ChatRequest, CompletionRequest, chat_body, chat_prompt, completion_body, error_body, models_body, new_id, usage,
@@ -106,12 +107,21 @@ class Unauthorized(EngineError):
     status, type, code = 401, "invalid_request_error", "invalid_api_key"
 
 
-class UnknownRoute(EngineError):
-    status, type = 404, "not_found_error"
-
-
 def _error(e: EngineError) -> JSONResponse:
     return JSONResponse(error_body(str(e), e.type, getattr(e, "code", e.status)), status_code=e.status)
+
+
+def _no_such_route() -> JSONResponse:
+    """Exactly what an unknown route answers (_http_error of Starlette's 404): a route the caller
+    may not read must not be told apart from one that does not exist."""
+    return JSONResponse(error_body("Not Found", "not_found_error", 404), status_code=404)
+
+
+def _replica_id() -> str:
+    try:
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:  # noqa: BLE001 -- outside a replica (unit use): the process is the replica
+        return f"pid-{os.getpid()}"
 
 
 @serve.deployment(name="DeltaServer", max_ongoing_requests=256, health_check_period_s=10)
@@ -133,6 +143,7 @@ class DeltaServer:
         self.base_names = (a.pool, *BASE_ALIASES)
         self.uris: dict[str, str] = {}
         self.key_tenants: dict[str, frozenset[str]] = {}  # key digest -> the tenants it may call
+        self.status_key_sha256: str | None = None  # who may read the tenant states (auth: keys)
 
     def reconfigure(self, user_config: dict) -> None:
         """Apply a new tenant set: load new ones in the background, unload removed ones."""
@@ -145,6 +156,7 @@ class DeltaServer:
             for digest in spec.key_sha256:
                 keys.setdefault(digest, set()).add(name)
         self.key_tenants = {d: frozenset(names) for d, names in keys.items()}  # swapped whole: requests see old or new
+        self.status_key_sha256 = cfg.status_key_sha256
 
     def _caller(self, request: Request) -> frozenset[str] | None:
         """The tenants this request's API key may call; None when the pool needs no keys.
@@ -159,6 +171,14 @@ class DeltaServer:
         if allowed is None:
             raise Unauthorized("invalid API key")
         return allowed
+
+    def _may_read_states(self, request: Request) -> bool:
+        """Open without auth; with auth: keys only the pool status key (never a tenant's key)."""
+        if self.args.auth == "none":
+            return True
+        scheme, _, key = request.headers.get("authorization", "").partition(" ")
+        want = self.status_key_sha256
+        return bool(want) and scheme.lower() == "bearer" and bool(key.strip()) and hmac.compare_digest(key_digest(key.strip()), want)
 
     def _may_call(self, allowed: frozenset[str] | None, model: str) -> bool:
         return allowed is None or model in self.base_names or model in allowed
@@ -187,8 +207,22 @@ class DeltaServer:
         """Process id (tests check it survives reconfigure), tenant states and engine figures.
         Only on pools without API keys: it names every tenant."""
         if self.args.auth != "none":
-            return _error(UnknownRoute("not found"))
+            return _no_such_route()
         return {"pid": os.getpid(), "pool": self.args.pool, "uris": self.uris, **self.engine.stats()}
+
+    @api.get(TENANT_STATUS_ROUTE)
+    async def tenant_states(self, request: Request):
+        """Each tenant's load state on this replica (the operator's Served condition reads it):
+        {"replica": id, "tenants": {name: {"state": loading|ready|failed, "error": str|None}}}.
+        With auth: keys only the pool status key reads it; any other caller gets an unknown route's 404."""
+        if not self._may_read_states(request):
+            return _no_such_route()
+        tenants = {}
+        for name in self.engine.bank.names():
+            t = self.engine.bank.status(name)
+            if t is not None:
+                tenants[name] = {"state": t.status, "error": t.error}
+        return {"replica": _replica_id(), "tenants": tenants}
 
     @api.post("/v1/completions")
     async def completions(self, body: CompletionRequest, request: Request):

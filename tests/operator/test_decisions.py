@@ -6,7 +6,7 @@ import pytest
 
 from op_factories import compress_result
 from deltafleet.operator import api
-from deltafleet.operator.backend import AppStatus
+from deltafleet.operator.backend import AppStatus, ReplicaReport, TenantState
 from deltafleet.operator.conditions import FALSE, TRUE, Reason
 from deltafleet.operator.decisions import Attempt, decide_compression, decide_gate, decide_serving, parse_time
 from deltafleet.operator.jobs import FAILED, RUNNING, SUCCEEDED, Outcome
@@ -82,14 +82,36 @@ def test_gate(sentence, retained, floor, status, reason):
     assert (d.status, d.reason) == (status, reason)
 
 
-RUNNING_APP = AppStatus("RUNNING", "", frozenset({"team-a/bot"}))
+READY_ON_REPLICA = ReplicaReport({"team-a/bot": TenantState("ready")}, replica="r1")
+RUNNING_APP = AppStatus("RUNNING", "", frozenset({"team-a/bot"}), READY_ON_REPLICA)
+
+
+def running(report: ReplicaReport | None, tenants=frozenset({"team-a/bot"})) -> AppStatus:
+    return AppStatus("RUNNING", "", tenants, report)
+
+
 SERVING = [
     ("an unreachable backend is reported, not raised", "team-a/bot", None, RUNNING_APP, "connection refused",
      FALSE, Reason.BACKEND_UNAVAILABLE, None),
     ("a FineTune without a servable delta waits for one", None, None, None, None, FALSE, Reason.WAITING_FOR_DELTA, None),
     ("a tenant whose pool serves another base is refused", "team-a/bot", "pool p serves base x", RUNNING_APP, None,
      FALSE, Reason.POOL_BASE_CONFLICT, None),
-    ("a running application that lists the tenant serves it", "team-a/bot", None, RUNNING_APP, None,
+    ("a running application whose replica has the tenant ready serves it", "team-a/bot", None, RUNNING_APP, None,
+     TRUE, Reason.APPLICATION_RUNNING, "http://svc:8000/p/v1"),
+    ("a running application whose backend cannot list tenants serves a tenant its replica has ready", "team-a/bot", None,
+     running(READY_ON_REPLICA, tenants=None), None, TRUE, Reason.APPLICATION_RUNNING, "http://svc:8000/p/v1"),
+    ("a tenant its replica is still loading is not served yet", "team-a/bot", None,
+     running(ReplicaReport({"team-a/bot": TenantState("loading")})), None, FALSE, Reason.TENANT_LOADING, None),
+    ("a tenant whose delta failed to load on the replica is not served", "team-a/bot", None,
+     running(ReplicaReport({"team-a/bot": TenantState("failed", "no such file")})), None, FALSE, Reason.TENANT_LOAD_FAILED, None),
+    ("a tenant the replica does not hold yet is loading", "team-a/bot", None,
+     running(ReplicaReport({"team-a/other": TenantState("ready")})), None, FALSE, Reason.TENANT_LOADING, None),
+    ("a running application whose tenant states cannot be read is not serving", "team-a/bot", None,
+     running(ReplicaReport(None, "connection refused")), None, FALSE, Reason.REPLICA_STATUS_UNAVAILABLE, None),
+    ("a running application whose tenant states were never read is not serving", "team-a/bot", None,
+     running(None), None, FALSE, Reason.REPLICA_STATUS_UNAVAILABLE, None),
+    ("another tenant's failure does not stop a ready one", "team-a/bot", None,
+     running(ReplicaReport({"team-a/bot": TenantState("ready"), "team-a/x": TenantState("failed", "bad")})), None,
      TRUE, Reason.APPLICATION_RUNNING, "http://svc:8000/p/v1"),
     ("a running application that does not list the tenant yet is not serving it",
      "team-a/bot", None, AppStatus("RUNNING", "", frozenset({"team-a/other"})), None, FALSE, Reason.CONFIG_APPLIED, None),
@@ -105,6 +127,22 @@ def test_serving(sentence, model, conflict, app, error, status, reason, endpoint
     assert (d.status, d.reason) == (status, reason)
     if status == TRUE or "endpoint" in d.fields:
         assert d.fields.get("endpoint") == endpoint
+
+
+def test_a_failed_load_shows_the_replicas_own_error_and_which_replica():
+    report = ReplicaReport({"team-a/bot": TenantState("failed", "/models/deltas/team-a/bot/g1/delta.safetensors: No such file\n")},
+                           replica="abc123")
+    d = decide_serving("team-a/bot", "p", None, running(report), None, "h1", "http://svc:8000", "no delta yet")
+    assert (d.status, d.reason) == (FALSE, Reason.TENANT_LOAD_FAILED)
+    assert d.message == ("model 'team-a/bot' failed to load on replica abc123 of application 'p': "
+                         "/models/deltas/team-a/bot/g1/delta.safetensors: No such file")
+    assert "endpoint" not in d.fields
+
+
+def test_unreadable_tenant_states_say_why():
+    d = decide_serving("team-a/bot", "p", None, running(ReplicaReport(None, "GET http://svc:8000/p/-/tenants: HTTP 404")),
+                       None, "h1", "http://svc:8000", "no delta yet")
+    assert d.reason == Reason.REPLICA_STATUS_UNAVAILABLE and d.message.endswith("cannot be read: GET http://svc:8000/p/-/tenants: HTTP 404")
 
 
 def test_a_pod_that_cannot_start_is_reported_with_its_reason_instead_of_compressing():

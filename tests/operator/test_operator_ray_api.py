@@ -1,17 +1,29 @@
 """The whole path against the real test control plane and a real local Ray (ray-api backend):
 kubectl apply -> Job -> the real `deltafleet compress` -> Compressed -> serve config on Ray
--> an HTTP completion -> serving change without recompression -> quality gate -> delete."""
+-> an HTTP completion -> serving change without recompression -> quality gate -> delete;
+and a tenant whose delta the replicas cannot load is never Ready while its pool mate serves."""
+
+import time
+import uuid
 
 import pytest
-from op_harness import FineTunes, finetune_yaml, http_json, wait_for
+from op_harness import FineTunes, finetune_yaml, free_port, http_json, wait_for
 
 from deltafleet.operator.serveconfig import tenants_of_application
 
 pytestmark = [pytest.mark.cluster, pytest.mark.ray, pytest.mark.slow]
 
 
+def _status_key(tmp_path) -> tuple[str, str]:
+    """A pool status key in a file (the chart mounts a Secret): (key, path)."""
+    key = f"status-{uuid.uuid4().hex}"
+    (tmp_path / "status-key").write_text(key)
+    return key, str(tmp_path / "status-key")
+
+
 def test_finetune_to_served_tenant_and_back(k8s, namespace, run_operator, local_ray, store, tmp_path):
-    op = run_operator(namespace, "ray-api", ray=local_ray, auth="keys")
+    status_key, key_file = _status_key(tmp_path)
+    op = run_operator(namespace, "ray-api", "--serve-status-key-file", key_file, ray=local_ray, auth="keys")
     fts = FineTunes(k8s, namespace, tmp_path)
     k8s.kubectl("-n", namespace, "create", "secret", "generic", "bot-keys", "--from-literal=ci=key-1")
     fts.apply(finetune_yaml("bot", namespace, pool="tiny", api_key_secret="bot-keys"))
@@ -76,7 +88,7 @@ def test_finetune_to_served_tenant_and_back(k8s, namespace, run_operator, local_
     # API keys: only the Secret's keys get in; the pool's config holds their digests, not them.
     assert http_json("POST", ft["status"]["endpoint"] + "/completions", request)[0] == 401
     assert http_json("POST", ft["status"]["endpoint"] + "/completions", request, token="key-2")[0] == 401
-    assert "key-1" not in str(local_ray.applications()["tiny"])
+    assert "key-1" not in str(local_ray.applications()["tiny"]) and status_key not in str(local_ray.applications()["tiny"])
     # Rotation: edit the Secret; within a resync the new key works and the old one stops.
     k8s.kubectl("-n", namespace, "patch", "secret", "bot-keys", "--type=merge", "-p", '{"stringData": {"ci": "key-2"}}')
     wait_for(lambda: http_json("POST", ft["status"]["endpoint"] + "/completions", request, token="key-2")[0] == 200, 120,
@@ -119,3 +131,51 @@ def test_a_token_protected_dashboard_is_refused_with_what_to_set(local_ray, tmp_
     with pytest.raises(BackendError, match=r"HTTP 403: .*was refused"):
         RayApiBackend(local_ray.dashboard_url, token_file=str(wrong)).statuses()
     assert isinstance(RayApiBackend(local_ray.dashboard_url, token_file=str(local_ray.token_file)).statuses(), dict)
+
+
+def test_a_tenant_whose_delta_cannot_be_loaded_is_never_ready_while_its_pool_mate_serves(
+        k8s, namespace, run_operator, local_ray, store, tmp_path):
+    status_key, key_file = _status_key(tmp_path)
+    fts = FineTunes(k8s, namespace, tmp_path)
+    for name in ("good", "gone"):
+        k8s.kubectl("-n", namespace, "create", "secret", "generic", f"{name}-keys", f"--from-literal=ci=key-{name}")
+        fts.apply(finetune_yaml(name, namespace, pool="pair", api_key_secret=f"{name}-keys"))
+    # Compressed by an operator whose serve backend is down, so nothing is served before the
+    # delta file goes; then an operator with the real Ray takes over.
+    dead = f"http://127.0.0.1:{free_port()}"
+    first = run_operator(namespace, "ray-api", "--ray-dashboard-url", dead, "--serve-url", dead,
+                         "--serve-status-key-file", key_file, auth="keys")
+    for name in ("good", "gone"):
+        fts.wait_condition(name, "Compressed", "True", 420, log=first.log)
+        fts.wait_condition(name, "Served", "False", 60, reason="BackendUnavailable", log=first.log)
+    first.stop()
+    delta = store / "deltas" / namespace / "gone" / "g1" / "delta.safetensors"
+    delta.unlink()
+
+    op = run_operator(namespace, "ray-api", "--serve-status-key-file", key_file, ray=local_ray, auth="keys")
+    good = fts.wait_condition("good", "Ready", "True", 420, log=lambda: op.log() + "\n" + str(local_ray.applications()))
+    request = {"model": f"{namespace}/good", "prompt": "def main(", "max_tokens": 2, "temperature": 0}
+    code, body = http_json("POST", good["status"]["endpoint"] + "/completions", request, token="key-good")
+    assert code == 200, body
+
+    gone = fts.wait_condition("gone", "Served", "False", 120, reason="TenantLoadFailed", log=op.log)
+    served = fts.condition("gone", "Served")
+    assert served["message"].startswith(f"model '{namespace}/gone' failed to load on replica ")
+    assert str(delta) in served["message"], served["message"]  # the replica's own error names the missing file
+    assert gone["status"]["phase"] != "Serving" and fts.condition("gone", "Ready")["status"] == "False"
+    assert "TenantLoadFailed" in fts.event_reasons("gone")
+    # What the condition says is what its callers get: the replica refuses the tenant.
+    request["model"] = f"{namespace}/gone"
+    assert http_json("POST", f"{local_ray.serve_url}/pair/v1/completions", request, token="key-gone")[0] == 503
+
+    # The replicas' tenant states need the status key: the pool's callers cannot list tenants.
+    url = f"{local_ray.serve_url}/pair/-/tenants"
+    assert http_json("GET", url)[0] == http_json("GET", url, token="key-good")[0] == 404
+    code, states = http_json("GET", url, token=status_key)
+    assert code == 200 and states["tenants"][f"{namespace}/good"]["state"] == "ready"
+    assert states["tenants"][f"{namespace}/gone"]["state"] == "failed"
+
+    # And it stays so over several resyncs: never Ready.
+    time.sleep(4)
+    assert fts.condition("gone", "Served")["reason"] == "TenantLoadFailed"
+    assert fts.condition("gone", "Ready")["status"] == "False" and fts.condition("good", "Ready")["status"] == "True"

@@ -1,14 +1,21 @@
 """The rayservice backend against KubeRay's real RayService CRD: the operator writes the whole
 multi-application config into spec.serveConfigV2; this test plays KubeRay and reports the
-applications RUNNING in the RayService status."""
+applications RUNNING in the RayService status.
+
+No Ray Serve runs here, so the replicas' tenant-status route (GET <serve url>/<pool>/-/tenants)
+is played too: --serve-url points at a real HTTP server on loopback that first does not exist
+(the operator must say so: Served=False, never Ready) and then answers as replicas with
+`auth: keys` do, to the status key whose digest the operator wrote into serveConfigV2 only."""
 
 import json
 
 import pytest
 import yaml
-from op_harness import RAY_NS, FineTunes, finetune_yaml, wait_for
+from fake_replica import FakeReplicas, keyed
+from op_harness import RAY_NS, FineTunes, finetune_yaml, free_port, wait_for
 
 from deltafleet.operator.serveconfig import tenants_of_application
+from deltafleet.serving.config import key_digest
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
@@ -35,7 +42,10 @@ def report_running(k8s, name, pools):
 
 
 def test_pools_in_serve_config_v2(k8s, namespace, run_operator, rayservice, store, tmp_path):
-    op = run_operator(namespace, "rayservice")
+    key_file = tmp_path / "status-key"
+    key_file.write_text("pool-status-key\n")
+    serve_url = f"http://127.0.0.1:{free_port()}"  # nothing listens there yet
+    op = run_operator(namespace, "rayservice", "--serve-url", serve_url, "--serve-status-key-file", str(key_file))
     fts = FineTunes(k8s, namespace, tmp_path)
     for name, base in (("a1", "bases/tiny"), ("a2", "bases/tiny"), ("b1", "bases/tiny-b")):
         fts.apply(finetune_yaml(name, namespace, base=base))
@@ -51,17 +61,48 @@ def test_pools_in_serve_config_v2(k8s, namespace, run_operator, rayservice, stor
     apps = wait_for(config_has_all, 120, "both pools in serveConfigV2", on_timeout=op.log)
     assert tenants_of_application(apps[pool_a]) == {
         f"{namespace}/{n}": {"uri": f"file://{store}/deltas/{namespace}/{n}/g1/delta.safetensors"} for n in ("a1", "a2")}
+    # Every pool may be asked for its tenants' states with the status key: its digest, never the key.
+    digests = {p: a["deployments"][0]["user_config"]["status_key_sha256"] for p, a in apps.items()}
+    assert set(digests.values()) == {key_digest("pool-status-key")}
+    assert "pool-status-key" not in rayservice_obj(k8s, rayservice)["spec"]["serveConfigV2"]
     assert set(tenants_of_application(apps[pool_b])) == {f"{namespace}/b1"}
     assert apps[pool_a]["args"]["base_model"] == f"{store}/bases/tiny"
     assert apps[pool_b]["args"]["base_model"] == f"{store}/bases/tiny-b"
     assert apps[pool_a]["route_prefix"] == f"/{pool_a}"
     assert fts.condition("a1", "Served")["reason"] == "ConfigApplied"  # KubeRay has not reported yet
 
-    # KubeRay reports both applications RUNNING: every tenant is Served and Ready.
+    # KubeRay reports both applications RUNNING, but no replica answers for its tenants: a
+    # running application alone is not a served tenant.
     report_running(k8s, rayservice, [pool_a, pool_b])
-    for name, pool in (("a1", pool_a), ("a2", pool_a), ("b1", pool_b)):
-        ft = fts.wait_condition(name, "Ready", "True", 60, log=op.log)
-        assert ft["status"]["endpoint"] == f"http://{rayservice}-serve-svc.{RAY_NS}.svc:8000/{pool}/v1"
+    for name in ("a1", "a2", "b1"):
+        ft = fts.wait_condition(name, "Served", "False", 60, reason="ReplicaStatusUnavailable", log=op.log)
+        assert f"GET {serve_url}/" in fts.condition(name, "Served")["message"]
+        assert fts.condition(name, "Ready")["status"] == "False" and not ft["status"].get("endpoint")
+
+    # The replicas answer (as with auth: keys: only the digest in serveConfigV2 reads them):
+    # a1 ready, a2 still loading, b1's delta failed to load.
+    states = {pool_a: {f"{namespace}/a1": {"state": "ready", "error": None}, f"{namespace}/a2": {"state": "loading", "error": None}},
+              pool_b: {f"{namespace}/b1": {"state": "failed", "error": "/models/deltas/b1/g1/delta.safetensors: No such file"}}}
+    replicas = FakeReplicas(keyed(states.get, digests.get), port=int(serve_url.rsplit(":", 1)[1]))
+    try:
+        ft = fts.wait_condition("a1", "Ready", "True", 60, log=op.log)
+        assert ft["status"]["endpoint"] == f"{serve_url}/{pool_a}/v1"
+        fts.wait_condition("a2", "Served", "False", 60, reason="TenantLoading", log=op.log)
+        fts.wait_condition("b1", "Served", "False", 60, reason="TenantLoadFailed", log=op.log)
+        assert fts.condition("b1", "Served")["message"] == (
+            f"model '{namespace}/b1' failed to load on replica fake-{pool_b} of application '{pool_b}': "
+            "/models/deltas/b1/g1/delta.safetensors: No such file")
+        assert fts.condition("b1", "Ready")["status"] == "False" and "TenantLoadFailed" in fts.event_reasons("b1")
+        assert {auth for _, auth in replicas.seen} == {"Bearer pool-status-key"}
+
+        # Loaded at last (b1: its replica read a good delta): every tenant Served and Ready.
+        states[pool_a][f"{namespace}/a2"] = {"state": "ready", "error": None}
+        states[pool_b][f"{namespace}/b1"] = {"state": "ready", "error": None}
+        for name, pool in (("a1", pool_a), ("a2", pool_a), ("b1", pool_b)):
+            ft = fts.wait_condition(name, "Ready", "True", 60, log=op.log)
+            assert ft["status"]["endpoint"] == f"{serve_url}/{pool}/v1"
+    finally:
+        replicas.close()
 
     # Deleting one tenant leaves the other pool's application byte-for-byte untouched.
     before_b = apps[pool_b]

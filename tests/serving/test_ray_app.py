@@ -26,18 +26,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _deploy(toy, tenants: list[str], port: int, keys: dict[str, list[str]] | None = None):
+def _deploy(toy, tenants: list[str], port: int, keys: dict[str, list[str]] | None = None, status_key: str | None = None,
+            uris: dict[str, str] | None = None):
     """Deploy the pool the way the operator and `deltafleet serve --config` do: a Serve config.
     Ray versions a config's deployments by import path and args, so a redeploy that changes
-    only user_config reconfigures the running replica (test_tenant_hot_added_... checks its pid)."""
+    only user_config reconfigures the running replica (test_tenant_hot_added_... checks its pid).
+    uris: tenants whose delta URI is given (e.g. a file that does not exist)."""
     args = dict(pool=POOL, base_model=str(toy.base_dir), device="cpu", dtype="float32", max_batch_size=8,
                 store_root=str(toy.base_dir.parent), auth="keys" if keys is not None else "none")
+    all_uris = {**{n: toy.deltas[n].as_uri() for n in tenants}, **(uris or {})}
+    user_config = {"tenants": {n: {"uri": uri, "key_sha256": [key_digest(k) for k in (keys or {}).get(n, [])]}
+                               for n, uri in all_uris.items()}}
+    if status_key is not None:
+        user_config["status_key_sha256"] = key_digest(status_key)
     config = {"applications": [{
         "name": POOL, "route_prefix": f"/{POOL}", "import_path": "deltafleet.serving.app:build_app", "args": args,
-        "deployments": [{"name": "DeltaServer", "ray_actor_options": {"num_cpus": 0},
-                         "user_config": {"tenants": {n: {"uri": toy.deltas[n].as_uri(),
-                                                         "key_sha256": [key_digest(k) for k in (keys or {}).get(n, [])]}
-                                                     for n in tenants}}}],
+        "deployments": [{"name": "DeltaServer", "ray_actor_options": {"num_cpus": 0}, "user_config": user_config}],
     }]}
     deploy(config, port=port)
 
@@ -127,6 +131,14 @@ def test_models_errors_and_openai_client(url):
         client.completions.create(model="nobody/here", prompt="hi", max_tokens=4)
 
 
+def test_tenant_states_are_open_on_a_pool_without_keys(url):
+    r = httpx.get(f"{url}/-/tenants")
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["tenants"] == {"team-a/alpha": {"state": "ready", "error": None}, "team-a/beta": {"state": "ready", "error": None}}
+    assert body["replica"]
+
+
 def _error(r: httpx.Response, status: int) -> dict:
     """OpenAI's error shape, whatever went wrong."""
     assert r.status_code == status, r.text
@@ -196,10 +208,19 @@ def _wait_status(url, model, key, status, timeout=120):
     raise TimeoutError(f"{model} with key {key!r} never answered {status}")
 
 
+def _states(url, key):
+    return httpx.get(f"{url}/-/tenants", headers={"Authorization": f"Bearer {key}"} if key else {}, timeout=30)
+
+
 def test_api_keys_confine_each_caller_to_its_tenants_and_rotate_without_a_restart(url, toy):
     """Runs last in this module: it switches the pool to API keys."""
+    import time
+
     port = urlparse(url).port
-    _deploy(toy, ["team-a/alpha", "team-b/gamma"], port, keys={"team-a/alpha": ["key-a"], "team-b/gamma": ["key-b"]})
+    missing = toy.base_dir.parent / "deltas" / "team-c-gone" / "delta.safetensors"  # inside store_root, never written
+    _deploy(toy, ["team-a/alpha", "team-b/gamma"], port, keys={"team-a/alpha": ["key-a"], "team-b/gamma": ["key-b"],
+                                                              "team-c/gone": ["key-c"]},
+            status_key="status-key", uris={"team-c/gone": missing.as_uri()})
     _wait_status(url, "team-a/alpha", None, 401)  # the new args start a new replica; the old one had no keys
     _wait_status(url, "team-a/alpha", "key-a", 200)
 
@@ -217,9 +238,30 @@ def test_api_keys_confine_each_caller_to_its_tenants_and_rotate_without_a_restar
     assert httpx.get(f"{url}/v1/models").status_code == 401
     assert httpx.get(f"{url}/debug/replica").status_code == 404  # it would name every tenant
 
+    # Tenant states: only the pool status key reads them; anyone else (no key, a tenant's key,
+    # a wrong one) gets exactly an unknown route's 404, so the route does not even show it exists.
+    unknown = httpx.get(f"{url}/-/nothing-here")
+    assert unknown.status_code == 404
+    for key in (None, "key-a", "not-a-key"):
+        r = _states(url, key)
+        assert (r.status_code, r.json()) == (404, unknown.json()), key
+    assert _states(url, "status-key").status_code == 200
+    deadline = time.monotonic() + 60
+    tenants = _states(url, "status-key").json()["tenants"]
+    while any(t["state"] == "loading" for t in tenants.values()):
+        assert time.monotonic() < deadline, tenants
+        time.sleep(0.5)
+        tenants = _states(url, "status-key").json()["tenants"]
+    assert set(tenants) == {"team-a/alpha", "team-b/gamma", "team-c/gone"}
+    assert tenants["team-a/alpha"] == tenants["team-b/gamma"] == {"state": "ready", "error": None}
+    assert tenants["team-c/gone"]["state"] == "failed" and "team-c-gone" in tenants["team-c/gone"]["error"], tenants
+    assert _post(url, "team-c/gone", "key-c").status_code == 503  # what the failed state means to its callers
+
     # Rotation: a new config that changes only user_config reconfigures the running replica
     # (test_tenant_hot_added_without_restarting_the_replica shows the pid stays).
-    _deploy(toy, ["team-a/alpha", "team-b/gamma"], port, keys={"team-a/alpha": ["key-a2"], "team-b/gamma": ["key-b"]})
+    _deploy(toy, ["team-a/alpha", "team-b/gamma"], port, keys={"team-a/alpha": ["key-a2"], "team-b/gamma": ["key-b"]},
+            status_key="status-key-2")
     _wait_status(url, "team-a/alpha", "key-a2", 200)
+    assert _states(url, "status-key").status_code == 404 and _states(url, "status-key-2").status_code == 200  # rotated too
     assert _post(url, "team-a/alpha", "key-a").status_code == 401
     assert _post(url, "team-b/gamma", "key-b").status_code == 200
