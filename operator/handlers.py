@@ -23,8 +23,25 @@ FINALIZER = f"{PREFIX}/finalizer"
 JOB_SELECTOR = {comp.LABEL_MANAGED_BY: comp.MANAGED_BY}
 
 
+def peering_priority(started_at: float, tiebreak: int) -> int:
+    """This replica's kopf peering priority: the older the process, the higher.
+
+    kopf pauses every peer that sees a live peer of higher priority, and pauses ALL peers that
+    share one priority, so every replica needs its own. Ordering by start time means a new
+    replica (a rollout, a restart) never takes over from the one acting: it waits until that
+    one's keep-alive expires or it leaves. Milliseconds since the epoch times 1024 plus 10 random
+    bits (replicas started in the same millisecond still differ), subtracted from 2**53, so the
+    value stays positive and exact as a JSON number (under 2**53) until about the year 2250."""
+    if not 0 <= tiebreak < 1024:
+        raise ValueError(f"tiebreak must be in [0, 1024), got {tiebreak}")
+    return 2**53 - (int(started_at * 1000) * 1024 + tiebreak)
+
+
 def configure(kopf_settings: kopf.OperatorSettings, settings: Settings) -> None:
     kopf_settings.persistence.finalizer = FINALIZER
+    # High availability: how long a replica's keep-alive in the peering object counts. A replica
+    # killed without a goodbye (SIGKILL, a lost node) is taken over from after at most this.
+    kopf_settings.peering.lifetime = settings.peering_lifetime
     # Least privilege: the chart grants no cluster-wide reads of namespaces or CRDs, so kopf
     # must not observe them (it would retry 403s for about a minute before serving anything).
     # The FineTune API is found through discovery; watched namespaces are taken as given.

@@ -1,0 +1,64 @@
+"""`helm test` against the real test control plane fails while the operator's Deployment is not
+available and passes once it is. The pod runner runs the chart's operator pod (an image the
+runner has not unpacked, so `deltafleet operator` from this checkout, as the chart's
+ServiceAccount) and the test hooks; the Deployment controller decides availability. The runner
+marks a running container Ready at once (it runs no probes), so what keeps the crash-looping
+operator unavailable here is operator.minReadySeconds (10 s): it never lives that long."""
+
+from __future__ import annotations
+
+import socket
+import uuid
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.cluster
+
+CHART = Path(__file__).resolve().parents[2] / "charts" / "deltafleet"
+RUN_LOCALLY = "podAnnotations.tests\\.deltafleet\\.dev/run-locally=true"  # the pod runner takes Deployment pods so marked
+READY_TIMEOUT_S = 20
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def release(k8s):
+    suffix = uuid.uuid4().hex[:5]
+    system, watched = k8s.create_namespace(f"ready-system-{suffix}"), k8s.create_namespace(f"ready-team-{suffix}")
+    own_crd = k8s.kubectl("get", "crd", "finetunes.deltafleet.dev", check=False).returncode != 0
+    # A crash-looping operator: an argument `deltafleet operator` refuses (exit 2 at once).
+    k8s.helm("install", "ready", CHART, "-n", system, "--set", "watch.allNamespaces=false",
+             "--set", f"watch.namespaces={{{watched}}}", "--set", "serve.backend=ray-api", "--set", "serve.auth=none",
+             "--set", f"operator.healthPort={free_port()}", "--set", f"metrics.port={free_port()}",
+             "--set", "image.repository=deltafleet-test/operator-from-checkout",  # not unpacked: runs from the venv
+             "--set", f"tests.operatorReadyTimeoutSeconds={READY_TIMEOUT_S}",
+             "--set", "operator.extraArgs={--no-such-flag}", "--set-string", RUN_LOCALLY,
+             "--set", f"crds.enabled={str(own_crd).lower()}")
+    yield {"system": system, "watched": watched}
+    k8s.helm("uninstall", "ready", "-n", system, "--wait", check=False)
+    if own_crd:
+        k8s.kubectl("delete", "crd", "finetunes.deltafleet.dev", "--wait=true", "--timeout=60s", check=False)
+    for ns in (system, watched):
+        k8s.kubectl("delete", "namespace", ns, "--wait=false", check=False)
+
+
+def test_helm_test_fails_while_the_operator_crash_loops_and_passes_once_it_is_available(k8s, release):
+    system = release["system"]
+    out = k8s.helm("test", "ready", "-n", system, "--timeout", "120s", check=False)
+    log = k8s.pod_log(system, "ready-deltafleet-test-operator-ready")
+    assert out.returncode != 0, out.stdout + out.stderr
+    assert f"the operator Deployment {system}/ready-deltafleet is not available after {READY_TIMEOUT_S} s" in log, log
+    assert "ok: FineTunes readable, Secrets not" in k8s.pod_log(system, "ready-deltafleet-test-access")
+    restarts = k8s.kubectl("-n", system, "get", "pods", "-l", "app.kubernetes.io/component=operator",
+                           "-o", "jsonpath={.items[*].status.containerStatuses[*].restartCount}").stdout.split()
+    assert restarts and int(restarts[0]) > 0, restarts  # it did crash-loop meanwhile
+
+    # The same release with an operator that starts: the test passes.
+    k8s.helm("upgrade", "ready", CHART, "-n", system, "--reuse-values", "--set", "operator.extraArgs=null")
+    out = k8s.helm("test", "ready", "-n", system, "--timeout", "120s", check=False)
+    assert out.returncode == 0, out.stdout + out.stderr + k8s.pod_log(system, "ready-deltafleet-test-operator-ready")
