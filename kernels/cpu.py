@@ -126,7 +126,9 @@ def delta_linear_cpu(
     """y = x·Wᵀ + α_t·(x·sign(Δ_t)ᵀ) per row on CPU; fp32 accumulation, returned in x's dtype."""
     y = F.linear(x, base_weight).float()
     x32 = x.float()
-    lib = cpu_native.load()
+    # The C kernel writes y in place, outside autograd: a call that needs gradients takes torch ops.
+    grad = torch.is_grad_enabled() and (x.requires_grad or scales.requires_grad or base_weight.requires_grad)
+    lib = None if grad else cpu_native.load()
     if lib is not None:  # every segment in one call, from the packed bits (sign_cache unused)
         if not y.is_contiguous():
             y = y.contiguous()

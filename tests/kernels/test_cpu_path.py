@@ -162,6 +162,17 @@ def test_native_kernel_is_refused_quietly_when_it_cannot_be_built(monkeypatch, t
         check(delta_linear(x, w, signs, scales, rows), delta_linear_reference(x, w, signs, scales, rows), torch.float32)
 
 
+def test_gradients_still_flow_on_cpu(cpu_kernel):
+    """The native kernel is outside autograd, so a call that needs gradients takes torch ops."""
+    gen = torch.Generator().manual_seed(9)
+    x, w, signs, scales = problem(3, 5, N, K, torch.float32, True, gen)
+    rows = torch.tensor([0, 2, -1, 1, 2])
+    got, want = scales.clone().requires_grad_(), scales.clone().requires_grad_()
+    delta_linear(x, w, signs, got, rows).square().sum().backward()
+    delta_linear_reference(x, w, signs, want, rows).square().sum().backward()
+    torch.testing.assert_close(got.grad, want.grad, rtol=1e-4, atol=1e-6)
+
+
 def test_native_kernel_can_be_switched_off(monkeypatch):
     monkeypatch.setattr(cpu_native, "_tried", False)
     monkeypatch.setattr(cpu_native, "_lib", None)
