@@ -22,11 +22,12 @@ from pathlib import Path
 import torch
 
 from .apply import attach_delta, read_scales, set_enabled
+from .basestore import store_base
 from .calibration import make_samples, read_windows
 from .checkpoint import Checkpoint, InputError, check_compatible
 from .distill import distill_scales
 from .fidelity import evaluate, retained
-from .format import save_delta
+from .format import chmod_as_created, save_delta
 from .result import DELTA_FILE, RESULT_FILE, CompressResult, Fidelity, Sizes
 from .stage1 import extract
 
@@ -118,12 +119,17 @@ def check_output_dir(out_dir: Path, flag: str = "--out") -> None:
             return
 
 
-def compress(base: str, finetuned: str, out_dir: str | os.PathLike, settings: CompressSettings | None = None) -> CompressResult:
+def compress(base: str, finetuned: str, out_dir: str | os.PathLike, settings: CompressSettings | None = None,
+             base_store: str | os.PathLike | None = None) -> CompressResult:
+    """Compress `finetuned` against `base` into out_dir; with `base_store`, a Hub base's snapshot
+    is kept there too (compress/basestore.py) and named in the result."""
     settings = settings or CompressSettings()
     settings.validate()
     t0 = time.time()
     out_dir = Path(out_dir)
     check_output_dir(out_dir)
+    if base_store is not None:
+        check_output_dir(Path(base_store), "--base-store")
     device = settings.resolved_device()
     dtype = settings.resolved_dtype(device)
     torch.manual_seed(settings.seed)
@@ -182,11 +188,16 @@ def compress(base: str, finetuned: str, out_dir: str | os.PathLike, settings: Co
     }
     path = save_delta(delta, out_dir / DELTA_FILE)
     delta_bytes = path.stat().st_size
+    snapshot = None
+    if base_store is not None and base_ck.dir.resolve() != Path(base).expanduser().resolve():  # a Hub id, not a folder
+        snapshot = store_base(base_ck.dir, base, Path(base_store))
+        log(f"base: {base} is kept in the store at {snapshot}")
     result = CompressResult(
         delta_uri=str(path.resolve()),
         base_model=base_ck.source,
         finetuned_model=ft_ck.source,
         base_fingerprint=delta.base_fingerprint,
+        base_snapshot=str(snapshot) if snapshot else None,
         sizes=Sizes(delta_bytes=delta_bytes, finetuned_bytes=finetuned_bytes,
                     compression_ratio=finetuned_bytes / delta_bytes),
         fidelity=fidelity,
@@ -202,6 +213,7 @@ def write_atomic(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
     try:
+        chmod_as_created(tmp)
         with os.fdopen(fd, "w") as f:
             f.write(text)
             f.flush()

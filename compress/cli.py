@@ -31,6 +31,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=d.device, help="cpu, cuda, cuda:N or auto (default)")
     p.add_argument("--dtype", default=d.dtype, choices=["auto", "float32", "bfloat16", "float16"], help="model dtype during distillation")
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--base-store", help="when --base is a Hugging Face id: copy its resolved snapshot into "
+                   "DIR/<org>--<name>/<commit>/ (once per commit) and record that folder in result.json")
     p.add_argument("--termination-log", default=os.environ.get("DELTAFLEET_TERMINATION_LOG"),
                    help="also write the compact result here (default: $DELTAFLEET_TERMINATION_LOG)")
     return p
@@ -41,6 +43,9 @@ def main(argv: list[str]) -> int:
     from .errors import run_cli
 
     args = parser().parse_args(argv)
+    # Group-writable outputs: the store is shared by a group (compression pods, serving pods,
+    # the operator), and the operator must be able to delete a deleted FineTune's files.
+    os.umask(0o002)
     settings = CompressSettings(
         steps=args.steps, lr=args.lr, batch_size=args.batch_size, seq_len=args.seq_len, samples=args.samples,
         calibration=args.calibration, eval_data=args.eval_data, eval_samples=args.eval_samples, loss=args.loss,
@@ -55,7 +60,7 @@ def main(argv: list[str]) -> int:
             log = Path(args.termination_log)
             if not log.parent.is_dir() or not os.access(log.parent, os.W_OK):
                 raise InputError(f"--termination-log {log}: folder {log.parent} does not exist or is not writable")
-        result = compress(args.base, args.finetuned, args.out, settings)
+        result = compress(args.base, args.finetuned, args.out, settings, base_store=args.base_store)
         if args.termination_log:
             Path(args.termination_log).write_text(result.termination_message())
         f = result.fidelity

@@ -107,6 +107,7 @@ def save_delta(delta: Delta, path: str | os.PathLike) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
     os.close(fd)
     try:
+        chmod_as_created(tmp)
         save_file(tensors, tmp, metadata=meta)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
@@ -116,6 +117,14 @@ def save_delta(delta: Delta, path: str | os.PathLike) -> Path:
         raise
     _fsync_dir(path.parent)  # make the rename itself durable
     return path
+
+
+def chmod_as_created(path: str | Path, directory: bool = False) -> None:
+    """Give a mkstemp file (always 0600) or mkdtemp folder (0700) the mode an ordinary new one
+    gets under the umask, so the store's group (serving pods, the operator) can use it."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, (0o777 if directory else 0o666) & ~umask)
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -44,6 +44,9 @@ class CompressResult(BaseModel):
     base_model: str
     finetuned_model: str
     base_fingerprint: str
+    # The base's folder in the model store when it came from the Hub (compress --base-store):
+    # the exact snapshot the delta was made against, which serving replicas load.
+    base_snapshot: str | None = None
     sizes: Sizes
     fidelity: Fidelity
     seconds: float

@@ -460,6 +460,9 @@ class DeltaStatus(_Model):
     finetuned_bytes: int | None = Field(None, description="Size of the fine-tune's parameters.", ge=0, json_schema_extra={"format": "int64"})
     compression_ratio: float = Field(description="finetunedBytes / bytes.")
     base_fingerprint: str | None = Field(None, description="Fingerprint of the base weights the delta was built on.", max_length=256)
+    base_snapshot: str | None = Field(
+        None, description="The Hub base as the Job stored it (/models/bases/hub/<org>--<name>/<commit>): what replicas load.", max_length=4096
+    )
     generation: int | None = Field(None, description="metadata.generation that was compressed.", ge=0)
     fidelity: Fidelity = Field(description="Eval figures of the delta.")
 
@@ -473,6 +476,7 @@ class DeltaStatus(_Model):
             finetuned_bytes=result.sizes.finetuned_bytes,
             compression_ratio=result.sizes.compression_ratio,
             base_fingerprint=result.base_fingerprint,
+            base_snapshot=getattr(result, "base_snapshot", None),
             generation=generation,
             fidelity=Fidelity(**{k: getattr(f, k) for k in Fidelity.model_fields if hasattr(f, k)}),
         )

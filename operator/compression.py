@@ -55,9 +55,28 @@ def job_name(finetune: str, generation: int, attempt: int) -> str:
     return name if attempt == 0 else f"{name}-r{attempt}"
 
 
+def base_store_dir(root: str = api.MODEL_STORE_MOUNT) -> str:
+    """Where Jobs keep Hub bases (compress --base-store: `<org>--<name>/<commit>/` below it)."""
+    return f"{root}/bases/hub"
+
+
 def deltas_dir(namespace: str, name: str, root: str = api.MODEL_STORE_MOUNT) -> str:
     """A FineTune's folder of deltas (one `g<gen>` per compressed generation) under a store root."""
     return f"{root}/deltas/{namespace}/{name}"
+
+
+def delete_deltas(namespace: str, name: str, root: str) -> bool:
+    """Remove a FineTune's deltas folder under a store root; False when there was none. Needs
+    write access to what Jobs wrote: the operator is in the store's group and Jobs write
+    group-writable files (compress sets umask 002)."""
+    import shutil
+    from pathlib import Path
+
+    folder = Path(deltas_dir(namespace, name, root=root))
+    if not folder.exists():
+        return False
+    shutil.rmtree(folder)
+    return True
 
 
 def output_dir(namespace: str, name: str, generation: int, root: str = api.MODEL_STORE_MOUNT) -> str:

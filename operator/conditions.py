@@ -29,6 +29,7 @@ class Reason:
     REFUSED_BY_POLICY = "RefusedByPolicy"  # the admin's policy forbids what the spec asks (no Job)
     JOB_CREATED = "JobCreated"  # the Job of this generation exists, its pod has not finished
     POD_CANNOT_START = "PodCannotStart"  # image pull, scheduling, a missing Secret: it will not start by itself
+    MODEL_STORE_MISSING = "ModelStoreMissing"  # the store's claim is not in the FineTune's namespace (no Job)
     JOB_FAILED_RETRYING = "JobFailedRetrying"  # an attempt failed; the next one waits for its backoff, or runs
     BACKOFF_LIMIT_EXCEEDED = "BackoffLimitExceeded"  # every attempt failed: Failed for good
     RESULT_UNREADABLE = "ResultUnreadable"  # the Job succeeded but wrote no readable result
@@ -38,7 +39,10 @@ class Reason:
     # Served
     WAITING_FOR_DELTA = "WaitingForDelta"
     CONFIG_APPLIED = "ConfigApplied"  # the pool's serve config holds the tenant; app not RUNNING yet
-    APPLICATION_RUNNING = "ApplicationRunning"
+    APPLICATION_RUNNING = "ApplicationRunning"  # the application runs and a replica reports the tenant ready
+    TENANT_LOADING = "TenantLoading"  # the application runs; a replica is still reading the tenant's delta
+    TENANT_LOAD_FAILED = "TenantLoadFailed"  # a replica could not load the delta (it answers 503): the replica's error
+    REPLICA_STATUS_UNAVAILABLE = "ReplicaStatusUnavailable"  # the application runs; its tenant-status route cannot be read
     APPLICATION_FAILED = "ApplicationFailed"
     BACKEND_UNAVAILABLE = "BackendUnavailable"
     POOL_BASE_CONFLICT = "PoolBaseConflict"  # another base model already owns this pool
@@ -70,11 +74,14 @@ WARNING_REASONS = {
     Reason.REFUSED_BY_POLICY,
     Reason.API_KEYS_MISSING,
     Reason.POD_CANNOT_START,
+    Reason.MODEL_STORE_MISSING,
     Reason.JOB_FAILED_RETRYING,
     Reason.BACKOFF_LIMIT_EXCEEDED,
     Reason.RESULT_UNREADABLE,
     Reason.FIDELITY_BELOW_THRESHOLD,
     Reason.APPLICATION_FAILED,
+    Reason.TENANT_LOAD_FAILED,
+    Reason.REPLICA_STATUS_UNAVAILABLE,
     Reason.BACKEND_UNAVAILABLE,
     Reason.POOL_BASE_CONFLICT,
 }

@@ -13,7 +13,6 @@ import base64
 import json
 import logging
 import os
-import shutil
 import threading
 import time
 from dataclasses import dataclass, field, replace
@@ -28,7 +27,7 @@ from deltafleet.compress.result import RESULT_FILE, CompressResult
 from deltafleet.operator import api
 from deltafleet.operator import compression as comp
 from deltafleet.operator import conditions as cond
-from deltafleet.operator import jobs, metrics
+from deltafleet.operator import jobs, metrics, replica_status
 from deltafleet.operator import serveconfig as sc
 from deltafleet.operator.backend import AppStatus, Backend, BackendError
 from deltafleet.operator.conditions import COMPRESSED, FALSE, SERVED, Reason
@@ -149,6 +148,9 @@ class Controller:
             attempts.append(Attempt(j["metadata"]["name"], job_gen, int(labels.get(comp.LABEL_ATTEMPT, "0")), o))
         d = decide_compression(meta["namespace"], meta["name"], attempts, ft.spec.backoff_limit, gen, time.time(),
                                self.settings.retry_base_seconds, self.settings.retry_max_seconds)
+        if d.create is not None and (missing := self._store_missing(ft, meta["namespace"])):
+            # No Job that could only fail to mount: it would sit Pending until its deadline.
+            return cond.set_condition(conds, COMPRESSED, FALSE, Reason.MODEL_STORE_MISSING, missing, gen)[0]
         if d.create is not None:
             self._create_job(raw, jobs.build_job(ft, digest, *d.create, self.settings))
             metrics.JOBS.labels("created").inc()
@@ -161,6 +163,24 @@ class Controller:
         if d.status is None:
             return conds
         return cond.set_condition(conds, COMPRESSED, d.status, d.reason, d.message, gen)[0]
+
+    def _store_missing(self, ft: api.FineTune, namespace: str) -> str | None:
+        """Why the Job's model store cannot be mounted in this namespace, or None. Only claims
+        are checked (a hostPath is the node's business)."""
+        store = ft.spec.model_store
+        claim = store.claim_name if store else self.settings.store_claim
+        if not claim:
+            return None
+        try:
+            self.core.read_namespaced_persistent_volume_claim(claim, namespace)
+            return None
+        except ApiException as e:
+            if e.status == 404:
+                return (f"PersistentVolumeClaim {namespace}/{claim} (the model store) does not exist: create it "
+                        "bound to the shared store (docs/deploy.md), or list the namespace in the chart's modelStore.share.namespaces")
+            if e.status == 403:
+                return f"PersistentVolumeClaim {namespace}/{claim}: the operator may not read claims here (RBAC: get persistentvolumeclaims)"
+            raise
 
     def _result_file(self, namespace: str, name: str, generation: int) -> CompressResult | None:
         """Fallback when the termination message is missing: result.json on the store, if this
@@ -179,7 +199,8 @@ class Controller:
         at, cached = self._status_cache
         if time.monotonic() - at < 1.0:
             return cached
-        statuses = self.backend.statuses()
+        # RUNNING applications come with a replica's tenant states (its -/tenants route).
+        statuses = replica_status.attach_reports(self.backend.statuses(), self.settings)
         self._status_cache = (time.monotonic(), statuses)
         return statuses
 
@@ -201,7 +222,8 @@ class Controller:
                 tenant, _ = self._tenant(raw, ft)
                 if tenant is not None:
                     tenants[key] = tenant
-            config = sc.build_serve_config(list(tenants.values()), self.settings)
+            config = replica_status.with_status_key(sc.build_serve_config(list(tenants.values()), self.settings),
+                                                    replica_status.status_key(self.settings))
             digest = sc.config_hash(config)
             if digest != self.backend.applied_hash():
                 self.backend.apply(config, digest)
@@ -357,10 +379,8 @@ class Controller:
             store = (raw.get("spec") or {}).get("modelStore")
             mounted = bool(self.settings.operator_store_path) and Path(self.settings.operator_store_path).is_dir()
             if policy == api.DeletionPolicy.Delete.value and not store and mounted:
-                folder = Path(comp.deltas_dir(meta["namespace"], meta["name"], root=self.settings.operator_store_path))
-                if folder.exists():
-                    shutil.rmtree(folder)
-                    log.info("deleted %s", folder)
+                if comp.delete_deltas(meta["namespace"], meta["name"], self.settings.operator_store_path):
+                    log.info("deleted the deltas of %s", key)
             elif policy == api.DeletionPolicy.Delete.value:
                 log.warning("%s: deletionPolicy Delete but this operator has no access to its store; files kept", key)
 

@@ -16,6 +16,9 @@ from dataclasses import asdict, dataclass
 REGISTRY = "ghcr.io/deltafleet"
 # The release the images carry: the package version in pyproject.toml and the chart's appVersion.
 VERSION = "0.1.0"
+# The Ray inside the ML image (uv.lock pins it; a test checks both agree): a KubeRay
+# RayService must name it (the chart's pool.rayVersion).
+RAY_VERSION = "2.60.0"
 
 
 @dataclass(frozen=True)
@@ -53,7 +56,7 @@ def main(argv: list[str]) -> int:
         print(f"usage: images.py [ref {'|'.join(IMAGES)}]", file=sys.stderr)
         return 2
     table = {k: {**asdict(v), "repository": v.repository, "ref": v.ref()} for k, v in IMAGES.items()}
-    print(json.dumps({"registry": REGISTRY, "version": VERSION, "images": table}, indent=2))
+    print(json.dumps({"registry": REGISTRY, "version": VERSION, "ray_version": RAY_VERSION, "images": table}, indent=2))
     return 0
 
 

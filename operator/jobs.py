@@ -42,6 +42,9 @@ def compress_args(ft: api.FineTune, generation: int) -> list[str]:
         "--device", "cuda" if c.gpus > 0 else "cpu",
         "--termination-log", TERMINATION_LOG,
     ]
+    if spec.base_model.hugging_face:
+        # Keep the exact snapshot in the store: replicas load it from there (no token, no drift).
+        args += ["--base-store", comp.base_store_dir()]
     if c.calibration.path:
         args += ["--calibration", f"{api.MODEL_STORE_MOUNT}/{c.calibration.path}"]
     if c.scale_per_row:
@@ -131,7 +134,10 @@ def build_job(ft: api.FineTune, digest: str, generation: int, attempt: int, sett
             "runAsNonRoot": True,
             "runAsUser": uid,
             "runAsGroup": uid,
-            "fsGroup": uid,
+            # The store's group: outputs are group-writable (compress sets umask 002), so the
+            # operator, in the same group, can delete them when the FineTune goes.
+            "fsGroup": settings.store_group,
+            "supplementalGroups": [settings.store_group],
             "seccompProfile": {"type": "RuntimeDefault"},
         },
         "containers": [container],

@@ -156,7 +156,8 @@ def tenant_of(ft: api.FineTune, created: str, settings: Settings, key_sha256: tu
         name=ft.metadata.name,
         model=ft.model_name(),
         pool=ft.pool(),
-        base_model=replica_path(ft.spec.base_model.reference(), settings),
+        # The base the delta was made against, as the Job stored it; else the spec's reference.
+        base_model=replica_path(ft.status.delta.base_snapshot or ft.spec.base_model.reference(), settings),
         uri=replica_uri(ft.status.delta.uri, settings),
         min_replicas=serving.min_replicas,
         max_replicas=serving.max_replicas,

@@ -36,6 +36,9 @@ class Settings:
     # /models (api.MODEL_STORE_MOUNT) in compression Jobs.
     store_claim: str = ""  # a PersistentVolumeClaim in the FineTune's namespace ...
     store_host_path: str = ""  # ... or a hostPath (single-node / dev / tests); one of the two
+    # The group owning the store's files: compression pods run with it (fsGroup) and write
+    # group-writable files; the operator's pod is in it, so it can delete a FineTune's deltas.
+    store_group: int = 1000
     # Where this operator process sees the default store (to read result.json and delete
     # deltas; the chart mounts it at /models). Missing: results come from termination
     # messages alone and deleted FineTunes' files are kept.
@@ -52,6 +55,10 @@ class Settings:
     replica_cpus: float = 1.0
     max_batch_size: int = 16
     serve_auth: str = "keys"  # keys: pools need API keys (from each FineTune's Secret); none: open pools (local use)
+    # A file holding the pool status key (the chart mounts a Secret): its sha256 goes into every
+    # pool's config and the key reads the replicas' tenant states (GET /<pool>/-/tenants), which
+    # decide Served. Re-read on each use. Empty: no key (enough only for pools with auth none).
+    serve_status_key_file: str = ""
     device: str = "auto"
     dtype: str = "auto"
     gpu_resource: str = "nvidia.com/gpu"  # extended resource that requests GPUs in Jobs
@@ -70,6 +77,11 @@ class Settings:
     delete_attempts: int = 5  # finalizer attempts before it is dropped anyway, with a Warning
     liveness_port: int = 8080
     metrics_port: int = 8081  # Prometheus /metrics; 0: off
+    # High availability (kopf peering): the name of the KopfPeering (namespaced operator) or
+    # ClusterKopfPeering (all namespaces) that the replicas share; the oldest live replica acts,
+    # the others wait. Empty: standalone (one replica, no peering objects needed).
+    peering: str = ""
+    peering_lifetime: int = 10  # seconds a replica's keep-alive counts; a killed active one is replaced within about this
     # Test hook (never set in production): exit the process right after a Job is created,
     # before its name is recorded in status, to prove create-if-absent on restart.
     exit_after_job_create: bool = False
@@ -114,6 +126,7 @@ _FLAGS: tuple[tuple[str, str, str], ...] = (
     ("replica_store_path", "DELTAFLEET_REPLICA_STORE_PATH", "where serving replicas see the model store"),
     ("store_claim", "DELTAFLEET_MODEL_STORE_CLAIM", "PersistentVolumeClaim holding the model store"),
     ("store_host_path", "DELTAFLEET_MODEL_STORE_HOST_PATH", "hostPath holding the model store (dev, single node)"),
+    ("store_group", "DELTAFLEET_MODEL_STORE_GROUP", "group owning the store's files (compression pods' fsGroup)"),
     ("job_image", "DELTAFLEET_JOB_IMAGE", "image of compression Jobs"),
     ("job_image_pull_policy", "DELTAFLEET_JOB_IMAGE_PULL_POLICY", ""),
     ("job_service_account", "DELTAFLEET_JOB_SERVICE_ACCOUNT",
@@ -122,6 +135,8 @@ _FLAGS: tuple[tuple[str, str, str], ...] = (
     ("replica_cpus", "DELTAFLEET_REPLICA_CPUS", "CPUs per serving replica"),
     ("max_batch_size", "DELTAFLEET_SERVE_MAX_BATCH_SIZE", ""),
     ("serve_auth", "DELTAFLEET_SERVE_AUTH", "keys: pools require each FineTune's API keys; none: no authentication (local use)"),
+    ("serve_status_key_file", "DELTAFLEET_SERVE_STATUS_KEY_FILE",
+     "file holding the pool status key that reads replicas' tenant states (GET /<pool>/-/tenants; needed with --serve-auth keys)"),
     ("device", "DELTAFLEET_SERVE_DEVICE", "device of serving replicas: auto, cpu, cuda"),
     ("dtype", "DELTAFLEET_SERVE_DTYPE", ""),
     ("gpu_resource", "DELTAFLEET_GPU_RESOURCE", "extended resource name that requests GPUs in compression Jobs"),
@@ -138,6 +153,10 @@ _FLAGS: tuple[tuple[str, str, str], ...] = (
     ("delete_attempts", "DELTAFLEET_DELETE_ATTEMPTS", ""),
     ("liveness_port", "DELTAFLEET_HEALTH_PORT", "kopf liveness endpoint http://0.0.0.0:PORT/healthz"),
     ("metrics_port", "DELTAFLEET_METRICS_PORT", "Prometheus metrics at http://0.0.0.0:PORT/metrics (0: off)"),
+    ("peering", "DELTAFLEET_PEERING",
+     "kopf peering object shared by the operator's replicas (one acts, the rest wait); empty: standalone"),
+    ("peering_lifetime", "DELTAFLEET_PEERING_LIFETIME",
+     "seconds a replica's peering keep-alive counts: a dead active replica is replaced within about this"),
 )
 _CHOICES = {
     "backend": BACKENDS,
@@ -175,6 +194,8 @@ def settings_from_args(args: argparse.Namespace, environ: dict | None = None) ->
     for flag, value in (("--replica-store-path", args.replica_store_path), ("--operator-store-path", args.operator_store_path or "/")):
         if not value.startswith("/"):
             raise SystemExit(f"deltafleet operator: {flag} must be an absolute path, got {value!r}")
+    if args.peering and args.peering_lifetime < 5:  # keep-alives come 1-10 s before expiry (kopf)
+        raise SystemExit(f"deltafleet operator: --peering-lifetime must be at least 5 seconds, got {args.peering_lifetime}")
     values = {name: getattr(args, name) for name, _, _ in _FLAGS}
     return Settings(**{
         **values,

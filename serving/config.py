@@ -21,6 +21,7 @@ A pool file is a standard Ray Serve config; each application is one base-model p
               tenants:
                 "<namespace>/<name>": {uri: "file:///models/deltas/ns/name/g1/delta.safetensors",
                                        key_sha256: [<sha256 hex of each API key that may call it>]}
+              status_key_sha256: <sha256 hex of the pool status key>   # optional; who may read TENANT_STATUS_ROUTE
 
 `args` -> `AppArgs` (fixed for the replica's life); `user_config` -> `TenantsConfig`
 (applied by `reconfigure()` without restarting the replica: new tenants load in the
@@ -32,6 +33,12 @@ the replica hashes it and serves only the tenants whose `key_sha256` holds the d
 other model, existing or not, is a 404), and the base model to any valid key; no key or an
 unknown one is a 401. The config holds digests only, so it never carries a usable key, and a
 new config (a rotated key) takes effect at `reconfigure()`, without a restart.
+
+Tenant states (`GET /<pool>` + `TENANT_STATUS_ROUTE`): each replica answers
+`{"replica": <id>, "tenants": {"<tenant>": {"state": loading|ready|failed, "error": <str|null>}}}`
+for the tenants it holds. With `auth: none` the route is open; with `auth: keys` only a bearer
+key whose sha256 is `user_config.status_key_sha256` reads it (the operator's status key), and
+anyone else gets the 404 of an unknown route, so tenant names never leak to callers.
 
 Delta URIs: `file://<absolute path>` or a plain absolute path, nothing else (no http, s3,
 relative paths). When `store_root` is set, the resolved path (symlinks and `..` followed)
@@ -56,6 +63,8 @@ BASE_ALIASES = ("base",)  # OpenAI `model` names that mean the pool's base model
 TENANT_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)*$"
 TENANT_NAME = re.compile(TENANT_NAME_PATTERN)
 SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+TENANT_STATUS_ROUTE = "/-/tenants"  # under the application's route_prefix: the replica's tenant load states
+TENANT_STATES = ("loading", "ready", "failed")  # what the route reports per tenant (serving/bank.py's)
 
 
 class ConfigError(ValueError):
@@ -125,6 +134,15 @@ class TenantsConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     tenants: dict[str, TenantSpec] = Field(default_factory=dict)
+    # sha256 hex of the pool status key: its bearer may read TENANT_STATUS_ROUTE under auth: keys.
+    status_key_sha256: str | None = None
+
+    @field_validator("status_key_sha256")
+    @classmethod
+    def _status_digest(cls, v: str | None) -> str | None:
+        if v is not None and not SHA256_HEX.fullmatch(v):
+            raise ValueError(f"status_key_sha256 must be 64 lowercase hex characters (a sha256 digest), got {v[:80]!r}")
+        return v
 
     @field_validator("tenants")
     @classmethod

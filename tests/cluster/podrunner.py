@@ -20,7 +20,8 @@ Any other image (the tests of the runner itself use placeholders) falls back to 
 process: the command runs on the host with the project's venv `bin/` first on PATH, and mounts
 are emulated by path remapping: each volumeMount's mountPath maps to a local folder
 (hostPath: its path; emptyDir: a temp folder; configMap/secret/projected/downwardAPI:
-a folder with the files; persistentVolumeClaim: one folder per claim shared by its pods),
+a folder with the files; persistentVolumeClaim: its PersistentVolume's hostPath when it is bound
+to one, else one folder per claim shared by its pods),
 and every occurrence of a mountPath (or of the terminationMessagePath) in command, args,
 workingDir and env values is rewritten to the local path.
 
@@ -614,6 +615,26 @@ class PodWorker(threading.Thread):
         return decoded if raw else {k: v.decode(errors="replace") for k, v in decoded.items()}
 
     # -- volumes -----------------------------------------------------------------------------
+    def _claim(self, name: str) -> Path:
+        """A claim bound to a hostPath PersistentVolume mounts that path (so claims in several
+        namespaces bound to volumes over one folder share it, as over one NFS export); any
+        other claim gets one folder of its own, as a freshly provisioned volume."""
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            pvc = self.core.read_namespaced_persistent_volume_claim(name, self.ns)
+            if pvc.spec.volume_name and pvc.status.phase == "Bound":
+                pv = self.core.read_persistent_volume(pvc.spec.volume_name)
+                if pv.spec.host_path:
+                    return Path(pv.spec.host_path.path)
+        except ApiException as e:
+            if e.status != 404:
+                raise
+        folder = self.runner.workdir / "pvcs" / self.ns / name
+        folder.mkdir(parents=True, exist_ok=True)
+        folder.chmod(0o777)  # a freshly provisioned volume, writable by the pod's user
+        return folder
+
     def _volumes(self) -> dict[str, Path]:
         out = {}
         for v in self.pod.spec.volumes or []:
@@ -627,10 +648,7 @@ class PodWorker(threading.Thread):
                 local.chmod(0o777)  # as the kubelet makes it: writable by whatever user the pod runs as
                 out[v.name] = local
             elif v.persistent_volume_claim:
-                claim = self.runner.workdir / "pvcs" / self.ns / v.persistent_volume_claim.claim_name
-                claim.mkdir(parents=True, exist_ok=True)
-                claim.chmod(0o777)  # a freshly provisioned volume, writable by the pod's user
-                out[v.name] = claim
+                out[v.name] = self._claim(v.persistent_volume_claim.claim_name)
             elif v.config_map:
                 data = self._config_map(v.config_map.name, v.config_map.optional) or {}
                 self._write_files(local, {k: val.encode() for k, val in data.items()}, v.config_map.items)

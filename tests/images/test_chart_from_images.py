@@ -150,4 +150,6 @@ def test_helm_test_runs_from_the_operator_image(k8s, release, operator_image):
         t.join()
     assert out.returncode == 0, out.stdout + out.stderr
     assert "ok: FineTunes readable, Secrets not" in out.stdout
-    assert seen == {"img-deltafleet-test-access": f"{IMAGES['operator'].repository}@{operator_image['digest']}"}
+    assert f"ok: the operator Deployment {release['system']}/img-deltafleet is available" in out.stdout
+    ref = f"{IMAGES['operator'].repository}@{operator_image['digest']}"
+    assert seen == {"img-deltafleet-test-access": ref, "img-deltafleet-test-operator-ready": ref}

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from deltafleet.operator.images import IMAGES, ML_IMAGE, OPERATOR_IMAGE, REGISTRY, VERSION
+from deltafleet.operator.images import IMAGES, ML_IMAGE, OPERATOR_IMAGE, RAY_VERSION, REGISTRY, VERSION
 from deltafleet.operator.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -25,6 +25,14 @@ def test_versions_agree():
     chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     assert VERSION == chart["appVersion"] == project["version"]
+
+
+def test_the_pools_ray_version_is_the_ray_the_ml_image_installs():
+    # KubeRay starts the pool's pods from the ML image and must be told the Ray inside it.
+    lock = tomllib.loads((ROOT / "uv.lock").read_text())
+    locked = {p["name"]: p["version"] for p in lock["package"]}
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert RAY_VERSION == locked["ray"] == values["pool"]["rayVersion"]
 
 
 def test_values_name_the_tables_repositories():

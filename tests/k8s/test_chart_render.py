@@ -127,11 +127,14 @@ def test_rbac_cluster_wide_vs_per_namespace(helm):
     assert users["df-deltafleet-finetune-editor"]["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-edit"] == "true"
     assert users["df-deltafleet-finetune-viewer"]["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-view"] == "true"
     assert not [r for d in users.values() for r in d["rules"] if "finetunes/status" in r["resources"] and set(r["verbs"]) - {"get", "list", "watch"}]
-    assert [r["metadata"]["namespace"] for r in by_kind(cluster, "Role")] == ["deltafleet"]  # the RayService role
+    # the RayService role, and `helm test`'s (reads the operator's Deployment)
+    assert sorted((r["metadata"]["namespace"], r["metadata"]["name"]) for r in by_kind(cluster, "Role")) == [
+        ("deltafleet", "df-deltafleet-rayservice"), ("deltafleet", "df-deltafleet-test")]
     namespaced = template(helm, *NAMESPACED, "userRoles.create=false")
     assert not by_kind(namespaced, "ClusterRole") and not by_kind(namespaced, "ClusterRoleBinding")
     roles = {(r["metadata"]["namespace"], r["metadata"]["name"]) for r in by_kind(namespaced, "Role")}
-    assert roles == {("team-a", "df-deltafleet"), ("team-b", "df-deltafleet"), ("deltafleet", "df-deltafleet-rayservice")}
+    assert roles == {("team-a", "df-deltafleet"), ("team-b", "df-deltafleet"), ("deltafleet", "df-deltafleet-rayservice"),
+                     ("deltafleet", "df-deltafleet-test")}
     for doc in by_kind(cluster, "ClusterRole") + by_kind(namespaced, "Role"):
         for rule in doc["rules"]:
             assert "*" not in rule["verbs"] and "*" not in rule["resources"] and "*" not in rule["apiGroups"]
@@ -139,7 +142,7 @@ def test_rbac_cluster_wide_vs_per_namespace(helm):
                 assert rule["resources"] == ["secrets"] and rule["verbs"] == ["get"]
     ray = [r for r in by_kind(namespaced, "Role") if r["metadata"]["name"].endswith("rayservice")][0]
     assert ray["rules"] == [{"apiGroups": ["ray.io"], "resources": ["rayservices"], "resourceNames": ["deltafleet"], "verbs": ["get", "patch"]}]
-    assert not [r for r in by_kind(template(helm, "serve.backend=ray-api"), "Role")]
+    assert not [r for r in by_kind(template(helm, "serve.backend=ray-api", "tests.enabled=false"), "Role")]
     open_pools = template(helm, "serve.auth=none")
     assert not [r for d in by_kind(open_pools, "ClusterRole") for r in d["rules"] if "secrets" in r["resources"]]
 
@@ -161,7 +164,7 @@ def test_bad_values_are_refused(helm, sets, message):
 
 
 def test_helm_test_hook_uses_the_operator_account(helm):
-    (pod,) = [d for d in template(helm) if d["kind"] == "Pod"]
+    (pod,) = [d for d in template(helm) if d["kind"] == "Pod" and d["metadata"]["name"] == "df-deltafleet-test-access"]
     assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
     assert pod["spec"]["serviceAccountName"] == "df-deltafleet"
     assert pod["spec"]["containers"][0]["command"][:2] == ["python", "-c"]
@@ -230,3 +233,95 @@ def test_the_operators_metrics_have_a_service_and_an_optional_service_monitor(he
     assert not by_kind(docs, "ServiceMonitor")
     monitor = by_kind(template(helm, "metrics.serviceMonitor.enabled=true"), "ServiceMonitor")[0]
     assert monitor["spec"]["endpoints"] == [{"port": "metrics", "interval": "30s"}]
+
+
+def test_two_replicas_share_a_kopf_peering_object_with_least_privilege_rbac_and_a_pdb(helm):
+    from kopf._cogs.structs import references
+
+    from deltafleet.operator.settings import parse_settings
+
+    def env(deployment):
+        return {e["name"]: e.get("value", e.get("valueFrom")) for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
+
+    one = template(helm)
+    deployment = by_kind(one, "Deployment")[0]
+    assert deployment["spec"]["replicas"] == 1 and deployment["spec"]["strategy"] == {"type": "Recreate"}
+    assert "DELTAFLEET_PEERING" not in env(deployment) and "POD_ID" not in env(deployment)
+    assert not by_kind(one, "PodDisruptionBudget") and not [d for d in one if d["apiVersion"].startswith("kopf.dev/")]
+
+    two = template(helm, "operator.replicas=2")
+    deployment = by_kind(two, "Deployment")[0]
+    assert deployment["spec"]["replicas"] == 2 and deployment["spec"]["minReadySeconds"] == 10
+    assert deployment["spec"]["strategy"] == {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
+    values = env(deployment)
+    assert values["POD_ID"] == {"fieldRef": {"fieldPath": "metadata.name"}}  # kopf's name for the replica
+    settings, _ = parse_settings([], environ={k: v for k, v in values.items() if isinstance(v, str)})
+    assert (settings.peering, settings.peering_lifetime) == ("df-deltafleet", 10)
+    (peering,) = by_kind(two, "ClusterKopfPeering")
+    assert peering["apiVersion"] == "{0.group}/{0.version}".format(references.CLUSTER_PEERINGS_K) and peering["metadata"]["name"] == "df-deltafleet"
+    role = [r for r in by_kind(two, "ClusterRole") if r["metadata"]["name"] == "df-deltafleet-peering"][0]
+    assert role["rules"] == [
+        {"apiGroups": ["kopf.dev"], "resources": ["clusterkopfpeerings"], "verbs": ["list", "watch"]},
+        {"apiGroups": ["kopf.dev"], "resources": ["clusterkopfpeerings"], "resourceNames": ["df-deltafleet"], "verbs": ["patch"]},
+    ]
+    binding = [b for b in by_kind(two, "ClusterRoleBinding") if b["roleRef"]["name"] == "df-deltafleet-peering"][0]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "df-deltafleet", "namespace": "deltafleet"}]
+    (pdb,) = by_kind(two, "PodDisruptionBudget")
+    assert pdb["spec"]["maxUnavailable"] == 1
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
+    anti = deployment["spec"]["template"]["spec"]["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+    assert anti[0]["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+    assert not by_kind(template(helm, "operator.replicas=2", "operator.podDisruptionBudget.enabled=false"), "PodDisruptionBudget")
+
+    namespaced = template(helm, "operator.replicas=2", *NAMESPACED)
+    assert sorted(p["metadata"]["namespace"] for p in by_kind(namespaced, "KopfPeering")) == ["team-a", "team-b"]
+    assert {p["apiVersion"] for p in by_kind(namespaced, "KopfPeering")} == {"{0.group}/{0.version}".format(references.NAMESPACED_PEERINGS_K)}
+    roles = [r for r in by_kind(namespaced, "Role") if r["metadata"]["name"] == "df-deltafleet-peering"]
+    assert sorted(r["metadata"]["namespace"] for r in roles) == ["team-a", "team-b"]
+    assert roles[0]["rules"][1] == {"apiGroups": ["kopf.dev"], "resources": ["kopfpeerings"], "resourceNames": ["df-deltafleet"], "verbs": ["patch"]}
+    assert not by_kind(namespaced, "ClusterKopfPeering")
+    assert not [r for r in by_kind(namespaced, "ClusterRole") if "peering" in r["metadata"]["name"]]
+
+    # the standard kinds of the HA rendering pass the Kubernetes schemas (kopf's kinds have none there)
+    standard = "\n---\n".join(yaml.safe_dump(d) for d in two if not d["apiVersion"].startswith("kopf.dev/"))
+    out = subprocess.run([sys.executable, "-m", "kubernetes_validate", "--strict", "-k", KUBE_VERSION, "-"],
+                         input=standard, capture_output=True, text=True)
+    assert out.returncode == 0 and "WARN" not in out.stdout, out.stdout + out.stderr
+
+
+def test_the_peering_crds_are_the_ones_kopf_looks_for():
+    from kopf._cogs.structs import references
+
+    crds = {d["metadata"]["name"]: d for d in yaml.safe_load_all((CHART / "crds" / "kopf-peering.yaml").read_text()) if d}
+    for selector, scope in ((references.CLUSTER_PEERINGS_K, "Cluster"), (references.NAMESPACED_PEERINGS_K, "Namespaced")):
+        crd = crds[f"{selector.any_name}.{selector.group}"]
+        assert crd["spec"]["scope"] == scope and crd["spec"]["names"]["plural"] == selector.any_name
+        (version,) = crd["spec"]["versions"]
+        assert version["name"] == selector.version and version["served"] and version["storage"]
+        # kopf patches keep-alives into .status of the object itself: no status subresource, status kept whole
+        assert "subresources" not in version
+        assert version["schema"]["openAPIV3Schema"]["properties"]["status"]["x-kubernetes-preserve-unknown-fields"] is True
+
+
+@pytest.mark.parametrize("sets, message", [
+    (("operator.replicas=0",), "at '/operator/replicas': minimum"),
+    (("operator.peering.lifetime=2",), "at '/operator/peering/lifetime': minimum"),
+])
+def test_bad_ha_values_are_refused(helm, sets, message):
+    out = helm("template", "df", str(CHART), *[a for s in sets for a in ("--set", s)], check=False)
+    assert out.returncode != 0 and message in out.stderr, out.stderr
+
+
+def test_helm_test_waits_for_the_operators_deployment_with_an_account_that_can_only_read_it(helm):
+    docs = template(helm, "tests.operatorReadyTimeoutSeconds=45")
+    (pod,) = [d for d in docs if d["kind"] == "Pod" and d["metadata"]["name"] == "df-deltafleet-test-operator-ready"]
+    assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    assert pod["spec"]["serviceAccountName"] == "df-deltafleet-test"
+    env = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
+    assert env["OPERATOR_DEPLOYMENT"] == by_kind(docs, "Deployment")[0]["metadata"]["name"] and env["TIMEOUT_SECONDS"] == "45"
+    assert pod["spec"]["activeDeadlineSeconds"] > 45
+    role = [r for r in by_kind(docs, "Role") if r["metadata"]["name"] == "df-deltafleet-test"][0]
+    assert role["rules"] == [{"apiGroups": ["apps"], "resources": ["deployments"], "resourceNames": ["df-deltafleet"], "verbs": ["get"]}]
+    binding = [b for b in by_kind(docs, "RoleBinding") if b["roleRef"]["name"] == "df-deltafleet-test"][0]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "df-deltafleet-test", "namespace": "deltafleet"}]
+    assert not [d for d in template(helm, "tests.enabled=false") if d["metadata"]["name"].startswith("df-deltafleet-test")]

@@ -76,24 +76,22 @@ def rayservice_crd(k8s):
     return crd
 
 
+def render_pool(k8s, name: str, namespace: str, *sets: str) -> str:
+    """The chart's own RayService (templates/pool.yaml), as `helm install` with pool.create renders it."""
+    args = ["template", "pool", str(CHART), "--show-only", "templates/pool.yaml", "--set", "pool.create=true",
+            "--set", f"serve.rayService.name={name}", "--set", f"serve.rayService.namespace={namespace}",
+            "--set", "modelStore.hostPath=/srv/models"]
+    for s in sets:
+        args += ["--set", s]
+    return k8s.helm(*args).stdout
+
+
 @pytest.fixture
 def rayservice(k8s, chart, rayservice_crd):
-    """A RayService object (no KubeRay runs: tests write its status as KubeRay would)."""
-    manifest = f"""
-apiVersion: ray.io/v1
-kind: RayService
-metadata: {{name: {RAYSERVICE}, namespace: {RAY_NS}}}
-spec:
-  serveConfigV2: ""
-  rayClusterConfig:
-    headGroupSpec:
-      rayStartParams: {{}}
-      template:
-        spec:
-          containers: [{{name: ray-head, image: rayproject/ray:2.40.0}}]
-"""
+    """The chart's RayService (no KubeRay runs: tests write its status as KubeRay would),
+    created with strict server-side validation against KubeRay's CRD."""
     k8s.kubectl("delete", "rayservice", RAYSERVICE, "-n", RAY_NS, "--ignore-not-found", check=False)
-    k8s.kubectl("apply", "-f", "-", input=manifest)
+    k8s.kubectl("create", "--validate=strict", "-f", "-", input=render_pool(k8s, RAYSERVICE, RAY_NS))
     yield RAYSERVICE
     k8s.kubectl("delete", "rayservice", RAYSERVICE, "-n", RAY_NS, "--ignore-not-found", check=False)
 

@@ -133,3 +133,27 @@ def test_job_args_parse_with_the_real_compress_cli():
     assert (args.steps, args.lr, args.batch_size, args.loss, args.scale_per_row) == (5, 0.001, 3, "kl", True)
     assert (args.samples, args.seq_len, args.calibration, args.device) == (9, 64, "/models/data/cal.txt", "cpu")
     assert args.termination_log == "/dev/termination-log"
+
+
+def test_a_hub_base_is_kept_in_the_store_and_a_path_base_is_not():
+    _, job = build(spec={"baseModel": {"path": None, "huggingFace": "org/base", "revision": "main"}})
+    args = job["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[args.index("--base-store") + 1] == "/models/bases/hub" == comp.base_store_dir()
+    _, job = build()  # baseModel.path: already in the store
+    assert "--base-store" not in job["spec"]["template"]["spec"]["containers"][0]["args"]
+
+
+def test_jobs_write_as_the_stores_group():
+    from dataclasses import replace
+
+    ft = finetune()
+    job = jobs.build_job(ft, comp.compression_hash(ft.spec), 1, 0, replace(SETTINGS, store_group=2345))
+    pod = job["spec"]["template"]["spec"]["securityContext"]
+    assert pod["fsGroup"] == 2345 and 2345 in pod["supplementalGroups"]
+
+
+def test_the_stored_base_reaches_the_delta_status():
+    from deltafleet.operator import api
+
+    result = compress_result().model_copy(update={"base_snapshot": "/models/bases/hub/org--base/" + "a" * 40})
+    assert api.DeltaStatus.from_result(result).base_snapshot == "/models/bases/hub/org--base/" + "a" * 40

@@ -135,3 +135,26 @@ def test_a_tenants_key_digests_reach_its_pool_and_the_pool_needs_keys():
     assert "k1" not in json.dumps(app)  # digests only
     open_pool = sc.build_serve_config([t], Settings(replica_store_path="/mnt/store", serve_auth="none"))
     assert open_pool["applications"][0]["args"]["auth"] == "none"
+
+
+def hub_tenant(name, commit, created):
+    """A FineTune on the Hub base org/base whose Job stored the snapshot of `commit`."""
+    status = {"delta": {**delta_status(f"file:///models/deltas/team-a/{name}/g1/delta.safetensors"),
+                        "baseSnapshot": f"/models/bases/hub/org--base/{commit}"}}
+    ft = finetune(name=name, created=created, spec={"baseModel": {"path": None, "huggingFace": "org/base"}, "serving": {"pool": "p"}},
+                  status=status)
+    return sc.tenant_of(ft, created, SETTINGS)
+
+
+def test_replicas_load_the_base_the_job_stored_not_the_hub_id():
+    t = hub_tenant("a", "1" * 40, "2026-01-01T00:00:00Z")
+    (app,) = sc.build_serve_config([t], SETTINGS)["applications"]
+    assert app["args"]["base_model"] == "/mnt/store/bases/hub/org--base/" + "1" * 40  # the replicas' mount
+
+
+def test_a_finetune_whose_base_resolved_to_another_commit_is_refused_by_its_pool():
+    # Same Hub id, but the branch moved between the two Jobs: the pool keeps the oldest's base.
+    old, new = hub_tenant("old", "1" * 40, "2026-01-01T00:00:00Z"), hub_tenant("new", "2" * 40, "2026-02-01T00:00:00Z")
+    pools, conflicts = sc.split_pools([new, old])
+    assert [t.name for t in pools["p"]] == ["old"]
+    assert "1" * 40 in conflicts["team-a/new"] and "2" * 40 in conflicts["team-a/new"]

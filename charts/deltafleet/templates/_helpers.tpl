@@ -95,6 +95,10 @@ Pods are only read: the compression result comes back in a pod's termination mes
 - apiGroups: [""]
   resources: [pods/log]
   verbs: [get]
+# The model store's claim: checked before a Job is created (ModelStoreMissing).
+- apiGroups: [""]
+  resources: [persistentvolumeclaims]
+  verbs: [get]
 - apiGroups: [""]
   resources: [events]
   verbs: [create, patch]
@@ -120,4 +124,69 @@ Pods are only read: the compression result comes back in a pod's termination mes
     path: {{ .Values.modelStore.hostPath }}
     type: DirectoryOrCreate
 {{- end }}
+{{- end }}
+
+{{/* The serving pool's pods (templates/pool.yaml): the ML image's non-root user, the store's
+group, RuntimeDefault seccomp. */}}
+{{- define "deltafleet.poolPodSpec" -}}
+securityContext:
+  runAsNonRoot: true
+  runAsUser: 1000
+  runAsGroup: 1000
+  fsGroup: {{ .Values.modelStore.group }}
+  supplementalGroups: [{{ .Values.modelStore.group }}]
+  seccompProfile:
+    type: RuntimeDefault
+{{- with .Values.imagePullSecrets }}
+imagePullSecrets:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}
+
+{{- define "deltafleet.poolContainerSecurity" -}}
+allowPrivilegeEscalation: false
+readOnlyRootFilesystem: true
+capabilities:
+  drop: [ALL]
+{{- end }}
+
+{{/* Ray, Hugging Face and Triton write under $HOME and /tmp (both volumes: the root is read-only). */}}
+{{- define "deltafleet.poolEnv" -}}
+- name: HOME
+  value: /home/ray
+- name: HF_HOME
+  value: /tmp/hf
+- name: TRITON_CACHE_DIR
+  value: /tmp/triton
+{{- if .Values.pool.hfTokenSecret.name }}
+- name: HF_TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.pool.hfTokenSecret.name }}
+      key: {{ .Values.pool.hfTokenSecret.key }}
+{{- end }}
+{{- end }}
+
+{{- define "deltafleet.poolMounts" -}}
+- name: model-store
+  mountPath: {{ .Values.modelStore.replicaPath }}
+  readOnly: true
+- name: tmp
+  mountPath: /tmp
+- name: home
+  mountPath: /home/ray
+- name: dshm
+  mountPath: /dev/shm
+{{- end }}
+
+{{- define "deltafleet.poolVolumes" -}}
+{{ include "deltafleet.modelStoreVolume" .root | trim }}
+- name: tmp
+  emptyDir: {}
+- name: home
+  emptyDir: {}
+- name: dshm
+  emptyDir:
+    medium: Memory
+    sizeLimit: {{ .shm }}
 {{- end }}
