@@ -19,24 +19,22 @@ Without a C compiler (or DELTAFLEET_CPU_KERNEL=torch), per tenant segment, one o
 * **cached signs** (hot tenants, optional `SignCache`): keep the unpacked ±1 matrix and
   just run the GEMM. 32× (fp32) or 16× (bf16) the packed bytes, so it is bounded and LRU.
 
-Measured on the 2-core build machine (AVX-512, 1 torch thread, fp32, best of 7, ms for the
-whole layer, base GEMM included; the machine was shared, load 2-5, so treat as rough;
-alternatives re-measured by bench/cpu_delta.py):
+Measured by bench/cpu_delta.py (results/cpu-delta-cpu.json; 2 shared cores, AVX-512, 1 torch
+thread, fp32, best of 5, load average 1.2, still a shared machine), ms:
 
-    layer N×K, tenants × rows        base    torch fp32-cached   native
-    256×256, 16 × 1 (decode)         0.023   0.49                0.09
-    256×704, 16 × 1                  0.060   1.67 (0.79 idle)    0.17
-    256×704, 64 × 1                  0.16    3.6                 0.60
-    4096×4096, 1 × 1                 2.5     15.4                2.9
-    4096×4096, 4 × 1                 5.2     27.6                7.8
-    4096×4096, 1 × 16 (prefill)      9.6     25.0                18.7
+    whole layer, base GEMM included     base    torch loop, fp32 cached   one grouped_mm, fp32   native
+    256×256, 16 tenants × 1 row         0.020   0.46                      0.26                   0.060
+    256×704, 16 tenants × 1 row         0.049   0.82                      0.59                   0.133
+    4096×4096, 4 tenants × 1 row        4.8     27.4                      25.8                   7.0
 
-Torch-only alternatives that lost (same machine, one 256×256 tenant, 1 row, ms): fp32 cached
-GEMV 0.008, byte-LUT gather 0.035, LUT through embedding_bag(mode="sum") 0.13, int8 signs
-through _weight_int8pack_mm 0.037 (and 12 ms at 4096², vs 2.4 fp32), int8 `_int_mm` with x
-split exactly into four int8 planes ~9 µs a call (it re-lays out its weights every call);
-all tenants in one grouped_mm/bmm over cached fp32 signs halves the per-tenant overhead
-but stays bound by reading 4 bytes per weight (0.25 ms for 16 × 256×256).
+    one tenant's delta term             native  fp32 cached  LUT gather  LUT embedding_bag  int8pack_mm  int8 planes + _int_mm
+    4096×4096, 1 row                    0.34    2.41         4.10        27.6               8.75         1.45
+    4096×4096, 16 rows                  3.29    8.62         -           -                  -            2.81
+    256×704, 16 rows                    0.049   0.051        0.88        0.71               1.49         0.110
+
+fp32 cached signs win only while one tenant's matrix sits in L2; int8 planes (x split exactly
+into four int8 planes, AMX) need 1 byte per weight cached and cost ~9 µs a call at serving
+shapes. The torch fallback below keeps the byte LUT up to LUT_MAX_ROWS rows and unpack above.
 """
 
 from __future__ import annotations
