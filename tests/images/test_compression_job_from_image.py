@@ -25,6 +25,17 @@ pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 STORE_GROUP = Settings().store_group  # 1000: the ML image's group
 
 
+def imaged(namespace: str, steps: int) -> FineTune:
+    """The FineTune both tests compress: the store's toy pair, on CPU."""
+    return FineTune.model_validate({
+        "apiVersion": "deltafleet.dev/v1alpha1", "kind": "FineTune",
+        "metadata": {"name": "imaged", "namespace": namespace, "generation": 1},
+        "spec": {"baseModel": {"path": "bases/tiny"}, "fineTunedModel": {"path": "finetunes/tiny-code"},
+                 "compression": {"steps": steps, "batchSize": 2, "gpus": 0,
+                                 "calibration": {"path": "data/cal.txt", "samples": 4, "seqLen": 32}}},
+    })
+
+
 @pytest.fixture
 def store(tmp_path):
     """A model store the Job's user can read, with a folder it can write deltas to."""
@@ -47,13 +58,7 @@ def store(tmp_path):
 
 
 def test_compression_job_runs_from_the_ml_image(k8s, namespace, ml_image, store):
-    ft = FineTune.model_validate({
-        "apiVersion": "deltafleet.dev/v1alpha1", "kind": "FineTune",
-        "metadata": {"name": "imaged", "namespace": namespace, "generation": 1},
-        "spec": {"baseModel": {"path": "bases/tiny"}, "fineTunedModel": {"path": "finetunes/tiny-code"},
-                 "compression": {"steps": 2, "batchSize": 2, "gpus": 0,
-                                 "calibration": {"path": "data/cal.txt", "samples": 4, "seqLen": 32}}},
-    })
+    ft = imaged(namespace, steps=2)
     settings = Settings(store_host_path=str(store))  # the defaults: the ML image, uid 1000
     job = jobs.build_job(ft, comp.compression_hash(ft.spec), 1, 0, settings)
     assert job["spec"]["template"]["spec"]["containers"][0]["image"] == ML_IMAGE
@@ -104,13 +109,7 @@ def run_to_end(k8s, namespace: str, manifest: dict) -> str:
 def test_the_operator_deletes_what_a_job_wrote_through_the_stores_group(k8s, namespace, ml_image, operator_image, store):
     """deletionPolicy Delete across users: a Job (uid 1000) writes the delta, the operator
     (uid 65532, in the store's group) removes it and nothing is left; outside the group it cannot."""
-    ft = FineTune.model_validate({
-        "apiVersion": "deltafleet.dev/v1alpha1", "kind": "FineTune",
-        "metadata": {"name": "imaged", "namespace": namespace, "generation": 1},
-        "spec": {"baseModel": {"path": "bases/tiny"}, "fineTunedModel": {"path": "finetunes/tiny-code"},
-                 "compression": {"steps": 0, "batchSize": 2, "gpus": 0,
-                                 "calibration": {"path": "data/cal.txt", "samples": 4, "seqLen": 32}}},
-    })
+    ft = imaged(namespace, steps=0)
     job = jobs.build_job(ft, comp.compression_hash(ft.spec), 1, 0, Settings(store_host_path=str(store)))
     k8s.kubectl("-n", namespace, "apply", "-f", "-", input=json.dumps(job))
     assert k8s.wait_job(namespace, job["metadata"]["name"], timeout_s=600) == "Complete"

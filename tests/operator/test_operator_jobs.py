@@ -136,6 +136,10 @@ def test_compression_pods_are_admitted_in_a_namespace_enforcing_the_restricted_p
     claim for its store, is admitted. The same Job with a hostPath store is not — the check has teeth."""
     k8s.kubectl("label", "namespace", namespace, "pod-security.kubernetes.io/enforce=restricted")
     op = run_operator(namespace, "rayservice")  # its default store is a hostPath
+    # The claim exists (else the operator makes no Job: ModelStoreMissing, test_operator_store.py).
+    k8s.kubectl("-n", namespace, "apply", "-f", "-", input=json.dumps({
+        "apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "models"},
+        "spec": {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": "1Gi"}}}}))
     fts = FineTunes(k8s, namespace, tmp_path)
     fts.apply(finetune_yaml("claimed", namespace).replace("  backoffLimit:", "  modelStore: {claimName: models}\n  backoffLimit:"))
     fts.apply(finetune_yaml("hostpath", namespace))
