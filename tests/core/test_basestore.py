@@ -37,8 +37,14 @@ def hub(tmp_path, monkeypatch):
             (snap / f.name).symlink_to(os.path.relpath(blob, snap))
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(COMMIT)
+    # huggingface_hub reads its env into `constants` at import, which an earlier test may have
+    # done: set both (snapshot_download reads constants.HF_HUB_CACHE at each call).
+    from huggingface_hub import constants
+
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     return base
 
 

@@ -94,6 +94,10 @@ def test_deploy_md_replays_on_the_test_cluster(k8s, operator_image, ml_image, st
     crd = subprocess.run(["bash", str(KUBERAY_CRD)], check=True, capture_output=True, text=True).stdout.split()[-1]
     if k8s.kubectl("get", "crd", "rayservices.ray.io", check=False).returncode != 0:
         k8s.kubectl("create", "-f", crd)
+    # As KubeRay's chart install returns: the CRD served before anything names a RayService.
+    k8s.wait_for(lambda: k8s.kubectl("get", "crd", "rayservices.ray.io", "-o",
+                                     "jsonpath={.status.conditions[?(@.type=='Established')].status}",
+                                     check=False).stdout.strip() == "True", "the RayService CRD to be established", 60)
     own_crd = k8s.kubectl("get", "crd", "finetunes.deltafleet.dev", check=False).returncode != 0
 
     work = tmp_path / "work"
