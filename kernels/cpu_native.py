@@ -220,16 +220,43 @@ def load() -> ctypes.CDLL | None:
         return _lib
 
 
+def check_arguments(y: torch.Tensor, x: torch.Tensor, signs: torch.Tensor, scales: torch.Tensor,
+                    order: torch.Tensor, seg_start: torch.Tensor, seg_tenant: torch.Tensor) -> None:
+    """Everything the C code indexes with, checked first: it has no bounds checks of its own, so a
+    wrong shape or grouping would read or write outside the tensors instead of raising. The
+    grouping tensors hold a batch's rows (hundreds of ints): checking them costs microseconds."""
+    m, k = x.shape
+    n = y.shape[1]
+    if not (x.dtype == y.dtype == scales.dtype == torch.float32 and signs.dtype == torch.int32):
+        raise ValueError(f"cpu bit kernel: x, y and scales must be float32 and signs int32, got {x.dtype}, {y.dtype}, {scales.dtype}, {signs.dtype}")
+    if not (x.device.type == y.device.type == signs.device.type == scales.device.type == "cpu"):
+        raise ValueError("cpu bit kernel: every tensor must be on the CPU")
+    if x.stride(1) != 1 or y.stride(1) != 1 or signs.stride(2) != 1 or y.shape[0] != m:
+        raise ValueError("cpu bit kernel: x [M, K] and y [M, N] need unit inner strides and the same M; signs a unit stride along K/32")
+    if k % 32 or signs.dim() != 3 or tuple(signs.shape[1:]) != (n, k // 32) or scales.shape[0] != signs.shape[0]:
+        raise ValueError(f"cpu bit kernel: signs {tuple(signs.shape)} / scales {tuple(scales.shape)} do not fit x [{m}, {k}] -> y [{m}, {n}]")
+    if scales.dim() == 2 and scales.shape[1] != n:
+        raise ValueError(f"cpu bit kernel: per-row scales {tuple(scales.shape)} do not have N = {n} columns")
+    for t in (order, seg_start, seg_tenant):
+        if t.dtype != torch.int32 or not t.is_contiguous() or t.device.type != "cpu":
+            raise ValueError("cpu bit kernel: order, seg_start and seg_tenant must be contiguous int32 CPU tensors")
+    starts = seg_start.tolist()
+    if len(starts) != seg_tenant.numel() + 1 or (starts and (starts[0] < 0 or starts[-1] > order.numel()
+                                                             or any(b < a for a, b in zip(starts, starts[1:])))):
+        raise ValueError(f"cpu bit kernel: seg_start {starts} is not an increasing split of {order.numel()} rows")
+    if order.numel() and (int(order.min()) < 0 or int(order.max()) >= m):
+        raise ValueError(f"cpu bit kernel: a row index in `order` is outside [0, {m})")
+    if seg_tenant.numel() and (int(seg_tenant.min()) < -1 or int(seg_tenant.max()) >= signs.shape[0]):
+        raise ValueError(f"cpu bit kernel: a segment's tenant is outside [-1, {signs.shape[0]})")
+
+
 def delta_accumulate(lib: ctypes.CDLL, y: torch.Tensor, x: torch.Tensor, signs: torch.Tensor, scales: torch.Tensor,
                      order: torch.Tensor, seg_start: torch.Tensor, seg_tenant: torch.Tensor) -> None:
     """y [M, N] fp32 += α_t·(x·sign(Δ_t)ᵀ) per row, in place. x [M, K] fp32; both with unit inner stride;
     signs [T, N, K/32] int32 with unit stride along K/32; order/seg_* int32 contiguous (grouping.py)."""
     m, k = x.shape
     n = y.shape[1]
-    assert x.dtype == y.dtype == torch.float32 and x.stride(1) == 1 and y.stride(1) == 1 and signs.stride(2) == 1
-    assert x.device.type == y.device.type == signs.device.type == scales.device.type == "cpu"
-    assert order.dtype == seg_start.dtype == seg_tenant.dtype == torch.int32
-    assert scales.dtype == torch.float32 and order.is_contiguous() and seg_start.is_contiguous() and seg_tenant.is_contiguous()
+    check_arguments(y, x, signs, scales, order, seg_start, seg_tenant)
     sct, scn = (scales.stride(0), scales.stride(1)) if scales.dim() == 2 else (scales.stride(0), 0)
     lib.deltafleet_delta_accumulate(
         x.data_ptr(), x.stride(0), k, n,

@@ -217,3 +217,34 @@ def test_bad_arguments_get_one_clear_error(change, error, match):
     args.update(change)
     with pytest.raises(error, match=match):
         delta_linear(**args)
+
+
+@pytest.mark.parametrize("broken, match", [
+    ("row", "row index in `order` is outside"),
+    ("tenant", "segment's tenant is outside"),
+    ("starts", "is not an increasing split"),
+    ("signs", "do not fit"),
+])
+def test_the_c_kernel_refuses_what_would_make_it_read_or_write_out_of_bounds(broken, match):
+    """The C code indexes memory with these tensors and checks nothing itself: a bad grouping or
+    shape must raise before the call, never reach it."""
+    lib = cpu_native.load()
+    if lib is None:
+        pytest.skip("no C compiler here: the native CPU kernel is not built")
+    gen = torch.Generator().manual_seed(7)
+    rows = torch.tensor([0, 1, -1, 0])
+    x, w, signs, scales = problem(2, rows.numel(), N, K, torch.float32, False, gen)
+    g = group_rows(rows, 2)
+    order, seg_start, seg_tenant = g.order.clone(), g.seg_start.clone(), g.seg_tenant.clone()
+    if broken == "row":
+        order[0] = x.shape[0]  # one past the last row
+    elif broken == "tenant":
+        seg_tenant[-1] = signs.shape[0]  # one past the last tenant of the stack
+    elif broken == "starts":
+        seg_start[-1] = order.numel() + 1
+    else:
+        signs = signs[:, :, :-1].contiguous()  # K/32 - 1 words for K columns
+    y = torch.zeros(x.shape[0], N)
+    with pytest.raises(ValueError, match=match):
+        cpu_native.delta_accumulate(lib, y, x, signs, scales.float(), order, seg_start, seg_tenant)
+    assert not y.any()  # nothing was written
