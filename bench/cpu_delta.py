@@ -90,8 +90,7 @@ def one_tenant(n: int, k: int, rows: int, lib) -> dict:
         "int8-planes": (planes, n * k),
     }
     if lib is not None:
-        methods["native"] = (lambda: cpu_native.delta_accumulate(lib, y, x, packed[None], torch.ones(1),
-                                                                  groups.order, groups.seg_start, groups.seg_tenant), 0)
+        methods["native"] = (lambda: cpu_native.delta_accumulate(lib, y, x, packed[None], torch.ones(1), groups), 0)
     exact = (x.double() @ dense.double().t())
     out = {}
     for name, (fn, extra) in methods.items():

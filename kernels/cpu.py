@@ -133,7 +133,7 @@ def delta_linear_cpu(
         cpu_native.delta_accumulate(
             lib, y, x32 if x32.stride(1) == 1 else x32.contiguous(),
             signs if signs.stride(2) == 1 else signs.contiguous(), scales.float(),
-            groups.order.contiguous(), groups.seg_start.contiguous(), groups.seg_tenant.contiguous(),
+            groups,
         )
         return y.to(x.dtype)
     # bf16 activations lose nothing to a bf16 sign GEMM (signs are exact); fp16/fp32 use fp32.

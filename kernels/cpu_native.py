@@ -38,6 +38,8 @@ from pathlib import Path
 
 import torch
 
+from .grouping import TenantGroups
+
 SOURCE = r"""
 #include <stdint.h>
 #include <string.h>
@@ -220,11 +222,10 @@ def load() -> ctypes.CDLL | None:
         return _lib
 
 
-def check_arguments(y: torch.Tensor, x: torch.Tensor, signs: torch.Tensor, scales: torch.Tensor,
-                    order: torch.Tensor, seg_start: torch.Tensor, seg_tenant: torch.Tensor) -> None:
+def check_arguments(y: torch.Tensor, x: torch.Tensor, signs: torch.Tensor, scales: torch.Tensor, groups: TenantGroups) -> None:
     """Everything the C code indexes with, checked first: it has no bounds checks of its own, so a
-    wrong shape or grouping would read or write outside the tensors instead of raising. The
-    grouping tensors hold a batch's rows (hundreds of ints): checking them costs microseconds."""
+    wrong shape or grouping would read or write outside the tensors instead of raising. Shapes
+    are checked per call (attribute reads); the groups once per step (`TenantGroups.problem`)."""
     m, k = x.shape
     n = y.shape[1]
     if not (x.dtype == y.dtype == scales.dtype == torch.float32 and signs.dtype == torch.int32):
@@ -237,26 +238,25 @@ def check_arguments(y: torch.Tensor, x: torch.Tensor, signs: torch.Tensor, scale
         raise ValueError(f"cpu bit kernel: signs {tuple(signs.shape)} / scales {tuple(scales.shape)} do not fit x [{m}, {k}] -> y [{m}, {n}]")
     if scales.dim() == 2 and scales.shape[1] != n:
         raise ValueError(f"cpu bit kernel: per-row scales {tuple(scales.shape)} do not have N = {n} columns")
-    for t in (order, seg_start, seg_tenant):
+    for t in (groups.order, groups.seg_start, groups.seg_tenant):
         if t.dtype != torch.int32 or not t.is_contiguous() or t.device.type != "cpu":
-            raise ValueError("cpu bit kernel: order, seg_start and seg_tenant must be contiguous int32 CPU tensors")
-    starts = seg_start.tolist()
-    if len(starts) != seg_tenant.numel() + 1 or (starts and (starts[0] < 0 or starts[-1] > order.numel()
-                                                             or any(b < a for a, b in zip(starts, starts[1:])))):
-        raise ValueError(f"cpu bit kernel: seg_start {starts} is not an increasing split of {order.numel()} rows")
-    if order.numel() and (int(order.min()) < 0 or int(order.max()) >= m):
-        raise ValueError(f"cpu bit kernel: a row index in `order` is outside [0, {m})")
-    if seg_tenant.numel() and (int(seg_tenant.min()) < -1 or int(seg_tenant.max()) >= signs.shape[0]):
-        raise ValueError(f"cpu bit kernel: a segment's tenant is outside [-1, {signs.shape[0]})")
+            raise ValueError("cpu bit kernel: the groups' order, seg_start and seg_tenant must be contiguous int32 CPU tensors")
+    if groups.num_rows != m:
+        raise ValueError(f"cpu bit kernel: groups for {groups.num_rows} rows, x has {m}")
+    if groups.problem is not None:
+        raise ValueError(f"cpu bit kernel: {groups.problem}")
+    if groups.tenants and max(groups.tenants) >= signs.shape[0]:
+        raise ValueError(f"cpu bit kernel: a segment's tenant {max(groups.tenants)} is outside the stack of {signs.shape[0]}")
 
 
 def delta_accumulate(lib: ctypes.CDLL, y: torch.Tensor, x: torch.Tensor, signs: torch.Tensor, scales: torch.Tensor,
-                     order: torch.Tensor, seg_start: torch.Tensor, seg_tenant: torch.Tensor) -> None:
+                     groups: TenantGroups) -> None:
     """y [M, N] fp32 += α_t·(x·sign(Δ_t)ᵀ) per row, in place. x [M, K] fp32; both with unit inner stride;
-    signs [T, N, K/32] int32 with unit stride along K/32; order/seg_* int32 contiguous (grouping.py)."""
+    signs [T, N, K/32] int32 with unit stride along K/32; groups: grouping.py's segments of x's rows."""
     m, k = x.shape
     n = y.shape[1]
-    check_arguments(y, x, signs, scales, order, seg_start, seg_tenant)
+    check_arguments(y, x, signs, scales, groups)
+    order, seg_start, seg_tenant = groups.order, groups.seg_start, groups.seg_tenant
     sct, scn = (scales.stride(0), scales.stride(1)) if scales.dim() == 2 else (scales.stride(0), 0)
     lib.deltafleet_delta_accumulate(
         x.data_ptr(), x.stride(0), k, n,

@@ -44,6 +44,24 @@ class TenantGroups:
         """Rows in the longest segment (sizes the kernels' row-tile grid)."""
         return max((b - a for a, b in zip(self.starts, self.starts[1:])), default=0)
 
+    @cached_property
+    def problem(self) -> str | None:
+        """Why these groups could not index a batch of `num_rows` rows, or None. Code that
+        indexes memory with them unchecked (the CPU bit kernel) asks first; computed once."""
+        order = self.order
+        if order.dim() != 1 or order.numel() != self.num_rows:
+            return f"order has {order.numel()} rows, the batch {self.num_rows}"
+        if order.numel() and (int(order.min()) < 0 or int(order.max()) >= self.num_rows):
+            return f"a row index in order is outside [0, {self.num_rows})"
+        if len(self.starts) != len(self.tenants) + 1 or self.starts[0] != 0 or self.starts[-1] != self.num_rows \
+                or any(b < a for a, b in zip(self.starts, self.starts[1:])):
+            return f"segment starts {list(self.starts)} do not split {self.num_rows} rows"
+        if tuple(self.seg_start.tolist()) != self.starts or tuple(self.seg_tenant.tolist()) != self.tenants:
+            return "the device copies of the segments differ from the host copies"
+        if any(t < -1 for t in self.tenants):
+            return "a segment's tenant is below -1"
+        return None
+
     def rows_of(self, s: int) -> torch.Tensor:
         return self.order[self.starts[s] : self.starts[s + 1]]
 

@@ -220,14 +220,17 @@ def test_bad_arguments_get_one_clear_error(change, error, match):
 
 
 @pytest.mark.parametrize("broken, match", [
-    ("row", "row index in `order` is outside"),
-    ("tenant", "segment's tenant is outside"),
-    ("starts", "is not an increasing split"),
+    ("row", "row index in order is outside"),
+    ("tenant", "outside the stack of 2"),
+    ("starts", "do not split 4 rows"),
+    ("rows", "groups for 3 rows, x has 4"),
     ("signs", "do not fit"),
 ])
 def test_the_c_kernel_refuses_what_would_make_it_read_or_write_out_of_bounds(broken, match):
-    """The C code indexes memory with these tensors and checks nothing itself: a bad grouping or
-    shape must raise before the call, never reach it."""
+    """The C code indexes memory with these and checks nothing itself: a bad grouping or shape
+    must raise before the call, never reach it."""
+    from dataclasses import replace
+
     lib = cpu_native.load()
     if lib is None:
         pytest.skip("no C compiler here: the native CPU kernel is not built")
@@ -235,16 +238,19 @@ def test_the_c_kernel_refuses_what_would_make_it_read_or_write_out_of_bounds(bro
     rows = torch.tensor([0, 1, -1, 0])
     x, w, signs, scales = problem(2, rows.numel(), N, K, torch.float32, False, gen)
     g = group_rows(rows, 2)
-    order, seg_start, seg_tenant = g.order.clone(), g.seg_start.clone(), g.seg_tenant.clone()
     if broken == "row":
+        order = g.order.clone()
         order[0] = x.shape[0]  # one past the last row
+        g = replace(g, order=order)
     elif broken == "tenant":
-        seg_tenant[-1] = signs.shape[0]  # one past the last tenant of the stack
+        g = replace(g, seg_tenant=torch.tensor([*g.tenants[:-1], 2], dtype=torch.int32), tenants=(*g.tenants[:-1], 2))
     elif broken == "starts":
-        seg_start[-1] = order.numel() + 1
+        g = replace(g, seg_start=torch.tensor([0, 1, 5, 4], dtype=torch.int32), starts=(0, 1, 5, 4))
+    elif broken == "rows":
+        g = group_rows(rows[:3], 2)
     else:
         signs = signs[:, :, :-1].contiguous()  # K/32 - 1 words for K columns
     y = torch.zeros(x.shape[0], N)
     with pytest.raises(ValueError, match=match):
-        cpu_native.delta_accumulate(lib, y, x, signs, scales.float(), order, seg_start, seg_tenant)
+        cpu_native.delta_accumulate(lib, y, x, signs, scales.float(), g)
     assert not y.any()  # nothing was written
