@@ -210,6 +210,7 @@ class PodWorker(threading.Thread):
         self.image_ids: dict[str, str] = {}  # container -> repository@digest of the image it runs from
         self.phase = "Pending"
         self.start_time = now()
+        self._since: dict[str, tuple[str, str]] = {}  # condition type -> (status, when it took that status)
         self.pod_message: str | None = None
 
     # The pod's data: a new pod with a reused name starts from a clean folder.
@@ -330,6 +331,10 @@ class PodWorker(threading.Thread):
         if message:
             terminated["message"] = message
         statuses[c.name] = self._status(c, {"terminated": terminated}, restarts, last_state, cid)
+        if not self.deleting.is_set():
+            # As the kubelet does: the exit is visible (container terminated, pod not Ready)
+            # before any restart, so a crash loop never looks continuously Ready.
+            self._report()
         return terminated["exitCode"]
 
     def _termination_message(self, c, term_file: Path, code: int) -> str:
@@ -383,7 +388,14 @@ class PodWorker(threading.Thread):
         containers_ready = "True" if running and len(self.statuses) == len(spec.containers) else "False"
         init_done = "True" if all("terminated" in s["state"] and s["state"]["terminated"]["exitCode"] == 0
                                   for s in self.init_statuses.values()) else "False"
-        t = now()
+
+        def since(kind: str, value: str) -> str:
+            """A condition's lastTransitionTime moves only when its status changes, as the
+            kubelet's does: the Deployment controller counts minReadySeconds from it."""
+            if self._since.get(kind, ("", ""))[0] != value:
+                self._since[kind] = (value, now())
+            return self._since[kind][1]
+
         status = {
             "phase": self.phase,
             "hostIP": "127.0.0.1", "hostIPs": [{"ip": "127.0.0.1"}],
@@ -391,9 +403,9 @@ class PodWorker(threading.Thread):
             "startTime": self.start_time,
             "conditions": [
                 {"type": "PodScheduled", "status": "True", "lastTransitionTime": self.start_time},
-                {"type": "Initialized", "status": init_done, "lastTransitionTime": t},
-                {"type": "ContainersReady", "status": containers_ready, "lastTransitionTime": t},
-                {"type": "Ready", "status": containers_ready, "lastTransitionTime": t},
+                {"type": "Initialized", "status": init_done, "lastTransitionTime": since("Initialized", init_done)},
+                {"type": "ContainersReady", "status": containers_ready, "lastTransitionTime": since("ContainersReady", containers_ready)},
+                {"type": "Ready", "status": containers_ready, "lastTransitionTime": since("Ready", containers_ready)},
             ],
             "containerStatuses": [self.statuses[c.name] for c in spec.containers if c.name in self.statuses],
         }

@@ -61,7 +61,12 @@ def test_helm_test_fails_while_the_operator_crash_loops_and_passes_once_it_is_av
     # The same release with an operator that starts: the test passes.
     # (the check waits as long as a user's default would: a loaded 2-core machine can take
     # longer than the 20 s above to start the new pod and keep it ready for minReadySeconds)
-    k8s.helm("upgrade", "ready", CHART, "-n", system, "--reuse-values", "--set", "operator.extraArgs=null",
+    k8s.helm("upgrade", "ready", CHART, "-n", system, "--reuse-values", "--set-json", "operator.extraArgs=[]",
              "--set", "tests.operatorReadyTimeoutSeconds=120")
     out = k8s.helm("test", "ready", "-n", system, "--timeout", "120s", check=False)
-    assert out.returncode == 0, out.stdout + out.stderr + k8s.pod_log(system, "ready-deltafleet-test-operator-ready")
+    if out.returncode != 0:
+        pods = k8s.kubectl("-n", system, "get", "pods", "-o", "wide", check=False).stdout
+        operator = k8s.kubectl("-n", system, "logs", "deployment/ready-deltafleet", "--tail=40", check=False)
+        deployment = k8s.kubectl("-n", system, "get", "deployment", "ready-deltafleet", "-o", "yaml", check=False).stdout
+        pytest.fail(out.stdout + out.stderr + k8s.pod_log(system, "ready-deltafleet-test-operator-ready")
+                    + f"\n--- pods ---\n{pods}\n--- operator log ---\n{operator.stdout}{operator.stderr}\n--- deployment ---\n{deployment}")
