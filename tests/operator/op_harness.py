@@ -250,3 +250,10 @@ spec:
   backoffLimit: {backoff_limit}
   activeDeadlineSeconds: 600
 """
+
+
+def create_store_claim(k8s, namespace: str, name: str = "models") -> None:
+    """The model store's claim in a namespace (the operator checks it before creating a Job)."""
+    k8s.kubectl("-n", namespace, "apply", "-f", "-", input=json.dumps({
+        "apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": name},
+        "spec": {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": "1Gi"}}}}))

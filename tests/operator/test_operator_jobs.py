@@ -6,7 +6,7 @@ finishes after bounded retries."""
 import json
 
 import pytest
-from op_harness import RAY_NS, RAYSERVICE, SYSTEM_NS, FineTunes, finetune_yaml, free_port, wait_for
+from op_harness import RAY_NS, RAYSERVICE, SYSTEM_NS, FineTunes, create_store_claim, finetune_yaml, free_port, wait_for
 
 from deltafleet.operator.decisions import parse_time
 from deltafleet.operator.settings import EXIT_HOOK_ENV
@@ -137,9 +137,7 @@ def test_compression_pods_are_admitted_in_a_namespace_enforcing_the_restricted_p
     k8s.kubectl("label", "namespace", namespace, "pod-security.kubernetes.io/enforce=restricted")
     op = run_operator(namespace, "rayservice")  # its default store is a hostPath
     # The claim exists (else the operator makes no Job: ModelStoreMissing, test_operator_store.py).
-    k8s.kubectl("-n", namespace, "apply", "-f", "-", input=json.dumps({
-        "apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "models"},
-        "spec": {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": "1Gi"}}}}))
+    create_store_claim(k8s, namespace)
     fts = FineTunes(k8s, namespace, tmp_path)
     fts.apply(finetune_yaml("claimed", namespace).replace("  backoffLimit:", "  modelStore: {claimName: models}\n  backoffLimit:"))
     fts.apply(finetune_yaml("hostpath", namespace))

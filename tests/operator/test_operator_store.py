@@ -5,18 +5,9 @@ until its deadline); once the claim exists the Job is created at the next resync
 from __future__ import annotations
 
 import pytest
-from op_harness import FineTunes, finetune_yaml, wait_for
+from op_harness import FineTunes, create_store_claim, finetune_yaml, wait_for
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
-
-CLAIM = """
-apiVersion: v1
-kind: PersistentVolumeClaim
-metadata: {name: models, namespace: NS}
-spec:
-  accessModes: [ReadWriteMany]
-  resources: {requests: {storage: 1Gi}}
-"""
 
 
 def test_a_missing_store_claim_is_named_and_no_job_runs_until_it_exists(k8s, namespace, run_operator, tmp_path):
@@ -30,7 +21,7 @@ def test_a_missing_store_claim_is_named_and_no_job_runs_until_it_exists(k8s, nam
     events = k8s.kubectl("-n", namespace, "get", "events", "--field-selector", "reason=ModelStoreMissing", "-o", "name").stdout
     assert events.strip(), "a Warning event names the missing store"
     assert fts.jobs() == []  # several resyncs later (resync 1 s), still no Job
-    k8s.kubectl("apply", "-f", "-", input=CLAIM.replace("NS", namespace))
+    create_store_claim(k8s, namespace)
     wait_for(lambda: fts.jobs(), 60, "the Job once the claim exists", on_timeout=op.log)
     (job,) = fts.jobs()
     volumes = job["spec"]["template"]["spec"]["volumes"]
