@@ -10,7 +10,7 @@ A pool file is a standard Ray Serve config; each application is one base-model p
                max_batch_size: 16, max_queue: 256, gpu_bank_bytes: <int>, cpu_bank_bytes: <int>,
                store_root: <optional dir; delta URIs must resolve inside it>, max_request_bytes: 4194304,
                kv_cache_bytes: <optional int>, kv_block_size: 16, max_step_tokens: 512,
-               auth: keys}                         # or none: no API keys (local use only)
+               decode_mode: auto, auth: keys}                         # or none: no API keys (local use only)
         deployments:
           - name: DeltaServer
             autoscaling_config: {min_replicas: 1, max_replicas: 4, target_ongoing_requests: 24}  # 1.5 x max_batch_size
@@ -59,6 +59,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 # operator/api.py): this module is torch-free so the operator image can import it.
 IMPORT_PATH = "deltafleet.serving.app:build_app"
 DEPLOYMENT = "DeltaServer"
+DecodeMode = Literal["auto", "graphs", "static", "dynamic"]
+DECODE_MODES = DecodeMode.__args__
 BASE_ALIASES = ("base",)  # OpenAI `model` names that mean the pool's base model (besides the pool name)
 TENANT_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)*$"
 TENANT_NAME = re.compile(TENANT_NAME_PATTERN)
@@ -93,6 +95,9 @@ class AppArgs(BaseModel):
     kv_cache_bytes: int | None = Field(None, ge=1, description="KV pool size; default: 80% of free GPU memory, 1 GiB on CPU")
     kv_block_size: int = Field(16, ge=1, le=1024, description="token positions per KV block")
     max_step_tokens: int = Field(512, ge=1, description="tokens per engine step: decode rows plus prefill chunks")
+    decode_mode: DecodeMode = Field(
+        "auto", description="decode-only steps: graphs (fixed-shape buckets replayed as CUDA graphs), static (the same "
+        "buckets run eagerly), dynamic (packed, no padding); auto = graphs on CUDA, dynamic on CPU")
 
     @field_validator("device")
     @classmethod

@@ -5,13 +5,19 @@ device (up to `max_batch_size` sequences), plan the step (serving/scheduler.py: 
 first, then prefill chunks, within a token budget and the free KV blocks, preempting the
 youngest sequence when blocks run out), run ONE forward pass over all scheduled tokens
 packed into one row — rows of different tenants, one kernel launch per linear — with K/V in
-a paged pool (serving/paged_kv.py), sample where a sequence reached its last token, stream
-new text (incremental detokenization), drop rows that finished or were cancelled.
+a paged pool (serving/paged_kv.py), sample where a sequence reached its last token, hand the new tokens to the output thread
+(serving/output.py: detokenization, stop strings, streaming), drop rows that finished or
+were cancelled.
 Requests wait in a bounded queue; a request whose tenant is still loading waits up to
 `load_timeout_s`. Framework-free: Ray is not needed.
 
-Not yet: CUDA graphs for decode and a fused paged-attention kernel on GPU (the attention
-gathers each sequence's context), detokenization on its own thread, prefix caching.
+A step whose rows all decode (one token each, none penalized) runs at a fixed bucket shape
+through serving/decode_graphs.py: on CUDA a captured graph replayed per step (`decode_mode`
+"graphs", the default there), elsewhere the same fixed-shape code eagerly ("static") or the
+packed dynamic forward ("dynamic", the CPU default: no padding).
+
+Not yet: a fused paged-attention kernel on GPU (the attention gathers each sequence's
+context), prefix caching.
 """
 
 from __future__ import annotations
@@ -30,9 +36,12 @@ from pathlib import Path
 
 import torch
 from .bank import FAILED, READY
+from .config import DECODE_MODES
+from .decode_graphs import DecodeGraphs, DecodeRow
 from .detokenize import IncrementalText
+from .output import Emission, End, Event, OutputThread, Token
 from .paged_kv import KVPool, PagedContext, StepLayout, attach
-from .sampling import SamplingParams, next_tokens
+from .sampling import SamplingParams, as_int64, next_tokens
 from .scheduler import SeqView, plan_step
 from .served import build_served_model
 
@@ -60,16 +69,6 @@ class Overloaded(EngineError):
 
 class TenantUnavailable(EngineError):
     status, type = 503, "tenant_unavailable"
-
-
-@dataclass
-class Event:
-    text: str
-    token_ids: list[int]
-    finish_reason: str | None = None  # "stop" | "length" | "cancelled" | None while running
-    error: EngineError | None = None
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
 
 
 class RequestStream:
@@ -126,10 +125,9 @@ class Sequence:
     stream: RequestStream
     created: float = field(default_factory=time.monotonic)
     slot: int = -1
-    generator: torch.Generator | None = None
+    seed: int = 0  # int64; with the position, it decides every draw (sampling.sample)
     out_ids: list[int] = field(default_factory=list)
-    detok: IncrementalText | None = None  # the completion so far as text, decoded incrementally
-    emitted: int = 0  # characters of the completion text already streamed
+    out: Emission | None = None  # the output thread's side: detokenizer, text streamed so far
     first_token_at: float | None = None
     computed: int = 0  # tokens (prompt + generated) whose K/V are in the cache
     blocks: list[int] = field(default_factory=list)  # KV pool blocks, in position order
@@ -157,8 +155,11 @@ class Engine:
         kv_cache_bytes: int | None = None,
         block_size: int = 16,
         max_step_tokens: int = 512,
+        decode_mode: str = "auto",
         on_step: Callable[[StepStats], None] | None = None,
     ) -> None:
+        if decode_mode not in DECODE_MODES:
+            raise ValueError(f"decode_mode must be one of {', '.join(DECODE_MODES)}, got {decode_mode!r}")
         served = build_served_model(base_model, device, dtype, gpu_bank_bytes, cpu_bank_bytes, on_change=self._wake)
         self.device, self.dtype = served.device, served.dtype
         self.model, self.tokenizer, self.ctx, self.bank = served.model, served.tokenizer, served.ctx, served.bank
@@ -176,14 +177,21 @@ class Engine:
         self.paged = PagedContext(self.kv)
         if attach(self.model, self.paged) == 0:
             raise ValueError(f"{base_model}: no attention modules found for the paged KV cache")
+        if decode_mode == "auto":
+            decode_mode = "graphs" if self.device.type == "cuda" else "dynamic"
+        self.decode_mode = decode_mode
+        self.decoder = None if decode_mode == "dynamic" else DecodeGraphs(
+            self.model, self.ctx, self.paged, self.kv, self.device, self.kv.blocks_for(min(self.max_len, self.kv.n_blocks * block_size)),
+            graphs=decode_mode == "graphs")
         self.pending: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.steps = 0
-        self.counters = {"preemptions": 0, "prefill_tokens": 0, "decode_tokens": 0, "failed_steps": 0}
+        self.counters = {"preemptions": 0, "prefill_tokens": 0, "decode_tokens": 0, "failed_steps": 0, "fixed_shape_steps": 0}
         self.device_error: str | None = None  # a sticky device error: the replica must be replaced
         self._ids = itertools.count()
         self._cv = threading.Condition()
         self._stop = False
+        self.output = OutputThread()
         self._thread = threading.Thread(target=self._loop, name="deltafleet-decode", daemon=True)
         self._thread.start()
 
@@ -265,11 +273,9 @@ class Engine:
             raise BadRequest(f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds this replica's "
                              f"KV cache of {capacity} tokens")
         stream = RequestStream(loop)
-        gen = None
-        if params.temperature > 0:
-            gen = torch.Generator(device=self.device)
-            gen.manual_seed(params.seed if params.seed is not None else random.getrandbits(63))
-        seq = Sequence(next(self._ids), tenant, ids, params, stream, generator=gen, detok=IncrementalText(self.tokenizer))
+        seed = as_int64(params.seed) if params.seed is not None else random.getrandbits(63)
+        seq = Sequence(next(self._ids), tenant, ids, params, stream, seed=seed,
+                       out=Emission(stream, params, len(ids), IncrementalText(self.tokenizer)))
         with self._cv:
             if len(self.pending) >= self.max_queue:
                 raise Overloaded(f"queue is full ({self.max_queue} waiting requests); retry later")
@@ -293,6 +299,9 @@ class Engine:
             return {
                 "running": len(self.running), "waiting": len(self.pending), "steps": self.steps, **self.counters,
                 "kv_blocks_free": self.kv.num_free, "kv_blocks_total": self.kv.n_blocks, "bank": self.bank.stats(),
+                "decode_mode": self.decode_mode if self.decoder is None or self.decoder.graphs or self.decode_mode != "graphs"
+                else "static (graph capture failed)",
+                "graphs_captured": self.decoder.captures if self.decoder else 0,
             }
 
     def close(self) -> None:
@@ -300,6 +309,7 @@ class Engine:
             self._stop = True
             self._cv.notify()
         self._thread.join(timeout=10)
+        self.output.close()
         self.bank.close()
 
     # ---- the loop ---------------------------------------------------------------------------
@@ -359,10 +369,11 @@ class Engine:
             self.pending.remove(seq)
 
     def _step(self) -> None:
-        cancelled = [s for s in self.running if s.stream.cancelled]  # e.g. the client left mid-prefill
-        for s in cancelled:
-            s.stream.put(self._final(s, "", [], "cancelled"))
-        self._drop(cancelled)
+        # Rows a stop string ended (their last Event is out) and rows whose client left.
+        stopped = [s for s in self.running if s.out.stopped]
+        cancelled = [s for s in self.running if s.stream.cancelled and not s.out.stopped]
+        self.output.put([End(s.out, self._final(s, "cancelled")) for s in cancelled])
+        self._drop(stopped + cancelled)
         if not self.running:
             return
         views = [SeqView(s.id, s.n_tokens, s.computed, len(s.blocks)) for s in self.running]
@@ -377,7 +388,7 @@ class Engine:
         batch = [(by_id[sid], n) for sid, n in plan.chunks.items()]
         t0 = time.perf_counter()
         try:
-            tokens = self._forward(batch)
+            tokens = self._decode(batch) if self._fixed_shape(batch) else self._forward(batch)
         except Exception as e:
             log.exception("engine step failed")
             self.counters["failed_steps"] += 1
@@ -399,15 +410,35 @@ class Engine:
                 time.perf_counter() - t0, len(batch), len({s.tenant for s, _ in batch}), plan.tokens - decode, decode,
                 self.kv.n_blocks - self.kv.num_free, self.kv.num_free,
             ))
-        done = [s for s, tok in tokens if not self._take(s, tok)]
-        self._drop(done)
+        taken = [(s, self._take(s, tok)) for s, tok in tokens]
+        self.output.put([item for _, item in taken])
+        self._drop([s for s, item in taken if isinstance(item, End) or item.finish])
 
     def _fail(self, seqs: list[Sequence], e: Exception) -> None:
         """These rows end with an error event; their blocks and slots are freed."""
+        ends = []
         for s in seqs:
             what = "prefill" if s.computed < len(s.prompt_ids) else "generation"
-            s.stream.put(Event("", [], error=EngineError(f"{what} failed: {type(e).__name__}: {e}")))
+            ends.append(End(s.out, Event("", [], error=EngineError(f"{what} failed: {type(e).__name__}: {e}"))))
+        self.output.put(ends)
         self._drop(seqs)
+
+    def _fixed_shape(self, batch: list[tuple[Sequence, int]]) -> bool:
+        """Every row decodes one token and samples without penalties: the bucketed step can run it."""
+        return self.decoder is not None and all(
+            n == 1 and s.computed + 1 == s.n_tokens and not s.params.penalized for s, n in batch)
+
+    def _decode(self, batch: list[tuple[Sequence, int]]) -> list[tuple[Sequence, int]]:
+        """A decode-only step at a bucket's fixed shape (a graph replay on CUDA); the sampled tokens."""
+        for s, _ in batch:
+            s.blocks += self.kv.allocate(self.kv.blocks_for(s.computed + 1) - len(s.blocks))
+        rows = [DecodeRow(s.blocks, s.computed, s.token(s.computed), s.slot, s.params, s.seed) for s, _ in batch]
+        chosen = self.decoder.run(rows).tolist()
+        self.counters["fixed_shape_steps"] += 1
+        for s, _ in batch:
+            s.computed += 1
+            self.counters["decode_tokens" if _is_decode(s, 1) else "prefill_tokens"] += 1
+        return list(zip([s for s, _ in batch], chosen))
 
     def _forward(self, batch: list[tuple[Sequence, int]]) -> list[tuple[Sequence, int]]:
         """One forward pass over the batch's chunks, packed into one row; the sampled tokens."""
@@ -438,47 +469,24 @@ class Engine:
         if not sampled:
             return []
         logits = out.logits[0, : len(sampled)]  # [K, V]
-        chosen = next_tokens(logits, [s.params for s in sampled], [s.generator for s in sampled], [s.out_ids for s in sampled])
+        chosen = next_tokens(logits, [s.params for s in sampled], [s.seed for s in sampled],
+                             [s.n_tokens for s in sampled], [s.out_ids for s in sampled])
         return list(zip(sampled, chosen))
 
-    def _take(self, seq: Sequence, token: int) -> bool:
-        """Record a new token, stream new text; False when the sequence is finished."""
+    def _take(self, seq: Sequence, token: int) -> Token | End:
+        """Record a new token; what the output thread streams for it. A token that ends the
+        sequence (end of sequence, max_tokens) or a client that left finishes it here."""
         if seq.first_token_at is None:
             seq.first_token_at = time.monotonic()
         if seq.stream.cancelled:
-            seq.stream.put(self._final(seq, "", [], "cancelled"))
-            return False
+            return End(seq.out, self._final(seq, "cancelled"))
         if token in self.eos_ids:
-            return self._finish(seq, "stop")
+            return Token(seq.out, token, len(seq.out_ids), "stop")
         seq.out_ids.append(token)
-        seq.detok.add(token)
-        text = seq.detok.text
-        stops = seq.params.stop
-        for stop in stops:
-            at = text.find(stop, max(0, seq.emitted - len(stop)))
-            if at >= 0:
-                return self._finish(seq, "stop", text[:at])
-        if len(seq.out_ids) >= seq.params.max_tokens:
-            return self._finish(seq, "length")
-        hold = max((len(s) for s in stops), default=1) - 1  # a stop string may still be forming
-        end = len(text) - hold
-        if end > seq.emitted:
-            seq.stream.put(Event(text[seq.emitted:end], [token], None))
-            seq.emitted = end
-        else:
-            seq.stream.put(Event("", [token], None))
-        return True
+        return Token(seq.out, token, len(seq.out_ids), "length" if len(seq.out_ids) >= seq.params.max_tokens else None)
 
-    def _finish(self, seq: Sequence, reason: str, text: str | None = None) -> bool:
-        if text is None:
-            seq.detok.flush()  # a character still incomplete at the end is emitted as it is
-            text = seq.detok.text
-        last = [seq.out_ids[-1]] if reason == "length" else []
-        seq.stream.put(self._final(seq, text[seq.emitted:], last, reason))
-        return False
-
-    def _final(self, seq: Sequence, text: str, ids: list[int], reason: str) -> Event:
-        return Event(text, ids, reason, None, len(seq.prompt_ids), len(seq.out_ids))
+    def _final(self, seq: Sequence, reason: str) -> Event:
+        return Event("", [], reason, None, len(seq.prompt_ids), len(seq.out_ids))
 
     def _drop(self, seqs: list[Sequence]) -> None:
         """Finished, failed or cancelled sequences leave: their KV blocks and slot are freed."""
@@ -493,8 +501,7 @@ class Engine:
         self.running = [s for s in self.running if id(s) not in gone]
 
     def _fail_all(self, error: EngineError) -> None:
-        for seq in self.running:
-            seq.stream.put(Event("", [], error=error))
+        self.output.put([End(seq.out, Event("", [], error=error)) for seq in self.running])
         self._drop(list(self.running))
         with self._cv:
             waiting, self.pending = list(self.pending), deque()

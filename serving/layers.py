@@ -61,6 +61,28 @@ class BatchContext:
         self._row_slots = {len(slot_of_token): tok, len(kept): tok[torch.tensor(kept, dtype=torch.int64, device=device)]}
         self._rows = {}
 
+    def set_static(self, slot_of_row: torch.Tensor) -> None:
+        """A fixed-shape decode step: slot_of_row [B] (one token per row, every logit kept) is a
+        device buffer refilled in place. Every slot counts as in the batch, so each per-tenant
+        path a loaded tenant could need runs whatever the mix (base rows take the base's row of
+        each stack): the ops, and a CUDA graph captured over them, depend only on which paths
+        the bank's tenants use (`static_signature`), never on the rows' slots."""
+        self._slot_of_seq = None
+        self.slots = list(range(self.bank.n_slots))
+        self._row_slots = {slot_of_row.shape[0]: slot_of_row}
+        self._rows = {}
+        if slot_of_row.device.type == "cpu":  # the CPU kernel's host-side grouping, before the forward
+            self.rows(slot_of_row.shape[0])
+
+    def static_signature(self) -> tuple:
+        """What a fixed-shape step's ops depend on: which slot pools hold entries (and the tensors
+        they read, which a pool's growth replaces) and which norms some tenant overrides."""
+        bank = self.bank
+        pools = tuple((kind, name, bool(pool.slots), tuple(t.data_ptr() for t in pool.entries.values()))
+                      for kind, pools in (("whole", bank.whole_pools), ("embed", bank.embed_pools))
+                      for name, pool in sorted(pools.items()))
+        return pools, frozenset().union(*bank.slot_overrides)
+
     def row_slots(self, m: int) -> torch.Tensor:
         """[m] slot of each of m flattened rows ([B, S, ...] -> B*S rows, batch first)."""
         if m not in self._row_slots:

@@ -36,7 +36,10 @@ class KVPool:
     def __init__(self, n_layers: int, n_blocks: int, block_size: int, kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device) -> None:
         self.n_blocks, self.block_size = n_blocks, block_size
-        shape = (n_layers, n_blocks * block_size, kv_heads, head_dim)
+        # One more block than is handed out: the padding rows of a fixed-shape decode step
+        # write their K/V there and attend only to it, so they never touch a sequence's blocks.
+        self.scratch_block = n_blocks
+        shape = (n_layers, (n_blocks + 1) * block_size, kv_heads, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self._free = list(range(n_blocks - 1, -1, -1))  # a stack: recently freed blocks are reused first
@@ -69,7 +72,7 @@ class AttnGroup:
     b sequences, Q = the group's longest chunk, L = its longest context after this step."""
 
     q_index: torch.Tensor  # [b * Q] packed index of each sequence's i-th new token (padding -> 0)
-    valid: torch.Tensor  # [b * Q] bool: real queries
+    valid: torch.Tensor | None  # [b * Q] bool: real queries (None: all are, as in a fixed-shape decode step)
     tokens: torch.Tensor  # [n] packed indices of the real queries, in the order `valid` selects them
     q_pos: torch.Tensor  # [b, Q] position of each query (padding -> 0, it attends to position 0)
     kv_index: torch.Tensor  # [b, L] flat pool position of each context position (padding -> a real one, masked)
@@ -131,6 +134,48 @@ def _group(chunks: list[tuple[list[int], int, int]], offsets: list[int], block_s
     )
 
 
+class DecodeLayout:
+    """A decode step of fixed shape: B rows (one new token each; padding rows included) whose
+    context fits in L = blocks × block_size positions. Its tensors are allocated once and
+    refilled in place every step, so a CUDA graph captured over them replays any later step
+    of the same bucket: nothing in it depends on a host value.
+
+    Padding rows write their K/V into the pool's scratch block and attend only to it."""
+
+    def __init__(self, rows: int, blocks: int, pool: KVPool, device: torch.device) -> None:
+        self.rows, self.blocks, self.block_size = rows, blocks, pool.block_size
+        self.scratch = pool.scratch_block * pool.block_size  # flat position of the scratch block's first slot
+        length = blocks * pool.block_size
+        self.write_index = torch.zeros(rows, dtype=torch.int64, device=device)  # [B]
+        self.positions = torch.zeros(1, rows, dtype=torch.int64, device=device)  # [1, B]
+        self.kv_index = torch.zeros(rows, length, dtype=torch.int64, device=device)  # [B, L]
+        self.q_pos = torch.zeros(rows, 1, dtype=torch.int64, device=device)  # [B, 1]
+        self.row_index = torch.arange(rows, device=device)  # [B]
+
+    def fill(self, chunks: list[tuple[list[int], int]]) -> None:
+        """chunks: per real row, in order: (block table, tokens already cached); each adds one token."""
+        n, bs, length = len(chunks), self.block_size, self.blocks * self.block_size
+        pos = torch.zeros(self.rows, dtype=torch.int64)  # [B]; padding rows sit at position 0
+        table = torch.full((self.rows, self.blocks), self.scratch // bs, dtype=torch.int64)  # [B, blocks]
+        for i, (blocks, start) in enumerate(chunks):
+            pos[i] = start
+            table[i, : len(blocks)] = torch.tensor(blocks, dtype=torch.int64)
+        j = torch.arange(length)  # [L]
+        kv_index = table[:, j // bs] * bs + j % bs  # [B, L]; past a row's context: masked (j > its position)
+        write = kv_index.gather(1, pos[:, None])[:, 0]  # [B]
+        if n < self.rows:
+            write[n:] = self.scratch
+        for dst, src in ((self.write_index, write), (self.positions[0], pos), (self.kv_index, kv_index), (self.q_pos[:, 0], pos)):
+            dst.copy_(src, non_blocking=True)
+
+    def step_layout(self) -> StepLayout:
+        """The StepLayout the attention modules read: one group of B one-token queries (no mask
+        indexing, so nothing depends on values), with a fresh mask cache for this forward."""
+        group = AttnGroup(q_index=self.row_index, valid=None, tokens=self.row_index, q_pos=self.q_pos,
+                          kv_index=self.kv_index, _masks={})
+        return StepLayout(write_index=self.write_index, positions=self.positions, groups=[group])
+
+
 class PagedContext:
     """What the attention modules of one served model read: the pool and the current step."""
 
@@ -162,7 +207,8 @@ def paged_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, v
         q = q_all.index_select(0, g.q_index).view(b, -1, h, d).transpose(1, 2)  # [b, H, Q, D]
         o = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=g.mask(sliding_window),
                                            scale=scaling, enable_gqa=kvh != h)  # [b, H, Q, D]
-        out.index_copy_(0, g.tokens, o.transpose(1, 2).reshape(-1, h, d)[g.valid])
+        o = o.transpose(1, 2).reshape(-1, h, d)  # [b * Q, H, D]
+        out.index_copy_(0, g.tokens, o if g.valid is None else o[g.valid])
     return out[None], None
 
 

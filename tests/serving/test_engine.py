@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
@@ -14,9 +15,11 @@ PROMPTS = ["The quick brown fox", "def add(a, b):", "Serving many fine-tuned", "
 GREEDY = SamplingParams(max_tokens=24, temperature=0)
 
 
-@pytest.fixture(scope="module")
-def engine(toy):
-    eng = Engine(str(toy.base_dir), device="cpu", dtype="float32", max_batch_size=8)
+@pytest.fixture(scope="module", params=["dynamic", "static"])
+def engine(toy, request):
+    """Both decode paths: the packed dynamic forward, and the fixed-shape bucketed step that
+    CUDA replays as a graph (run eagerly here: the same code)."""
+    eng = Engine(str(toy.base_dir), device="cpu", dtype="float32", max_batch_size=8, decode_mode=request.param)
     eng.set_tenants(toy.deltas)
     assert eng.wait_ready() == {n: "ready" for n in toy.deltas}
     yield eng
@@ -195,8 +198,10 @@ def test_without_max_tokens_a_request_may_use_the_context_the_prompt_leaves(engi
     assert out.completion_tokens > GREEDY.max_tokens or out.finish_reason == "stop"
 
 
+@pytest.mark.parametrize("decode_mode", ["dynamic", "static"])
 @pytest.mark.parametrize("kv_blocks,step_tokens", [(64, 3), (9, 512), (9, 5)], ids=["chunked-prefill", "preemption", "both"])
-def test_outputs_equal_the_merged_models_with_chunked_prefill_and_preemption_under_load(toy, expected, kv_blocks, step_tokens):
+def test_outputs_equal_the_merged_models_with_chunked_prefill_and_preemption_under_load(toy, expected, kv_blocks, step_tokens,
+                                                                                      decode_mode):
     """A tiny KV pool (9 blocks of 4 positions: 36 tokens for 16 requests of ~30) forces
     preemption by recompute; a 3-token step budget forces every prompt through several
     prefill chunks beside decode rows. Every request still gets exactly its merged model's
@@ -205,7 +210,8 @@ def test_outputs_equal_the_merged_models_with_chunked_prefill_and_preemption_und
 
     cfg = (2, 4, 2, 16)  # layers, block size, kv heads, head dim of the toy base
     eng = Engine(str(toy.base_dir), device="cpu", dtype="float32", max_batch_size=8, block_size=4,
-                 kv_cache_bytes=kv_blocks * KVPool.bytes_per_block(*cfg, torch.float32), max_step_tokens=step_tokens)
+                 kv_cache_bytes=kv_blocks * KVPool.bytes_per_block(*cfg, torch.float32), max_step_tokens=step_tokens,
+                 decode_mode=decode_mode)
     try:
         assert eng.kv.n_blocks == kv_blocks
         eng.set_tenants(toy.deltas)
@@ -282,3 +288,32 @@ def test_every_step_reports_its_rows_tenants_prefill_and_kv_blocks(engine, expec
     assert sum(st.decode_tokens for st in seen) > 0
     assert max(st.tenants for st in seen) == 3 and max(st.sequences for st in seen) == 3
     assert all(st.kv_blocks_used + st.kv_blocks_free == engine.kv.n_blocks and st.seconds > 0 for st in seen)
+
+
+def test_detokenization_runs_on_the_output_thread_not_the_decode_thread(engine, monkeypatch):
+    from deltafleet.serving.detokenize import IncrementalText
+
+    threads, original = set(), IncrementalText.add
+
+    def add(self, token):
+        threads.add(threading.current_thread().name)
+        return original(self, token)
+
+    monkeypatch.setattr(IncrementalText, "add", add)
+    out = engine.generate("team-a/alpha", PROMPTS[0], GREEDY)
+    assert out.completion_tokens > 0 and out.text
+    assert threads == {"deltafleet-output"}
+
+
+def test_a_stop_string_found_on_the_output_thread_frees_the_row(engine):
+    full = engine.generate("team-b/gamma", PROMPTS[1], GREEDY)
+    stop = full.text.strip()[2:4]
+    assert stop and stop in full.text
+    cut = engine.generate("team-b/gamma", PROMPTS[1], GREEDY.model_copy(update={"stop": [stop]}))
+    assert cut.finish_reason == "stop" and cut.text == full.text[: full.text.index(stop)]
+    assert cut.completion_tokens < full.completion_tokens
+    deadline = time.monotonic() + 5
+    while engine.stats()["running"] and time.monotonic() < deadline:  # dropped at the decode thread's next step
+        time.sleep(0.01)
+    stats = engine.stats()
+    assert stats["running"] == 0 and stats["kv_blocks_free"] == stats["kv_blocks_total"]

@@ -1,0 +1,170 @@
+"""Decode steps at fixed shapes, captured once per bucket as CUDA graphs and replayed.
+
+A decode-only step (every row adds one token and samples the next) runs at a bucket's
+shape: B rows (the batch padded up to 1, 2, 4, 8, …) × L context positions (the longest
+context padded up to a power of two of KV blocks). Everything the forward reads lives in
+buffers allocated once per bucket and refilled in place — token ids, positions, the
+row → slot map, the KV write and read indices (paged_kv.DecodeLayout), per-row sampling
+parameters — and every op runs whatever the tenant mix (layers.BatchContext.set_static),
+sampling included (sampling.sample: no host sync). So on CUDA the step is warmed up once,
+captured into a graph, and each later step of the bucket is one `replay()`: the ~2,000
+kernel launches of a 32-layer step become one, and the host only fills buffers.
+
+A graph holds raw addresses: it is recaptured when the bank's paths change (a slot pool
+gains its first entry or grows into a new tensor, a tenant overriding a new norm loads),
+and keeps the tensors it captured alive until then. On CPU, and with `graphs=False`, the
+same buffers and the same function run eagerly (tests check there that the step neither
+syncs with the host nor changes its ops with the mix). Steps with prefill chunks or
+penalized rows run the engine's dynamic path.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .layers import BatchContext
+from .paged_kv import DecodeLayout, KVPool, PagedContext
+from .sampling import SamplingParams, sample
+
+log = logging.getLogger("deltafleet.serving")
+ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+def row_bucket(n: int) -> int:
+    """The smallest bucket holding n rows (powers of two past the table)."""
+    return next((b for b in ROW_BUCKETS if b >= n), 1 << (n - 1).bit_length())
+
+
+def block_bucket(n: int, most: int) -> int:
+    """Context blocks padded up to a power of two, at most `most` (a sequence's block table length)."""
+    return min(1 << max(0, n - 1).bit_length(), most)
+
+
+@dataclass
+class DecodeRow:
+    """One row of a decode step: what the buffers need to know about its sequence."""
+
+    blocks: list[int]  # its KV block table
+    cached: int  # tokens whose K/V are already in the cache; the new token goes at this position
+    token: int  # the token added this step
+    slot: int  # its bank slot, -1 = the base
+    params: SamplingParams
+    seed: int  # int64
+
+
+@dataclass
+class Bucket:
+    """The buffers of one (rows, blocks) shape, and its graph once captured."""
+
+    layout: DecodeLayout
+    input_ids: torch.Tensor  # [1, B]
+    slots: torch.Tensor  # [B] slot per row, -1 = the base (padding rows too)
+    temperature: torch.Tensor  # [B] float32
+    top_p: torch.Tensor  # [B] float32
+    top_k: torch.Tensor  # [B] int64
+    seed: torch.Tensor  # [B] int64
+    position: torch.Tensor  # [B] int64: index of the token being drawn
+    next_ids: torch.Tensor  # [B] int64: the step's output
+    graph: torch.cuda.CUDAGraph | None = None
+    signature: tuple | None = None  # the bank paths it was captured with
+    keepalive: list = field(default_factory=list)  # tensors the graph reads by address
+
+
+class DecodeGraphs:
+    def __init__(self, model: nn.Module, ctx: BatchContext, paged: PagedContext, kv: KVPool,
+                 device: torch.device, max_blocks_per_row: int, graphs: bool) -> None:
+        self.model, self.ctx, self.paged, self.kv, self.device = model, ctx, paged, kv, device
+        self.max_blocks = max_blocks_per_row
+        self.graphs = graphs and device.type == "cuda"
+        self.buckets: dict[tuple[int, int], Bucket] = {}
+        self.captures = 0  # graphs captured so far (a metric; recaptures included)
+        self.capture_error: str | None = None  # why graphs were turned off, if a capture failed
+        self._pool = torch.cuda.graph_pool_handle() if self.graphs else None  # one memory pool for every graph
+
+    def run(self, rows: list[DecodeRow]) -> torch.Tensor:
+        """The next token of each row: [len(rows)] int64 on the device."""
+        n = len(rows)
+        key = (row_bucket(n), block_bucket(max(len(r.blocks) for r in rows), self.max_blocks))
+        b = self.buckets.get(key) or self._new_bucket(*key)
+        self._fill(b, rows)
+        self.ctx.set_static(b.slots)
+        self.paged.layout = b.layout.step_layout()
+        try:
+            if not self.graphs:
+                self._forward(b)
+            else:
+                signature = self.ctx.static_signature()
+                if b.graph is None or b.signature != signature:
+                    try:
+                        self._capture(b, signature)
+                    except Exception as e:  # serve on, eagerly: slower, still correct
+                        self.graphs, self.capture_error = False, f"{type(e).__name__}: {e}"
+                        log.exception("CUDA graph capture failed; decode steps run eagerly from now on")
+                        self.paged.layout = b.layout.step_layout()
+                        self._forward(b)
+                        return b.next_ids[:n]
+                b.graph.replay()
+        finally:
+            self.paged.layout = None
+        return b.next_ids[:n]
+
+    def _new_bucket(self, rows: int, blocks: int) -> Bucket:
+        dev = self.device
+
+        def zeros(dtype, *shape):
+            return torch.zeros(*shape, dtype=dtype, device=dev)
+
+        b = Bucket(DecodeLayout(rows, blocks, self.kv, dev), zeros(torch.int64, 1, rows), zeros(torch.int64, rows),
+                   zeros(torch.float32, rows), zeros(torch.float32, rows), zeros(torch.int64, rows),
+                   zeros(torch.int64, rows), zeros(torch.int64, rows), zeros(torch.int64, rows))
+        self.buckets[(rows, blocks)] = b
+        return b
+
+    def _fill(self, b: Bucket, rows: list[DecodeRow]) -> None:
+        """Write this step's rows into the bucket's buffers; padding rows are the base, greedy, at the scratch block."""
+        pad = b.slots.shape[0] - len(rows)
+        b.layout.fill([(r.blocks, r.cached) for r in rows])
+        host = {
+            "input_ids": ([r.token for r in rows] + [0] * pad, torch.int64),
+            "slots": ([r.slot for r in rows] + [-1] * pad, torch.int64),
+            "temperature": ([r.params.temperature for r in rows] + [0.0] * pad, torch.float32),
+            "top_p": ([r.params.top_p for r in rows] + [1.0] * pad, torch.float32),
+            "top_k": ([r.params.top_k for r in rows] + [0] * pad, torch.int64),
+            "seed": ([r.seed for r in rows] + [0] * pad, torch.int64),
+            "position": ([r.cached + 1 for r in rows] + [0] * pad, torch.int64),
+        }
+        for name, (values, dtype) in host.items():
+            dst = getattr(b, name)
+            dst.copy_(torch.tensor(values, dtype=dtype).view(dst.shape), non_blocking=True)
+
+    def _forward(self, b: Bucket) -> None:
+        """The step itself: fixed shapes in, next ids written into b.next_ids; no host sync."""
+        out = self.model(input_ids=b.input_ids, position_ids=b.layout.positions, logits_to_keep=0, use_cache=False)
+        logits = out.logits[0]  # [B, V]
+        b.next_ids.copy_(sample(logits, b.temperature, b.top_p, b.top_k, b.seed, b.position))
+
+    def _capture(self, b: Bucket, signature: tuple) -> None:
+        """Warm up on a side stream (Triton compiles, lazy state settles), then capture."""
+        if b.graph is not None:
+            log.info("decode graph %s: the bank's paths changed, recapturing", tuple(b.slots.shape))
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            self._forward(b)  # the warm-up computes this step's real output too
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        self.paged.layout = b.layout.step_layout()  # a fresh mask cache: the capture must compute the mask itself
+        # thread_local: the bank's loader thread keeps copying tenants (and syncing its copy
+        # stream) meanwhile; the default "global" mode would make those calls fail the capture.
+        with torch.cuda.graph(graph, pool=self._pool, stream=stream, capture_error_mode="thread_local"):
+            self._forward(b)
+        b.graph, b.signature = graph, signature
+        b.keepalive = [t for pools in (self.ctx.bank.whole_pools, self.ctx.bank.embed_pools)
+                       for p in pools.values() for t in p.entries.values()]
+        self.captures += 1
+        log.info("decode graph captured: %d rows x %d context positions", b.slots.shape[0],
+                 b.layout.kv_index.shape[1])

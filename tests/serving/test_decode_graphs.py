@@ -1,0 +1,208 @@
+"""The fixed-shape decode step that CUDA replays as a graph: on CPU, it must not sync with the
+host, must run the same ops whatever the tenant mix of its bucket, and must give each row what
+the packed dynamic forward gives; on a GPU, a graph captured with one mix replays another."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from deltafleet.serving.decode_graphs import DecodeGraphs, DecodeRow, block_bucket, row_bucket
+from deltafleet.serving.engine import Engine
+from deltafleet.serving.sampling import SamplingParams
+from graph_safety import NoHostSync, OpTrace, cpu_kernel_as_one_op
+
+GREEDY = SamplingParams(max_tokens=8, temperature=0)
+SAMPLED = SamplingParams(max_tokens=8, temperature=0.8, top_p=0.9, top_k=20)
+
+
+@pytest.fixture(scope="module")
+def engine(toy):
+    eng = Engine(str(toy.base_dir), device="cpu", dtype="float32", max_batch_size=8, decode_mode="static")
+    eng.set_tenants(toy.deltas)
+    assert eng.wait_ready() == {n: "ready" for n in toy.deltas}
+    yield eng
+    eng.close()
+
+
+def test_buckets_pad_rows_and_context_to_powers_of_two():
+    assert [row_bucket(n) for n in (1, 2, 3, 5, 16, 17, 300)] == [1, 2, 4, 8, 16, 32, 512]
+    assert [block_bucket(n, 64) for n in (1, 2, 3, 9, 64, 65)] == [1, 2, 4, 16, 64, 64]
+
+
+def rows_for(engine, tenants: list[str | None], params=GREEDY) -> list[DecodeRow]:
+    """Decode rows over blocks borrowed from the engine's pool (released by the caller): each
+    row's context (its prompt) is already cached, as after a prefill."""
+    rows = []
+    for i, t in enumerate(tenants):
+        cached = 5 + 3 * i
+        blocks = engine.kv.allocate(engine.kv.blocks_for(cached + 1))
+        slot = -1 if t is None else acquire(engine, t)
+        rows.append(DecodeRow(blocks, cached, 7 + i, slot, params, seed=100 + i))
+    return rows
+
+
+def acquire(engine, tenant: str) -> int:
+    """The tenant's slot, once it is on the device (the first acquire starts the copy)."""
+    for _ in range(500):
+        slot = engine.bank.acquire(tenant)
+        if slot is not None:
+            return slot
+        time.sleep(0.01)
+    raise TimeoutError(f"{tenant} never reached the device")
+
+
+def release(engine, rows):
+    for r in rows:
+        engine.kv.release(r.blocks)
+        if r.slot >= 0:
+            engine.bank.release(r.slot)
+
+
+def prepared(engine, rows) -> tuple[DecodeGraphs, object]:
+    """The decoder's bucket for these rows, filled, the context set: what capture or replay sees."""
+    dec = engine.decoder
+    key = (row_bucket(len(rows)), block_bucket(max(len(r.blocks) for r in rows), dec.max_blocks))
+    b = dec.buckets.get(key) or dec._new_bucket(*key)
+    dec._fill(b, rows)
+    engine.ctx.set_static(b.slots)
+    engine.paged.layout = b.layout.step_layout()
+    return dec, b
+
+
+MIXES = {
+    "all base": [None, None, None],
+    "three tenants": ["team-a/alpha", "team-a/beta", "team-b/gamma"],
+    "one tenant and the base": ["team-a/beta", None, "team-a/beta"],
+}
+
+
+def test_the_step_reads_nothing_on_the_host(engine):
+    with torch.inference_mode():  # the engine is idle (no request runs): its context is ours
+        rows = rows_for(engine, MIXES["three tenants"], SAMPLED)
+        try:
+            dec, b = prepared(engine, rows)
+            dec._forward(b)  # first call: the norm hook decides its path (a one-time host check)
+            dec, b = prepared(engine, rows)
+            with NoHostSync(), cpu_kernel_as_one_op():
+                dec._forward(b)
+        finally:
+            engine.paged.layout = None
+            release(engine, rows)
+
+
+def on_device(engine) -> tuple:
+    """Every tenant copied into a device slot (then released, still resident); the bank's paths."""
+    for t in MIXES["three tenants"]:
+        engine.bank.release(acquire(engine, t))
+    return engine.ctx.static_signature()
+
+
+def test_the_step_runs_the_same_ops_for_every_tenant_mix(engine):
+    """With the bank's paths fixed (its static signature), the mix changes no op and no shape."""
+    traces = {}
+    signature = on_device(engine)
+    with torch.inference_mode():
+        for name, tenants in MIXES.items():
+            rows = rows_for(engine, tenants)
+            try:
+                dec, b = prepared(engine, rows)
+                dec._forward(b)
+                dec, b = prepared(engine, rows)
+                with OpTrace() as trace, cpu_kernel_as_one_op(trace):
+                    dec._forward(b)
+                traces[name] = trace.ops
+            finally:
+                engine.paged.layout = None
+                release(engine, rows)
+    assert engine.ctx.static_signature() == signature
+    first = traces["all base"]
+    assert len(first) > 100
+    for name, ops in traces.items():
+        assert ops == first, f"{name}: the ops differ from the all-base batch's — a graph captured with one would be wrong for the other"
+
+
+def test_the_signature_changes_when_a_tenant_brings_a_new_path(toy):
+    """A pool's first entry or a newly overridden norm changes the ops: the graph must be recaptured."""
+    eng = Engine(str(toy.base_dir), device="cpu", dtype="float32", max_batch_size=8, decode_mode="static")
+    try:
+        eng.set_tenants({"team-b/gamma": toy.deltas["team-b/gamma"]})  # 1-bit linears only
+        eng.wait_ready()
+        eng.bank.release(acquire(eng, "team-b/gamma"))
+        before = eng.ctx.static_signature()
+        eng.add_tenant("team-a/beta", toy.deltas["team-a/beta"])  # a whole lm_head and a norm
+        eng.wait_ready()
+        eng.bank.release(acquire(eng, "team-a/beta"))
+        after = eng.ctx.static_signature()
+        assert after != before
+        assert "model.layers.0.input_layernorm" in after[1] - before[1]
+    finally:
+        eng.close()
+
+
+@pytest.mark.parametrize("params", [GREEDY, SAMPLED], ids=["greedy", "sampled"])
+def test_fixed_shape_decoding_gives_what_the_dynamic_forward_gives(toy, engine, params):
+    """Same requests through the packed dynamic engine and the bucketed one: same tokens
+    (sampling too: the draw depends on seed and position only)."""
+    dynamic = Engine(str(toy.base_dir), device="cpu", dtype="float32", max_batch_size=8, decode_mode="dynamic")
+    try:
+        dynamic.set_tenants(toy.deltas)
+        dynamic.wait_ready()
+        jobs = [(t, p) for t in [None, "team-a/alpha", "team-a/beta", "team-b/gamma"] for p in ("def add(a, b):", "one base")]
+        seeded = [params.model_copy(update={"seed": 7 + i}) for i in range(len(jobs))]
+        steps = engine.counters["fixed_shape_steps"]
+        got = [engine.submit(t, p, s) for (t, p), s in zip(jobs, seeded)]
+        want = [dynamic.submit(t, p, s) for (t, p), s in zip(jobs, seeded)]
+        for job, a, b in zip(jobs, got, want):
+            assert [x for ev in a for x in ev.token_ids] == [x for ev in b for x in ev.token_ids], job
+        assert engine.counters["fixed_shape_steps"] > steps  # the bucketed path really ran
+        assert dynamic.counters["fixed_shape_steps"] == 0
+    finally:
+        dynamic.close()
+
+
+def test_a_failed_capture_falls_back_to_eager_decoding(engine):
+    """A capture that fails (here for real: there is no CUDA) leaves the replica serving, eagerly."""
+    dec = engine.decoder
+    with torch.inference_mode():
+        rows = rows_for(engine, MIXES["one tenant and the base"], SAMPLED)
+        try:
+            d, b = prepared(engine, rows)
+            d._forward(b)
+            want = b.next_ids[: len(rows)].clone()
+            engine.paged.layout = None
+            dec.graphs = True
+            got = dec.run(rows)
+        finally:
+            dec.graphs, error, dec.capture_error = False, dec.capture_error, None
+            release(engine, rows)
+    assert torch.equal(got, want)
+    assert error and engine.paged.layout is None
+
+
+@pytest.mark.gpu
+def test_a_graph_captured_with_one_mix_replays_another(toy):
+    """On CUDA: capture with three tenants, replay with the base and one tenant, and back; each
+    replay equals the same bucket run eagerly (same kernels, so bitwise)."""
+    eng = Engine(str(toy.base_dir), device="cuda", dtype="float16", max_batch_size=8, decode_mode="graphs")
+    try:
+        eng.set_tenants(toy.deltas)
+        eng.wait_ready()
+        with torch.inference_mode():
+            for name in ("three tenants", "one tenant and the base", "three tenants"):
+                rows = rows_for(eng, MIXES[name], SAMPLED)
+                try:
+                    graphed = eng.decoder.run(rows).clone()
+                    dec, b = prepared(eng, rows)
+                    dec._forward(b)
+                    eager = b.next_ids[: len(rows)].clone()
+                    eng.paged.layout = None
+                finally:
+                    release(eng, rows)
+                assert torch.equal(graphed, eager), name
+            assert eng.decoder.capture_error is None and eng.decoder.graphs  # no fallback to eager
+            assert eng.decoder.captures == 1  # one capture served all three mixes
+    finally:
+        eng.close()
