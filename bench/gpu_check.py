@@ -3,10 +3,11 @@
 Steps (seconds are the limits; 8 minutes in all on one H100/H200):
   env       device, driver, CUDA, torch, triton versions                    (30 s)
   tests     pytest -m gpu tests/kernels                                       (100 s)
-  tests-core pytest -m gpu tests/core (compression on CUDA)                  (60 s)
-  compiled  bench/compiled_kernels.py for this GPU's architecture            (60 s)
+  tests-core pytest -m gpu tests/core (compression on CUDA)                  (45 s)
+  tests-serving pytest -m gpu tests/serving (CUDA-graph decode replay)        (45 s)
+  compiled  bench/compiled_kernels.py for this GPU's architecture            (45 s)
   kernels   bench/kernels.py: copy bandwidth, base, ours, dequant, bmm,
-            gemlite (if importable) at Llama-2-7B shapes                      (140 s)
+            gemlite (if importable) at Llama-2-7B shapes                      (125 s)
   serving   bench/serving.py --preset llama2-7b (random weights)              (90 s, --no-serving skips)
 The install (make install, from uv.lock) comes before and is not in the 8 minutes.
 
@@ -103,10 +104,11 @@ def main(argv=None) -> int:
     RESULTS.mkdir(parents=True, exist_ok=True)
     steps = [
         run("tests", [py, "-m", "pytest", "-q", "-m", "gpu", "tests/kernels", "-p", "no:cacheprovider"], 100),
-        run("tests-core", [py, "-m", "pytest", "-q", "-m", "gpu", "tests/core", "-p", "no:cacheprovider"], 60),
+        run("tests-core", [py, "-m", "pytest", "-q", "-m", "gpu", "tests/core", "-p", "no:cacheprovider"], 45),
+        run("tests-serving", [py, "-m", "pytest", "-q", "-m", "gpu", "tests/serving", "-p", "no:cacheprovider"], 45),
         run("compiled", [py, "bench/compiled_kernels.py", "--arch", str(arch),
-                         "--out", str(RESULTS / f"kernels-compiled-sm{arch}.json")], 60),
-        run("kernels", [py, "bench/kernels.py", "--out", str(RESULTS / f"kernels-{slug}.json")], 140),
+                         "--out", str(RESULTS / f"kernels-compiled-sm{arch}.json")], 45),
+        run("kernels", [py, "bench/kernels.py", "--out", str(RESULTS / f"kernels-{slug}.json")], 125),
     ]
     if not args.no_serving:
         steps.append(run("serving", [py, "bench/serving.py", "--preset", "llama2-7b"], 90))

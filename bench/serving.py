@@ -47,6 +47,7 @@ from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTra
 from deltafleet.compress.fingerprint import fingerprint_model
 from deltafleet.compress.format import Delta, load_delta, save_delta
 from deltafleet.kernels import cpu_native, dense_delta_weight
+from deltafleet.serving.config import DECODE_MODES
 from deltafleet.serving.engine import Engine
 from deltafleet.serving.sampling import SamplingParams
 
@@ -283,6 +284,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", choices=PRESETS, default=None, help="default: llama2-7b on CUDA, cpu-small otherwise")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--decode-mode", choices=DECODE_MODES, default="auto",
+                    help="the engine's decode-only steps (default auto: CUDA graphs on CUDA, dynamic on CPU)")
     ap.add_argument("--repeat", type=int, default=1,
                     help="run every method this many times and keep its fastest run (a shared machine's noise)")
     ap.add_argument("--threads", type=int, default=None,
@@ -305,7 +308,8 @@ def main(argv: list[str] | None = None) -> int:
         for batch in p["batches"]:
             steps = []
             engine = Engine(str(tmp / "base"), device=device, dtype=p["dtype"], max_batch_size=batch, max_queue=100_000,
-                            gpu_bank_bytes=1 << 40, cpu_bank_bytes=1 << 40, on_step=steps.append)
+                            gpu_bank_bytes=1 << 40, cpu_bank_bytes=1 << 40, decode_mode=opts.decode_mode,
+                            on_step=steps.append)
             engine.set_tenants({n: deltas[n] for n in names})
             engine.wait_ready(timeout=600)
             run_engine(engine, [names[0]] * 4, traffic[:4])  # warm-up: slot copies, allocator
@@ -367,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "benchmark": "serving", "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
         "device_type": device, "preset": preset, "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in p.items()},
-        "threads": torch.get_num_threads(), "repeat": opts.repeat, "copy_bandwidth_bytes_per_s": bw,
+        "threads": torch.get_num_threads(), "repeat": opts.repeat, "decode_mode": opts.decode_mode, "copy_bandwidth_bytes_per_s": bw,
         "load_average": {"before": load_before, "after": os.getloadavg(), "cpus": os.cpu_count()},
         "cpu_delta_kernel": "native" if device == "cpu" and cpu_native.load() is not None else "torch" if device == "cpu" else "triton",
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__},
