@@ -170,14 +170,14 @@ def main(argv=None) -> int:
     from deltafleet.kernels.triton_decode import _decode_kernel
     from deltafleet.kernels.triton_delta import _prefill_delta_kernel
 
-    for b in (1, 4, 16):
+    for b in (1, 2, 4, 8, 16):
         cfg = DEFAULT.decode[b]
         c = {"SCALE_PER_ROW": False, "ROWS": cfg.rows, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k, "SPLIT_K": 1,
-             "EVEN_K": True, **unit}
+             "EVEN_K": True, "INTERPRETED": False, **unit}
         rows.append(case(f"new decode ROWS={cfg.rows} BN={cfg.block_n}", _decode_kernel, fp16, c, cfg.num_warps,
                          cfg.num_stages, cfg.rows * cfg.block_n * cfg.block_k // 8, arch,
-                         "base + delta in one loop; sign bytes of ROWS rows per iteration (each row its own "
-                         "tenant: all unique); split_k=1"))
+                         "base on tensor cores + delta in packed 16-bit pairs, one loop; sign bytes of ROWS rows "
+                         "per iteration (each row its own tenant: all unique); split_k=1"))
     p = DEFAULT.prefill
     c = {"SCALE_PER_ROW": False, "BLOCK_M": p.block_m, "BLOCK_N": p.block_n, "BLOCK_K": p.block_k,
          **{k: v for k, v in unit.items() if k in _prefill_delta_kernel.arg_names}}

@@ -6,13 +6,15 @@ masked tails and split-K all run under the interpreter."""
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from kernel_cases import MIXES, problem, tenant_rows
 
 from deltafleet.kernels import delta_linear, delta_linear_reference
 from deltafleet.kernels.launch_table import DEFAULT, DecodeConfig, LaunchTable, PrefillConfig, bucket, split_k_for, table_for
 from deltafleet.kernels.segments import SegmentMeta, tile_cap
-from deltafleet.kernels.triton_decode import _decode_kernel, decode_delta_linear
+from deltafleet.kernels.triton_decode import _add_pairs, _decode_kernel, decode_delta_linear
 from deltafleet.kernels.triton_delta import _prefill_delta_kernel, prefill_delta_accumulate
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -72,15 +74,37 @@ def test_prefill_kernel_matches_reference(mix, dtype, per_row):
     assert_close(prefill(x, w, signs, scales, rows), delta_linear_reference(x, w, signs, scales, rows), dtype)
 
 
-@pytest.mark.parametrize("rows_per_program", [1, 2, 16])
+@pytest.mark.parametrize("rows_per_program", [1, 2, 4, 8, 16])
 def test_decode_row_blocks_of_every_size(rows_per_program):
-    """ROWS = 1 (one row per program), 2 (a partial last block for 5 rows), 16 (one block)."""
+    """ROWS = 1 (one row per program), 2, 4 (partial last blocks for 5 rows), 8, 16 (one block, padded to
+    16 rows for tl.dot by 8, or not at all): the padding rows of the mma tile never reach y."""
     gen = torch.Generator().manual_seed(rows_per_program)
     x, w, signs, scales = problem(4, 5, N, K, torch.float16, False, gen, DEVICE)
     rows = torch.tensor([3, -1, 0, 3, 1], device=DEVICE)
     config = DecodeConfig(rows=rows_per_program, block_n=16 // rows_per_program or 1, block_k=64, num_stages=1)
     ref = delta_linear_reference(x, w, signs, scales, rows)
     assert_close(decode(x, w, signs, scales, rows, config=config), ref, torch.float16)
+
+
+@triton.jit
+def _add_pairs_kernel(a_ptr, b_ptr, out_ptr, BF16: tl.constexpr, ASM: tl.constexpr):
+    i = tl.arange(0, 1024)
+    tl.store(out_ptr + i, _add_pairs(tl.load(a_ptr + i), tl.load(b_ptr + i), BF16, ASM))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_packed_pair_sums_round_like_16_bit_adds(dtype):
+    """The decode kernel's packed adds (HADD2 / HFMA2 by 1.0 on a GPU, their pure-Triton twin under the
+    interpreter) give, per half, exactly the 16-bit sum rounded to nearest even: low half = the first value."""
+    gen = torch.Generator().manual_seed(21)
+    mags = 2.0 ** torch.randint(-6, 6, (2, 1024, 2), generator=gen)  # sums across exponent gaps; ties happen
+    a16, b16 = (torch.randn(2, 1024, 2, generator=gen) * mags).to(dtype)
+    a, b = a16.view(torch.int32).squeeze(-1), b16.view(torch.int32).squeeze(-1)  # [1024] pairs
+    out = torch.empty(1024, dtype=torch.int32, device=DEVICE)
+    _add_pairs_kernel[(1,)](a.to(DEVICE), b.to(DEVICE), out, BF16=dtype == torch.bfloat16, ASM=DEVICE == "cuda")
+    got = out.cpu().view(dtype).view(1024, 2)
+    want = (a16.float() + b16.float()).to(dtype)  # the fp32 sum of two 16-bit values, rounded once
+    assert torch.equal(got.view(torch.int16), want.view(torch.int16))
 
 
 @pytest.mark.parametrize("path", ["decode", "prefill"])
