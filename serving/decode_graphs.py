@@ -54,6 +54,7 @@ class DecodeRow:
     slot: int  # its bank slot, -1 = the base
     params: SamplingParams
     seed: int  # int64
+    previous: int = -1  # >= 0: `token` is still on the device, row `previous` of the previous step's output
 
 
 @dataclass
@@ -85,12 +86,17 @@ class DecodeGraphs:
         self.capture_error: str | None = None  # why graphs were turned off, if a capture failed
         self._pool = torch.cuda.graph_pool_handle() if self.graphs else None  # one memory pool for every graph
 
-    def run(self, rows: list[DecodeRow]) -> torch.Tensor:
-        """The next token of each row: [len(rows)] int64 on the device."""
+    def run(self, rows: list[DecodeRow], previous_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """The next token of each row: [len(rows)] int64 on the device, not waited for.
+        previous_ids: the previous step's output, for rows whose input token is still there."""
         n = len(rows)
         key = (row_bucket(n), block_bucket(max(len(r.blocks) for r in rows), self.max_blocks))
         b = self.buckets.get(key) or self._new_bucket(*key)
         self._fill(b, rows)
+        on_device = [(i, r.previous) for i, r in enumerate(rows) if r.previous >= 0]
+        if on_device:  # device to device, in stream order: nothing waits for the previous step
+            dst, src = (torch.tensor(v, dtype=torch.int64, device=self.device) for v in zip(*on_device))
+            b.input_ids[0].index_copy_(0, dst, previous_ids.index_select(0, src))
         self.ctx.set_static(b.slots)
         self.paged.layout = b.layout.step_layout()
         try:

@@ -14,7 +14,10 @@ Requests wait in a bounded queue; a request whose tenant is still loading waits 
 A step whose rows all decode (one token each, none penalized) runs at a fixed bucket shape
 through serving/decode_graphs.py: on CUDA a captured graph replayed per step (`decode_mode`
 "graphs", the default there), elsewhere the same fixed-shape code eagerly ("static") or the
-packed dynamic forward ("dynamic", the CPU default: no padding).
+packed dynamic forward ("dynamic", the CPU default: no padding). Such a step is read back
+one step late: when the next step decodes the same rows, it is launched first (its input
+tokens copied on the device from this step's output) and this step's tokens are read,
+checked and handed to the output thread while the device runs it.
 
 Not yet: a fused paged-attention kernel on GPU (the attention gathers each sequence's
 context), prefix caching.
@@ -130,15 +133,26 @@ class Sequence:
     out: Emission | None = None  # the output thread's side: detokenizer, text streamed so far
     first_token_at: float | None = None
     computed: int = 0  # tokens (prompt + generated) whose K/V are in the cache
+    pending: int = 0  # its newest tokens still on the device: outputs of launched steps not yet read back
     blocks: list[int] = field(default_factory=list)  # KV pool blocks, in position order
 
     @property
     def n_tokens(self) -> int:
-        return len(self.prompt_ids) + len(self.out_ids)
+        return len(self.prompt_ids) + len(self.out_ids) + self.pending
 
     def token(self, i: int) -> int:
         n = len(self.prompt_ids)
         return self.prompt_ids[i] if i < n else self.out_ids[i - n]
+
+
+@dataclass
+class InFlight:
+    """A fixed-shape step launched and not yet read back: its rows, and where their tokens land."""
+
+    seqs: list[Sequence]
+    ids: torch.Tensor  # [n] int64 on the device: the bucket's output rows (the next step may read them there)
+    host: torch.Tensor  # [n] int64 on the host (pinned on CUDA), filled by an async copy
+    ready: torch.cuda.Event | None  # recorded after that copy (None on CPU: nothing is async)
 
 
 class Engine:
@@ -186,8 +200,10 @@ class Engine:
         self.pending: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.steps = 0
-        self.counters = {"preemptions": 0, "prefill_tokens": 0, "decode_tokens": 0, "failed_steps": 0, "fixed_shape_steps": 0}
+        self.counters = {"preemptions": 0, "prefill_tokens": 0, "decode_tokens": 0, "failed_steps": 0, "fixed_shape_steps": 0,
+                         "overlapped_steps": 0}
         self.device_error: str | None = None  # a sticky device error: the replica must be replaced
+        self._inflight: InFlight | None = None  # the last fixed-shape step, until its tokens are read
         self._ids = itertools.count()
         self._cv = threading.Condition()
         self._stop = False
@@ -369,6 +385,12 @@ class Engine:
             self.pending.remove(seq)
 
     def _step(self) -> None:
+        """Plan and run one step. A fixed-shape decode step is launched and read back one step
+        later: when the next step decodes exactly the same rows, it is launched first — its
+        input tokens taken on the device from this step's output — and this step's tokens are
+        read and streamed while the device runs it (host/device overlap)."""
+        if self._inflight is not None and not self._may_overlap():
+            self._resolve()
         # Rows a stop string ended (their last Event is out) and rows whose client left.
         stopped = [s for s in self.running if s.out.stopped]
         cancelled = [s for s in self.running if s.stream.cancelled and not s.out.stopped]
@@ -379,6 +401,10 @@ class Engine:
         views = [SeqView(s.id, s.n_tokens, s.computed, len(s.blocks)) for s in self.running]
         plan = plan_step(views, self.kv.num_free, self.kv.block_size, self.max_step_tokens, self.max_step_tokens)
         by_id = {s.id: s for s in self.running}
+        if self._inflight is not None and (plan.preempt or set(plan.chunks) != {s.id for s in self._inflight.seqs}
+                                           or not self._fixed_shape([(by_id[i], n) for i, n in plan.chunks.items()])):
+            self._resolve()  # the plan needs the tokens on the host: read them, plan again next iteration
+            return
         for sid in plan.preempt:  # recomputed later from its tokens
             self.kv.release(by_id[sid].blocks)
             by_id[sid].computed = 0
@@ -387,11 +413,18 @@ class Engine:
             return
         batch = [(by_id[sid], n) for sid, n in plan.chunks.items()]
         t0 = time.perf_counter()
+        previous, tokens = self._inflight, []
         try:
-            tokens = self._decode(batch) if self._fixed_shape(batch) else self._forward(batch)
+            if self._fixed_shape(batch):
+                self._inflight = self._launch(batch, previous)
+            else:
+                tokens = self._forward(batch)
         except Exception as e:
             log.exception("engine step failed")
             self.counters["failed_steps"] += 1
+            if previous is not None:  # read the step before first; the next step runs without overlap
+                self._resolve()
+                return
             if _is_sticky_device_error(e) or len(batch) == 1:
                 if _is_sticky_device_error(e):
                     self.device_error = f"{type(e).__name__}: {e}"
@@ -403,6 +436,9 @@ class Engine:
                     tokens += self._forward([(s, n)])
                 except Exception as e1:
                     self._fail([s], e1)
+        if previous is not None:  # the device runs the step just launched meanwhile
+            self.counters["overlapped_steps"] += 1
+            self._resolve(previous)
         self.steps += 1
         if self.on_step is not None:
             decode = sum(1 for s, n in batch if _is_decode(s, n))
@@ -410,9 +446,41 @@ class Engine:
                 time.perf_counter() - t0, len(batch), len({s.tenant for s, _ in batch}), plan.tokens - decode, decode,
                 self.kv.n_blocks - self.kv.num_free, self.kv.num_free,
             ))
+        self._take_all(tokens)
+
+    def _take_all(self, tokens: list[tuple[Sequence, int]]) -> None:
         taken = [(s, self._take(s, tok)) for s, tok in tokens]
         self.output.put([item for _, item in taken])
         self._drop([s for s, item in taken if isinstance(item, End) or item.finish])
+
+    def _may_overlap(self) -> bool:
+        """The in-flight step's rows are exactly the running ones, and each goes on after its pending token."""
+        inflight = {id(s) for s in self._inflight.seqs}
+        return len(self.running) == len(inflight) and all(
+            id(s) in inflight and not s.stream.cancelled and not s.out.stopped
+            and len(s.out_ids) + s.pending < s.params.max_tokens for s in self.running)
+
+    def _resolve(self, inflight: InFlight | None = None) -> None:
+        """Read an in-flight step's tokens back and take them (rows dropped meanwhile are skipped)."""
+        inflight = inflight or self._inflight
+        if inflight is self._inflight:
+            self._inflight = None
+        for s in inflight.seqs:
+            s.pending -= 1
+        try:
+            if inflight.ready is not None:
+                inflight.ready.synchronize()
+            ids = inflight.host.tolist()
+        except Exception as e:  # the step itself failed on the device
+            log.exception("engine step failed on the device")
+            self.counters["failed_steps"] += 1
+            if _is_sticky_device_error(e):
+                self.device_error = f"{type(e).__name__}: {e}"
+            running = {id(s) for s in self.running}
+            self._fail([s for s in inflight.seqs if id(s) in running], e)
+            return
+        running = {id(s) for s in self.running}
+        self._take_all([(s, tok) for s, tok in zip(inflight.seqs, ids) if id(s) in running])
 
     def _fail(self, seqs: list[Sequence], e: Exception) -> None:
         """These rows end with an error event; their blocks and slots are freed."""
@@ -428,17 +496,28 @@ class Engine:
         return self.decoder is not None and all(
             n == 1 and s.computed + 1 == s.n_tokens and not s.params.penalized for s, n in batch)
 
-    def _decode(self, batch: list[tuple[Sequence, int]]) -> list[tuple[Sequence, int]]:
-        """A decode-only step at a bucket's fixed shape (a graph replay on CUDA); the sampled tokens."""
+    def _launch(self, batch: list[tuple[Sequence, int]], previous: InFlight | None) -> InFlight:
+        """A decode-only step at a bucket's fixed shape (a graph replay on CUDA), not waited for.
+        A row whose input token is still on the device reads it from `previous`'s output."""
         for s, _ in batch:
             s.blocks += self.kv.allocate(self.kv.blocks_for(s.computed + 1) - len(s.blocks))
-        rows = [DecodeRow(s.blocks, s.computed, s.token(s.computed), s.slot, s.params, s.seed) for s, _ in batch]
-        chosen = self.decoder.run(rows).tolist()
+        row_of = {id(s): i for i, s in enumerate(previous.seqs)} if previous is not None else {}
+        rows = [DecodeRow(s.blocks, s.computed, 0 if s.pending else s.token(s.computed), s.slot, s.params, s.seed,
+                          row_of[id(s)] if s.pending else -1) for s, _ in batch]
+        ids = self.decoder.run(rows, previous.ids if previous is not None else None)  # [n] on the device
+        cuda = ids.is_cuda
+        host = torch.empty(ids.shape, dtype=ids.dtype, pin_memory=cuda)
+        host.copy_(ids, non_blocking=cuda)
+        ready = None
+        if cuda:
+            ready = torch.cuda.Event()
+            ready.record()
         self.counters["fixed_shape_steps"] += 1
         for s, _ in batch:
             s.computed += 1
+            s.pending += 1
             self.counters["decode_tokens" if _is_decode(s, 1) else "prefill_tokens"] += 1
-        return list(zip([s for s, _ in batch], chosen))
+        return InFlight([s for s, _ in batch], ids, host, ready)
 
     def _forward(self, batch: list[tuple[Sequence, int]]) -> list[tuple[Sequence, int]]:
         """One forward pass over the batch's chunks, packed into one row; the sampled tokens."""
@@ -501,6 +580,7 @@ class Engine:
         self.running = [s for s in self.running if id(s) not in gone]
 
     def _fail_all(self, error: EngineError) -> None:
+        self._inflight = None
         self.output.put([End(seq.out, Event("", [], error=error)) for seq in self.running])
         self._drop(list(self.running))
         with self._cv:

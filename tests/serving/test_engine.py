@@ -317,3 +317,34 @@ def test_a_stop_string_found_on_the_output_thread_frees_the_row(engine):
         time.sleep(0.01)
     stats = engine.stats()
     assert stats["running"] == 0 and stats["kv_blocks_free"] == stats["kv_blocks_total"]
+
+
+def test_decode_steps_overlap_and_a_row_ending_meanwhile_streams_nothing_past_its_end(toy, expected):
+    """With fixed-shape steps, step t+1 is launched (its input tokens taken on the device) before
+    step t's tokens are read back. A row whose step-t token ends it has had one more token
+    computed by then: it must not be streamed, and every block and slot must come back."""
+    eng = Engine(str(toy.base_dir), device="cpu", dtype="float32", max_batch_size=8, decode_mode="static")
+    try:
+        eng.set_tenants(toy.deltas)
+        eng.wait_ready()
+        jobs = [(name, p) for p in PROMPTS[:2] for name in [None, *sorted(toy.deltas)]]
+        eos = expected[jobs[1]][6]  # pretend a token some rows generate mid-way is end-of-sequence
+        eng.eos_ids = {eos}
+        streams = [(job, eng.submit(job[0], job[1], GREEDY)) for job in jobs]
+        ended_early = 0
+        for job, stream in streams:
+            events = list(stream)
+            want = expected[job][: expected[job].index(eos)] if eos in expected[job] else expected[job]
+            assert [t for ev in events for t in ev.token_ids] == want, job
+            if eos in expected[job]:
+                ended_early += 1
+                assert events[-1].finish_reason == "stop" and events[-1].completion_tokens == len(want)
+        assert ended_early >= 1
+        assert eng.counters["overlapped_steps"] > 0  # the steady decode really overlapped
+        deadline = time.monotonic() + 5
+        while eng.stats()["running"] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert eng.stats()["kv_blocks_free"] == eng.kv.n_blocks
+        assert eng.bank.slot_refs == [0] * eng.bank.n_slots
+    finally:
+        eng.close()
