@@ -13,7 +13,10 @@ The kernel, for every segment of rows (grouping.py) whose tenant t >= 0 and ever
 
 With AVX-512 a 16-bit slice of a sign word is directly a lane mask, so Σ bit·x is one masked
 add per 16 weights (`_mm512_mask_add_ps`), with up to 4 rows of a segment sharing each mask
-load and 4 independent accumulators per row. Elsewhere a plain C loop the compiler vectorizes.
+load and 4 independent accumulators per row. With AVX2 only (most AMD CPUs before Zen 4) a
+byte becomes an 8-lane mask by a broadcast, an AND with the lanes' bits and a compare, built
+once per column and 8 weights and shared by the rows (an AND and an add per row). Elsewhere
+a plain C loop.
 fp32 accumulation throughout; the packed bits are read in place (nothing cached per tenant).
 
 Compiled with the system C compiler (`cc`, -O3 -march=native) into a cache directory
@@ -43,7 +46,7 @@ from .grouping import TenantGroups
 SOURCE = r"""
 #include <stdint.h>
 #include <string.h>
-#ifdef __AVX512F__
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -69,14 +72,63 @@ static void NAME(const float *const *xr, int nr, const int32_t *words, int64_t s
     for (int r = 0; r < R; r++)                                                                      \
         for (int j = 0; j < NB; j++) out[r][j] = _mm512_reduce_add_ps(acc[r][j]);                   \
 }
-BIT_TILE(tile_1x8, 1, 8)
-BIT_TILE(tile_2x8, 2, 8)
-BIT_TILE(tile_4x4, 4, 4)
+/* Columns per tile for 1, 2 and 4 rows: R * NB accumulators stay in the 32 zmm registers. */
+#define NB1 8
+#define NB2 8
+#define NB4 4
+BIT_TILE(tile_r1, 1, NB1)
+BIT_TILE(tile_r2, 2, NB2)
+BIT_TILE(tile_r4, 4, NB4)
 
 static float row_sum(const float *x, int64_t k) {
     __m512 a = _mm512_setzero_ps();
     for (int64_t i = 0; i < k; i += 16) a = _mm512_add_ps(a, _mm512_loadu_ps(x + i));
     return _mm512_reduce_add_ps(a);
+}
+#elif defined(__AVX2__)
+/* AVX2 has no mask registers: a byte of a sign word becomes an 8-lane mask by broadcasting it
+   and comparing each lane's bit (AND with 1, 2, 4, ... 128, compare equal); the mask is built
+   once per (column, 8 weights) and shared by the R rows, each row then adds x AND mask. */
+static float hsum256(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+#define BIT_TILE(NAME, R, NB)                                                                          \
+static void NAME(const float *const *xr, int nr, const int32_t *words, int64_t sn, int nn,          \
+                 int64_t k, float out[R][NB]) {                                                      \
+    const __m256i sel = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);                              \
+    __m256 acc[R][NB];                                                                               \
+    const uint8_t *h[NB];                                                                            \
+    for (int j = 0; j < NB; j++) h[j] = (const uint8_t *)(words + (j < nn ? j : 0) * sn);           \
+    for (int r = 0; r < R; r++)                                                                      \
+        for (int j = 0; j < NB; j++) acc[r][j] = _mm256_setzero_ps();                               \
+    for (int64_t c = 0; c < k / 8; c++) {                                                            \
+        __m256 xv[R];                                                                                \
+        for (int r = 0; r < R; r++) xv[r] = _mm256_loadu_ps(xr[r < nr ? r : 0] + 8 * c);           \
+        for (int j = 0; j < NB; j++) {                                                               \
+            __m256i b = _mm256_and_si256(_mm256_set1_epi32(h[j][c]), sel);                          \
+            __m256 m = _mm256_castsi256_ps(_mm256_cmpeq_epi32(b, sel));                              \
+            for (int r = 0; r < R; r++) acc[r][j] = _mm256_add_ps(acc[r][j], _mm256_and_ps(m, xv[r])); \
+        }                                                                                            \
+    }                                                                                                \
+    for (int r = 0; r < R; r++)                                                                      \
+        for (int j = 0; j < NB; j++) out[r][j] = hsum256(acc[r][j]);                                \
+}
+/* 16 ymm registers: R * NB accumulators, R x vectors, the selector and a mask. */
+#define NB1 8
+#define NB2 4
+#define NB4 2
+BIT_TILE(tile_r1, 1, NB1)
+BIT_TILE(tile_r2, 2, NB2)
+BIT_TILE(tile_r4, 4, NB4)
+
+static float row_sum(const float *x, int64_t k) {
+    __m256 a = _mm256_setzero_ps();
+    for (int64_t i = 0; i < k; i += 8) a = _mm256_add_ps(a, _mm256_loadu_ps(x + i));
+    return hsum256(a);
 }
 #else
 static float row_sum(const float *x, int64_t k) {
@@ -125,18 +177,16 @@ void deltafleet_delta_accumulate(const float *x, int64_t ldx, int64_t k, int64_t
                 yr[r] = y + (int64_t)row * ldy;
                 sum[r] = row_sum(xr[r], k);
             }
-#ifdef __AVX512F__
-            int NB = R == 4 ? 4 : 8;
+#if defined(__AVX512F__) || defined(__AVX2__)
+            int NB = R == 4 ? NB4 : R == 2 ? NB2 : NB1;
             for (int64_t j = 0; j < n; j += NB) {
                 int nn = n - j < NB ? (int)(n - j) : NB;
-                float out[4][8];
-                if (R == 4) tile_4x4(xr, R, tw + j * sn, sn, nn, k, (float (*)[4])out);
-                else if (R == 2) tile_2x8(xr, R, tw + j * sn, sn, nn, k, out);
-                else tile_1x8(xr, R, tw + j * sn, sn, nn, k, out);
-                for (int r = 0; r < R; r++) {
-                    const float *o = R == 4 ? ((float (*)[4])out)[r] : out[r];
-                    for (int q = 0; q < nn; q++) yr[r][j + q] += alpha[(j + q) * scn] * (2.0f * o[q] - sum[r]);
-                }
+                float out[32];  /* [R][NB], row-major */
+                if (R == 4) tile_r4(xr, R, tw + j * sn, sn, nn, k, (float (*)[NB4])out);
+                else if (R == 2) tile_r2(xr, R, tw + j * sn, sn, nn, k, (float (*)[NB2])out);
+                else tile_r1(xr, R, tw + j * sn, sn, nn, k, (float (*)[NB1])out);
+                for (int r = 0; r < R; r++)
+                    for (int q = 0; q < nn; q++) yr[r][j + q] += alpha[(j + q) * scn] * (2.0f * out[r * NB + q] - sum[r]);
             }
 #else
             for (int64_t j = 0; j < n; j++)
