@@ -97,6 +97,20 @@ class DecodeGraphs:
         if on_device:  # device to device, in stream order: nothing waits for the previous step
             dst, src = (torch.tensor(v, dtype=torch.int64, device=self.device) for v in zip(*on_device))
             b.input_ids[0].index_copy_(0, dst, previous_ids.index_select(0, src))
+        return self._run(b)[:n]
+
+    def warm_up(self, max_rows: int) -> None:
+        """Run every row bucket up to max_rows once (on CUDA: compile its Triton kernels and
+        capture its graph) before serving, so no request waits for that: padding rows only
+        (the base, the scratch block), at the smallest context bucket. Longer contexts and
+        new bank paths are captured when first met (the kernels are compiled by then)."""
+        for rows in (r for r in ROW_BUCKETS if r <= row_bucket(max_rows)):
+            b = self.buckets.get((rows, 1)) or self._new_bucket(rows, 1)
+            self._fill(b, [])
+            self._run(b)
+
+    def _run(self, b: Bucket) -> torch.Tensor:
+        """The bucket's step over its filled buffers: replayed, captured first, or eager."""
         self.ctx.set_static(b.slots)
         self.paged.layout = b.layout.step_layout()
         try:
@@ -112,11 +126,11 @@ class DecodeGraphs:
                         log.exception("CUDA graph capture failed; decode steps run eagerly from now on")
                         self.paged.layout = b.layout.step_layout()
                         self._forward(b)
-                        return b.next_ids[:n]
+                        return b.next_ids
                 b.graph.replay()
         finally:
             self.paged.layout = None
-        return b.next_ids[:n]
+        return b.next_ids
 
     def _new_bucket(self, rows: int, blocks: int) -> Bucket:
         dev = self.device
@@ -133,7 +147,7 @@ class DecodeGraphs:
     def _fill(self, b: Bucket, rows: list[DecodeRow]) -> None:
         """Write this step's rows into the bucket's buffers; padding rows are the base, greedy, at the scratch block."""
         pad = b.slots.shape[0] - len(rows)
-        b.layout.fill([(r.blocks, r.cached) for r in rows])
+        b.layout.fill([(r.blocks, r.cached) for r in rows])  # rows=[]: every row is padding
         host = {
             "input_ids": ([r.token for r in rows] + [0] * pad, torch.int64),
             "slots": ([r.slot for r in rows] + [-1] * pad, torch.int64),

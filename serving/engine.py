@@ -197,6 +197,9 @@ class Engine:
         self.decoder = None if decode_mode == "dynamic" else DecodeGraphs(
             self.model, self.ctx, self.paged, self.kv, self.device, self.kv.blocks_for(min(self.max_len, self.kv.n_blocks * block_size)),
             graphs=decode_mode == "graphs")
+        if self.decoder is not None:
+            with torch.inference_mode():
+                self.decoder.warm_up(max_batch_size)  # kernels compiled, graphs captured: before any request
         self.pending: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.steps = 0

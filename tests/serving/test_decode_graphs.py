@@ -32,6 +32,13 @@ def test_buckets_pad_rows_and_context_to_powers_of_two():
     assert [block_bucket(n, 64) for n in (1, 2, 3, 9, 64, 65)] == [1, 2, 4, 16, 64, 64]
 
 
+def test_every_row_bucket_runs_once_before_the_first_request(engine):
+    """Start-up warm-up: each row bucket up to max_batch_size (8) has run (on CUDA: its
+    kernels compiled and its graph captured) at the smallest context bucket."""
+    assert {(1, 1), (2, 1), (4, 1), (8, 1)} <= set(engine.decoder.buckets)
+    assert not any(r > 8 for r, _ in engine.decoder.buckets)
+
+
 def rows_for(engine, tenants: list[str | None], params=GREEDY) -> list[DecodeRow]:
     """Decode rows over blocks borrowed from the engine's pool (released by the caller): each
     row's context (its prompt) is already cached, as after a prefill."""
@@ -185,12 +192,14 @@ def test_a_failed_capture_falls_back_to_eager_decoding(engine):
 @pytest.mark.gpu
 def test_a_graph_captured_with_one_mix_replays_another(toy):
     """On CUDA: capture with three tenants, replay with the base and one tenant, and back; each
-    replay equals the same bucket run eagerly (same kernels, so bitwise)."""
+    replay equals the same bucket run eagerly (same kernels, so the same tokens)."""
     eng = Engine(str(toy.base_dir), device="cuda", dtype="float16", max_batch_size=8, decode_mode="graphs")
     try:
         eng.set_tenants(toy.deltas)
         eng.wait_ready()
         with torch.inference_mode():
+            assert eng.decoder.captures >= 4  # start-up: the row buckets 1, 2, 4 and 8
+            captured = None
             for name in ("three tenants", "one tenant and the base", "three tenants"):
                 rows = rows_for(eng, MIXES[name], SAMPLED)
                 try:
@@ -202,7 +211,8 @@ def test_a_graph_captured_with_one_mix_replays_another(toy):
                 finally:
                     release(eng, rows)
                 assert torch.equal(graphed, eager), name
+                captured = captured or eng.decoder.captures  # the tenants' paths may recapture once, first
             assert eng.decoder.capture_error is None and eng.decoder.graphs  # no fallback to eager
-            assert eng.decoder.captures == 1  # one capture served all three mixes
+            assert eng.decoder.captures == captured  # that capture served every later mix
     finally:
         eng.close()
