@@ -46,8 +46,7 @@ def ms(fn) -> float:
 
 def decode_candidates(b: int, quick: bool):
     for rows in sorted({1, min(b, 4), b}):
-        for tile in (16, 32):
-            bn = max(tile // rows, 1)
+        for bn in (8, 16, 32):  # the base part is a tl.dot over rows padded to 16: BN >= 8 whatever the rows
             for bk in ((256,) if quick else (128, 256, 512)):
                 for warps in ((2, 4) if quick else (2, 4, 8)):
                     for stages in ((3,) if quick else (2, 3, 4)):
