@@ -147,7 +147,7 @@ def main() -> int:
     opts = ap.parse_args()
     torch.set_num_threads(opts.threads)
     lib = cpu_native.load()
-    result = {"benchmark": "cpu-delta", "device": platform.processor() or platform.machine(), "threads": opts.threads,
+    result = {"benchmark": "cpu-delta", "device": cpu_native.cpu_description(), "threads": opts.threads,
               "load_average": os.getloadavg(), "native_kernel": lib is not None,
               "versions": {"torch": torch.__version__, "python": platform.python_version()},
               "one_tenant": [], "layer_16_tenants_1_row": []}

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 
 from deltafleet.kernels import SignCache, delta_linear, group_rows, pack_signs, unpack_bits, unpack_signs
 from deltafleet.kernels import cpu as cpu_path
+from deltafleet.kernels import cpu_native
 
 GPU_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]  # (N out, K in): qkvo, gate/up, down
 GPU_TENANTS = [1, 4, 16, 64]
@@ -210,7 +211,7 @@ def lut_crossover(n=2048, k=2048):
 
 
 def device_name(device: str) -> str:
-    return torch.cuda.get_device_name() if device == "cuda" else (platform.processor() or platform.machine()) + " CPU"
+    return torch.cuda.get_device_name() if device == "cuda" else cpu_native.cpu_description()
 
 
 def slug(name: str) -> str:

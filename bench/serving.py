@@ -369,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
         ratios[f"batch{batch}"] = {k: (a / b if a and b else None) for k, (a, b) in pairs.items()}
     device_bytes = torch.cuda.get_device_properties(0).total_memory if device == "cuda" else 80 * 2**30
     result = {
-        "benchmark": "serving", "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
+        "benchmark": "serving", "device": torch.cuda.get_device_name() if device == "cuda" else cpu_native.cpu_description(),
         "device_type": device, "preset": preset, "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in p.items()},
         "threads": torch.get_num_threads(), "repeat": opts.repeat, "decode_mode": opts.decode_mode, "copy_bandwidth_bytes_per_s": bw,
         "load_average": {"before": load_before, "after": os.getloadavg(), "cpus": os.cpu_count()},

@@ -206,12 +206,24 @@ _lib: ctypes.CDLL | None = None
 _tried = False
 
 
-def _cpu_key() -> str:
+def _cpuinfo_line(*prefixes: str) -> str:
     try:
-        flags = next((ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith(("flags", "Features"))), "")
+        return next((ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith(prefixes)), "")
     except OSError:
-        flags = ""
-    return platform.machine() + flags
+        return ""
+
+
+def _cpu_key() -> str:
+    return platform.machine() + _cpuinfo_line("flags", "Features")
+
+
+def cpu_description() -> str:
+    """The CPU's model and the vector ISA the kernel uses on it, e.g. "AMD EPYC (avx2)": CPU
+    figures differ several-fold between an AVX-512 and an AVX2 machine, so benches record it."""
+    model = _cpuinfo_line("model name").partition(":")[2].strip() or platform.processor() or platform.machine()
+    flags = set(_cpuinfo_line("flags").partition(":")[2].split())
+    isa = "avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else "no avx2"
+    return f"{model} ({isa})"
 
 
 def _cache_dirs() -> list[Path]:
