@@ -5,9 +5,9 @@ device (up to `max_batch_size` sequences), plan the step (serving/scheduler.py: 
 first, then prefill chunks, within a token budget and the free KV blocks, preempting the
 youngest sequence when blocks run out), run ONE forward pass over all scheduled tokens
 packed into one row — rows of different tenants, one kernel launch per linear — with K/V in
-a paged pool (serving/paged_kv.py), sample where a sequence reached its last token, hand the new tokens to the output thread
-(serving/output.py: detokenization, stop strings, streaming), drop rows that finished or
-were cancelled.
+a paged pool (serving/paged_kv.py), sample where a sequence reached its last token, hand the
+new tokens to the output thread (serving/output.py: detokenization, stop strings,
+streaming), drop rows that finished or were cancelled.
 Requests wait in a bounded queue; a request whose tenant is still loading waits up to
 `load_timeout_s`. Framework-free: Ray is not needed.
 
