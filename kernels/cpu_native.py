@@ -51,84 +51,81 @@ SOURCE = r"""
 #endif
 
 #ifdef __AVX512F__
-/* acc[r][j] = sum_k bit(n0 + j, k) * x[r][k] for r < nr <= R, j < nn <= NB: each x load feeds NB
-   outputs and each mask R rows; R * NB accumulators stay in registers. */
-#define BIT_TILE(NAME, R, NB)                                                                          \
-static void NAME(const float *const *xr, int nr, const int32_t *words, int64_t sn, int nn,          \
-                 int64_t k, float out[R][NB]) {                                                      \
-    __m512 acc[R][NB];                                                                               \
-    const uint16_t *h[NB];                                                                           \
-    for (int j = 0; j < NB; j++) h[j] = (const uint16_t *)(words + (j < nn ? j : 0) * sn);          \
-    for (int r = 0; r < R; r++)                                                                      \
-        for (int j = 0; j < NB; j++) acc[r][j] = _mm512_setzero_ps();                               \
-    for (int64_t c = 0; c < k / 16; c++) {                                                           \
-        __m512 xv[R];                                                                                \
-        for (int r = 0; r < R; r++) xv[r] = _mm512_loadu_ps(xr[r < nr ? r : 0] + 16 * c);          \
-        for (int j = 0; j < NB; j++) {                                                               \
-            __mmask16 m = h[j][c];                                                                   \
-            for (int r = 0; r < R; r++) acc[r][j] = _mm512_mask_add_ps(acc[r][j], m, acc[r][j], xv[r]); \
-        }                                                                                            \
-    }                                                                                                \
-    for (int r = 0; r < R; r++)                                                                      \
-        for (int j = 0; j < NB; j++) out[r][j] = _mm512_reduce_add_ps(acc[r][j]);                   \
-}
+/* A 16-bit slice of a sign word is directly a lane mask: one masked add per 16 weights. */
+typedef __m512 vec;
+typedef __mmask16 lane_mask;
+typedef uint16_t bit_chunk;   /* the sign bits of one vector of weights */
+#define LANES 16
+#define VZERO() _mm512_setzero_ps()
+#define VLOAD(p) _mm512_loadu_ps(p)
+#define VADD(a, b) _mm512_add_ps(a, b)
+#define MASK_OF(bits) ((lane_mask)(bits))
+#define MASKED_ADD(acc, m, x) _mm512_mask_add_ps(acc, m, acc, x)
+#define HSUM(v) _mm512_reduce_add_ps(v)
+#define MASK_SETUP()
 /* Columns per tile for 1, 2 and 4 rows: R * NB accumulators stay in the 32 zmm registers. */
 #define NB1 8
 #define NB2 8
 #define NB4 4
-BIT_TILE(tile_r1, 1, NB1)
-BIT_TILE(tile_r2, 2, NB2)
-BIT_TILE(tile_r4, 4, NB4)
-
-static float row_sum(const float *x, int64_t k) {
-    __m512 a = _mm512_setzero_ps();
-    for (int64_t i = 0; i < k; i += 16) a = _mm512_add_ps(a, _mm512_loadu_ps(x + i));
-    return _mm512_reduce_add_ps(a);
-}
 #elif defined(__AVX2__)
-/* AVX2 has no mask registers: a byte of a sign word becomes an 8-lane mask by broadcasting it
-   and comparing each lane's bit (AND with 1, 2, 4, ... 128, compare equal); the mask is built
-   once per (column, 8 weights) and shared by the R rows, each row then adds x AND mask. */
+/* No mask registers: a byte of a sign word becomes an 8-lane mask by broadcasting it and
+   comparing each lane's bit (AND with 1, 2, 4, ... 128, compare equal); built once per
+   (column, 8 weights) and shared by the R rows, each of which adds x AND mask. */
+typedef __m256 vec;
+typedef __m256 lane_mask;
+typedef uint8_t bit_chunk;
+#define LANES 8
+#define VZERO() _mm256_setzero_ps()
+#define VLOAD(p) _mm256_loadu_ps(p)
+#define VADD(a, b) _mm256_add_ps(a, b)
+#define MASK_SETUP() const __m256i sel = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128)
+#define MASK_OF(bits) _mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(bits), sel), sel))
+#define MASKED_ADD(acc, m, x) _mm256_add_ps(acc, _mm256_and_ps(m, x))
+#define HSUM(v) hsum256(v)
 static float hsum256(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
 }
-
-#define BIT_TILE(NAME, R, NB)                                                                          \
-static void NAME(const float *const *xr, int nr, const int32_t *words, int64_t sn, int nn,          \
-                 int64_t k, float out[R][NB]) {                                                      \
-    const __m256i sel = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);                              \
-    __m256 acc[R][NB];                                                                               \
-    const uint8_t *h[NB];                                                                            \
-    for (int j = 0; j < NB; j++) h[j] = (const uint8_t *)(words + (j < nn ? j : 0) * sn);           \
-    for (int r = 0; r < R; r++)                                                                      \
-        for (int j = 0; j < NB; j++) acc[r][j] = _mm256_setzero_ps();                               \
-    for (int64_t c = 0; c < k / 8; c++) {                                                            \
-        __m256 xv[R];                                                                                \
-        for (int r = 0; r < R; r++) xv[r] = _mm256_loadu_ps(xr[r < nr ? r : 0] + 8 * c);           \
-        for (int j = 0; j < NB; j++) {                                                               \
-            __m256i b = _mm256_and_si256(_mm256_set1_epi32(h[j][c]), sel);                          \
-            __m256 m = _mm256_castsi256_ps(_mm256_cmpeq_epi32(b, sel));                              \
-            for (int r = 0; r < R; r++) acc[r][j] = _mm256_add_ps(acc[r][j], _mm256_and_ps(m, xv[r])); \
-        }                                                                                            \
-    }                                                                                                \
-    for (int r = 0; r < R; r++)                                                                      \
-        for (int j = 0; j < NB; j++) out[r][j] = hsum256(acc[r][j]);                                \
-}
 /* 16 ymm registers: R * NB accumulators, R x vectors, the selector and a mask. */
 #define NB1 8
 #define NB2 4
 #define NB4 2
+#endif
+
+#if defined(__AVX512F__) || defined(__AVX2__)
+/* acc[r][j] = sum_k bit(n0 + j, k) * x[r][k] for r < nr <= R, j < nn <= NB: each x load feeds NB
+   outputs and each mask R rows; R * NB accumulators stay in registers. The bits of weights
+   LANES*c .. LANES*c + LANES-1 of a row are chunk c of its words (bit j of word w = column 32w + j). */
+#define BIT_TILE(NAME, R, NB)                                                                          \
+static void NAME(const float *const *xr, int nr, const int32_t *words, int64_t sn, int nn,          \
+                 int64_t k, float out[R][NB]) {                                                      \
+    MASK_SETUP();                                                                                    \
+    vec acc[R][NB];                                                                                  \
+    const bit_chunk *h[NB];                                                                          \
+    for (int j = 0; j < NB; j++) h[j] = (const bit_chunk *)(words + (j < nn ? j : 0) * sn);         \
+    for (int r = 0; r < R; r++)                                                                      \
+        for (int j = 0; j < NB; j++) acc[r][j] = VZERO();                                            \
+    for (int64_t c = 0; c < k / LANES; c++) {                                                        \
+        vec xv[R];                                                                                   \
+        for (int r = 0; r < R; r++) xv[r] = VLOAD(xr[r < nr ? r : 0] + LANES * c);                  \
+        for (int j = 0; j < NB; j++) {                                                               \
+            lane_mask m = MASK_OF(h[j][c]);                                                          \
+            for (int r = 0; r < R; r++) acc[r][j] = MASKED_ADD(acc[r][j], m, xv[r]);               \
+        }                                                                                            \
+    }                                                                                                \
+    for (int r = 0; r < R; r++)                                                                      \
+        for (int j = 0; j < NB; j++) out[r][j] = HSUM(acc[r][j]);                                   \
+}
 BIT_TILE(tile_r1, 1, NB1)
 BIT_TILE(tile_r2, 2, NB2)
 BIT_TILE(tile_r4, 4, NB4)
 
 static float row_sum(const float *x, int64_t k) {
-    __m256 a = _mm256_setzero_ps();
-    for (int64_t i = 0; i < k; i += 8) a = _mm256_add_ps(a, _mm256_loadu_ps(x + i));
-    return hsum256(a);
+    vec a = VZERO();
+    for (int64_t i = 0; i < k; i += LANES) a = VADD(a, VLOAD(x + i));
+    return HSUM(a);
 }
 #else
 static float row_sum(const float *x, int64_t k) {
