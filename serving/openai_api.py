@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from .sampling import MAX_STOP, SamplingParams
 
-SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
+SEED_RANGE = (-(2**63), 2**64 - 1)  # signed or unsigned 64-bit; sampling.as_int64 maps both onto one int64
 
 
 def _valid_unicode(text: str, where: str) -> str:
