@@ -114,20 +114,18 @@ class DecodeGraphs:
         self.ctx.set_static(b.slots)
         self.paged.layout = b.layout.step_layout()
         try:
-            if not self.graphs:
-                self._forward(b)
-            else:
-                signature = self.ctx.static_signature()
-                if b.graph is None or b.signature != signature:
-                    try:
-                        self._capture(b, signature)
-                    except Exception as e:  # serve on, eagerly: slower, still correct
-                        self.graphs, self.capture_error = False, f"{type(e).__name__}: {e}"
-                        log.exception("CUDA graph capture failed; decode steps run eagerly from now on")
-                        self.paged.layout = b.layout.step_layout()
-                        self._forward(b)
-                        return b.next_ids
+            signature = self.ctx.static_signature() if self.graphs else None
+            if self.graphs and (b.graph is None or b.signature != signature):
+                try:
+                    self._capture(b, signature)
+                except Exception as e:  # serve on, eagerly: slower, still correct
+                    self.graphs, self.capture_error = False, f"{type(e).__name__}: {e}"
+                    log.exception("CUDA graph capture failed; decode steps run eagerly from now on")
+                    self.paged.layout = b.layout.step_layout()  # a fresh mask cache for the eager run
+            if self.graphs:
                 b.graph.replay()
+            else:
+                self._forward(b)
         finally:
             self.paged.layout = None
         return b.next_ids

@@ -210,7 +210,7 @@ class Engine:
         self._ids = itertools.count()
         self._cv = threading.Condition()
         self._stop = False
-        self.output = OutputThread()
+        self.output = OutputThread(EngineError)
         self._thread = threading.Thread(target=self._loop, name="deltafleet-decode", daemon=True)
         self._thread.start()
 
@@ -318,8 +318,7 @@ class Engine:
             return {
                 "running": len(self.running), "waiting": len(self.pending), "steps": self.steps, **self.counters,
                 "kv_blocks_free": self.kv.num_free, "kv_blocks_total": self.kv.n_blocks, "bank": self.bank.stats(),
-                "decode_mode": self.decode_mode if self.decoder is None or self.decoder.graphs or self.decode_mode != "graphs"
-                else "static (graph capture failed)",
+                "decode_mode": "static (graph capture failed)" if self.decoder and self.decoder.capture_error else self.decode_mode,
                 "graphs_captured": self.decoder.captures if self.decoder else 0,
             }
 

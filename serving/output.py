@@ -68,7 +68,8 @@ class End:
 
 
 class OutputThread:
-    def __init__(self) -> None:
+    def __init__(self, error: type[Exception]) -> None:
+        self.error = error  # the engine's EngineError: what the API turns into an OpenAI error
         self._q: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._loop, name="deltafleet-output", daemon=True)
         self._thread.start()
@@ -93,7 +94,8 @@ class OutputThread:
                         self._token(item)
                 except Exception as e:  # a tokenizer failure ends that request only
                     log.exception("output thread: streaming a token failed")
-                    self._end(item.out, Event("", [], error=RuntimeError(f"detokenization failed: {type(e).__name__}: {e}")))
+                    item.out.stopped = True  # the decode thread drops its row at the next step
+                    self._end(item.out, Event("", [], error=self.error(f"detokenization failed: {type(e).__name__}: {e}")))
 
     def _end(self, out: Emission, event: Event) -> None:
         if not out.ended:
