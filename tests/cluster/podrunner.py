@@ -67,6 +67,16 @@ class ConfigError(Exception):
     """The pod cannot start yet (missing Secret key, unsupported volume, …): the kubelet keeps
     such a container waiting with reason CreateContainerConfigError and retries."""
 
+    reason = "CreateContainerConfigError"
+
+
+class MountError(ConfigError):
+    """A volume cannot be set up for now: an API call for its content (a ServiceAccount token,
+    a ConfigMap, a claim) failed or was refused. The kubelet records FailedMount, keeps the
+    container ContainerCreating and retries, rather than failing the pod on one bad reply."""
+
+    reason = "ContainerCreating"
+
 
 class CannotRun(Exception):
     """What this runner can never run (no command, an unsupported volume type, …): the pod
@@ -213,6 +223,26 @@ class PodWorker(threading.Thread):
         self._since: dict[str, tuple[str, str]] = {}  # condition type -> (status, when it took that status)
         self.pod_message: str | None = None
 
+    def _bind(self, tries: int = 10) -> bool:
+        """Bind the pod to this node, retrying what a busy API server may answer for a while
+        (429, 5xx, a reset connection) instead of failing the pod on the first one. False: the
+        pod was deleted meanwhile."""
+        from kubernetes.client.rest import ApiException
+        from urllib3.exceptions import HTTPError
+
+        for attempt in range(tries):
+            try:
+                self.runner.bind(self.pod)
+                return True
+            except (ApiException, HTTPError) as e:
+                status = getattr(e, "status", 0) or 0
+                if attempt == tries - 1 or not (status == 0 or status == 429 or status >= 500):
+                    raise
+                log.warning("pod %s/%s: bind: %s; retrying", self.ns, self.name, getattr(e, "reason", e))
+                if self.deleting.wait(min(2 ** attempt * 0.25, 4)):
+                    return False
+        return False
+
     # The pod's data: a new pod with a reused name starts from a clean folder.
     def _prepare_dir(self) -> None:
         marker = self.dir / ".uid"
@@ -237,14 +267,15 @@ class PodWorker(threading.Thread):
                 self.runner.force_delete(self.pod)
 
     def _run(self) -> None:
-        if not self.pod.spec.node_name:
-            self.runner.bind(self.pod)
+        if not self.pod.spec.node_name and not self._bind():
+            return
         self._prepare_dir()
         spec = self.pod.spec
+        said = None
         while True:  # like the kubelet: a config error keeps the pod Pending and is retried
             try:
                 volumes = self._volumes()
-                plans = {c.name: self._plan(c, volumes) for c in (spec.init_containers or []) + spec.containers}
+                plans = self._plans(volumes)
                 break
             except CannotRun as e:
                 for c in spec.containers:
@@ -255,8 +286,11 @@ class PodWorker(threading.Thread):
                 self._report()
                 return
             except ConfigError as e:
+                if str(e) != said:
+                    log.warning("pod %s/%s waits: %s", self.ns, self.name, e)
+                    said = str(e)
                 for c in spec.containers:
-                    self.statuses[c.name] = self._status(c, {"waiting": {"reason": "CreateContainerConfigError", "message": str(e)}})
+                    self.statuses[c.name] = self._status(c, {"waiting": {"reason": e.reason, "message": str(e)}})
                 self._report()
                 if self.deleting.wait(2):
                     return
@@ -280,6 +314,20 @@ class PodWorker(threading.Thread):
         codes = [s["state"].get("terminated", {}).get("exitCode", 137) for s in self.statuses.values()]
         self.phase = "Succeeded" if all(c == 0 for c in codes) and not self.deleting.is_set() else "Failed"
         self._report()
+
+    def _plans(self, volumes: dict[str, Path]) -> dict[str, dict]:
+        """How each container runs; a failed API read (a Secret or ConfigMap for its env) is
+        retried as the kubelet does, not a failed pod."""
+        from kubernetes.client.rest import ApiException
+        from urllib3.exceptions import HTTPError
+
+        spec = self.pod.spec
+        try:
+            return {c.name: self._plan(c, volumes) for c in (spec.init_containers or []) + spec.containers}
+        except ApiException as e:
+            raise ConfigError(f"container config: the API server answered {e.status} {e.reason}") from None
+        except HTTPError as e:
+            raise ConfigError(f"container config: {e!r}") from None
 
     def _run_container(self, c, plan: dict, policy: str, statuses: dict) -> int:
         restarts, backoff = 0, 1.0
@@ -648,36 +696,46 @@ class PodWorker(threading.Thread):
         return folder
 
     def _volumes(self) -> dict[str, Path]:
+        from kubernetes.client.rest import ApiException
+        from urllib3.exceptions import HTTPError
+
         out = {}
         for v in self.pod.spec.volumes or []:
-            local = self.dir / "volumes" / v.name
-            if v.host_path:
-                out[v.name] = Path(v.host_path.path)
-                if v.host_path.type in ("DirectoryOrCreate", None, ""):
-                    out[v.name].mkdir(parents=True, exist_ok=True)
-            elif v.empty_dir is not None:
-                local.mkdir(parents=True, exist_ok=True)
-                local.chmod(0o777)  # as the kubelet makes it: writable by whatever user the pod runs as
-                out[v.name] = local
-            elif v.persistent_volume_claim:
-                out[v.name] = self._claim(v.persistent_volume_claim.claim_name)
-            elif v.config_map:
-                data = self._config_map(v.config_map.name, v.config_map.optional) or {}
-                self._write_files(local, {k: val.encode() for k, val in data.items()}, v.config_map.items)
-                out[v.name] = local
-            elif v.secret:
-                data = self._secret(v.secret.secret_name, v.secret.optional, raw=True) or {}
-                self._write_files(local, data, v.secret.items)
-                out[v.name] = local
-            elif v.downward_api:
-                self._write_files(local, self._downward(v.downward_api.items), None)
-                out[v.name] = local
-            elif v.projected:
-                self._write_files(local, self._projected(v.projected.sources), None)
-                out[v.name] = local
-            else:
-                raise CannotRun(f"volume {v.name!r}: this volume type is not supported by the test pod runner")
+            try:
+                out[v.name] = self._volume(v)
+            except ApiException as e:
+                raise MountError(f"volume {v.name!r}: the API server answered {e.status} {e.reason}") from None
+            except HTTPError as e:
+                raise MountError(f"volume {v.name!r}: {e!r}") from None
         return out
+
+    def _volume(self, v) -> Path:
+        """One volume's local folder (or file), its content written."""
+        local = self.dir / "volumes" / v.name
+        if v.host_path:
+            path = Path(v.host_path.path)
+            if v.host_path.type in ("DirectoryOrCreate", None, ""):
+                path.mkdir(parents=True, exist_ok=True)
+            return path
+        if v.empty_dir is not None:
+            local.mkdir(parents=True, exist_ok=True)
+            local.chmod(0o777)  # as the kubelet makes it: writable by whatever user the pod runs as
+            return local
+        if v.persistent_volume_claim:
+            return self._claim(v.persistent_volume_claim.claim_name)
+        if v.config_map:
+            data = self._config_map(v.config_map.name, v.config_map.optional) or {}
+            self._write_files(local, {k: val.encode() for k, val in data.items()}, v.config_map.items)
+        elif v.secret:
+            data = self._secret(v.secret.secret_name, v.secret.optional, raw=True) or {}
+            self._write_files(local, data, v.secret.items)
+        elif v.downward_api:
+            self._write_files(local, self._downward(v.downward_api.items), None)
+        elif v.projected:
+            self._write_files(local, self._projected(v.projected.sources), None)
+        else:
+            raise CannotRun(f"volume {v.name!r}: this volume type is not supported by the test pod runner")
+        return local
 
     def _projected(self, sources) -> dict[str, bytes]:
         files: dict[str, bytes] = {}
@@ -921,8 +979,11 @@ class Runner:
                 for p in pods.items:
                     self.handle(p)
                 w = watch.Watch()
+                # The server ends the watch after 60 s; the client gives up after 90 s without a
+                # byte, so a connection that died silently cannot stall the runner for good.
                 for ev in w.stream(self.core.list_pod_for_all_namespaces,
-                                   resource_version=pods.metadata.resource_version, timeout_seconds=60):
+                                   resource_version=pods.metadata.resource_version, timeout_seconds=60,
+                                   _request_timeout=(10, 90)):
                     if ev["type"] == "ERROR":
                         break  # e.g. resource version too old: list again
                     self.handle(ev["object"], deleted=ev["type"] == "DELETED")

@@ -193,6 +193,32 @@ def test_missing_secret_keeps_the_pod_waiting_until_it_exists(k8s, namespace):
     assert k8s.kubectl("-n", namespace, "logs", "job/waits").stdout == "arrived\n"
 
 
+def test_a_failed_token_request_keeps_the_pod_creating_until_it_succeeds(k8s, namespace):
+    """The kubelet retries a volume it cannot set up (FailedMount) instead of failing the pod:
+    here the pod's ServiceAccount is gone when the runner asks for its token, then comes back."""
+    with k8s.api() as api:
+        core = client.CoreV1Api(api)
+        core.create_namespaced_service_account(namespace, client.V1ServiceAccount(metadata=client.V1ObjectMeta(name="later")))
+        core.create_namespaced_pod(namespace, client.V1Pod(
+            metadata=client.V1ObjectMeta(name="token"),
+            spec=client.V1PodSpec(service_account_name="later", restart_policy="Never", containers=[
+                client.V1Container(name="c", image="x", command=["sh", "-c", "test -s $T/token && echo has-token"],
+                                   env=[client.V1EnvVar(name="T", value="/var/run/secrets/kubernetes.io/serviceaccount")])])))
+        # Admitted while the ServiceAccount existed; not the runner's until annotated.
+        core.delete_namespaced_service_account("later", namespace)
+        core.patch_namespaced_pod("token", namespace, {"metadata": {"annotations": {"tests.deltafleet.dev/run-locally": "true"}}})
+
+        def waiting():
+            statuses = core.read_namespaced_pod("token", namespace).status.container_statuses
+            return statuses and statuses[0].state.waiting and statuses[0].state.waiting
+
+        w = k8s.wait_for(waiting, "the pod to wait for its token")
+        assert w.reason == "ContainerCreating" and "404" in w.message, w
+        core.create_namespaced_service_account(namespace, client.V1ServiceAccount(metadata=client.V1ObjectMeta(name="later")))
+        k8s.wait_for(lambda: core.read_namespaced_pod("token", namespace).status.phase == "Succeeded", "the pod to run")
+    assert k8s.pod_log(namespace, "token") == "has-token\n"
+
+
 def test_on_failure_restarts_the_container_in_place(k8s, namespace):
     manifest = job_yaml(
         "flaky", ["sh", "-c", "if [ -f /work/tried ]; then echo ok; else touch /work/tried; exit 1; fi"],

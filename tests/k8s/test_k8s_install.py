@@ -323,9 +323,17 @@ def test_helm_test_runs_with_the_operator_account(release):
     """The access check passes with the operator's account; the readiness check then fails, as
     no operator pod runs here (tests/k8s/test_helm_test_waits_for_the_operator.py runs one)."""
     out = release.helm("test", "df", "-n", SYSTEM, "--timeout", "120s", check=False)
-    assert "ok: FineTunes readable, Secrets not" in release.pod_log(SYSTEM, "df-deltafleet-test-access"), out.stdout + out.stderr
+    said = f"helm test said:\n{out.stdout}{out.stderr}"
+
+    def log(pod: str) -> str:
+        try:
+            return release.pod_log(SYSTEM, pod)
+        except FileNotFoundError as e:
+            pytest.fail(f"{e}\n{said}", pytrace=False)
+
+    assert "ok: FineTunes readable, Secrets not" in log("df-deltafleet-test-access"), said
     assert out.returncode != 0
-    assert "is not available after 5 s" in release.pod_log(SYSTEM, "df-deltafleet-test-operator-ready"), out.stdout + out.stderr
+    assert "is not available after 5 s" in log("df-deltafleet-test-operator-ready"), said
 
 
 def test_the_operator_works_with_the_namespaced_rbac(release, tmp_path):
