@@ -228,14 +228,15 @@ class Cluster:
         return "".join(f.read_text(errors="replace") for f in files)
 
     def why_not_run(self, namespace: str, pod: str) -> str:
-        """For a failure message: the pod as the API server has it, and the end of the pod
-        runner's log, and whether it is alive."""
+        """For a failure message: the pod as the API server has it, and which components
+        still run, and the end of the pod runner's log."""
         got = self.kubectl("get", "pod", pod, "-n", namespace, "-o",
                            "jsonpath={.spec.nodeName} {.status}", check=False)
         runner = next((p for p in self.processes if p.name == "pod-runner"), None)
         said = runner.tail(40) if runner is not None else ""
-        return (f"the pod: {(got.stdout or got.stderr).strip()[:2000]}\n"
-                f"the pod runner ({'alive' if runner and runner.alive() else 'NOT running'}) said:\n{said}")
+        components = ", ".join(f"{p.name} {'alive' if p.alive() else 'EXITED'}" for p in self.processes)
+        return (f"the pod: {(got.stdout or got.stderr).strip()[:2000]}\ncomponents: {components}\n"
+                f"the pod runner's log ends:\n{said}")
 
     def wait_for(self, check, what: str, timeout_s: float = 120, interval_s: float = 0.5):
         """Polls `check()` until it returns something truthy (returned) or times out."""
