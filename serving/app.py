@@ -138,7 +138,7 @@ class DeltaServer:
             a.base_model, device=a.device, dtype=a.dtype, max_batch_size=a.max_batch_size, max_queue=a.max_queue,
             gpu_bank_bytes=a.gpu_bank_bytes, cpu_bank_bytes=a.cpu_bank_bytes, load_timeout_s=a.load_timeout_s,
             kv_cache_bytes=a.kv_cache_bytes, block_size=a.kv_block_size, max_step_tokens=a.max_step_tokens,
-            decode_mode=a.decode_mode, on_step=self.metrics.step,
+            decode_mode=a.decode_mode, prefix_caching=a.prefix_caching, on_step=self.metrics.step,
         )
         self.base_names = (a.pool, *BASE_ALIASES)
         self.uris: dict[str, str] = {}

@@ -22,6 +22,7 @@ runs on one background thread, so decoding of other tenants never waits for it.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import threading
 import time
 from collections import OrderedDict
@@ -50,6 +51,9 @@ class Tenant:
     error: str | None = None
     slot: int | None = None
     registered_at: float = field(default_factory=time.monotonic)
+    # Unique per registration in this process: a tenant re-registered under its name (a new
+    # delta) gets a new one, so K/V computed with the old delta is never reused for the new.
+    registration: int = field(default_factory=itertools.count(1).__next__)
 
 
 class DeltaBank:
@@ -169,6 +173,11 @@ class DeltaBank:
             self.slot_owner[slot] = t
             self._loader.submit(self._copy_to_slot, name, slot)
             return None
+
+    def registration(self, slot: int) -> int:
+        """Which registration's delta fills this acquired slot (Tenant.registration)."""
+        with self._lock:
+            return self.slot_owner[slot].registration
 
     def release(self, slot: int) -> None:
         with self._lock:

@@ -10,7 +10,7 @@ A pool file is a standard Ray Serve config; each application is one base-model p
                max_batch_size: 16, max_queue: 256, gpu_bank_bytes: <int>, cpu_bank_bytes: <int>,
                store_root: <optional dir; delta URIs must resolve inside it>, max_request_bytes: 4194304,
                kv_cache_bytes: <optional int>, kv_block_size: 16, max_step_tokens: 512,
-               decode_mode: auto, auth: keys}                         # or none: no API keys (local use only)
+               decode_mode: auto, prefix_caching: true, auth: keys}   # or none: no API keys (local use only)
         deployments:
           - name: DeltaServer
             autoscaling_config: {min_replicas: 1, max_replicas: 4, target_ongoing_requests: 24}  # 1.5 x max_batch_size
@@ -98,6 +98,9 @@ class AppArgs(BaseModel):
     decode_mode: DecodeMode = Field(
         "auto", description="decode-only steps: graphs (fixed-shape buckets replayed as CUDA graphs), static (the same "
         "buckets run eagerly), dynamic (packed, no padding); auto = graphs on CUDA, dynamic on CPU")
+    prefix_caching: bool = Field(
+        True, description="reuse the KV blocks of a prompt prefix computed earlier for the same tenant (keyed by "
+        "the tenant's registration and the tokens: never across tenants)")
 
     @field_validator("device")
     @classmethod

@@ -135,6 +135,9 @@ class Sequence:
     computed: int = 0  # tokens (prompt + generated) whose K/V are in the cache
     pending: int = 0  # its newest tokens still on the device: outputs of launched steps not yet read back
     blocks: list[int] = field(default_factory=list)  # KV pool blocks, in position order
+    prefix_root: bytes = b""  # the prefix cache's key for this sequence's model: the base, or its tenant's registration
+    block_keys: list[bytes] = field(default_factory=list)  # content keys of its full blocks, as far as computed
+    remembered: int = 0  # its first blocks that are in the prefix cache
 
     @property
     def n_tokens(self) -> int:
@@ -170,6 +173,7 @@ class Engine:
         block_size: int = 16,
         max_step_tokens: int = 512,
         decode_mode: str = "auto",
+        prefix_caching: bool = True,
         on_step: Callable[[StepStats], None] | None = None,
     ) -> None:
         if decode_mode not in DECODE_MODES:
@@ -180,6 +184,7 @@ class Engine:
         self.fingerprint = served.fingerprint
         self.max_batch_size, self.max_queue, self.load_timeout_s = max_batch_size, max_queue, load_timeout_s
         self.max_step_tokens = max_step_tokens  # decode rows + prefill chunks per step
+        self.prefix_caching = prefix_caching
         self.on_step = on_step  # called on the decode thread after every step
         eos = self.model.generation_config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
@@ -204,7 +209,7 @@ class Engine:
         self.running: list[Sequence] = []
         self.steps = 0
         self.counters = {"preemptions": 0, "prefill_tokens": 0, "decode_tokens": 0, "failed_steps": 0, "fixed_shape_steps": 0,
-                         "overlapped_steps": 0}
+                         "overlapped_steps": 0, "prefix_cached_tokens": 0}
         self.device_error: str | None = None  # a sticky device error: the replica must be replaced
         self._inflight: InFlight | None = None  # the last fixed-shape step, until its tokens are read
         self._ids = itertools.count()
@@ -317,7 +322,8 @@ class Engine:
         with self._cv:
             return {
                 "running": len(self.running), "waiting": len(self.pending), "steps": self.steps, **self.counters,
-                "kv_blocks_free": self.kv.num_free, "kv_blocks_total": self.kv.n_blocks, "bank": self.bank.stats(),
+                "kv_blocks_free": self.kv.num_free, "kv_blocks_total": self.kv.n_blocks,
+                "kv_blocks_cached": self.kv.num_cached, "bank": self.bank.stats(),
                 "decode_mode": "static (graph capture failed)" if self.decoder and self.decoder.capture_error else self.decode_mode,
                 "graphs_captured": self.decoder.captures if self.decoder else 0,
             }
@@ -380,7 +386,42 @@ class Engine:
                     continue  # being copied to the device (or all slots pinned): others go ahead
                 seq.slot = slot
             self._dequeue(seq)
-            self.running.append(seq)  # its prompt is prefilled in chunks by the coming steps
+            self._reuse_prefix(seq)
+            self.running.append(seq)  # the rest of its prompt is prefilled in chunks by the coming steps
+
+    # ---- prefix cache -----------------------------------------------------------------------
+    def _reuse_prefix(self, seq: Sequence) -> None:
+        """Start a new sequence from the cached blocks of its prompt's longest cached prefix.
+        Keyed by the delta in its slot (Tenant.registration), never by tokens alone."""
+        seq.prefix_root = b"base" if seq.tenant is BASE_TENANT else b"tenant:%d" % self.bank.registration(seq.slot)
+        if not self.prefix_caching:
+            return
+        full = (len(seq.prompt_ids) - 1) // self.kv.block_size  # the prompt's last token is always computed: it gives the first token
+        seq.blocks = self.kv.take_cached(self._block_keys(seq, full))
+        seq.remembered = len(seq.blocks)
+        seq.computed = len(seq.blocks) * self.kv.block_size
+        self.counters["prefix_cached_tokens"] += seq.computed
+
+    def _block_keys(self, seq: Sequence, n: int) -> list[bytes]:
+        """The content keys of the sequence's first n full blocks (computed once each)."""
+        bs = self.kv.block_size
+        while len(seq.block_keys) < n:
+            i = len(seq.block_keys)
+            previous = seq.block_keys[-1] if seq.block_keys else seq.prefix_root
+            seq.block_keys.append(KVPool.block_key(previous, [seq.token(j) for j in range(i * bs, (i + 1) * bs)]))
+        return seq.block_keys[:n]
+
+    def _remember(self, batch: list[tuple[Sequence, int]]) -> None:
+        """After a step: the blocks it filled go into the prefix cache. Only tokens known on the
+        host count (a token still on the device, in the overlap, waits for the next step)."""
+        if not self.prefix_caching:
+            return
+        for s, _ in batch:
+            full = min(s.computed, len(s.prompt_ids) + len(s.out_ids)) // self.kv.block_size
+            if full > s.remembered:
+                for i, key in enumerate(self._block_keys(s, full)[s.remembered:], s.remembered):
+                    self.kv.remember(s.blocks[i], key)
+                s.remembered = full
 
     def _dequeue(self, seq: Sequence) -> None:
         with self._cv:
@@ -400,7 +441,7 @@ class Engine:
         self._drop(stopped + cancelled)
         if not self.running:
             return
-        views = [SeqView(s.id, s.n_tokens, s.computed, len(s.blocks)) for s in self.running]
+        views = [SeqView(s.id, s.n_tokens, s.computed, len(s.blocks), self.kv.exclusive(s.blocks)) for s in self.running]
         plan = plan_step(views, self.kv.num_free, self.kv.block_size, self.max_step_tokens, self.max_step_tokens)
         by_id = {s.id: s for s in self.running}
         if self._inflight is not None and (plan.preempt or set(plan.chunks) != {s.id for s in self._inflight.seqs}
@@ -409,7 +450,7 @@ class Engine:
             return
         for sid in plan.preempt:  # recomputed later from its tokens
             self.kv.release(by_id[sid].blocks)
-            by_id[sid].computed = 0
+            by_id[sid].computed = by_id[sid].remembered = 0
             self.counters["preemptions"] += 1
         if not plan.chunks:
             return
@@ -519,6 +560,7 @@ class Engine:
             s.computed += 1
             s.pending += 1
             self.counters["decode_tokens" if _is_decode(s, 1) else "prefill_tokens"] += 1
+        self._remember(batch)
         return InFlight([s for s, _ in batch], ids, host, ready)
 
     def _forward(self, batch: list[tuple[Sequence, int]]) -> list[tuple[Sequence, int]]:
@@ -547,6 +589,7 @@ class Engine:
         for s, n in batch:
             s.computed += n
             self.counters["decode_tokens" if _is_decode(s, n) else "prefill_tokens"] += n
+        self._remember(batch)
         if not sampled:
             return []
         logits = out.logits[0, : len(sampled)]  # [K, V]

@@ -11,6 +11,15 @@ every scheduled sequence (decode rows: 1 token; prefill chunks: many) into one r
 `StepLayout` says where each token's K/V goes and which positions each sequence attends to;
 decode rows are attended together, each prefill chunk on its own (no padding to the longest).
 
+**Prefix caching, per tenant.** A full block whose K/V is computed is remembered under a
+content key: sha256 of (the key of the block before it, or the tenant's key for the first
+block, and the block's token ids). The tenant's key names the registration whose delta is in
+the slot (engine: `prefix_root`), so one tenant's K/V is never served to another, nor to
+the same tenant after its delta changed; transformers' continuous batching hashes tokens
+only, which would. A sequence admitted with a prompt whose first blocks are cached takes
+them (reference counted) instead of computing them. A cached block no sequence holds stays
+in the pool until a new block is needed: the least recently released goes first.
+
 Attention runs through transformers' attention interface (`ATTENTION = "deltafleet_paged"`):
 the model's own layers compute q/k/v and RoPE; `paged_attention` writes the new K/V into
 the pool, gathers each sequence's context into a padded [B, kv_heads, L, head_dim] and calls
@@ -22,6 +31,9 @@ GPU engine's next step, see docs/serving.md.
 
 from __future__ import annotations
 
+import hashlib
+import struct
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -43,6 +55,10 @@ class KVPool:
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self._free = list(range(n_blocks - 1, -1, -1))  # a stack: recently freed blocks are reused first
+        self._refs = [0] * n_blocks  # sequences holding each block
+        self._by_key: dict[bytes, int] = {}  # prefix cache: content key -> block
+        self._key_of: dict[int, bytes] = {}
+        self._evictable: OrderedDict[int, None] = OrderedDict()  # cached blocks no one holds, least recently released first
 
     @staticmethod
     def bytes_per_block(n_layers: int, block_size: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
@@ -50,19 +66,68 @@ class KVPool:
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        """Blocks a sequence can be given: never used, or cached with no one holding them."""
+        return len(self._free) + len(self._evictable)
+
+    @property
+    def num_cached(self) -> int:
+        return len(self._key_of)
 
     def blocks_for(self, n_tokens: int) -> int:
         return -(-n_tokens // self.block_size)
 
     def allocate(self, n: int) -> list[int]:
-        if n > len(self._free):
-            raise RuntimeError(f"KV pool: {n} blocks asked, {len(self._free)} free")  # the scheduler checks first
-        return [self._free.pop() for _ in range(n)]
+        if n > self.num_free:
+            raise RuntimeError(f"KV pool: {n} blocks asked, {self.num_free} free")  # the scheduler checks first
+        out = []
+        for _ in range(n):
+            if self._free:
+                b = self._free.pop()
+            else:  # the cached block released longest ago: forget its content
+                b, _ = self._evictable.popitem(last=False)
+                del self._by_key[self._key_of.pop(b)]
+            self._refs[b] = 1
+            out.append(b)
+        return out
 
     def release(self, blocks: list[int]) -> None:
-        self._free.extend(reversed(blocks))
+        for b in reversed(blocks):  # a chain's last blocks become the first to go
+            self._refs[b] -= 1
+            if self._refs[b] == 0:
+                if b in self._key_of:
+                    self._evictable[b] = None
+                else:
+                    self._free.append(b)
         blocks.clear()
+
+    def exclusive(self, blocks: list[int]) -> int:
+        """How many of these blocks no one else holds: what releasing them frees."""
+        return sum(1 for b in blocks if self._refs[b] == 1)
+
+    # ---- prefix cache -----------------------------------------------------------------------
+    @staticmethod
+    def block_key(previous: bytes, tokens: list[int]) -> bytes:
+        """The content key of a full block: its tokens after `previous` (the key of the block
+        before it, or the tenant's key for a sequence's first block)."""
+        return hashlib.sha256(previous + struct.pack(f"<{len(tokens)}q", *tokens)).digest()
+
+    def remember(self, block: int, key: bytes) -> None:
+        """A held block is full and its K/V computed: later sequences may take it by key."""
+        if key not in self._by_key and block not in self._key_of:
+            self._by_key[key], self._key_of[block] = block, key
+
+    def take_cached(self, keys: list[bytes]) -> list[int]:
+        """The cached blocks of the longest run of `keys` from the first, each now held once more."""
+        out = []
+        for key in keys:
+            b = self._by_key.get(key)
+            if b is None:
+                break
+            if self._refs[b] == 0:
+                del self._evictable[b]
+            self._refs[b] += 1
+            out.append(b)
+        return out
 
 
 @dataclass

@@ -3,7 +3,8 @@
 Every sequence is "tokens [0, n) of which the first `computed` have K/V in the cache". A step
 gives each scheduled sequence a chunk of its uncomputed tokens: 1 for a decode row, up to
 `max_chunk` for a prefill. A sequence whose chunk reaches its last token gets a new token
-sampled from that position. Preempting a sequence frees its blocks and sets computed = 0;
+sampled from that position. Preempting a sequence frees its blocks (those another sequence
+also holds, through the prefix cache, stay) and sets computed = 0;
 its tokens (prompt + everything generated) are recomputed later, and sampling resumes from
 where it stopped: recompute, not swap (vLLM's default).
 
@@ -25,6 +26,7 @@ class SeqView:
     n_tokens: int  # prompt + generated
     computed: int  # tokens with K/V in the cache
     n_blocks: int  # blocks held
+    exclusive: int | None = None  # of those, blocks no other sequence holds (prefix cache): what preempting it frees; None: all
 
 
 @dataclass
@@ -53,7 +55,7 @@ def plan_step(seqs: list[SeqView], free_blocks: int, block_size: int, token_budg
                 return False  # only younger sequences give way
             if held[victim.id] and victim.id not in plan.chunks and victim.id not in plan.preempt:
                 plan.preempt.append(victim.id)
-                free += held[victim.id]
+                free += victim.n_blocks if victim.exclusive is None else victim.exclusive
                 held[victim.id] = 0
                 return True
         return False

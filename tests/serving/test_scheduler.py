@@ -9,8 +9,8 @@ from deltafleet.serving.scheduler import Plan, SeqView, plan_step
 BS = 4  # block size
 
 
-def seq(id, n_tokens, computed, n_blocks=None):
-    return SeqView(id, n_tokens, computed, -(-computed // BS) if n_blocks is None else n_blocks)
+def seq(id, n_tokens, computed, n_blocks=None, exclusive=None):
+    return SeqView(id, n_tokens, computed, -(-computed // BS) if n_blocks is None else n_blocks, exclusive)
 
 
 CASES = [
@@ -41,6 +41,10 @@ CASES = [
      [seq(1, 13, 0, 0)], 10, 512, 512, {1: 13}, []),
     ("a decode row within its last block needs no new block",
      [seq(1, 7, 6, 2)], 0, 512, 512, {1: 1}, []),
+    ("blocks a preempted sequence shares through the prefix cache free nothing, so a younger one goes too",
+     [seq(1, 9, 8, 2), seq(2, 7, 6, 2), seq(3, 5, 4, 1, 0)], 0, 512, 512, {1: 1}, [3, 2]),
+    ("a preempted sequence frees the blocks only it holds",
+     [seq(1, 9, 8, 2), seq(2, 9, 8, 3, 1)], 0, 512, 512, {1: 1}, [2]),
     ("decode rows stop at the token budget",
      [seq(1, 9, 8), seq(2, 9, 8), seq(3, 9, 8)], 9, 2, 512, {1: 1, 2: 1}, []),
 ]
@@ -62,11 +66,12 @@ def test_a_plan_never_uses_more_blocks_than_are_free_plus_preempted():
         for i in range(rng.randint(1, 8)):
             n = rng.randint(1, 60)
             computed = rng.choice([0, n - 1, rng.randint(0, n - 1)])
-            seqs.append(seq(i, n, computed))
+            blocks = -(-computed // BS)
+            seqs.append(seq(i, n, computed, blocks, rng.choice([None, rng.randint(0, blocks)])))
         free = rng.randint(0, 20)
         plan = plan_step(seqs, free, BS, rng.randint(1, 64), rng.randint(1, 32))
         by_id = {s.id: s for s in seqs}
-        freed = sum(by_id[i].n_blocks for i in plan.preempt)
+        freed = sum(by_id[i].n_blocks if by_id[i].exclusive is None else by_id[i].exclusive for i in plan.preempt)
         used = sum(max(0, -(-(by_id[i].computed + n) // BS) - by_id[i].n_blocks) for i, n in plan.chunks.items())
         assert used <= free + freed
         assert not set(plan.chunks) & set(plan.preempt)
