@@ -93,6 +93,8 @@ def build_application(pool: str, tenants: list[Tenant], settings: Settings) -> d
         "args": AppArgs(
             pool=pool, base_model=tenants[0].base_model, device=settings.device, dtype=settings.dtype,
             max_batch_size=settings.max_batch_size, store_root=settings.replica_store_path, auth=settings.serve_auth,
+            # only when off: the default leaves existing pools' configs (and hashes) as they were
+            **({"prefix_caching": False} if settings.serve_prefix_caching == "off" else {}),
         ).model_dump(exclude_unset=True),
         "deployments": [
             {

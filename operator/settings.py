@@ -54,6 +54,9 @@ class Settings:
     # Serving replicas (one Ray Serve application per pool).
     replica_cpus: float = 1.0
     max_batch_size: int = 16
+    # on: replicas reuse a tenant's cached prompt prefixes (never across tenants); off: a
+    # tenant's users cannot tell from latency that one of them sent the same prefix before.
+    serve_prefix_caching: str = "on"
     serve_auth: str = "keys"  # keys: pools need API keys (from each FineTune's Secret); none: open pools (local use)
     # A file holding the pool status key (the chart mounts a Secret): its sha256 goes into every
     # pool's config and the key reads the replicas' tenant states (GET /<pool>/-/tenants), which
@@ -134,6 +137,8 @@ _FLAGS: tuple[tuple[str, str, str], ...] = (
     ("job_run_as_user", "DELTAFLEET_JOB_RUN_AS_USER", ""),
     ("replica_cpus", "DELTAFLEET_REPLICA_CPUS", "CPUs per serving replica"),
     ("max_batch_size", "DELTAFLEET_SERVE_MAX_BATCH_SIZE", ""),
+    ("serve_prefix_caching", "DELTAFLEET_SERVE_PREFIX_CACHING",
+     "on: replicas reuse a tenant's own cached prompt prefixes (never another tenant's); off: never"),
     ("serve_auth", "DELTAFLEET_SERVE_AUTH", "keys: pools require each FineTune's API keys; none: no authentication (local use)"),
     ("serve_status_key_file", "DELTAFLEET_SERVE_STATUS_KEY_FILE",
      "file holding the pool status key that reads replicas' tenant states (GET /<pool>/-/tenants; needed with --serve-auth keys)"),
@@ -163,6 +168,7 @@ _CHOICES = {
     "job_image_pull_policy": ("Always", "IfNotPresent", "Never"),
     "dtype": ("auto", "float32", "float16", "bfloat16"),
     "serve_auth": ("keys", "none"),
+    "serve_prefix_caching": ("on", "off"),
     "policy_host_path": ("allow", "deny"),
     "log_level": ("debug", "info", "warning", "error"),
 }

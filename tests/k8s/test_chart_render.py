@@ -153,6 +153,7 @@ def test_rbac_cluster_wide_vs_per_namespace(helm):
         # Helm 4's JSON-schema messages: the field as a JSON pointer, then what is wrong
         (("surprise=1",), "additional properties 'surprise' not allowed"),
         (("serve.backend=grpc",), "at '/serve/backend': value must be one of 'rayservice', 'ray-api'"),
+        (("serve.prefixCaching=maybe",), "at '/serve/prefixCaching': got string, want boolean"),
         (("watch.allNamespaces=false",), "at '/watch/namespaces': minItems: got 0, want 1"),
         (("modelStore.claimName=a", "modelStore.hostPath=/b"), "modelStore: set one of claimName or hostPath, not both"),
     ],
@@ -180,7 +181,7 @@ def test_the_operator_understands_the_chart_settings(helm):
     sets = (*NAMESPACED, "modelStore.hostPath=/srv/models", "compression.image.tag=9.9", "serve.backend=ray-api",
             "serve.rayApi.dashboardUrl=http://ray-head:8265", "compression.runAsUser=4242", "serve.auth=none",
             "policy.allowHostPath=true", "policy.allowedImages={reg/a:1,reg/b:2}", "policy.maxGpus=2",
-            "policy.maxMemory=64Gi", "policy.maxDeadlineSeconds=3600")
+            "policy.maxMemory=64Gi", "policy.maxDeadlineSeconds=3600", "serve.prefixCaching=false")
     container = by_kind(template(helm, *sets), "Deployment")[0]["spec"]["template"]["spec"]["containers"][0]
     env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
     for name in env:
@@ -195,9 +196,11 @@ def test_the_operator_understands_the_chart_settings(helm):
     assert settings.serve_auth == "none"
     assert (settings.policy_host_path, settings.policy_allowed_images, settings.policy_max_gpus) == ("allow", "reg/a:1,reg/b:2", 2)
     assert (settings.policy_max_memory, settings.policy_max_deadline_seconds) == ("64Gi", 3600)
+    assert settings.serve_prefix_caching == "off"
     defaults, _ = parse_settings([], environ={e["name"]: e["value"] for e in by_kind(template(helm), "Deployment")[0]
                                               ["spec"]["template"]["spec"]["containers"][0]["env"] if "value" in e})
     assert (defaults.serve_auth, defaults.policy_host_path, defaults.policy_max_gpus) == ("keys", "deny", 8)
+    assert defaults.serve_prefix_caching == "on"
 
 
 def test_ray_auth_token_comes_from_a_mounted_secret(helm):

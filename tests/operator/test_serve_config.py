@@ -40,6 +40,18 @@ def test_contract_shape_of_one_pool():
     }]}
 
 
+def test_prefix_caching_off_reaches_every_pool_and_the_default_writes_nothing():
+    from dataclasses import replace
+
+    from deltafleet.serving.config import parse_args
+
+    t = tenant("bot", pool="tiny")
+    [on] = sc.build_serve_config([t], SETTINGS)["applications"]
+    assert "prefix_caching" not in on["args"] and parse_args(on["args"]).prefix_caching is True
+    [off] = sc.build_serve_config([t], replace(SETTINGS, serve_prefix_caching="off"))["applications"]
+    assert off["args"]["prefix_caching"] is False and parse_args(off["args"]).prefix_caching is False
+
+
 def test_two_tenants_one_base_make_one_application_two_bases_two():
     a, b = tenant("a", pool="p1"), tenant("b", ns="team-b", pool="p1", maxReplicas=8, targetOngoingRequests=2)
     c = tenant("c", base="bases/other", pool="p2")
