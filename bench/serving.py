@@ -15,6 +15,12 @@ Methods, same model, same requests, same run:
                    one tenant's requests through `generate` (the way without deltas)
 Tokens/s counts generated tokens over the wall time from the first arrival to the last token.
 
+The table's engine runs have prefix caching off: its traffic is random (no prefix is shared)
+and each run repeats the same requests, which a cache would answer from the run before. A
+second comparison measures it where it matters: every tenant's requests start with that
+tenant's system prompt (`system` tokens), 16 distinct tenants, the engine with prefix caching
+on (steady state: one request per tenant first) and off, in the same run.
+
 Also: the bandwidth limit of a decode step — bytes it must read (base weights, the distinct
 tenants' deltas and whole tensors, the KV cache) over the measured copy bandwidth — and our
 fraction of it; how many 7B-sized tenants fit beside the base with KV for batch 64 × 2k tokens;
@@ -53,11 +59,13 @@ from deltafleet.serving.sampling import SamplingParams
 
 PRESETS = {
     "cpu-small": dict(hidden=256, layers=4, heads=8, kv=4, inter=704, vocab=2048, dtype="float32",
-                      tenants=[1, 4, 16, 64], batches=[16], requests=64, prompt=(8, 128), gen=(8, 64), rate=200.0),
+                      tenants=[1, 4, 16, 64], batches=[16], requests=64, prompt=(8, 128), gen=(8, 64), rate=200.0,
+                      system=256),
     "tiny": dict(hidden=64, layers=2, heads=4, kv=2, inter=128, vocab=256, dtype="float32",  # a smoke run (seconds)
-                 tenants=[1, 16], batches=[8], requests=24, prompt=(4, 24), gen=(2, 12), rate=500.0),
+                 tenants=[1, 16], batches=[8], requests=24, prompt=(4, 24), gen=(2, 12), rate=500.0, system=32),
     "llama2-7b": dict(hidden=4096, layers=32, heads=32, kv=32, inter=11008, vocab=32000, dtype="float16",
-                      tenants=[1, 4, 16, 64], batches=[16, 64], requests=256, prompt=(8, 512), gen=(8, 256), rate=50.0),
+                      tenants=[1, 4, 16, 64], batches=[16, 64], requests=256, prompt=(8, 512), gen=(8, 256), rate=50.0,
+                      system=1024),
 }
 LLAMA2_7B = dict(params=6.74e9, layers=32, hidden=4096, vocab=32000, linear_params=6.48e9)
 
@@ -105,6 +113,14 @@ def make_traffic(p: dict, seed: int = 0) -> list[tuple[float, list[int], int]]:
              int(rng.integers(*p["gen"], endpoint=True))) for a in arrivals]
 
 
+def with_system_prompts(traffic, models: list[str], system: int, vocab: int, seed: int = 1):
+    """The same arrivals and output lengths; each prompt = its tenant's system prompt (`system`
+    tokens, one per tenant) + the first up-to-32 tokens of the original prompt (the user turn)."""
+    rng = np.random.default_rng(seed)
+    systems = {m: rng.integers(3, vocab, system).tolist() for m in sorted(set(models))}
+    return [(a, systems[m] + prompt[:32], gen) for (a, prompt, gen), m in zip(traffic, models)]
+
+
 def assign(n_req: int, tenants: list[str], mix: str, seed: int = 0) -> list[str]:
     if mix == "distinct":
         return [tenants[i % len(tenants)] for i in range(n_req)]
@@ -135,6 +151,25 @@ def run_engine(engine: Engine, models: list[str | None], traffic) -> dict:
     for th in threads:
         th.join()
     return _figures(results)
+
+
+def run_system_prompts(tmp: Path, p: dict, device: str, decode_mode: str, batch: int, deltas: dict, models: list[str],
+                       traffic, caching: bool) -> dict:
+    """A fresh engine whose cache holds each tenant's system prompt (one earlier request per
+    tenant, with another user turn: a steady state), then the traffic."""
+    eng = Engine(str(tmp / "base"), device=device, dtype=p["dtype"], max_batch_size=batch, max_queue=100_000,
+                 gpu_bank_bytes=1 << 40, cpu_bank_bytes=1 << 40, decode_mode=decode_mode, prefix_caching=caching)
+    try:
+        eng.set_tenants({m: deltas[m] for m in set(models)})
+        eng.wait_ready(timeout=600)
+        first = {m: i for i, m in reversed(list(enumerate(models)))}
+        run_engine(eng, list(first), [(0.0, traffic[i][1][: p["system"]] + [3, 4, 5], 2) for i in first.values()])
+        before = eng.stats()["prefix_cached_tokens"]
+        fig = run_engine(eng, models, traffic)
+        fig["prefix_cached_tokens_per_request"] = (eng.stats()["prefix_cached_tokens"] - before) / len(traffic)
+        return fig
+    finally:
+        eng.close()
 
 
 def run_cb_manager(model: LlamaForCausalLM, traffic, batch: int) -> dict:
@@ -309,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
             steps = []
             engine = Engine(str(tmp / "base"), device=device, dtype=p["dtype"], max_batch_size=batch, max_queue=100_000,
                             gpu_bank_bytes=1 << 40, cpu_bank_bytes=1 << 40, decode_mode=opts.decode_mode,
-                            on_step=steps.append)
+                            prefix_caching=False, on_step=steps.append)
             engine.set_tenants({n: deltas[n] for n in names})
             engine.wait_ready(timeout=600)
             run_engine(engine, [names[0]] * 4, traffic[:4])  # warm-up: slot copies, allocator
@@ -345,6 +380,11 @@ def main(argv: list[str] | None = None) -> int:
             hot = time_to_first_token_of_new_tenant(engine, deltas[names[-1]], traffic[0][1])
             stats = engine.stats()
             engine.close()
+            models = assign(len(traffic), names[:16], "distinct")
+            shared = with_system_prompts(traffic, models, p["system"], p["vocab"])
+            for caching in (True, False):  # a system prompt per tenant: prefix caching on and off
+                fig = best(lambda: run_system_prompts(tmp, p, device, opts.decode_mode, batch, deltas, models, shared, caching))
+                measured("engine, system prompts, prefix cache " + ("on" if caching else "off"), 16, "distinct", fig)
             measured("generate", 0, "-", best(lambda: run_generate(base, traffic, batch)))
             try:
                 measured("cb-manager", 0, "-", best(lambda: run_cb_manager(base, traffic, batch)))
@@ -365,6 +405,8 @@ def main(argv: list[str] | None = None) -> int:
             "engine_base_vs_generate": (tps("engine-base", 0, "-"), tps("generate", 0, "-")),
             "engine_16_distinct_vs_naive": (tps("engine", 16, "distinct"), tps("naive", 16, "distinct")),
             "engine_16_distinct_vs_engine_base": (tps("engine", 16, "distinct"), tps("engine-base", 0, "-")),
+            "system_prompts_prefix_cache_on_vs_off": (tps("engine, system prompts, prefix cache on", 16, "distinct"),
+                                                      tps("engine, system prompts, prefix cache off", 16, "distinct")),
         }
         ratios[f"batch{batch}"] = {k: (a / b if a and b else None) for k, (a, b) in pairs.items()}
     device_bytes = torch.cuda.get_device_properties(0).total_memory if device == "cuda" else 80 * 2**30
