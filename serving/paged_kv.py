@@ -56,6 +56,7 @@ class KVPool:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self._free = list(range(n_blocks - 1, -1, -1))  # a stack: recently freed blocks are reused first
         self._refs = [0] * n_blocks  # sequences holding each block
+        self._shared = 0  # blocks held by more than one sequence
         self._by_key: dict[bytes, int] = {}  # prefix cache: content key -> block
         self._key_of: dict[int, bytes] = {}
         self._evictable: OrderedDict[int, None] = OrderedDict()  # cached blocks no one holds, least recently released first
@@ -93,6 +94,7 @@ class KVPool:
     def release(self, blocks: list[int]) -> None:
         for b in reversed(blocks):  # a chain's last blocks become the first to go
             self._refs[b] -= 1
+            self._shared -= self._refs[b] == 1
             if self._refs[b] == 0:
                 if b in self._key_of:
                     self._evictable[b] = None
@@ -102,6 +104,8 @@ class KVPool:
 
     def exclusive(self, blocks: list[int]) -> int:
         """How many of these blocks no one else holds: what releasing them frees."""
+        if not self._shared:  # the common case, checked every step: no need to look
+            return len(blocks)
         return sum(1 for b in blocks if self._refs[b] == 1)
 
     # ---- prefix cache -----------------------------------------------------------------------
@@ -126,6 +130,7 @@ class KVPool:
             if self._refs[b] == 0:
                 del self._evictable[b]
             self._refs[b] += 1
+            self._shared += self._refs[b] == 2
             out.append(b)
         return out
 
