@@ -116,7 +116,9 @@ class StepStats:
     prefill_tokens: int
     decode_tokens: int
     kv_blocks_used: int
-    kv_blocks_free: int
+    kv_blocks_free: int  # never used, or cached with no sequence holding them
+    kv_blocks_cached: int = 0  # in the prefix cache, held or not
+    prefix_cached_tokens: int = 0  # prompt tokens taken from the prefix cache since the step before
 
 
 @dataclass
@@ -212,6 +214,7 @@ class Engine:
                          "overlapped_steps": 0, "prefix_cached_tokens": 0}
         self.device_error: str | None = None  # a sticky device error: the replica must be replaced
         self._inflight: InFlight | None = None  # the last fixed-shape step, until its tokens are read
+        self._cached_since_step = 0  # prompt tokens admissions took from the prefix cache, for StepStats
         self._ids = itertools.count()
         self._cv = threading.Condition()
         self._stop = False
@@ -401,6 +404,7 @@ class Engine:
         seq.remembered = len(seq.blocks)
         seq.computed = len(seq.blocks) * self.kv.block_size
         self.counters["prefix_cached_tokens"] += seq.computed
+        self._cached_since_step += seq.computed
 
     def _block_keys(self, seq: Sequence, n: int) -> list[bytes]:
         """The content keys of the sequence's first n full blocks (computed once each)."""
@@ -483,11 +487,12 @@ class Engine:
             self.counters["overlapped_steps"] += 1
             self._resolve(previous)
         self.steps += 1
+        cached, self._cached_since_step = self._cached_since_step, 0
         if self.on_step is not None:
             decode = sum(1 for s, n in batch if _is_decode(s, n))
             self.on_step(StepStats(
                 time.perf_counter() - t0, len(batch), len({s.tenant for s, _ in batch}), plan.tokens - decode, decode,
-                self.kv.n_blocks - self.kv.num_free, self.kv.num_free,
+                self.kv.n_blocks - self.kv.num_free, self.kv.num_free, self.kv.num_cached, cached,
             ))
         self._take_all(tokens)
 

@@ -25,7 +25,10 @@ class PoolMetrics:
         self.step_rows = metrics.Histogram("deltafleet_step_sequences", "sequences per engine step", boundaries=COUNT_BUCKETS, tag_keys=pool_tag)
         self.step_tenants = metrics.Histogram("deltafleet_step_tenants", "distinct tenants per engine step", boundaries=COUNT_BUCKETS, tag_keys=pool_tag)
         self.step_prefill = metrics.Histogram("deltafleet_step_prefill_tokens", "prefill tokens per engine step", boundaries=COUNT_BUCKETS, tag_keys=pool_tag)
-        self.kv_blocks = metrics.Gauge("deltafleet_kv_blocks", "KV cache blocks by state", tag_keys=("pool", "state"))
+        self.kv_blocks = metrics.Gauge("deltafleet_kv_blocks", "KV cache blocks by state: used (held by requests), free "
+                                       "(of which some cached), cached (in the prefix cache)", tag_keys=("pool", "state"))
+        self.prefix_cached = metrics.Counter("deltafleet_prefix_cached_tokens", "prompt tokens taken from the prefix cache "
+                                             "instead of computed", tag_keys=pool_tag)
         self.bank_events = metrics.Gauge("deltafleet_bank_events", "DeltaBank counters (hits, misses, loads, evictions)", tag_keys=("pool", "event"))
         self.bank_bytes = metrics.Gauge("deltafleet_bank_bytes", "DeltaBank resident bytes by tier", tag_keys=("pool", "tier"))
         self.bank_tenants = metrics.Gauge("deltafleet_bank_tenants", "DeltaBank resident tenants by tier", tag_keys=("pool", "tier"))
@@ -39,6 +42,9 @@ class PoolMetrics:
         self.step_prefill.observe(st.prefill_tokens, tags=tags)
         self.kv_blocks.set(st.kv_blocks_used, tags={**tags, "state": "used"})
         self.kv_blocks.set(st.kv_blocks_free, tags={**tags, "state": "free"})
+        self.kv_blocks.set(st.kv_blocks_cached, tags={**tags, "state": "cached"})
+        if st.prefix_cached_tokens:  # ray's Counter refuses 0
+            self.prefix_cached.inc(st.prefix_cached_tokens, tags=tags)
 
     def request(self, tenant: str, outcome: str, prompt: int, completion: int, latency: float, ttft: float | None) -> None:
         tags = {"pool": self.pool, "tenant": tenant}

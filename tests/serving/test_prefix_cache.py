@@ -97,6 +97,14 @@ def test_a_tenants_second_request_reuses_its_prompt_prefix_and_gets_the_same_tok
     first = cached(engine) - before
     assert engine.generate(ALPHA, prompt, GREEDY).token_ids == want
     assert cached(engine) - before - first == (len(prompt) - 1) // 4 * 4  # every full block before the last token
+    seen = []
+    engine.on_step = seen.append
+    try:
+        assert engine.generate(ALPHA, prompt, GREEDY).token_ids == want
+    finally:
+        engine.on_step = None
+    assert sum(st.prefix_cached_tokens for st in seen) == (len(prompt) - 1) // 4 * 4  # what the metrics count
+    assert all(st.kv_blocks_cached >= (len(prompt) - 1) // 4 for st in seen)
     longer = prompt + engine.encode(" And what is a delta?")
     assert engine.generate(ALPHA, longer, GREEDY).token_ids == reference_greedy(toy.merged_dirs[ALPHA], longer, GREEDY.max_tokens)
     assert engine.stats()["kv_blocks_free"] == engine.kv.n_blocks  # cached blocks no one holds are free
