@@ -153,12 +153,17 @@ def run_engine(engine: Engine, models: list[str | None], traffic) -> dict:
     return _figures(results)
 
 
+def bench_engine(tmp: Path, p: dict, device: str, decode_mode: str, batch: int, **kw) -> Engine:
+    """The engine as every run here makes it: every tenant on the device, an unbounded queue."""
+    return Engine(str(tmp / "base"), device=device, dtype=p["dtype"], max_batch_size=batch, max_queue=100_000,
+                  gpu_bank_bytes=1 << 40, cpu_bank_bytes=1 << 40, decode_mode=decode_mode, **kw)
+
+
 def run_system_prompts(tmp: Path, p: dict, device: str, decode_mode: str, batch: int, deltas: dict, models: list[str],
                        traffic, caching: bool) -> dict:
     """A fresh engine whose cache holds each tenant's system prompt (one earlier request per
     tenant, with another user turn: a steady state), then the traffic."""
-    eng = Engine(str(tmp / "base"), device=device, dtype=p["dtype"], max_batch_size=batch, max_queue=100_000,
-                 gpu_bank_bytes=1 << 40, cpu_bank_bytes=1 << 40, decode_mode=decode_mode, prefix_caching=caching)
+    eng = bench_engine(tmp, p, device, decode_mode, batch, prefix_caching=caching)
     try:
         eng.set_tenants({m: deltas[m] for m in set(models)})
         eng.wait_ready(timeout=600)
@@ -342,9 +347,7 @@ def main(argv: list[str] | None = None) -> int:
         bw = copy_bandwidth(device)
         for batch in p["batches"]:
             steps = []
-            engine = Engine(str(tmp / "base"), device=device, dtype=p["dtype"], max_batch_size=batch, max_queue=100_000,
-                            gpu_bank_bytes=1 << 40, cpu_bank_bytes=1 << 40, decode_mode=opts.decode_mode,
-                            prefix_caching=False, on_step=steps.append)
+            engine = bench_engine(tmp, p, device, opts.decode_mode, batch, prefix_caching=False, on_step=steps.append)
             engine.set_tenants({n: deltas[n] for n in names})
             engine.wait_ready(timeout=600)
             run_engine(engine, [names[0]] * 4, traffic[:4])  # warm-up: slot copies, allocator

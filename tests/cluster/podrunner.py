@@ -83,6 +83,19 @@ class CannotRun(Exception):
     fails at once with reason StartError rather than waiting forever."""
 
 
+def api_errors() -> tuple[type[Exception], ...]:
+    """What a call to the API server raises when it is refused or fails on the way."""
+    from kubernetes.client.rest import ApiException
+    from urllib3.exceptions import HTTPError
+
+    return ApiException, HTTPError
+
+
+def describe(e: Exception) -> str:
+    """One line for an API error (an ApiException's str is its whole HTTP response)."""
+    return f"the API server answered {e.status} {e.reason}" if getattr(e, "status", None) else repr(e)
+
+
 def now() -> str:
     return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -227,14 +240,11 @@ class PodWorker(threading.Thread):
         """Bind the pod to this node, retrying what a busy API server may answer for a while
         (429, 5xx, a reset connection) instead of failing the pod on the first one. False: the
         pod was deleted meanwhile."""
-        from kubernetes.client.rest import ApiException
-        from urllib3.exceptions import HTTPError
-
         for attempt in range(tries):
             try:
                 self.runner.bind(self.pod)
                 return True
-            except (ApiException, HTTPError) as e:
+            except api_errors() as e:
                 status = getattr(e, "status", 0) or 0
                 if attempt == tries - 1 or not (status == 0 or status == 429 or status >= 500):
                     raise
@@ -318,16 +328,11 @@ class PodWorker(threading.Thread):
     def _plans(self, volumes: dict[str, Path]) -> dict[str, dict]:
         """How each container runs; a failed API read (a Secret or ConfigMap for its env) is
         retried as the kubelet does, not a failed pod."""
-        from kubernetes.client.rest import ApiException
-        from urllib3.exceptions import HTTPError
-
         spec = self.pod.spec
         try:
             return {c.name: self._plan(c, volumes) for c in (spec.init_containers or []) + spec.containers}
-        except ApiException as e:
-            raise ConfigError(f"container config: the API server answered {e.status} {e.reason}") from None
-        except HTTPError as e:
-            raise ConfigError(f"container config: {e!r}") from None
+        except api_errors() as e:
+            raise ConfigError(f"container config: {describe(e)}") from None
 
     def _run_container(self, c, plan: dict, policy: str, statuses: dict) -> int:
         restarts, backoff = 0, 1.0
@@ -696,17 +701,12 @@ class PodWorker(threading.Thread):
         return folder
 
     def _volumes(self) -> dict[str, Path]:
-        from kubernetes.client.rest import ApiException
-        from urllib3.exceptions import HTTPError
-
         out = {}
         for v in self.pod.spec.volumes or []:
             try:
                 out[v.name] = self._volume(v)
-            except ApiException as e:
-                raise MountError(f"volume {v.name!r}: the API server answered {e.status} {e.reason}") from None
-            except HTTPError as e:
-                raise MountError(f"volume {v.name!r}: {e!r}") from None
+            except api_errors() as e:
+                raise MountError(f"volume {v.name!r}: {describe(e)}") from None
         return out
 
     def _volume(self, v) -> Path:
