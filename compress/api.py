@@ -24,7 +24,7 @@ import torch
 from .apply import attach_delta, read_scales, set_enabled
 from .basestore import store_base
 from .calibration import make_samples, read_windows
-from .checkpoint import Checkpoint, InputError, check_compatible
+from .checkpoint import Checkpoint, InputError, check_compatible, check_supported
 from .distill import distill_scales
 from .fidelity import evaluate, retained
 from .format import chmod_as_created, save_delta
@@ -137,6 +137,7 @@ def compress(base: str, finetuned: str, out_dir: str | os.PathLike, settings: Co
     if base_ck.dir.resolve() == ft_ck.dir.resolve():
         raise InputError(f"--base and --finetuned are the same model ({base_ck.dir}): there is no delta to compress")
     check_compatible(base_ck, ft_ck)
+    check_supported(base_ck)
     tokenizer = load_tokenizer(ft_ck.dir, base_ck.dir)
     texts = read_windows(settings, tokenizer)
 
@@ -153,8 +154,11 @@ def compress(base: str, finetuned: str, out_dir: str | os.PathLike, settings: Co
     wrappers = attach_delta(student, delta)
     initial = evaluate(student, teacher, held_out, settings.batch_size)
     if settings.steps:
-        distill_scales(student, teacher, [w.scale for w in wrappers.values()], cal, settings.steps,
-                       settings.lr, settings.batch_size, settings.loss, settings.seed)
+        history = distill_scales(student, teacher, [w.scale for w in wrappers.values()], cal, settings.steps,
+                                 settings.lr, settings.batch_size, settings.loss, settings.seed)
+        skipped = sum(1 for v in history if v != v)
+        if skipped:
+            log(f"warning: stage 2 skipped {skipped} of {len(history)} steps whose loss or gradient was not finite")
     final = evaluate(student, teacher, held_out, settings.batch_size)
     delta.scales = read_scales(wrappers)
     set_enabled(wrappers, True)

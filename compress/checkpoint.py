@@ -2,6 +2,13 @@
 
 Stage 1 streams base and fine-tune tensor by tensor through this, so a 7B pair never has
 to sit in accelerator memory at once. Only safetensors checkpoints are read (never pickle).
+
+A checkpoint's keys are not always the loaded model's parameter names: transformers 5 renames
+some on load (GPT-NeoX's file holds `embed_out.weight`, the model calls it `lm_head.weight`;
+a `ForCausalLM` may load a base model's file without the `model.` prefix). `param()` reads by
+parameter name through transformers' own mapping for the architecture (`checkpoint_keys`), so
+there is no second list of renames here. Keys that transformers converts (splits, merges,
+permutes) rather than renames are refused: their tensors cannot be read one at a time.
 """
 
 from __future__ import annotations
@@ -52,6 +59,7 @@ class Checkpoint:
         self.config = self._read_config()
         self._file_of: dict[str, Path] = {}
         self._handles: dict[Path, object] = {}
+        self._model_keys: dict[str, str] | None = None
         index = self.dir / INDEX
         if index.is_file():
             try:
@@ -93,7 +101,21 @@ class Checkpoint:
         return archs[0]
 
     def names(self) -> list[str]:
+        """The file's tensor keys (not necessarily the model's parameter names: see `param`)."""
         return sorted(self._file_of)
+
+    def model_keys(self) -> dict[str, str]:
+        """{model parameter name: file key}, as `from_pretrained` maps them (built once)."""
+        if self._model_keys is None:
+            self._model_keys = checkpoint_keys(empty_model(self.dir), self.names(), f"{self.what} {self.dir}")
+        return self._model_keys
+
+    def param(self, name: str) -> torch.Tensor:
+        """The tensor `from_pretrained` would load into the model parameter `name`."""
+        keys = self.model_keys()
+        if name not in keys:
+            raise InputError(f"{self.what} {self.dir}: checkpoint has no tensor for parameter {name!r} of {self.architecture}")
+        return self.get(keys[name])
 
     def __contains__(self, name: str) -> bool:
         return name in self._file_of
@@ -143,6 +165,17 @@ def check_compatible(base: Checkpoint, ft: Checkpoint) -> None:
             )
 
 
+def check_supported(ck: Checkpoint) -> None:
+    """Refuse, before any slow work, a model deltafleet cannot compress and serve; and read its
+    parameter names as transformers maps them (a converted key is refused here too)."""
+    from .support import unsupported_reason
+
+    reason = unsupported_reason(empty_model(ck.dir))
+    if reason:
+        raise InputError(f"{ck.what} {ck.dir}: {reason}")
+    ck.model_keys()
+
+
 def empty_model(config_dir: Path):
     """The model's module tree on the meta device: names, types and shapes, no memory."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -153,3 +186,31 @@ def empty_model(config_dir: Path):
             return AutoModelForCausalLM.from_config(config)
     except (ValueError, KeyError, OSError) as e:  # unknown model_type, not a causal LM, bad config
         raise InputError(f"model {config_dir}: transformers cannot build it as a causal LM ({' '.join(str(e).split())[:160]})") from None
+
+
+def checkpoint_keys(model, file_keys: list[str], where: str) -> dict[str, str]:
+    """{parameter name of `model`: checkpoint key}, renamed exactly as `from_pretrained` renames
+    (transformers' conversion mapping for the architecture, then its base-model-prefix rule).
+    A key that transformers converts rather than renames is an InputError naming it."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    expected = model.state_dict()  # meta tensors: names only
+    params = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    prefix = model.base_model_prefix
+    keys: dict[str, str] = {}
+    for key in file_keys:
+        name, converted = rename_source_key(key, renamings, converters, prefix, expected)
+        if name not in expected and key in expected:  # as from_pretrained: a key that should not have been renamed
+            name, converted = rename_source_key(key, [], [], prefix, expected)
+        if converted is not None and name in params:
+            conv = next(c for c in converters if converted in c.source_patterns)
+            ops = ", ".join(type(op).__name__ for op in conv.operations) or "a conversion"
+            raise InputError(f"{where}: transformers converts checkpoint tensor {key!r} into {name!r} on load ({ops}); "
+                             f"deltafleet reads tensors one at a time and supports renamed keys only")
+        if name in params:
+            keys.setdefault(name, key)
+    return keys

@@ -26,7 +26,8 @@ def logit_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str) -> torch
 
 def distill_scales(student, teacher, scales: list[torch.nn.Parameter], samples: torch.Tensor,
                    steps: int, lr: float, batch_size: int, loss: str = "mse", seed: int = 0) -> list[float]:
-    """Train `scales` in place; returns the loss of every step."""
+    """Train `scales` in place; returns the loss of every step (NaN for a step skipped because
+    its loss or gradient was not finite)."""
     for p in student.parameters():
         p.requires_grad_(False)
     for s in scales:
@@ -47,7 +48,12 @@ def distill_scales(student, teacher, scales: list[torch.nn.Parameter], samples: 
         value = logit_loss(student(input_ids=ids).logits, target, loss)
         opt.zero_grad(set_to_none=True)
         value.backward()
-        opt.step()
+        # A non-finite loss or gradient (an activation's backward overflowing) would make every
+        # scale NaN from this step on: skip the step, keep the last finite scales.
+        if torch.isfinite(value) and all(torch.isfinite(s.grad).all() for s in scales if s.grad is not None):
+            opt.step()
+        else:
+            value = torch.tensor(float("nan"))
         history.append(value.item())
         bar.set_postfix(loss=f"{history[-1]:.4g}")
     for s in scales:

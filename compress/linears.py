@@ -13,15 +13,16 @@ from torch import nn
 from deltafleet.kernels.packing import WORD_BITS
 
 
-def block_lists(model: nn.Module) -> list[str]:
-    """Names of the ModuleList(s) of transformer blocks: the largest homogeneous list(s)."""
+def block_lists(model: nn.Module, linear: tuple[type, ...] = (nn.Linear,)) -> list[str]:
+    """Names of the ModuleList(s) of transformer blocks: the largest homogeneous list(s) with
+    linear layers (`linear`: the types that count; serving adds its delta-aware linear)."""
     best: list[tuple[int, str]] = []
     for name, mod in model.named_modules():
         if not isinstance(mod, nn.ModuleList) or len(mod) == 0:
             continue
         if len({type(child) for child in mod}) != 1:
             continue
-        if not any(isinstance(m, nn.Linear) for m in mod.modules()):
+        if not any(isinstance(m, linear) for m in mod.modules()):
             continue
         size = sum(p.numel() for p in mod.parameters())
         best.append((size, name))

@@ -39,17 +39,21 @@ def extract(
     except ValueError as e:
         raise InputError(f"base {base.dir}: {e}") from None
     param_names = [n for n, _ in skeleton.named_parameters()]  # tied weights once, by first name
-    missing = [n for n in param_names if n not in base]
+    missing = [n for n in param_names if n not in base.model_keys()]
     if missing:
-        raise InputError(f"base {base.dir}: checkpoint lacks parameter {missing[0]!r} of {base.architecture}")
+        raise InputError(f"base {base.dir}: checkpoint has no tensor for parameter {missing[0]!r} of {base.architecture} "
+                         f"({len(missing)} missing; keys read as transformers maps them on load)")
     delta = Delta(base_model=base.source, base_fingerprint="", finetuned_model=ft.source)
     weight_of = {f"{m}.weight": m for m in compressed}
     samples = {}  # the base fingerprint, collected from the reads stage 1 makes anyway
     for name in progress(param_names, "stage 1: sign + scale", unit="tensor"):
-        b = base.get(name)
+        b = base.param(name)
         samples[name] = tensor_sample(name, b)
         b = b.to(device)
-        f = ft.get(name).to(device)
+        f = ft.param(name).to(device)
+        for what, t in (("base", b), ("fine-tune", f)):
+            if t.is_floating_point() and not torch.isfinite(t).all():
+                raise InputError(f"{what} {(base if what == 'base' else ft).dir}: tensor for {name!r} holds NaN or inf values")
         if name in weight_of:
             module = weight_of[name]
             delta.signs[module], delta.scales[module] = sign_and_scale(f.float() - b.float(), per_row)

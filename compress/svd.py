@@ -37,8 +37,8 @@ def apply_low_rank(model, base: Checkpoint, ft: Checkpoint, bitdelta: Delta) -> 
         n, k = w.shape
         budget = packed.numel() * packed.element_size() + bitdelta.scales[name].numel() * 4
         r = rank_for_budget(n, k, budget)
-        wb = base.get(f"{name}.weight").float()
-        wf = ft.get(f"{name}.weight").float()
+        wb = base.param(f"{name}.weight").float()
+        wf = ft.param(f"{name}.weight").float()
         w.copy_((wb + low_rank(wf - wb, r)).to(w.device, w.dtype))
         total += r * (n + k) * FACTOR_BYTES
     return total
