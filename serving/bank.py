@@ -35,8 +35,9 @@ import torch
 from torch import nn
 
 from deltafleet.compress.format import Delta, DeltaError, check_against_model, load_delta
+from deltafleet.compress.linears import block_lists
 
-from .layers import embedding_supports_1bit, small_param_modules
+from .layers import DeltaLinear, embedding_supports_1bit, small_param_modules
 from .slot_pool import SlotPool
 
 LOADING, READY, FAILED = "loading", "ready", "failed"
@@ -350,10 +351,15 @@ class DeltaBank:
 
 
 def _whole_linears(model: nn.Module, linears: dict[str, tuple[int, int]]) -> set[str]:
-    """Delta-aware linears a delta may store whole: the output head (compress gives every
-    linear inside the transformer blocks a 1-bit delta)."""
-    head = model.get_output_embeddings()
-    return {name for name, m in model.named_modules() if m is head and name in linears}
+    """Delta-aware linears a delta may store whole: those outside the transformer blocks (the
+    output head; BERT-style heads' transforms) — compress gives every linear inside the blocks
+    a 1-bit delta. A model whose blocks cannot be found serves its output head only."""
+    try:
+        prefixes = tuple(f"{name}." for name in block_lists(model, (nn.Linear, DeltaLinear)))
+    except ValueError:
+        head = model.get_output_embeddings()
+        return {name for name, m in model.named_modules() if m is head and name in linears}
+    return {name for name in linears if not name.startswith(prefixes)}
 
 
 def _whole_bytes_per_slot(model: nn.Module, linears: dict[str, tuple[int, int]], dtype: torch.dtype) -> int:
@@ -365,7 +371,7 @@ def _whole_bytes_per_slot(model: nn.Module, linears: dict[str, tuple[int, int]],
     for name, m in model.named_modules():
         if name in linears and m.bias is not None:
             total += m.bias.numel() * size
-        if name in heads or embedding_supports_1bit(m):
+        if name in heads or isinstance(m, nn.Embedding):
             if id(m.weight) not in seen:
                 seen.add(id(m.weight))
                 total += m.weight.numel() * size
@@ -384,7 +390,7 @@ def _whole_pools(model: nn.Module, linears: dict[str, tuple[int, int]], n_slots:
     pools = {}
     heads = _whole_linears(model, linears)
     for name, m in model.named_modules():
-        if name in heads or embedding_supports_1bit(m):
+        if name in heads or isinstance(m, nn.Embedding):  # any table: ids (embeddings) or positions
             w = m.weight
             if id(w) not in by_tensor:
                 by_tensor[id(w)] = SlotPool({"weight": (tuple(w.shape), dtype)}, n_slots, device)

@@ -227,6 +227,8 @@ class Engine:
         1 GiB (CPU), unless given; at least one sequence of the full context must fit."""
         cfg = self.model.config
         layers, kv_heads = cfg.num_hidden_layers, getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        if getattr(cfg, "multi_query", False):  # GPTBigCode (StarCoder 1): one K/V head, no num_key_value_heads
+            kv_heads = 1
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         per_block = KVPool.bytes_per_block(layers, block_size, kv_heads, head_dim, self.dtype)
         if kv_cache_bytes is None:

@@ -10,17 +10,21 @@ Norm weights come from the bank's per-slot stacks too: when a tenant in the batc
 a norm, a forward hook reruns the module once over all rows with each row's weights
 (torch.func.vmap over functional_call: the module's own code, no Python loop over slots).
 Embeddings gather each token's row from the pool of its tenant's table, and add a 1-bit
-embedding delta's α·sign(Δ) rows the same way (`add_embedding_hook`). Only modules of no
+embedding delta's α·sign(Δ) rows the same way (`add_embedding_hook`); a table that computes its
+own indices (OPT's learned positions) is rerun per tenant in the batch (`add_table_hook`). Only modules of no
 other kind (none in the supported families) fall back to recomputing each slot's rows.
 Rows are sequences: every module sees batch-first inputs.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from deltafleet.compress.support import reruns_per_token
 from deltafleet.kernels import SignCache, TenantGroups, delta_linear, group_rows
 from deltafleet.kernels.packing import unpack_signs
 
@@ -186,7 +190,34 @@ def add_embedding_hook(module: nn.Embedding, name: str, ctx: BatchContext) -> No
     module.register_forward_hook(hook)
 
 
-def add_norm_hook(module: nn.Module, name: str, ctx: BatchContext) -> None:
+def add_table_hook(module: nn.Embedding, name: str, ctx: BatchContext) -> None:
+    """A table that computes its own indices (OPT's learned positions, looked up from the
+    attention mask): rerun the module with the table of each tenant in the batch that stores
+    one whole, and keep that tenant's rows. One call per such tenant (a Python loop over the
+    batch's slots, host-known, no sync): these tables are small, and only such modules take it."""
+    busy = [False]
+
+    def hook(mod, args, kwargs, output):
+        pool = ctx.bank.whole_pools[name]
+        if busy[0] or not ctx.slots or not pool.in_batch(ctx.slots):
+            return None
+        lead = output.shape[:-1]  # [B, S] or [1, T]: one row of the table per token
+        slot = ctx.row_slots(math.prod(lead)).view(lead)  # [B, S]
+        table = pool.entries["weight"]  # [E, V, H]
+        busy[0] = True
+        try:
+            for s in ctx.slots:
+                if s in pool.slots:
+                    y = torch.func.functional_call(mod, {"weight": table[pool.slot_of_entry.index(s)]}, args, kwargs)
+                    output = torch.where((slot == s)[..., None], y.to(output.dtype), output)
+        finally:
+            busy[0] = False
+        return output
+
+    module.register_forward_hook(hook, with_kwargs=True)
+
+
+def add_norm_hook(module: nn.Module, name: str, ctx: BatchContext, heads_first: bool = False) -> None:
     """Rerun a small module (a norm) with each token's parameters when a tenant in the batch
     changes them, in one call over the bank's stacks — no Python loop over slots.
 
@@ -194,7 +225,9 @@ def add_norm_hook(module: nn.Module, name: str, ctx: BatchContext) -> None:
     forward run once with per-token weights [B, S, ..., H] computes every token exactly as
     that token's tenant would. A module for which that is not so (it raises, or differs) is
     run under torch.func.vmap over functional_call instead: exact for any module, slower.
-    Which one holds is checked on the first batch that needs it, against vmap."""
+    Which one holds is checked on the first batch that needs it, against vmap.
+    `heads_first`: the module sees [B, H, S, D] (a per-head norm after the head transpose,
+    Gemma 3's q/k norms; found by `heads_first_modules`), so tokens are dim 2, not dim 1."""
     busy = [False]
     broadcasts: list[bool] = []  # decided once: [True] = per-token weights broadcast exactly
 
@@ -218,23 +251,30 @@ def add_norm_hook(module: nn.Module, name: str, ctx: BatchContext) -> None:
             return None
         if not any(name in ctx.bank.slot_overrides[s] for s in ctx.slots):
             return None
-        if len(args) != 1 or not isinstance(args[0], torch.Tensor) or args[0].dim() < 3:
-            raise RuntimeError(f"{name}: a per-tenant norm must take one batch-first tensor [B, S, ...]")
+        if len(args) != 1 or not isinstance(args[0], torch.Tensor) or args[0].dim() < 2:
+            raise RuntimeError(f"{name}: a per-tenant norm must take one batch-first tensor [B, S, ...] or [tokens, H]")
         x = args[0]  # [B, S, *rest]
+        if x.dim() == 2:  # tokens flattened by the model (OPT's MLP): one token per row
+            x = x[:, None]  # [tokens, 1, H]
+        if heads_first:  # a per-head norm after the head transpose (Gemma 3's q/k norms): [B, H, S, D]
+            x = x.transpose(1, 2)  # [B, S, H, D]
         m = x.shape[0] * x.shape[1]  # tokens
         sel = ctx.row_slots(m) + 1  # [m]; stack row 0 is the base's
         params = {p: t.index_select(0, sel) for p, t in ctx.bank.param_stacks[name].items()}  # [m, *shape]
+        shape = (output.transpose(1, 2) if heads_first else output).shape
         if not broadcasts:
-            want = by_vmap(mod, params, x, m).reshape(output.shape)
+            want = by_vmap(mod, params, x, m).reshape(shape)
             try:
                 got = by_broadcast(mod, params, x)
-                broadcasts.append(got.shape == output.shape and bool(torch.equal(got, want)))
+                broadcasts.append(got.shape == shape and bool(torch.equal(got, want)))
             except RuntimeError:
                 broadcasts.append(False)
             mod.deltafleet_norm_path = "broadcast" if broadcasts[0] else "vmap"  # for tests and debugging
-            return want.to(output.dtype)
-        y = by_broadcast(mod, params, x) if broadcasts[0] else by_vmap(mod, params, x, m)
-        return y.reshape(output.shape).to(output.dtype)
+            y = want
+        else:
+            y = by_broadcast(mod, params, x) if broadcasts[0] else by_vmap(mod, params, x, m)
+        y = y.reshape(shape)
+        return (y.transpose(1, 2) if heads_first else y).to(output.dtype)
 
     module.register_forward_hook(hook)
 
@@ -244,6 +284,27 @@ def embedding_supports_1bit(mod: nn.Module) -> bool:
     return isinstance(mod, nn.Embedding) and (type(mod) is nn.Embedding or hasattr(mod, "embed_scale"))
 
 
+def heads_first_modules(model: nn.Module, names: set[str]) -> set[str]:
+    """Which of these modules take [B, H, S, D] rather than [B, S, ...]: one base forward of a
+    7-token prompt (7: no head count or hidden size is 7) records each module's input shape."""
+    seen: dict[str, torch.Size] = {}
+
+    def record(name):
+        def hook(mod, args):
+            if args and isinstance(args[0], torch.Tensor):
+                seen.setdefault(name, args[0].shape)
+        return hook
+
+    handles = [model.get_submodule(n).register_forward_pre_hook(record(n)) for n in names]
+    try:
+        with torch.inference_mode():
+            model(input_ids=torch.zeros(1, 7, dtype=torch.long, device=next(model.parameters()).device), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return {n for n, shape in seen.items() if len(shape) == 4 and shape[1] != 7 and shape[2] == 7}
+
+
 def patch_model(model: nn.Module, ctx: BatchContext, small_modules: set[str]) -> dict[str, tuple[int, int]]:
     """Swap linears for DeltaLinear, hook embeddings and the small modules (norms) whose
     parameters the bank stacks per slot. A delta that stores whole parameters of any other
@@ -251,6 +312,7 @@ def patch_model(model: nn.Module, ctx: BatchContext, small_modules: set[str]) ->
 
     Returns {module name: (out_features, in_features)} of the delta-aware linears."""
     linears: dict[str, tuple[int, int]] = {}
+    heads_first = heads_first_modules(model, small_modules)
     for name, mod in list(model.named_modules()):
         if isinstance(mod, nn.Linear) and mod.in_features % 32 == 0:
             parent_name, _, child = name.rpartition(".")
@@ -259,17 +321,19 @@ def patch_model(model: nn.Module, ctx: BatchContext, small_modules: set[str]) ->
             linears[name] = (mod.out_features, mod.in_features)
         elif embedding_supports_1bit(mod):
             add_embedding_hook(mod, name, ctx)
+        elif isinstance(mod, nn.Embedding):
+            add_table_hook(mod, name, ctx)
         elif name in small_modules:
-            add_norm_hook(mod, name, ctx)
+            add_norm_hook(mod, name, ctx, name in heads_first)
     return linears
 
 
-SMALL_PARAM_NUMEL = 1 << 16  # norms and the like; embeddings and heads go to SlotPools
 
 
 def small_param_modules(model: nn.Module, linears: set[str] = frozenset()) -> dict[str, dict[str, torch.Tensor]]:
-    """Modules whose own parameters are all small (norms), other than delta-aware linears
-    (by name, or nn.Linear with in_features % 32 == 0 before patching) and embeddings."""
+    """Modules rerun per token with each tenant's parameters (norms: `reruns_per_token`, the
+    rule compress checks too), other than delta-aware linears (by name, or nn.Linear with
+    in_features % 32 == 0 before patching) and embeddings."""
     out = {}
     for name, mod in model.named_modules():
         params = dict(mod.named_parameters(recurse=False))
@@ -277,6 +341,6 @@ def small_param_modules(model: nn.Module, linears: set[str] = frozenset()) -> di
             continue
         if isinstance(mod, nn.Linear) and mod.in_features % 32 == 0:
             continue
-        if all(p.numel() <= SMALL_PARAM_NUMEL for p in params.values()):
+        if reruns_per_token(mod):
             out[name] = params
     return out

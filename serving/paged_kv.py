@@ -41,6 +41,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AttentionInterface
 
+from deltafleet.compress.support import attention_modules
+
 ATTENTION = "deltafleet_paged"
 
 
@@ -287,10 +289,8 @@ AttentionInterface.register(ATTENTION, paged_attention)
 
 def attach(model: nn.Module, ctx: PagedContext) -> int:
     """Point every attention module of the model at the pool; returns how many were found."""
-    n = 0
-    for mod in model.modules():
-        if hasattr(mod, "layer_idx") and hasattr(mod, "head_dim") and type(mod).__name__.endswith("Attention"):
-            mod.deltafleet_paged = ctx
-            n += 1
+    found = attention_modules(model)
+    for mod in found:
+        mod.deltafleet_paged = ctx
     model.set_attn_implementation(ATTENTION)
-    return n
+    return len(found)
