@@ -28,8 +28,10 @@ from pathlib import Path
 
 # Llama; Qwen2 (biased q/k/v projections); Mistral (sliding-window attention, narrower than the
 # test prompts plus completions so the window is exercised; otherwise it is Llama); Gemma (tied
-# embeddings, (1 + w) RMSNorm, embeddings scaled by sqrt(hidden) inside the embedding module).
-FAMILIES = ("llama", "qwen2", "mistral", "gemma")
+# embeddings, (1 + w) RMSNorm, embeddings scaled by sqrt(hidden) inside the embedding module);
+# GPT-NeoX (Pythia: fused query_key_value with biases, LayerNorm with bias, parallel residual,
+# partial rotary, and checkpoint keys transformers 5 renames on load: embed_out -> lm_head).
+FAMILIES = ("llama", "qwen2", "mistral", "gemma", "gpt_neox")
 # Bump when the training code changes in a way the recipe fields do not capture.
 BUILD_VERSION = "2"  # 2: Mistral's sliding window
 SPECIAL_TOKENS = ["<s>", "</s>", "<pad>"]
@@ -186,7 +188,7 @@ def train_tokenizer(vocab: int, texts: list[str]):
 
 
 def make_config(family: str, recipe: ToyRecipe, tokenizer):
-    from transformers import GemmaConfig, LlamaConfig, MistralConfig, Qwen2Config
+    from transformers import GemmaConfig, GPTNeoXConfig, LlamaConfig, MistralConfig, Qwen2Config
 
     common = dict(
         vocab_size=len(tokenizer), hidden_size=recipe.hidden, intermediate_size=recipe.intermediate,
@@ -198,6 +200,9 @@ def make_config(family: str, recipe: ToyRecipe, tokenizer):
         return LlamaConfig(**common)
     if family == "mistral":
         return MistralConfig(**common, sliding_window=MISTRAL_WINDOW)
+    if family == "gpt_neox":  # multi-head attention only: no num_key_value_heads
+        common.pop("num_key_value_heads")
+        return GPTNeoXConfig(**common, use_parallel_residual=True, rotary_pct=0.25)
     if family == "gemma":
         return GemmaConfig(**{**common, "tie_word_embeddings": True}, head_dim=recipe.hidden // recipe.heads)
     return Qwen2Config(**common, use_sliding_window=False)

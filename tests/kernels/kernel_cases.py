@@ -34,10 +34,16 @@ def tenant_rows(mix: str, gen: torch.Generator, base_rows: bool = True) -> tuple
 
 
 def problem(t: int, m: int, n: int, k: int, dtype: torch.dtype, per_row: bool, gen: torch.Generator, device="cpu"):
-    """x [M, K], W [N, K], signs [T, N, K/32], scales [T] or [T, N], with deltas ~ base / 5."""
-    x = torch.randn(m, k, generator=gen).to(dtype)
-    w = (torch.randn(n, k, generator=gen) / k**0.5).to(dtype)
-    signs = torch.stack([pack_signs(torch.randn(n, k, generator=gen)) for _ in range(t)])
+    """x [M, K], W [N, K], signs [T, N, K/32], scales [T] or [T, N], with deltas ~ base / 5.
+
+    Off the CPU the data is drawn on the device (a generator seeded from `gen`): at 7B shapes
+    and 64 tenants that is billions of normals, minutes single-threaded on a host."""
+    if torch.device(device).type != "cpu":
+        gen = torch.Generator(device=device).manual_seed(int(torch.randint(2**31, (1,), generator=gen)))
+    dev = gen.device
+    x = torch.randn(m, k, generator=gen, device=dev).to(dtype)
+    w = (torch.randn(n, k, generator=gen, device=dev) / k**0.5).to(dtype)
+    signs = torch.stack([pack_signs(torch.randn(n, k, generator=gen, device=dev)) for _ in range(t)])
     shape = (t, n) if per_row else (t,)
-    scales = (torch.rand(shape, generator=gen) + 0.5) * 0.2 / k**0.5
+    scales = (torch.rand(shape, generator=gen, device=dev) + 0.5) * 0.2 / k**0.5
     return x.to(device), w.to(device), signs.to(device), scales.to(device)

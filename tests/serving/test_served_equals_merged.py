@@ -3,7 +3,9 @@ checkpoint computes, for every toy family and every delta option — greedy text
 engine, and eval loss through the served layers, bank and kernels (teacher-forced).
 
 Families: llama; qwen2 (q/k/v biases: the fine-tune's bias plus the 1-bit term); mistral;
-gemma (tied embeddings stored whole, its (1 + w) RMSNorm, embeddings scaled in the module).
+gemma (tied embeddings stored whole, its (1 + w) RMSNorm, embeddings scaled in the module);
+gpt_neox (Pythia: fused query_key_value with biases, LayerNorm with bias, parallel residual,
+checkpoint keys that transformers renames on load).
 Options: one scale per matrix (the paper), one per output row, 1-bit embeddings and lm_head.
 """
 
@@ -31,6 +33,10 @@ OPTIONS = {
 FAST = dict(steps=4, samples=16, eval_samples=8)
 PROMPTS = ["def main(argv):\n    ", "The class is"]
 GREEDY = SamplingParams(max_tokens=16, temperature=0)
+# Each family's input embedding and final norm, as the loaded model names them.
+EMBEDDINGS = {"llama": "model.embed_tokens", "qwen2": "model.embed_tokens", "mistral": "model.embed_tokens",
+              "gemma": "model.embed_tokens", "gpt_neox": "gpt_neox.embed_in"}
+FINAL_NORMS = {**{f: "model.norm" for f in EMBEDDINGS}, "gpt_neox": "gpt_neox.final_layer_norm"}
 
 
 @pytest.fixture(scope="module", params=[(f, o) for f in FAMILIES for o in OPTIONS], ids=lambda p: f"{p[0]}-{p[1]}")
@@ -50,10 +56,14 @@ def test_the_delta_holds_what_the_option_says(case):
         assert all(s.dim() == 1 for s in delta.scales.values())
     if family == "qwen2":
         assert any(n.endswith("q_proj.bias") for n in delta.whole), "qwen2's fine-tuned biases are stored whole"
+    embed = EMBEDDINGS[family]
     if option == "1-bit-embeddings" and family != "gemma":  # gemma ties them: stored whole instead
-        assert "model.embed_tokens" in delta.signs and "lm_head" in delta.signs
+        assert embed in delta.signs and "lm_head" in delta.signs
     if family == "gemma":
-        assert "model.embed_tokens.weight" in delta.whole
+        assert f"{embed}.weight" in delta.whole
+    if family == "gpt_neox":  # fused qkv at 1 bit, its bias and the LayerNorms' biases whole
+        assert "gpt_neox.layers.0.attention.query_key_value" in delta.signs
+        assert {"gpt_neox.layers.0.attention.query_key_value.bias", "gpt_neox.final_layer_norm.bias"} <= set(delta.whole)
 
 
 def test_served_greedy_text_equals_the_merged_checkpoint(case, reference_greedy):
@@ -63,7 +73,7 @@ def test_served_greedy_text_equals_the_merged_checkpoint(case, reference_greedy)
         engine.set_tenants({"t": delta})
         assert engine.wait_ready() == {"t": "ready"}
         # norms are served from per-slot stacks (one vectorized call), not per-slot tensors
-        assert "model.norm" in engine.bank.param_stacks
+        assert FINAL_NORMS[family] in engine.bank.param_stacks
         for prompt in PROMPTS:
             ids = engine.encode(prompt)
             got = [t for ev in engine.submit("t", prompt, GREEDY) for t in ev.token_ids]
@@ -133,10 +143,10 @@ def test_a_batch_mixing_tenants_and_the_base_serves_each_row_as_its_own_merged_c
         # the tenants really differ from each other and from the base
         assert (refs["a"](input_ids=ids[:1]).logits - refs["b"](input_ids=ids[:1]).logits).abs().max() > 1e-2
     # the large whole tensors came from the pools (one entry per tenant), not per-slot tensors
-    pool = served.bank.whole_pools["model.embed_tokens"]
+    pool = served.bank.whole_pools[EMBEDDINGS[family]]
     assert {slots["a"], slots["b"]} <= pool.slots
     if "e" in deltas:
-        assert served.bank.embed_pools["model.embed_tokens"].slots == {slots["e"]}
+        assert served.bank.embed_pools[EMBEDDINGS[family]].slots == {slots["e"]}
 
 
 @pytest.mark.parametrize("family", FAMILIES)
