@@ -1,54 +1,128 @@
-"""`make gpu-check`: every GPU figure in one command, each step under its own time limit.
+"""The GPU check: every GPU figure in one unattended run on a GPU machine with no network.
 
-Steps (seconds are the limits; 8 minutes in all on one H100/H200):
-  env       device, driver, CUDA, torch, triton versions                    (30 s)
-  tests     pytest -m gpu tests/kernels                                       (100 s)
-  tests-core pytest -m gpu tests/core (compression on CUDA)                  (45 s)
-  tests-serving pytest -m gpu tests/serving (CUDA-graph decode replay)        (45 s)
-  compiled  bench/compiled_kernels.py for this GPU's architecture            (45 s)
-  kernels   bench/kernels.py: copy bandwidth, base, ours, dequant, bmm,
-            gemlite (if importable) at Llama-2-7B shapes                      (125 s)
-  serving   bench/serving.py --preset llama2-7b (random weights)              (90 s, --no-serving skips)
-The install (make install, from uv.lock) comes before and is not in the 8 minutes.
+On the GPU machine (its own python3 holds torch, Triton and transformers; `.whl/` from
+`make gpu-wheels` holds what it lacks), from the repository root, no make, no install step:
 
-Writes bench/results/gpu-check-<gpu>.json (and everything into $OUT when set), prints one
-summary table, exits 1 if a test failed or a step failed or ran out of time.
+    python3 -m pip install -q --no-index --no-deps --target /tmp/df-wheels .whl/*.whl && \\
+      PYTHONPATH=$PWD:/tmp/df-wheels python3 bench/gpu_check.py
+
+Steps, in order of value, all under one deadline (--deadline, default 420 s):
+  preflight      every module the steps import, and the `gpu` tests collected       (≤ 20 s)
+  env            device, driver, versions (in process)
+  kernels        bench/kernels.py at Llama-2-7B shapes: copy bandwidth, base, ours, baselines
+  tests-kernels  pytest -m gpu tests/kernels (device-side random data)
+  tests-serving  pytest -m gpu tests/serving (CUDA-graph capture and replay)
+  serving        bench/serving.py --preset gpu-fit (7B widths, random weights, nothing on disk)
+  tests-core     pytest -m gpu tests/core (compression on CUDA)
+  compiled       bench/compiled_kernels.py for this GPU's architecture (needs no GPU)
+Each child runs in its own process group and is killed when its time is up. The report
+(`gpu-check-<gpu>.json`) and every file a step wrote are copied to $OUT after every step, so a
+run cut short still returns what it measured. `--only kernels,serving` reruns a few steps.
+
+`--rehearse` runs the same program where there is no GPU (make test does, with no network):
+preflight, collection, the deadline and $OUT logic, and a CPU stand-in for each GPU step
+(kernels --quick, serving --preset tiny, the tests collected only); it proves the check starts,
+finds everything and reports, not what the GPU will measure.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import platform
 import re
+import shutil
+import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
+DEADLINE_S = 420
+PREFLIGHT_S = 20
+# What any step imports: preflight fails in one line when one is missing, before a minute is spent.
+MODULES = ["torch", "triton", "transformers", "safetensors", "tokenizers", "numpy", "pydantic", "yaml", "pytest",
+           "deltafleet.kernels", "deltafleet.kernels.triton_decode", "deltafleet.compress", "deltafleet.serving.engine",
+           "deltafleet.serving.decode_graphs"]
+MIN_TRANSFORMERS = (5, 24)
+GPU_TESTS = ["tests/kernels", "tests/serving", "tests/core"]
 
 
-def run(name: str, cmd: list[str], limit: int) -> dict:
-    print(f"\n=== {name}: {' '.join(cmd)} (limit {limit} s)", flush=True)
+@dataclass
+class Step:
+    name: str
+    limit: int  # seconds, within what is left of the deadline
+    gpu: list[str]  # the command on a GPU
+    rehearsal: list[str] | None  # its CPU stand-in (None: skipped in a rehearsal)
+    outputs: list[str] = field(default_factory=list)  # files the step writes
+
+
+def steps(py: str, slug: str, arch: int, res: Path) -> list[Step]:
+    pytest = [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu"]
+    return [
+        Step("kernels", 150, [py, "bench/kernels.py", "--out", f"{res}/kernels-{slug}.json"],
+             [py, "bench/kernels.py", "--quick", "--threads", "1", "--out", f"{res}/kernels-{slug}.json"],
+             [f"{res}/kernels-{slug}.json"]),
+        Step("tests-kernels", 90, [*pytest, "tests/kernels"], [*pytest, "--collect-only", "tests/kernels"]),
+        Step("tests-serving", 60, [*pytest, "tests/serving"], [*pytest, "--collect-only", "tests/serving"]),
+        Step("serving", 150, [py, "bench/serving.py", "--preset", "gpu-fit", "--out", f"{res}/serving-{slug}.json"],
+             [py, "bench/serving.py", "--preset", "tiny", "--out", f"{res}/serving-{slug}.json"],
+             [f"{res}/serving-{slug}.json"]),
+        Step("tests-core", 60, [*pytest, "tests/core"], [*pytest, "--collect-only", "tests/core"]),
+        Step("compiled", 60, [py, "bench/compiled_kernels.py", "--arch", str(arch), "--out", f"{res}/kernels-compiled-sm{arch}.json"],
+             [py, "bench/compiled_kernels.py", "--arch", str(arch), "--out", f"{res}/kernels-compiled-sm{arch}.json"],
+             [f"{res}/kernels-compiled-sm{arch}.json"]),
+    ]
+
+
+def run(cmd: list[str], limit: float) -> tuple[int, str, float]:
+    """(exit code, output tail, seconds); the child's whole process group is killed at `limit`."""
     t0 = time.monotonic()
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
     try:
-        proc = subprocess.run(cmd, cwd=ROOT, timeout=limit, capture_output=True, text=True)
-        rc, out = proc.returncode, proc.stdout + proc.stderr
-    except subprocess.TimeoutExpired as e:
-        rc, out = 124, ((e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")) + "\n[timed out]"
-    print(out[-6000:], flush=True)
-    return {"step": name, "rc": rc, "seconds": round(time.monotonic() - t0, 1), "tail": out[-3000:]}
+        out, _ = proc.communicate(timeout=max(1.0, limit))
+        rc = proc.returncode
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        rc, out = 124, (out or "") + f"\n[killed after {limit:.0f} s]"
+    return rc, out or "", round(time.monotonic() - t0, 1)
+
+
+def preflight(py: str, limit: float) -> str | None:
+    """One line saying what is missing, or None. Imports in this process; collects the gpu tests."""
+    for name in MODULES:
+        try:
+            importlib.import_module(name)
+        except Exception as e:  # noqa: BLE001 - any failure to import is the one line we print
+            return f"cannot import {name}: {type(e).__name__}: {' '.join(str(e).split())[:200]}"
+    import transformers
+
+    version = tuple(int(p) for p in re.findall(r"\d+", transformers.__version__)[:2])
+    if version < MIN_TRANSFORMERS:
+        return (f"transformers {transformers.__version__} (from {Path(transformers.__file__).parent}) is older than "
+                f"{'.'.join(map(str, MIN_TRANSFORMERS))}: put the wheelhouse first on PYTHONPATH")
+    rc, out, _ = run([py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--collect-only", "-m", "gpu", *GPU_TESTS], limit)
+    if rc not in (0, 5):  # 5: nothing collected, which the counts below report
+        tail = [ln for ln in out.splitlines() if ln.strip()][-3:]
+        return f"the gpu tests do not collect (pytest exit {rc}): {' | '.join(tail)[:300]}"
+    return None
 
 
 def environment() -> dict:
     import torch
+    import transformers
     import triton
 
     env = {"python": platform.python_version(), "torch": torch.__version__, "triton": triton.__version__,
-           "cuda_runtime": torch.version.cuda, "cuda_available": torch.cuda.is_available()}
+           "transformers": transformers.__version__, "transformers_from": str(Path(transformers.__file__).parent),
+           "cuda_runtime": torch.version.cuda, "cuda_available": torch.cuda.is_available(), "cpu": platform.processor()}
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         env.update(device=props.name, capability=f"{props.major}.{props.minor}", sms=props.multi_processor_count,
@@ -63,74 +137,87 @@ def environment() -> dict:
     return env
 
 
-def summary(steps: list[dict], kernels: dict | None) -> None:
-    print("\n| step | rc | seconds |\n|---|---|---|")
-    for s in steps:
-        print(f"| {s['step']} | {s['rc']} | {s['seconds']} |")
-    if not kernels:
-        return
-    bw = kernels["copy_bandwidth_GBs"]
-    print(f"\nKernels (copy bandwidth {bw} GB/s): ours vs base, bmm-fp16, gemlite; fraction of copy bandwidth\n")
-    print("| shape | dtype | T | rows/T | ours ms | ours-graph ms | x base | frac bw | bmm / ours | gemlite / ours |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    by = {}
-    for r in kernels["results"]:
-        by.setdefault((r["shape"], r.get("dtype"), r["tenants"], r["rows_per_tenant"]), {})[r["method"]] = r
-    for (shape, dt, t, rpt), m in by.items():
-        ours = m.get("ours-graph") or m.get("ours")
-        if not ours:
-            continue
-        ratio = lambda other: round(m[other]["ms"] / ours["ms"], 2) if other in m else "-"
-        print(f"| {shape} | {dt} | {t} | {rpt} | {m['ours']['ms']} | {m.get('ours-graph', {}).get('ms', '-')} | "
-              f"{ours['x_base']} | {ours['frac_copy_bw']} | {ratio('bmm-fp16')} | {ratio('gemlite')} |")
+class Report:
+    """The check's JSON, rewritten (and copied to $OUT with every step's files) after each step."""
+
+    def __init__(self, path: Path, out: Path | None, env: dict, rehearse: bool, deadline: float) -> None:
+        self.path, self.out = path, out
+        self.data = {"env": env, "rehearsal": rehearse, "deadline_s": deadline, "steps": []}
+        self.files = [path]
+
+    def add(self, record: dict, files: list[Path]) -> None:
+        self.data["steps"].append(record)
+        self.files += [f for f in files if f.is_file() and f not in self.files]
+        self.write()
+
+    def write(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".partial")
+        tmp.write_text(json.dumps(self.data, indent=1) + "\n")
+        os.replace(tmp, self.path)
+        if self.out is not None:
+            self.out.mkdir(parents=True, exist_ok=True)
+            for f in self.files:
+                shutil.copyfile(f, self.out / f.name)
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--no-serving", action="store_true", help="skip the serving benchmark")
+    ap.add_argument("--deadline", type=float, default=DEADLINE_S, help=f"seconds for the whole check (default {DEADLINE_S})")
+    ap.add_argument("--only", default="", help="comma-separated steps to run (default: all)")
+    ap.add_argument("--rehearse", action="store_true", help="no GPU: run each GPU step's CPU stand-in")
+    ap.add_argument("--results", default=str(RESULTS), help="where the JSON goes (default bench/results)")
     args = ap.parse_args(argv)
+    start = time.monotonic()
     py = sys.executable
-    started = time.monotonic()
-    print("=== env", flush=True)
+    left = lambda: args.deadline - (time.monotonic() - start)  # noqa: E731
+    problem = preflight(py, min(PREFLIGHT_S, left()))
+    if problem:
+        print(f"gpu-check: preflight: {problem}", file=sys.stderr)
+        return 2
     env = environment()
     print(json.dumps(env, indent=1), flush=True)
-    if not env["cuda_available"]:
-        print("gpu-check needs a CUDA GPU: none visible", file=sys.stderr)
+    if not env["cuda_available"] and not args.rehearse:
+        print("gpu-check: no CUDA device visible (use --rehearse to check the program without one)", file=sys.stderr)
         return 2
-    import torch
-
-    arch = int(env["capability"].replace(".", ""))
-    slug = re.sub(r"[^a-z0-9]+", "-", env["device"].lower()).strip("-")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    steps = [
-        run("tests", [py, "-m", "pytest", "-q", "-m", "gpu", "tests/kernels", "-p", "no:cacheprovider"], 100),
-        run("tests-core", [py, "-m", "pytest", "-q", "-m", "gpu", "tests/core", "-p", "no:cacheprovider"], 45),
-        run("tests-serving", [py, "-m", "pytest", "-q", "-m", "gpu", "tests/serving", "-p", "no:cacheprovider"], 45),
-        run("compiled", [py, "bench/compiled_kernels.py", "--arch", str(arch),
-                         "--out", str(RESULTS / f"kernels-compiled-sm{arch}.json")], 45),
-        run("kernels", [py, "bench/kernels.py", "--out", str(RESULTS / f"kernels-{slug}.json")], 125),
-    ]
-    if not args.no_serving:
-        steps.append(run("serving", [py, "bench/serving.py", "--preset", "llama2-7b"], 90))
-    kernels_path = RESULTS / f"kernels-{slug}.json"
-    kernels_step = next(s for s in steps if s["step"] == "kernels")
-    kernels = json.loads(kernels_path.read_text()) if kernels_path.is_file() and kernels_step["rc"] == 0 else None
-    report = {"env": env, "steps": steps, "total_seconds": round(time.monotonic() - started, 1),
-              "settings": {"tests": "pytest -m gpu tests/kernels; pytest -m gpu tests/core", "kernel_bench": "bench/kernels.py (GPU defaults)",
-                           "serving_bench": None if args.no_serving else "bench/serving.py --preset llama2-7b"}}
-    out = RESULTS / f"gpu-check-{slug}.json"
-    out.write_text(json.dumps(report, indent=1) + "\n")
-    if os.environ.get("OUT"):
-        dest = Path(os.environ["OUT"])
-        dest.mkdir(parents=True, exist_ok=True)
-        for p in [out, kernels_path, RESULTS / f"kernels-compiled-sm{arch}.json", *RESULTS.glob(f"serving-*{slug}*.json")]:
-            if p.is_file():
-                (dest / p.name).write_bytes(p.read_bytes())
-    summary(steps, kernels)
-    print(f"\nwrote {out} ({report['total_seconds']} s)")
-    failed = [s["step"] for s in steps if s["rc"] != 0]
+    arch = int(env["capability"].replace(".", "")) if env["cuda_available"] else 90
+    slug = re.sub(r"[^a-z0-9]+", "-", env.get("device", "rehearsal-cpu").lower()).strip("-")
+    out = Path(os.environ["OUT"]) if os.environ.get("OUT") else None
+    results = Path(args.results).resolve()
+    report = Report(results / f"gpu-check-{slug}.json", out, env, args.rehearse, args.deadline)
+    report.write()
+    plan = steps(py, slug, arch, results)
+    if args.only:
+        wanted = set(args.only.split(","))
+        unknown = wanted - {s.name for s in plan}
+        if unknown:
+            print(f"gpu-check: --only {','.join(sorted(unknown))}: no such step ({', '.join(s.name for s in plan)})",
+                  file=sys.stderr)
+            return 2
+        plan = [s for s in plan if s.name in wanted]
+    failed = []
+    for step in plan:
+        cmd = step.rehearsal if args.rehearse else step.gpu
+        if cmd is None or left() < 5:
+            report.add({"step": step.name, "rc": None, "seconds": 0, "skipped": "no time left" if cmd else "rehearsal"}, [])
+            failed += [step.name] if cmd else []
+            continue
+        limit = min(step.limit, left() - 2)
+        print(f"\n=== {step.name}: {' '.join(cmd)} (limit {limit:.0f} s)", flush=True)
+        rc, output, seconds = run(cmd, limit)
+        print(output[-4000:], flush=True)
+        report.add({"step": step.name, "rc": rc, "seconds": seconds, "limit_s": round(limit), "command": cmd,
+                    "tail": output[-3000:]}, [Path(f) for f in step.outputs])
+        if rc != 0:
+            failed.append(step.name)
+    report.data["total_seconds"] = round(time.monotonic() - start, 1)
+    report.write()
+    print("\n| step | rc | seconds |\n|---|---|---|")
+    for s in report.data["steps"]:
+        print(f"| {s['step']} | {s['rc'] if s['rc'] is not None else s.get('skipped')} | {s['seconds']} |")
+    print(f"\nwrote {report.path} ({report.data['total_seconds']} s){f' and copied to {out}' if out else ''}")
     if failed:
-        print(f"FAILED steps: {', '.join(failed)}", file=sys.stderr)
+        print(f"gpu-check: failed or cut short: {', '.join(failed)}", file=sys.stderr)
         return 1
     return 0
 

@@ -63,6 +63,11 @@ PRESETS = {
                       system=256),
     "tiny": dict(hidden=64, layers=2, heads=4, kv=2, inter=128, vocab=256, dtype="float32",  # a smoke run (seconds)
                  tenants=[1, 16], batches=[8], requests=24, prompt=(4, 24), gen=(2, 12), rate=500.0, system=32),
+    # What the GPU check runs in its ~2 minutes: Llama-2-7B widths and vocabulary, 8 of its 32 layers
+    # (per-step figures scale with depth; the fraction of the bandwidth limit is what to compare),
+    # deltas storing norms whole but not embeddings/lm_head (16 tenants' files stay ~3 GB).
+    "gpu-fit": dict(hidden=4096, layers=8, heads=32, kv=32, inter=11008, vocab=32000, dtype="float16", whole="norms",
+                    tenants=[1, 16], batches=[16], requests=64, prompt=(8, 256), gen=(8, 64), rate=100.0, system=256),
     "llama2-7b": dict(hidden=4096, layers=32, heads=32, kv=32, inter=11008, vocab=32000, dtype="float16",
                       tenants=[1, 4, 16, 64], batches=[16, 64], requests=256, prompt=(8, 512), gen=(8, 256), rate=50.0,
                       system=1024),
@@ -89,7 +94,8 @@ def build(tmp: Path, p: dict, n_tenants: int, device: str):
     tokenizer.save_pretrained(tmp / "base")
     fp = fingerprint_model(LlamaForCausalLM.from_pretrained(tmp / "base", dtype=getattr(torch, p["dtype"])))
     linears = {n: m.weight.shape for n, m in base.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n}
-    whole = {n: t for n, t in base.state_dict().items() if n.endswith("norm.weight") or n in ("model.embed_tokens.weight", "lm_head.weight")}
+    tables = ("model.embed_tokens.weight", "lm_head.weight") if p.get("whole", "all") == "all" else ()
+    whole = {n: t for n, t in base.state_dict().items() if n.endswith("norm.weight") or n in tables}
     deltas = {}
     for t in range(n_tenants):
         g = torch.Generator().manual_seed(1000 + t)
@@ -293,7 +299,8 @@ def decode_step_bytes(base: LlamaForCausalLM, p: dict, tenants: float, kv_tokens
     size = torch.tensor([], dtype=getattr(torch, p["dtype"])).element_size()
     weights = sum(t.numel() for t in base.parameters()) * size
     linears = sum(m.weight.numel() for n, m in base.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n)
-    per_tenant = linears / 8 + base.lm_head.weight.numel() * size + 2 * p["layers"] * p["hidden"] * size
+    head = base.lm_head.weight.numel() * size if p.get("whole", "all") == "all" else 0  # a whole lm_head per tenant
+    per_tenant = linears / 8 + head + 2 * p["layers"] * p["hidden"] * size
     kv_per_token = 2 * p["layers"] * p["kv"] * (p["hidden"] // p["heads"]) * size
     return weights + tenants * per_tenant + kv_tokens * kv_per_token
 

@@ -1,10 +1,15 @@
-# make gpu-check — every GPU figure in one command, on a bare GPU machine from a clean checkout:
-# installs from the lock (make install), prints device/driver/versions, runs the `gpu`-marked
-# tests, the kernel benchmark at Llama-2-7B shapes, the compiled-resource report for the
-# device's architecture and the serving benchmark at 7B shapes; each step under its own time
-# limit (bench/gpu_check.py). JSON goes to bench/results/ and to $(OUT) when set. Exits
-# non-zero if a test or a step failed. Budget: 8 minutes on one H100/H200.
-.PHONY: gpu-check
+# The GPU check (bench/gpu_check.py). The GPU machine this project is lent has no network and
+# its own python3 (torch, Triton, transformers preinstalled), so the check needs no make and no
+# install there: `make gpu-wheels` here writes .whl/ with the wheels that machine lacks
+# (versions from uv.lock), and the README's one line installs them with pip --no-index and runs
+# the check. `make test` rehearses exactly that under `unshare -n`
+# (tests/install/test_gpu_check_rehearsal.py).
+#
+# make gpu-check: the same check on a GPU machine that has network (installs from the lock).
+.PHONY: gpu-check gpu-wheels
+
+gpu-wheels: $(UV)
+	.uv/bin/python bench/gpu_wheels.py
 
 gpu-check: install
-	PYTHONSAFEPATH=1 PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python bench/gpu_check.py $(GPU_CHECK_ARGS)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python bench/gpu_check.py $(GPU_CHECK_ARGS)
