@@ -10,7 +10,7 @@ warps / sign bytes consumed per iteration).
 the working tree (triton_decode.py, triton_delta.py) at launch_table.DEFAULT's configs.
 Shapes: N = K = 4096, fp16, strides of contiguous tensors (as Triton specializes them).
 
-    python bench/compiled_kernels.py [--arch 90] [--out bench/results/kernels-compiled-sm90.json]
+    python bench/compiled_kernels.py [--arch 90] [--out bench/results/kernels-compiled-sm90-triton<version>.json]
 """
 
 from __future__ import annotations
@@ -120,7 +120,8 @@ def inner_loop(sass: str) -> dict:
     ops = Counter((t.split()[1] if t.startswith("@") else t.split()[0]) for _, t in best)
     loads = {op: c for op, c in ops.items() if op.startswith("LDG")}
     return {"instructions": len(best), "global_loads": loads,
-            "top_ops": dict(ops.most_common(10)), "shared_ops": sum(c for op, c in ops.items() if op.startswith(("LDS", "STS")))}
+            "top_ops": dict(ops.most_common(10)), "shared_ops": sum(c for op, c in ops.items() if op.startswith(("LDS", "STS"))),
+            "barriers": sum(c for op, c in ops.items() if op.startswith("BAR"))}
 
 
 def case(label, fn, pointers, constexprs, num_warps, num_stages, sign_bytes_per_iter, arch, note):
@@ -134,7 +135,7 @@ def case(label, fn, pointers, constexprs, num_warps, num_stages, sign_bytes_per_
            "instructions_per_sign_byte": round(per_byte, 2), "note": note}
     print(f"{label:34s} regs {res['registers']:3d}  spill st/ld {res['spill_store_bytes']}/{res['spill_load_bytes']}  "
           f"smem {res['shared_bytes']:6d}  loop {loop['instructions']:4d} instr  {per_byte:6.2f} instr/sign byte  "
-          f"loads {loop['global_loads']}", flush=True)
+          f"shared ld/st {loop['shared_ops']}  barriers {loop['barriers']}  loads {loop['global_loads']}", flush=True)
     return row
 
 
@@ -189,7 +190,7 @@ def main(argv=None) -> int:
               "method": "triton.compile(ASTSource) for GPUTarget('cuda', arch, 32); cuobjdump --dump-resource-usage, "
                         "ptxas -v on the PTX, SASS inner loop = largest backward-branch loop",
               "kernels": rows}
-    out = Path(args.out or ROOT / "bench" / "results" / f"kernels-compiled-sm{arch}.json")
+    out = Path(args.out or ROOT / "bench" / "results" / f"kernels-compiled-sm{arch}-triton{triton.__version__}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1) + "\n")
     if os.environ.get("OUT"):

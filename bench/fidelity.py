@@ -15,7 +15,7 @@ Served = measured: for each family the distilled delta's eval loss is reported t
 bench/results/fidelity.json.
 
     .venv/bin/python bench/fidelity.py                         (llama; ≤ 10 min on a 2-core CPU)
-    .venv/bin/python bench/fidelity.py --families llama,qwen2,mistral,gemma --recipe test
+    .venv/bin/python bench/fidelity.py --families llama,qwen2,mistral,gemma,gpt_neox --recipe test
         (every family on the test suite's smaller pairs and fast settings: a few minutes)
 """
 
@@ -153,7 +153,7 @@ def table(r: dict) -> str:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--families", default="llama", help="comma-separated: llama,qwen2,mistral,gemma")
+    p.add_argument("--families", default="llama", help="comma-separated: llama,qwen2,mistral,gemma,gpt_neox")
     p.add_argument("--recipe", default="bench", choices=sorted(RECIPES),
                    help="bench: the larger pair (default); test: the test suite's pairs")
     p.add_argument("--steps", type=int, default=200)

@@ -62,7 +62,8 @@ class Step:
     outputs: list[str] = field(default_factory=list)  # files the step writes
 
 
-def steps(py: str, slug: str, arch: int, res: Path) -> list[Step]:
+def steps(py: str, slug: str, arch: int, res: Path, triton: str) -> list[Step]:
+    compiled = f"{res}/kernels-compiled-sm{arch}-triton{triton}.json"
     pytest = [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu"]
     return [
         Step("kernels", 150, [py, "bench/kernels.py", "--out", f"{res}/kernels-{slug}.json"],
@@ -74,9 +75,8 @@ def steps(py: str, slug: str, arch: int, res: Path) -> list[Step]:
              [py, "bench/serving.py", "--preset", "tiny", "--out", f"{res}/serving-{slug}.json"],
              [f"{res}/serving-{slug}.json"]),
         Step("tests-core", 60, [*pytest, "tests/core"], [*pytest, "--collect-only", "tests/core"]),
-        Step("compiled", 60, [py, "bench/compiled_kernels.py", "--arch", str(arch), "--out", f"{res}/kernels-compiled-sm{arch}.json"],
-             [py, "bench/compiled_kernels.py", "--arch", str(arch), "--out", f"{res}/kernels-compiled-sm{arch}.json"],
-             [f"{res}/kernels-compiled-sm{arch}.json"]),
+        Step("compiled", 60, [py, "bench/compiled_kernels.py", "--arch", str(arch), "--out", compiled],
+             [py, "bench/compiled_kernels.py", "--arch", str(arch), "--out", compiled], [compiled]),
     ]
 
 
@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     results = Path(args.results).resolve()
     report = Report(results / f"gpu-check-{slug}.json", out, env, args.rehearse, args.deadline)
     report.write()
-    plan = steps(py, slug, arch, results)
+    plan = steps(py, slug, arch, results, env["triton"])
     if args.only:
         wanted = set(args.only.split(","))
         unknown = wanted - {s.name for s in plan}

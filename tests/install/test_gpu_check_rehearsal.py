@@ -92,7 +92,7 @@ def test_the_gpu_check_runs_offline_on_the_gpu_machines_versions(gpu_machine_pyt
     steps = {s["step"]: s for s in report["steps"]}
     assert list(steps) == ["kernels", "tests-kernels", "tests-serving", "serving", "tests-core", "compiled"]
     assert all(s["rc"] == 0 for s in steps.values()), {n: s.get("tail", "")[-500:] for n, s in steps.items() if s["rc"]}
-    assert {"kernels-rehearsal-cpu.json", "serving-rehearsal-cpu.json", "kernels-compiled-sm90.json"} <= {
+    assert {"kernels-rehearsal-cpu.json", "serving-rehearsal-cpu.json", f"kernels-compiled-sm90-triton{gpu_wheels.GPU_MACHINE['triton']}.json"} <= {
         p.name for p in out.iterdir()}
 
 
