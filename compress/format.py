@@ -43,6 +43,11 @@ class DeltaError(ValueError):
     """A delta that cannot be used; the message is one line that says what and where."""
 
 
+class DeltaMissing(DeltaError):
+    """No file at the path (yet): a replica retries this one (a network volume may show it
+    late); everything else a DeltaError says is wrong with the file itself."""
+
+
 @dataclass
 class Delta:
     base_model: str
@@ -258,7 +263,7 @@ def _existing(path: str | os.PathLike) -> Path:
             return p / DELTA_FILE
         raise DeltaError(f"{p}: a folder without {DELTA_FILE} (give the delta file or the folder compress wrote)")
     if not p.is_file():
-        raise DeltaError(f"{p}: no such delta file")
+        raise DeltaMissing(f"{p}: no such delta file")
     return p
 
 

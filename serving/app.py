@@ -15,6 +15,7 @@ import asyncio
 import hmac
 import json
 import os
+import threading
 import time
 
 from fastapi import FastAPI, Request
@@ -124,6 +125,20 @@ def _replica_id() -> str:
         return f"pid-{os.getpid()}"
 
 
+async def submitted(submit):
+    """`submit(abandoned)` (tokenize + queue, on a worker thread) awaited so that a client who
+    leaves meanwhile never gets its request run: the thread cannot be stopped, so the engine
+    checks `abandoned()` after tokenizing, before queueing."""
+    gone = threading.Event()
+    fut = asyncio.ensure_future(asyncio.to_thread(submit, gone.is_set))
+    try:
+        return await asyncio.shield(fut)
+    except asyncio.CancelledError:
+        gone.set()
+        fut.add_done_callback(lambda f: f.result().cancel() if not f.cancelled() and f.exception() is None else None)
+        raise
+
+
 @serve.deployment(name="DeltaServer", max_ongoing_requests=256, health_check_period_s=10)
 @serve.ingress(api)
 class DeltaServer:
@@ -185,10 +200,9 @@ class DeltaServer:
 
     def check_health(self) -> None:
         """Ray replaces a replica whose health check raises."""
-        if not self.engine._thread.is_alive():
-            raise RuntimeError("the engine's decode loop has stopped")
-        if self.engine.device_error:  # e.g. an illegal memory access: every later step would fail too
-            raise RuntimeError(f"device error, the replica must be replaced: {self.engine.device_error}")
+        problem = self.engine.problem()  # a dead thread, an unexpected loop error, a sticky device error
+        if problem:
+            raise RuntimeError(problem)
         self.metrics.bank(self.engine.bank.stats())
 
     # ---- API ---------------------------------------------------------------------------
@@ -250,11 +264,12 @@ class DeltaServer:
         tenant = BASE_TENANT if body.model in self.base_names else body.model
         loop = asyncio.get_running_loop()
 
-        def submit():
-            return self.engine.submit(tenant, prompt() if callable(prompt) else prompt, body.sampling(default_max_tokens), loop=loop)
+        def submit(abandoned):
+            return self.engine.submit(tenant, prompt() if callable(prompt) else prompt, body.sampling(default_max_tokens),
+                                      loop=loop, abandoned=abandoned)
 
         try:
-            stream = await asyncio.to_thread(submit)
+            stream = await submitted(submit)
         except EngineError as e:  # unknown names are not recorded as a tag (unbounded cardinality)
             self._record("<unknown>" if e.status == 404 else body.model, e.type, 0, 0, t0, None)
             return _error(e)
@@ -273,7 +288,8 @@ class DeltaServer:
             text, last = [first.text], first
             try:
                 async for ev in events:
-                    if ev.error:
+                    if ev.error:  # failed mid-generation: counted as that error, not lost from the metrics
+                        self._record(body.model, ev.error.type, last.prompt_tokens, last.completion_tokens, t0, ttft)
                         return _error(ev.error)
                     text.append(ev.text)
                     last = ev

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import logging
 import threading
 import time
 from collections import OrderedDict
@@ -34,7 +35,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from deltafleet.compress.format import Delta, DeltaError, check_against_model, load_delta
+from deltafleet.compress.format import Delta, DeltaError, DeltaMissing, check_against_model, load_delta
 from deltafleet.compress.linears import block_lists
 
 from .layers import DeltaLinear, embedding_supports_1bit, small_param_modules
@@ -42,6 +43,7 @@ from .slot_pool import SlotPool
 
 LOADING, READY, FAILED = "loading", "ready", "failed"
 MAX_SLOTS = 256
+log = logging.getLogger("deltafleet.serving")
 
 
 @dataclass
@@ -55,6 +57,18 @@ class Tenant:
     # Unique per registration in this process: a tenant re-registered under its name (a new
     # delta) gets a new one, so K/V computed with the old delta is never reused for the new.
     registration: int = field(default_factory=itertools.count(1).__next__)
+    attempts: int = 0  # failed reads or device copies in a row (transient: retried with backoff)
+    retry_at: float = 0.0  # no device copy before this time (after a failed one)
+
+
+# A read or device copy that fails for a reason that may pass (a file briefly missing on a
+# network volume, an I/O error, CUDA out of memory while tables grow) is retried with backoff;
+# only a delta that fails verification (format, hash, base fingerprint, shapes) is FAILED.
+RETRY_FIRST_S, RETRY_MAX_S = 0.5, 30.0
+
+
+def retry_delay(attempts: int) -> float:
+    return min(RETRY_MAX_S, RETRY_FIRST_S * 2 ** (attempts - 1))
 
 
 class DeltaBank:
@@ -166,6 +180,8 @@ class DeltaBank:
                 self.device_lru.move_to_end(name)
                 self.counters["device_hits"] += 1
                 return t.slot
+            if time.monotonic() < t.retry_at:  # its last device copy failed: not yet
+                return None
             slot = self._free_or_evictable_slot()
             if slot is None:
                 return None  # every slot is pinned by running sequences: wait for one to finish
@@ -238,18 +254,45 @@ class DeltaBank:
             return
         try:
             delta = self._read(t.path)
-        except (DeltaError, OSError, RuntimeError, ValueError) as e:
+        except DeltaMissing as e:  # not there (yet): as transient as an I/O error
+            self._retry_read(t, name, e)
+            return
+        except (DeltaError, ValueError) as e:  # the file is read and wrong: retrying cannot help
             with self._lock:
                 if self.tenants.get(name) is t:
                     t.status, t.error = FAILED, str(e)
             self.on_change()
             return
+        except (OSError, RuntimeError) as e:  # may pass: stay LOADING, say why, try again later
+            self._retry_read(t, name, e)
+            return
         with self._lock:
             if self.tenants.get(name) is not t:
                 return
             self._put_warm(name, delta)
-            t.status = READY
+            t.status, t.error, t.attempts = READY, None, 0
         self.on_change()
+
+    def _retry_read(self, t: Tenant, name: str, e: Exception) -> None:
+        with self._lock:
+            if self.tenants.get(name) is not t:
+                return
+            t.attempts += 1
+            delay = retry_delay(t.attempts)
+            t.error = f"read failed (attempt {t.attempts}), retrying in {delay:.1f}s: {e}"
+        log.warning("tenant %s: %s", name, t.error)
+        self._later(delay, self._verify_into_cpu, name)
+        self.on_change()
+
+    def _later(self, delay: float, fn, *args) -> None:
+        """Run fn on the loader thread after `delay` (nothing once the bank is closed)."""
+        def submit():
+            with contextlib.suppress(RuntimeError):  # the loader was shut down meanwhile
+                self._loader.submit(fn, *args)
+
+        timer = threading.Timer(delay, submit)
+        timer.daemon = True
+        timer.start()
 
     def _put_warm(self, name: str, delta: Delta) -> None:
         if self.device.type == "cuda":
@@ -276,12 +319,24 @@ class DeltaBank:
                 with self._lock:
                     self._put_warm(name, delta)
             self._fill_slot(slot, delta)
-        except (DeltaError, OSError, RuntimeError, ValueError) as e:
+        except (DeltaError, ValueError) as e:
             with self._lock:
                 if t is not None and self.tenants.get(name) is t:
                     t.status, t.error = FAILED, str(e)
                 if self.slot_owner[slot] is t:
                     self._free_slot(slot)
+            self.on_change()
+            return
+        except (OSError, RuntimeError) as e:  # e.g. CUDA OOM, a re-read failing: copied again later
+            with self._lock:
+                if self.slot_owner[slot] is t:
+                    self._free_slot(slot)
+                if t is not None and self.tenants.get(name) is t:
+                    t.attempts += 1
+                    delay = retry_delay(t.attempts)
+                    t.retry_at = time.monotonic() + delay
+                    t.error = f"device copy failed (attempt {t.attempts}), retrying in {delay:.1f}s: {e}"
+                    log.warning("tenant %s: %s", name, t.error)
             self.on_change()
             return
         with self._lock:
@@ -293,6 +348,7 @@ class DeltaBank:
             self.slot_overrides[slot] = {n.rpartition(".")[0] for n in delta.whole} & set(self.param_stacks)
             self.slot_ready[slot] = True
             self.device_lru[name] = slot
+            t.attempts, t.error = 0, None
         self.on_change()
 
     @torch.inference_mode()

@@ -74,6 +74,13 @@ class TenantUnavailable(EngineError):
     status, type = 503, "tenant_unavailable"
 
 
+class EngineStopped(EngineError):
+    """The engine's own failure (a thread died on an unexpected error): Ray's health check then
+    replaces the replica; until it does, every request gets this."""
+
+    status, type = 503, "engine_unavailable"
+
+
 class RequestStream:
     """What `submit` returns: iterate (sync or async) over Events; `cancel()` when the client leaves."""
 
@@ -213,6 +220,7 @@ class Engine:
         self.counters = {"preemptions": 0, "prefill_tokens": 0, "decode_tokens": 0, "failed_steps": 0, "fixed_shape_steps": 0,
                          "overlapped_steps": 0, "prefix_cached_tokens": 0}
         self.device_error: str | None = None  # a sticky device error: the replica must be replaced
+        self.failure: str | None = None  # the decode loop died on an unexpected error
         self._inflight: InFlight | None = None  # the last fixed-shape step, until its tokens are read
         self._cached_since_step = 0  # prompt tokens admissions took from the prefix cache, for StepStats
         self._ids = itertools.count()
@@ -279,8 +287,14 @@ class Engine:
         prompt: str | list[int],
         params: SamplingParams | None = None,
         loop: asyncio.AbstractEventLoop | None = None,
+        abandoned: Callable[[], bool] | None = None,
     ) -> RequestStream:
+        """Tokenize and queue a request. `abandoned`: checked once the prompt is tokenized, before
+        the request is queued — true when the caller no longer wants it (it is then never run)."""
         params = params or SamplingParams()
+        problem = self.problem()
+        if problem:
+            raise EngineStopped(f"this replica cannot serve: {problem}")
         if tenant is not BASE_TENANT:
             t = self.bank.status(tenant)
             if t is None:
@@ -306,6 +320,9 @@ class Engine:
         seq = Sequence(next(self._ids), tenant, ids, params, stream, seed=seed,
                        out=Emission(stream, params, len(ids), IncrementalText(self.tokenizer)))
         with self._cv:
+            if abandoned is not None and abandoned():  # the client left while its prompt was tokenized
+                stream.cancel()
+                return stream
             if len(self.pending) >= self.max_queue:
                 raise Overloaded(f"queue is full ({self.max_queue} waiting requests); retry later")
             self.pending.append(seq)
@@ -347,18 +364,38 @@ class Engine:
             self._cv.notify()
 
     def _loop(self) -> None:
-        while True:
-            with self._cv:
-                if self._stop:
-                    break
-                if not self.running:
-                    self._cv.wait(timeout=0.05 if self.pending else 0.5)
-                waiting = list(self.pending)
-            with torch.inference_mode():
-                self._admit(waiting)
-                if self.running:
-                    self._step()
+        try:
+            while True:
+                with self._cv:
+                    if self._stop:
+                        break
+                    if not self.running:
+                        self._cv.wait(timeout=0.05 if self.pending else 0.5)
+                    waiting = list(self.pending)
+                if self.output.failure:  # its streams would never end: stop serving, say why
+                    raise RuntimeError(self.output.failure)
+                with torch.inference_mode():
+                    self._admit(waiting)
+                    if self.running:
+                        self._step()
+        except Exception as e:  # noqa: BLE001 - admission, planning, bookkeeping: the loop must not die silently
+            log.exception("decode loop: unexpected error; failing every request and the health check")
+            self.failure = f"decode loop stopped: {type(e).__name__}: {e}"
+            self._fail_all(EngineStopped(self.failure))
+            return
         self._fail_all(TenantUnavailable("engine is shutting down"))
+
+    def problem(self) -> str | None:
+        """Why this engine cannot serve (the health check's answer), or None."""
+        if self.failure:
+            return self.failure
+        if not self._thread.is_alive() and not self._stop:
+            return "the decode loop has stopped"
+        if self.output.failure:
+            return self.output.failure
+        if self.device_error:
+            return f"device error, the replica must be replaced: {self.device_error}"
+        return None
 
     def _admit(self, waiting: list[Sequence]) -> None:
         now = time.monotonic()
@@ -633,7 +670,11 @@ class Engine:
 
     def _fail_all(self, error: EngineError) -> None:
         self._inflight = None
-        self.output.put([End(seq.out, Event("", [], error=error)) for seq in self.running])
+        if self.output.failure:  # nobody drains the output queue any more: end the streams here
+            for seq in self.running:
+                seq.stream.put(Event("", [], error=error))
+        else:
+            self.output.put([End(seq.out, Event("", [], error=error)) for seq in self.running])
         self._drop(list(self.running))
         with self._cv:
             waiting, self.pending = list(self.pending), deque()

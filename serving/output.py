@@ -70,6 +70,7 @@ class End:
 class OutputThread:
     def __init__(self, error: type[Exception]) -> None:
         self.error = error  # the engine's EngineError: what the API turns into an OpenAI error
+        self.failure: str | None = None  # set if the thread itself stopped on an unexpected error
         self._q: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._loop, name="deltafleet-output", daemon=True)
         self._thread.start()
@@ -85,17 +86,21 @@ class OutputThread:
         self._thread.join(timeout)
 
     def _loop(self) -> None:
-        while (items := self._q.get()) is not None:
-            for item in items:
-                try:
-                    if isinstance(item, End):
-                        self._end(item.out, item.event)
-                    else:
-                        self._token(item)
-                except Exception as e:  # a tokenizer failure ends that request only
-                    log.exception("output thread: streaming a token failed")
-                    item.out.stopped = True  # the decode thread drops its row at the next step
-                    self._end(item.out, Event("", [], error=self.error(f"detokenization failed: {type(e).__name__}: {e}")))
+        try:
+            while (items := self._q.get()) is not None:
+                for item in items:
+                    try:
+                        if isinstance(item, End):
+                            self._end(item.out, item.event)
+                        else:
+                            self._token(item)
+                    except Exception as e:  # a tokenizer failure ends that request only
+                        log.exception("output thread: streaming a token failed")
+                        item.out.stopped = True  # the decode thread drops its row at the next step
+                        self._end(item.out, Event("", [], error=self.error(f"detokenization failed: {type(e).__name__}: {e}")))
+        except Exception as e:  # noqa: BLE001 - outside one item's handling: say so rather than die silently
+            log.exception("output thread: unexpected error; the replica's health check now fails")
+            self.failure = f"output thread stopped: {type(e).__name__}: {e}"
 
     def _end(self, out: Emission, event: Event) -> None:
         if not out.ended:

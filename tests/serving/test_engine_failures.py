@@ -1,0 +1,193 @@
+"""No engine thread dies silently (issue: the engine under pressure, point 5): an unexpected
+error outside a step's own handling fails every open request with an OpenAI-shaped error,
+makes the replica's health check fail (so Ray replaces it), and makes `submit` refuse."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from deltafleet.serving.engine import Engine, EngineStopped
+from deltafleet.serving.sampling import SamplingParams
+
+GREEDY = SamplingParams(max_tokens=8, temperature=0)
+
+
+def _events(stream, timeout=30.0):
+    """Every event of a stream, failing the test instead of hanging if it never ends."""
+    out, done = [], threading.Event()
+
+    def read():
+        out.extend(stream)
+        done.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    assert done.wait(timeout), f"the stream never ended ({len(out)} events)"
+    return out
+
+
+@pytest.fixture
+def engine(toy):
+    eng = Engine(str(toy.base_dir), device="cpu", dtype="float32", max_batch_size=4)
+    eng.set_tenants(toy.deltas)
+    eng.wait_ready()
+    yield eng
+    eng.close()
+
+
+def test_an_error_in_the_step_callback_fails_open_requests_the_health_check_and_new_submits(engine):
+    def broken(stats):
+        raise ValueError("metrics backend is down")
+
+    engine.on_step = broken
+    events = _events(engine.submit("team-a/alpha", "def add(a, b):", GREEDY))
+    assert isinstance(events[-1].error, EngineStopped) and "metrics backend is down" in str(events[-1].error)
+    assert events[-1].error.status == 503
+    assert "decode loop stopped: ValueError" in engine.problem()
+    with pytest.raises(EngineStopped, match="cannot serve"):
+        engine.submit(None, "x", GREEDY)
+
+
+def test_an_error_in_admission_fails_the_waiting_request_instead_of_hanging_it(engine, monkeypatch):
+    def broken(waiting):
+        raise KeyError("scheduler bookkeeping")
+
+    monkeypatch.setattr(engine, "_admit", broken)
+    events = _events(engine.submit(None, "def add(a, b):", GREEDY))
+    assert isinstance(events[-1].error, EngineStopped)
+    assert engine.problem()
+
+
+def test_the_output_thread_stopping_fails_streams_and_the_health_check(engine, monkeypatch):
+    def token_fails(item):
+        raise ValueError("tokenizer exploded")
+
+    def end_fails(out, event):  # ... and so does ending that request: outside any one item's handling
+        raise RuntimeError("queue broken")
+
+    monkeypatch.setattr(engine.output, "_token", token_fails)
+    monkeypatch.setattr(engine.output, "_end", end_fails)
+    events = _events(engine.submit("team-b/gamma", "Serving many fine-tuned", GREEDY))
+    assert events[-1].error is not None
+    assert "output thread stopped: RuntimeError: queue broken" in engine.problem()
+    with pytest.raises(EngineStopped):
+        engine.submit(None, "x", GREEDY)
+
+
+def test_a_sticky_device_error_fails_the_health_check(toy, monkeypatch):
+    from deltafleet.serving.app import DeltaServer
+
+    eng = Engine(str(toy.base_dir), device="cpu", dtype="float32", max_batch_size=4)
+    try:
+        def illegal(*args, **kwargs):
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+        monkeypatch.setattr(eng.model, "forward", illegal)
+        events = _events(eng.submit(None, "def add(a, b):", GREEDY))
+        assert events[-1].error is not None
+        assert "device error" in eng.problem()
+        from types import SimpleNamespace
+
+        replica = SimpleNamespace(engine=eng)  # the deployment's own health check, on this engine
+        with pytest.raises(RuntimeError, match="illegal memory access"):
+            DeltaServer.func_or_class.check_health(replica)
+    finally:
+        eng.close()
+
+
+def test_a_client_who_leaves_while_its_prompt_is_tokenized_costs_no_step(engine, monkeypatch):
+    """The API tokenizes on a worker thread (`submitted`); a client gone meanwhile must not leave
+    a request generating for nobody (before: 247 tokens for a chat nobody read)."""
+    import asyncio
+
+    from deltafleet.serving.app import submitted
+
+    steps, original = [], engine.encode
+
+    def slow_encode(prompt):
+        time.sleep(0.5)  # a long prompt's tokenization
+        return original(prompt)
+
+    monkeypatch.setattr(engine, "encode", slow_encode)
+    engine.on_step = steps.append
+
+    async def client_leaves():
+        task = asyncio.ensure_future(submitted(lambda gone: engine.submit(None, "def add(a, b):", GREEDY, abandoned=gone)))
+        await asyncio.sleep(0.1)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.sleep(1.0)  # the worker thread finishes submitting; the engine would run it now
+
+    asyncio.run(client_leaves())
+    assert sum(s.sequences for s in steps) == 0, steps
+    assert not engine.running and not engine.pending
+
+
+def test_an_errored_stream_ends_with_the_error_event_and_no_done(engine):
+    """SSE: a request that fails mid-stream gets an OpenAI error object as its last event, and
+    no `[DONE]` (a client must not read a cut answer as complete); it is counted as that error."""
+    import asyncio
+    import json
+    from types import SimpleNamespace
+
+    from deltafleet.serving.app import DeltaServer
+    from deltafleet.serving.engine import TenantUnavailable
+    from deltafleet.serving.openai_api import completion_body
+    from deltafleet.serving.output import Event
+
+    recorded = []
+    replica = SimpleNamespace(_record=lambda *a: recorded.append(a))
+    stream = SimpleNamespace(cancel=lambda: None)
+    events = [Event("b", [5]), Event("", [], error=TenantUnavailable("model 'm' was removed"))]
+
+    async def aiter():
+        for ev in events:
+            yield ev
+
+    body = SimpleNamespace(model="m", include_usage=False)
+
+    async def collect():
+        gen = DeltaServer.func_or_class._sse(replica, stream, aiter(), Event("a", [4]), "id", body, completion_body, 0.0, 0.1)
+        return [chunk async for chunk in gen]
+
+    chunks = asyncio.run(collect())
+    assert "[DONE]" not in "".join(chunks)
+    last = json.loads(chunks[-1].removeprefix("data: "))
+    assert last["error"]["type"] == "tenant_unavailable" and "removed" in last["error"]["message"]
+    assert recorded and recorded[-1][1] == "tenant_unavailable"
+
+
+def test_a_delta_briefly_missing_is_retried_and_served_a_corrupt_one_fails_at_once(toy, engine, tmp_path):
+    """A read that may pass (a file not yet visible on a network volume) is retried with backoff
+    and shown in the status; only a delta that fails verification is FAILED."""
+    import shutil
+
+    from deltafleet.serving.bank import FAILED, LOADING, READY
+
+    late = tmp_path / "late.safetensors"
+    engine.bank.register("team-c/late", late)
+    deadline = time.monotonic() + 10
+    while "retrying" not in (engine.bank.status("team-c/late").error or ""):
+        assert time.monotonic() < deadline, engine.bank.status("team-c/late")
+        time.sleep(0.05)
+    t = engine.bank.status("team-c/late")
+    assert t.status == LOADING and "no such delta file" in t.error
+    shutil.copyfile(toy.deltas["team-a/alpha"], late)  # the file appears
+    while engine.bank.status("team-c/late").status != READY:
+        assert time.monotonic() < deadline + 20, engine.bank.status("team-c/late")
+        time.sleep(0.05)
+    assert engine.bank.status("team-c/late").error is None
+    out = engine.generate("team-c/late", "def add(a, b):", GREEDY)
+    assert out.text == engine.generate("team-a/alpha", "def add(a, b):", GREEDY).text  # same delta, same answer
+
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(late.read_bytes()[:-100])
+    engine.bank.register("team-c/corrupt", corrupt)
+    while engine.bank.status("team-c/corrupt").status == LOADING:
+        assert time.monotonic() < deadline + 30
+        time.sleep(0.05)
+    assert engine.bank.status("team-c/corrupt").status == FAILED
+    assert engine.bank.status("team-c/corrupt").attempts == 0
