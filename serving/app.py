@@ -45,6 +45,8 @@ async def _bad_request(request: Request, exc: RequestValidationError):
                             status_code=400)
     loc = ".".join(str(p) for p in err["loc"] if p != "body")
     msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "unsupported":  # a model-level refusal names its field itself
+        return JSONResponse(error_body(msg, "invalid_request_error", 400, err["ctx"]["field"]), status_code=400)
     return JSONResponse(error_body(f"{loc}: {msg}" if loc else msg, "invalid_request_error", 400, loc or None), status_code=400)
 
 
@@ -125,6 +127,15 @@ def _replica_id() -> str:
         return f"pid-{os.getpid()}"
 
 
+def _authorization(request: Request) -> str:
+    """The request's one Authorization header ("" when none). Two are refused: which key the
+    caller meant is ambiguous, and a proxy that adds one must not decide whose key counts."""
+    values = request.headers.getlist("authorization")
+    if len(values) > 1:
+        raise Unauthorized(f"{len(values)} Authorization headers: send exactly one")
+    return values[0] if values else ""
+
+
 async def submitted(submit):
     """`submit(abandoned)` (tokenize + queue, on a worker thread) awaited so that a client who
     leaves meanwhile never gets its request run: the thread cannot be stopped, so the engine
@@ -178,8 +189,7 @@ class DeltaServer:
         Raises Unauthorized (401) for a missing or unknown key."""
         if self.args.auth == "none":
             return None
-        header = request.headers.get("authorization", "")
-        scheme, _, key = header.partition(" ")
+        scheme, _, key = _authorization(request).partition(" ")
         if scheme.lower() != "bearer" or not key.strip():
             raise Unauthorized("no API key: send `Authorization: Bearer <key>`")
         allowed = self.key_tenants.get(key_digest(key.strip()))
@@ -191,7 +201,10 @@ class DeltaServer:
         """Open without auth; with auth: keys only the pool status key (never a tenant's key)."""
         if self.args.auth == "none":
             return True
-        scheme, _, key = request.headers.get("authorization", "").partition(" ")
+        try:
+            scheme, _, key = _authorization(request).partition(" ")
+        except Unauthorized:
+            return False
         want = self.status_key_sha256
         return bool(want) and scheme.lower() == "bearer" and bool(key.strip()) and hmac.compare_digest(key_digest(key.strip()), want)
 

@@ -128,8 +128,13 @@ class TenantSpec(BaseModel):
     def _digests(cls, v: list[str]) -> list[str]:
         for d in v:
             if not SHA256_HEX.fullmatch(d):
-                raise ValueError(f"key_sha256 entries must be 64 lowercase hex characters (a sha256 digest), got {d[:80]!r}")
+                raise ValueError(f"key_sha256 entries must be 64 lowercase hex characters (a sha256 digest), got "
+                                 f"{len(d)} characters that are not one{_KEY_HINT}")
         return v
+
+
+# The value is never echoed: what lands in a digest field by mistake is most often the key itself.
+_KEY_HINT = " (if that is an API key, store its sha256 instead: printf %s KEY | sha256sum)"
 
 
 def key_digest(key: str) -> str:
@@ -149,7 +154,8 @@ class TenantsConfig(BaseModel):
     @classmethod
     def _status_digest(cls, v: str | None) -> str | None:
         if v is not None and not SHA256_HEX.fullmatch(v):
-            raise ValueError(f"status_key_sha256 must be 64 lowercase hex characters (a sha256 digest), got {v[:80]!r}")
+            raise ValueError(f"status_key_sha256 must be 64 lowercase hex characters (a sha256 digest), got "
+                             f"{len(v)} characters that are not one{_KEY_HINT}")
         return v
 
     @field_validator("tenants")

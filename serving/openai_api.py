@@ -1,11 +1,15 @@
 """The OpenAI-compatible surface: request models, response/chunk shapes and the error shape.
 
-Pure functions and pydantic models (no Ray), so they are testable on their own. Fields the
-engine does not implement are accepted and ignored when harmless (user, metadata, ...) and
-refused with a 400 naming the field when they would change the answer (n > 1, echo,
-logprobs, top_logprobs, best_of, logit_bias, suffix): OpenAI's own rule is to refuse what it
-cannot honour. Implemented: temperature, top_p, top_k (vLLM's extension), presence and
-frequency penalties, stop, seed, stream with stream_options.include_usage.
+Pure functions and pydantic models (no Ray), so they are testable on their own. No field is
+silently ignored unless ignoring it leaves the answer unchanged (HARMLESS: user, metadata,
+store, cache and routing hints). Every other field the engine does not implement is refused
+with a 400 whose `param` names it, when set to anything but its no-op value (n > 1, echo,
+logprobs, top_logprobs, best_of, logit_bias, suffix, tools, tool_choice, functions,
+response_format other than text, audio, modalities other than text, non-text content parts,
+and any field this server does not know): OpenAI's own rule is to refuse what it cannot
+honour. Implemented: temperature, top_p, top_k (vLLM's extension), presence and frequency
+penalties, stop, seed, max_tokens and chat's max_completion_tokens, stream with
+stream_options.include_usage.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import uuid
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from .sampling import MAX_STOP, SamplingParams
 
@@ -35,8 +40,18 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+# Fields whose value cannot change the answer here: accepted and ignored.
+HARMLESS = frozenset({"user", "metadata", "store", "service_tier", "prompt_cache_key", "prompt_cache_options",
+                      "prompt_cache_retention", "safety_identifier", "parallel_tool_calls"})
+
+
+def unsupported(field: str, detail: str = "") -> PydanticCustomError:
+    """A refusal whose `param` is the field (a model validator's error has no location of its own)."""
+    return PydanticCustomError("unsupported", "{field} is not supported by this server" + detail, {"field": field})
+
+
 class _Common(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")  # unknown fields are refused by name below, not dropped
 
     model: str = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
@@ -67,19 +82,30 @@ class _Common(BaseModel):
 
     @model_validator(mode="after")
     def _unsupported(self):
-        refused = [name for name, bad in (
+        for name, bad in (
             ("logprobs", self.logprobs not in (None, False, 0)),
             ("top_logprobs", self.top_logprobs not in (None, 0)),
             ("logit_bias", bool(self.logit_bias)),
-        ) if bad]
-        if refused:
-            raise ValueError(f"{refused[0]} is not supported by this server")
+        ):
+            if bad:
+                raise unsupported(name)
+        unknown = sorted(set(self.model_extra or {}) - HARMLESS - self._refused_here())
+        if unknown:
+            raise unsupported(unknown[0], " (unknown field)")
         return self
+
+    @classmethod
+    def _refused_here(cls) -> set[str]:
+        """Extra fields a subclass refuses itself, with a better message."""
+        return set()
+
+    def token_limit(self) -> int | None:
+        return self.max_tokens
 
     def sampling(self, default_max_tokens: int | None) -> SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         return SamplingParams(
-            max_tokens=self.max_tokens or default_max_tokens, temperature=self.temperature,
+            max_tokens=self.token_limit() or default_max_tokens, temperature=self.temperature,
             top_p=self.top_p, top_k=max(0, self.top_k or 0), presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty, stop=[s for s in stop if s], seed=self.seed,
         )
@@ -108,7 +134,7 @@ class CompletionRequest(_Common):
     def _unsupported_completion(self):
         for name, bad in (("echo", self.echo), ("best_of", self.best_of not in (None, 1)), ("suffix", bool(self.suffix))):
             if bad:
-                raise ValueError(f"{name} is not supported by this server")
+                raise unsupported(name)
         return self
 
 
@@ -129,8 +155,42 @@ class ChatMessage(BaseModel):
         return v
 
 
+# Chat fields that change the answer, refused unless at their no-op value.
+_CHAT_NOOP = {"tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []), "function_call": (None, "none"),
+              "audio": (None,), "prediction": (None,), "web_search_options": (None,), "reasoning_effort": (None,),
+              "verbosity": (None,), "moderation": (None,)}
+
+
 class ChatRequest(_Common):
     messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    response_format: dict[str, Any] | None = None
+    modalities: list[str] | None = None
+
+    @classmethod
+    def _refused_here(cls) -> set[str]:
+        return set(_CHAT_NOOP)
+
+    @model_validator(mode="after")
+    def _unsupported_chat(self):
+        extra = self.model_extra or {}
+        for name, noop in _CHAT_NOOP.items():
+            if name in extra and extra[name] not in noop:
+                raise unsupported(name)
+        if self.response_format is not None and self.response_format.get("type") != "text":
+            raise unsupported("response_format", " (only {\"type\": \"text\"})")
+        if self.modalities not in (None, ["text"]):
+            raise unsupported("modalities", " (only [\"text\"])")
+        for i, m in enumerate(self.messages):
+            for j, part in enumerate(m.content if isinstance(m.content, list) else []):
+                if part.get("type") != "text":
+                    raise unsupported(f"messages.{i}.content.{j}", f" (a {part.get('type')!r} part: only text parts)")
+        if self.max_tokens and self.max_completion_tokens and self.max_tokens != self.max_completion_tokens:
+            raise unsupported("max_tokens", " together with a different max_completion_tokens (which replaces it: send one)")
+        return self
+
+    def token_limit(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
 
 
 def chat_prompt(tokenizer, messages: list[ChatMessage]) -> str | list[int]:
