@@ -165,6 +165,8 @@ class DeltaServer:
             gpu_bank_bytes=a.gpu_bank_bytes, cpu_bank_bytes=a.cpu_bank_bytes, load_timeout_s=a.load_timeout_s,
             kv_cache_bytes=a.kv_cache_bytes, block_size=a.kv_block_size, max_step_tokens=a.max_step_tokens,
             decode_mode=a.decode_mode, prefix_caching=a.prefix_caching, on_step=self.metrics.step,
+            queue_timeout_s=a.queue_timeout_s, max_queue_per_tenant=a.max_queue_per_tenant,
+            kv_growth_horizon=a.kv_growth_horizon,
         )
         self.base_names = (a.pool, *BASE_ALIASES)
         self.uris: dict[str, str] = {}

@@ -89,6 +89,10 @@ class AppArgs(BaseModel):
     store_root: str | None = Field(None, description="delta URIs must resolve inside this folder")
     max_request_bytes: int = Field(4 << 20, ge=1024, description="larger request bodies get a 413")
     load_timeout_s: float = Field(120.0, gt=0, description="how long a request waits for its tenant to load")
+    queue_timeout_s: float = Field(300.0, gt=0, description="how long a request waits for a batch row (then 429)")
+    max_queue_per_tenant: int | None = Field(None, ge=1, description="one tenant's share of max_queue (default: half)")
+    kv_growth_horizon: int = Field(256, ge=0, description="tokens of each admitted sequence's growth that admission "
+                                   "reserves KV for: new work waits rather than preempting running work")
     auth: Literal["keys", "none"] = Field(
         "keys", description="keys: a request needs `Authorization: Bearer <key>` and reaches only the tenants whose "
         "key_sha256 holds that key's digest (the base: any valid key); none: no authentication, for local use")

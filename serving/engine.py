@@ -45,11 +45,14 @@ from .detokenize import IncrementalText
 from .output import Emission, End, Event, OutputThread, Token
 from .paged_kv import KVPool, PagedContext, StepLayout, attach
 from .sampling import SamplingParams, as_int64, next_tokens
-from .scheduler import SeqView, plan_step
+from .scheduler import SeqView, admission_order, blocks_to_finish, plan_step
 from .served import build_served_model
 
 log = logging.getLogger("deltafleet.serving")
 BASE_TENANT = None  # the tenant value meaning "the base model itself"
+# Admission reserves KV blocks for up to this many more tokens of each admitted sequence, so
+# sequences admitted together can decode that far without preempting each other.
+KV_GROWTH_HORIZON = 256
 
 
 class EngineError(Exception):
@@ -178,6 +181,9 @@ class Engine:
         gpu_bank_bytes: int = 4 << 30,
         cpu_bank_bytes: int = 16 << 30,
         load_timeout_s: float = 120.0,
+        queue_timeout_s: float = 300.0,
+        max_queue_per_tenant: int | None = None,
+        kv_growth_horizon: int = KV_GROWTH_HORIZON,
         kv_cache_bytes: int | None = None,
         block_size: int = 16,
         max_step_tokens: int = 512,
@@ -192,6 +198,9 @@ class Engine:
         self.model, self.tokenizer, self.ctx, self.bank = served.model, served.tokenizer, served.ctx, served.bank
         self.fingerprint = served.fingerprint
         self.max_batch_size, self.max_queue, self.load_timeout_s = max_batch_size, max_queue, load_timeout_s
+        self.max_queue_per_tenant = max_queue_per_tenant or max(1, max_queue // 2)
+        self.queue_timeout_s = queue_timeout_s
+        self.kv_growth_horizon = kv_growth_horizon  # tokens of growth admission reserves per sequence
         self.max_step_tokens = max_step_tokens  # decode rows + prefill chunks per step
         self.prefix_caching = prefix_caching
         self.on_step = on_step  # called on the decode thread after every step
@@ -325,6 +334,10 @@ class Engine:
                 return stream
             if len(self.pending) >= self.max_queue:
                 raise Overloaded(f"queue is full ({self.max_queue} waiting requests); retry later")
+            mine = sum(1 for s in self.pending if s.tenant == tenant)
+            if mine >= self.max_queue_per_tenant:  # one tenant never locks the others out of the queue
+                who = "the base model" if tenant is BASE_TENANT else f"model {tenant!r}"
+                raise Overloaded(f"{who} already has {mine} requests waiting (its share of the queue); retry later")
             self.pending.append(seq)
             self._cv.notify()
         return stream
@@ -398,10 +411,17 @@ class Engine:
         return None
 
     def _admit(self, waiting: list[Sequence]) -> None:
+        """Queued requests -> batch rows: in fair-share order across tenants (scheduler.admission_order),
+        and only while the KV pool holds what the admitted sequences may grow to (up to
+        KV_GROWTH_HORIZON tokens each): new work waits rather than preempting running work."""
         now = time.monotonic()
-        if len(waiting) > self.max_batch_size - len(self.running):  # a deep queue: fewer distinct tenants per step
-            busy = {s.tenant for s in self.running}
-            waiting = sorted(waiting, key=lambda s: s.tenant not in busy)
+        rows: dict = {}
+        for s in self.running:
+            rows[s.tenant] = rows.get(s.tenant, 0) + 1
+        by_id = {id(s): s for s in waiting}
+        waiting = [by_id[i] for i in admission_order([(id(s), s.tenant) for s in waiting], rows)]
+        reserved = sum(self._growth_blocks(s) for s in self.running)
+        kv_full = False
         for seq in waiting:
             error = None
             if seq.stream.cancelled:
@@ -412,13 +432,19 @@ class Engine:
                     error = UnknownTenant(f"model {seq.tenant!r} was removed from this pool")
                 elif t.status == FAILED:
                     error = TenantUnavailable(f"model {seq.tenant!r} failed to load: {t.error}")
-                elif now - seq.created > self.load_timeout_s:
+                elif t.status != READY and now - seq.created > self.load_timeout_s:
                     error = TenantUnavailable(f"model {seq.tenant!r} did not become ready within {self.load_timeout_s:.0f}s")
+            if error is None and now - seq.created > self.queue_timeout_s:
+                error = Overloaded(f"waited {now - seq.created:.0f}s for a batch slot: the pool is saturated; retry later")
             if error is not None:
                 self._dequeue(seq)
                 seq.stream.put(Event("", [], "cancelled") if error == "cancelled" else Event("", [], error=error))
                 continue
-            if len(self.running) >= self.max_batch_size:
+            if len(self.running) >= self.max_batch_size or kv_full:
+                continue
+            need = self._growth_blocks(seq)
+            if self.running and reserved + need > self.kv.num_free:
+                kv_full = True  # strict order from here: a large prompt is not overtaken for ever
                 continue
             if seq.tenant is not BASE_TENANT:
                 if t.status != READY:  # t from the lookup above: the tenant may be gone by now
@@ -429,7 +455,12 @@ class Engine:
                 seq.slot = slot
             self._dequeue(seq)
             self._reuse_prefix(seq)
+            reserved += need
             self.running.append(seq)  # the rest of its prompt is prefilled in chunks by the coming steps
+
+    def _growth_blocks(self, seq: Sequence) -> int:
+        remaining = seq.params.max_tokens - len(seq.out_ids) - seq.pending
+        return blocks_to_finish(seq.n_tokens, remaining, len(seq.blocks), self.kv.block_size, self.kv_growth_horizon)
 
     # ---- prefix cache -----------------------------------------------------------------------
     def _reuse_prefix(self, seq: Sequence) -> None:

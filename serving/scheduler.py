@@ -81,3 +81,35 @@ def plan_step(seqs: list[SeqView], free_blocks: int, block_size: int, token_budg
         plan.chunks[s.id] = n
         budget -= n
     return plan
+
+
+# ---- admission: which queued requests get the free rows -------------------------------------------
+
+def admission_order(waiting: list[tuple[int, object]], running: dict[object, int]) -> list[int]:
+    """Queued requests (id, tenant), oldest first -> the order in which they get free batch rows.
+
+    Fair share of rows: the next row goes to the tenant holding the fewest rows (running, plus
+    those given out earlier in this order), its oldest request first; ties go to the tenant
+    whose oldest request is older. A busy tenant's backlog therefore never keeps another
+    tenant's request waiting for more than one free row."""
+    queues: dict[object, list[int]] = {}
+    age: dict[int, int] = {}
+    for i, (rid, tenant) in enumerate(waiting):
+        queues.setdefault(tenant, []).append(rid)
+        age[rid] = i
+    rows = {t: running.get(t, 0) for t in queues}
+    out = []
+    while queues:
+        tenant = min(queues, key=lambda t: (rows[t], age[queues[t][0]]))
+        out.append(queues[tenant].pop(0))
+        rows[tenant] += 1
+        if not queues[tenant]:
+            del queues[tenant]
+    return out
+
+
+def blocks_to_finish(tokens: int, remaining: int, held: int, block_size: int, horizon: int) -> int:
+    """Blocks a sequence may still take: its `tokens` so far plus up to `horizon` of its
+    `remaining` output tokens, less the `held` ones. Admission reserves these, so sequences
+    admitted together can grow without preempting each other (up to the horizon)."""
+    return max(0, -(-(tokens + min(remaining, horizon)) // block_size) - held)

@@ -212,7 +212,7 @@ def test_outputs_equal_the_merged_models_with_chunked_prefill_and_preemption_und
     cfg = (2, 4, 2, 16)  # layers, block size, kv heads, head dim of the toy base
     eng = Engine(str(toy.base_dir), device="cpu", dtype="float32", max_batch_size=8, block_size=4,
                  kv_cache_bytes=kv_blocks * KVPool.bytes_per_block(*cfg, torch.float32), max_step_tokens=step_tokens,
-                 decode_mode=decode_mode)
+                 decode_mode=decode_mode, kv_growth_horizon=0)  # admit by prompt alone: the pool must run out
     try:
         assert eng.kv.n_blocks == kv_blocks
         eng.set_tenants(toy.deltas)
