@@ -109,7 +109,7 @@ class DeltaBank:
         self.embeddings = {name for name, m in model.named_modules() if embedding_supports_1bit(m) and m.embedding_dim % 32 == 0}
         self.embed_pools = {  # 1-bit embedding deltas: signs [V, H // 32], per-row scales [V]
             name: SlotPool({"signs": ((m.num_embeddings, m.embedding_dim // 32), torch.int32), "scales": ((m.num_embeddings,), torch.float32)},
-                           self.n_slots, device)
+                           self.n_slots, device, _grow_mode(device))
             for name, m in model.named_modules() if name in self.embeddings
         }
         # Embedding tables and linears' weights a delta stores whole (output heads): one pool per
@@ -217,6 +217,12 @@ class DeltaBank:
                 "cpu_bytes": sum(d.nbytes() for d in self.warm.values()),
                 "tenants": {n: t.status for n, t in self.tenants.items()},
             }
+
+    def unallocated_bytes(self) -> int:
+        """Device bytes of the bank's declared budget not allocated yet (slot pools fill lazily):
+        what the engine keeps free when it sizes its KV cache."""
+        pools = {id(p): p for p in [*self.whole_pools.values(), *self.embed_pools.values()]}
+        return sum(p.unallocated_bytes() for p in pools.values())
 
     def _pool_bytes(self) -> int:
         pools = {id(p): p for p in [*self.whole_pools.values(), *self.embed_pools.values()]}
@@ -449,9 +455,13 @@ def _whole_pools(model: nn.Module, linears: dict[str, tuple[int, int]], n_slots:
         if name in heads or isinstance(m, nn.Embedding):  # any table: ids (embeddings) or positions
             w = m.weight
             if id(w) not in by_tensor:
-                by_tensor[id(w)] = SlotPool({"weight": (tuple(w.shape), dtype)}, n_slots, device)
+                by_tensor[id(w)] = SlotPool({"weight": (tuple(w.shape), dtype)}, n_slots, device, _grow_mode(device))
             pools[name] = by_tensor[id(w)]
     return pools
+
+
+def _grow_mode(device: torch.device) -> str:
+    return "full" if device.type == "cuda" else "double"
 
 
 def _tied_groups(model: nn.Module) -> list[list[str]]:

@@ -251,7 +251,7 @@ class Engine:
         if kv_cache_bytes is None:
             if self.device.type == "cuda":
                 free, _ = torch.cuda.mem_get_info(self.device)
-                kv_cache_bytes = int(free * 0.8)  # the rest: activations and the slot pools' growth
+                kv_cache_bytes = kv_budget(free, self.bank.unallocated_bytes())
             else:
                 kv_cache_bytes = 1 << 30
         n_blocks = kv_cache_bytes // per_block
@@ -711,6 +711,15 @@ class Engine:
             waiting, self.pending = list(self.pending), deque()
         for seq in waiting:
             seq.stream.put(Event("", [], error=error))
+
+
+KV_SHARE = 0.8  # of what is free once the base and the bank's whole budget are counted; the rest: activations
+
+
+def kv_budget(free_bytes: int, bank_unallocated_bytes: int) -> int:
+    """KV cache bytes on a GPU: a share of the memory left after the bank's declared budget,
+    including the slot pools' tables not allocated yet (they take it later, in one piece)."""
+    return max(0, int((free_bytes - bank_unallocated_bytes) * KV_SHARE))
 
 
 def _is_decode(seq: Sequence, n: int) -> bool:

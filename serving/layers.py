@@ -287,6 +287,9 @@ def embedding_supports_1bit(mod: nn.Module) -> bool:
 def heads_first_modules(model: nn.Module, names: set[str]) -> set[str]:
     """Which of these modules take [B, H, S, D] rather than [B, S, ...]: one base forward of a
     7-token prompt (7: no head count or hidden size is 7) records each module's input shape."""
+    device = next(model.parameters()).device
+    if device.type == "meta" or not names:  # nothing will run (memory planning), or nothing to learn
+        return set()
     seen: dict[str, torch.Size] = {}
 
     def record(name):
@@ -298,7 +301,7 @@ def heads_first_modules(model: nn.Module, names: set[str]) -> set[str]:
     handles = [model.get_submodule(n).register_forward_pre_hook(record(n)) for n in names]
     try:
         with torch.inference_mode():
-            model(input_ids=torch.zeros(1, 7, dtype=torch.long, device=next(model.parameters()).device), use_cache=False)
+            model(input_ids=torch.zeros(1, 7, dtype=torch.long, device=device), use_cache=False)
     finally:
         for h in handles:
             h.remove()

@@ -10,7 +10,9 @@ fine-tune usually changes them. A pool keeps them in one stacked tensor per fiel
 so a forward pass gathers each row's tensor by index (embedding lookups) or runs one grouped
 GEMM over the rows sorted by entry (linears) — no Python loop over slots. Row 0 of
 `entry_of_slot` is the base's and always -1, so `entry_of_slot[slot_of_row + 1]` works for
-base rows too. Memory follows the tenants that use the pool, not the bank's slot count.
+base rows too. On CPU memory follows the tenants that use the pool (grown by doubling); on a
+GPU the first entry allocates all n_slots at once, which the engine reserved before sizing its
+KV cache (`grow="full"`).
 
 Writes come from the bank's loader thread (under the bank's lock); forwards read `entries`
 and `entry_of_slot` once per call, so a growth that swaps in a larger tensor never changes
@@ -21,15 +23,21 @@ filled on the loader's copy stream after waiting on it (see `put`).
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 
 import torch
 
 
 class SlotPool:
-    def __init__(self, fields: dict[str, tuple[tuple[int, ...], torch.dtype]], n_slots: int, device: torch.device) -> None:
+    def __init__(self, fields: dict[str, tuple[tuple[int, ...], torch.dtype]], n_slots: int, device: torch.device,
+                 grow: str = "double") -> None:
         self.fields = fields  # {field: (shape of one entry, dtype)}
         self.n_slots, self.device = n_slots, device
+        # "double": memory follows the tenants using the pool (CPU). "full": the first entry
+        # allocates all n_slots entries, once (GPU): the engine planned that memory before sizing
+        # its KV pool, growth never needs old + new at once, and the tensors never move.
+        self.grow = grow
         self.entries = {f: torch.empty(0, *shape, dtype=dt, device=device) for f, (shape, dt) in fields.items()}
         self.entry_of_slot = torch.full((n_slots + 1,), -1, dtype=torch.int64, device=device)
         self.slot_of_entry: list[int | None] = []  # host mirror: which slot holds each entry
@@ -39,6 +47,14 @@ class SlotPool:
     @property
     def capacity(self) -> int:
         return len(self.slot_of_entry)
+
+    def entry_bytes(self) -> int:
+        """Bytes of one entry (all fields)."""
+        return sum(math.prod(shape) * torch.empty(0, dtype=dt).element_size() for shape, dt in self.fields.values())
+
+    def unallocated_bytes(self) -> int:
+        """What the pool may still allocate: up to n_slots entries."""
+        return (self.n_slots - self.capacity) * self.entry_bytes()
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.entries.values())
@@ -82,7 +98,7 @@ class SlotPool:
 
     def _grow(self, copy_stream: torch.cuda.Stream | None) -> None:
         old_cap = self.capacity
-        cap = min(self.n_slots, max(1, 2 * old_cap))
+        cap = self.n_slots if self.grow == "full" else min(self.n_slots, max(1, 2 * old_cap))
         if cap == old_cap:  # cannot happen: each slot holds at most one entry and put drops first
             raise RuntimeError(f"slot pool full at {cap} entries")
         # Allocated on the current stream, so the caching allocator never hands this memory to
