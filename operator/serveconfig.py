@@ -70,11 +70,17 @@ def split_pools(tenants: list[Tenant]) -> tuple[dict[str, list[Tenant]], dict[st
 
 
 # A replica decodes max_batch_size sequences per step. Autoscaling aims at 1.5 batches per
-# replica (the batch stays full, a little queue hides admission); a replica takes at most two
-# batches at once (the rest wait in Ray's router, not in one replica's queue); the router
-# holds at most eight batches per replica before answering 503, so overload is refused
-# quickly instead of queueing without bound.
-TARGET_PER_BATCH, ONGOING_PER_BATCH, QUEUED_PER_BATCH = 1.5, 2, 8
+# replica (the batch stays full, a little queue hides admission). A replica accepts its batch,
+# its engine's whole queue (AppArgs.max_queue) and one batch more (requests being tokenized or
+# answered): so the engine's own limits answer first — a 429 in OpenAI's shape with
+# Retry-After, a tenant's fair share of the queue — and Ray Serve's router queue (eight
+# batches, then Serve's own plain-text 503) is only a safety net behind them.
+TARGET_PER_BATCH, ONGOING_EXTRA_BATCHES, QUEUED_PER_BATCH = 1.5, 2, 8
+
+
+def max_ongoing(max_batch_size: int, target: float) -> int:
+    """Requests one replica accepts: more than its engine can run and queue, so the engine refuses first."""
+    return max(ONGOING_EXTRA_BATCHES * max_batch_size + AppArgs.model_fields["max_queue"].default, math.ceil(target))
 
 
 def build_application(pool: str, tenants: list[Tenant], settings: Settings) -> dict:
@@ -104,7 +110,7 @@ def build_application(pool: str, tenants: list[Tenant], settings: Settings) -> d
                     "max_replicas": max_replicas,
                     "target_ongoing_requests": target,
                 },
-                "max_ongoing_requests": max(ONGOING_PER_BATCH * settings.max_batch_size, math.ceil(target)),
+                "max_ongoing_requests": max_ongoing(settings.max_batch_size, target),
                 "max_queued_requests": QUEUED_PER_BATCH * settings.max_batch_size,
                 "ray_actor_options": {"num_gpus": gpus, "num_cpus": settings.replica_cpus},
                 "user_config": TenantsConfig.model_validate(

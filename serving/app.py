@@ -111,7 +111,8 @@ class Unauthorized(EngineError):
 
 
 def _error(e: EngineError) -> JSONResponse:
-    return JSONResponse(error_body(str(e), e.type, getattr(e, "code", e.status)), status_code=e.status)
+    headers = {"Retry-After": "1"} if e.status in (429, 503) else None  # overloaded, or a tenant/replica not ready
+    return JSONResponse(error_body(str(e), e.type, getattr(e, "code", e.status)), status_code=e.status, headers=headers)
 
 
 def _no_such_route() -> JSONResponse:

@@ -14,8 +14,8 @@ A pool file is a standard Ray Serve config; each application is one base-model p
         deployments:
           - name: DeltaServer
             autoscaling_config: {min_replicas: 1, max_replicas: 4, target_ongoing_requests: 24}  # 1.5 x max_batch_size
-            max_ongoing_requests: 32          # 2 batches per replica; the rest wait in the router
-            max_queued_requests: 128          # 8 batches per replica, then 503
+            max_ongoing_requests: 288         # batch + max_queue + a batch: the engine refuses (429) before Serve
+            max_queued_requests: 128          # Ray's router: a safety net (Serve's own plain-text 503 past it)
             ray_actor_options: {num_gpus: 0, num_cpus: 1}
             user_config:
               tenants:

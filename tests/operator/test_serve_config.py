@@ -32,7 +32,7 @@ def test_contract_shape_of_one_pool():
         "deployments": [{
             "name": "DeltaServer",
             "autoscaling_config": {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 24.0},
-            "max_ongoing_requests": 32,
+            "max_ongoing_requests": 288,  # batch + the engine's queue of 256 + a batch: the engine refuses first
             "max_queued_requests": 128,
             "ray_actor_options": {"num_gpus": 0, "num_cpus": 1},
             "user_config": {"tenants": {"team-a/bot": {"uri": "file:///mnt/store/deltas/team-a/bot/g1/delta.safetensors"}}},
@@ -170,3 +170,20 @@ def test_a_finetune_whose_base_resolved_to_another_commit_is_refused_by_its_pool
     pools, conflicts = sc.split_pools([new, old])
     assert [t.name for t in pools["p"]] == ["old"]
     assert "1" * 40 in conflicts["team-a/new"] and "2" * 40 in conflicts["team-a/new"]
+
+
+def test_the_engine_refuses_before_ray_serve_does():
+    """Serve's own refusals are plain text (a 503 "Request dropped due to backpressure"); the
+    engine's are OpenAI-shaped 429s. A replica must accept more than its engine can run and queue."""
+    from deltafleet.serving.config import AppArgs
+
+    for batch in (1, 4, 16, 64):
+        d = sc.build_serve_config([tenant("bot", pool="tiny")], replace_batch(SETTINGS, batch))["applications"][0]
+        deployment = d["deployments"][0]
+        assert deployment["max_ongoing_requests"] > batch + AppArgs.model_fields["max_queue"].default
+
+
+def replace_batch(settings, batch):
+    from dataclasses import replace
+
+    return replace(settings, max_batch_size=batch)

@@ -43,3 +43,13 @@ def test_a_raw_key_pasted_where_a_digest_belongs_is_refused_without_printing_it(
         parse_tenants(config)
     message = str(e.value)
     assert "sha256" in message and KEY not in message and KEY[:12] not in message, message
+
+
+def test_overload_and_not_ready_answers_say_when_to_retry():
+    from deltafleet.serving.app import _error
+    from deltafleet.serving.engine import BadRequest, EngineStopped, Overloaded, TenantUnavailable
+
+    for e in (Overloaded("queue is full"), TenantUnavailable("loading"), EngineStopped("stopped")):
+        response = _error(e)
+        assert response.headers["retry-after"] == "1" and response.status_code in (429, 503)
+    assert "retry-after" not in _error(BadRequest("no")).headers
