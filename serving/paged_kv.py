@@ -149,6 +149,7 @@ class AttnGroup:
     q_pos: torch.Tensor  # [b, Q] position of each query (padding -> 0, it attends to position 0)
     kv_index: torch.Tensor  # [b, L] flat pool position of each context position (padding -> a real one, masked)
     _masks: dict
+    valid_rows: torch.Tensor | None = None  # [n] positions of the real queries in [b * Q] (built on the host)
 
     def mask(self, sliding_window: int | None) -> torch.Tensor:
         """[b, 1, Q, L] bool: causal (which also keeps each query inside its context), windowed if asked."""
@@ -203,6 +204,7 @@ def _group(chunks: list[tuple[list[int], int, int]], offsets: list[int], block_s
     return AttnGroup(
         q_index=q_index.reshape(-1).to(device), valid=valid.reshape(-1).to(device), tokens=q_index[valid].to(device),
         q_pos=torch.where(valid, starts[:, None] + qi, 0).to(device), kv_index=kv_index.to(device), _masks={},
+        valid_rows=valid.reshape(-1).nonzero()[:, 0].to(device),  # on the host here: no device sync
     )
 
 
@@ -280,7 +282,8 @@ def paged_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, v
         o = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=g.mask(sliding_window),
                                            scale=scaling, enable_gqa=kvh != h)  # [b, H, Q, D]
         o = o.transpose(1, 2).reshape(-1, h, d)  # [b * Q, H, D]
-        out.index_copy_(0, g.tokens, o if g.valid is None else o[g.valid])
+        # index_select, not o[g.valid]: a boolean mask has a data-dependent shape (a host sync per layer)
+        out.index_copy_(0, g.tokens, o if g.valid_rows is None else o.index_select(0, g.valid_rows))
     return out[None], None
 
 
