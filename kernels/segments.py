@@ -20,6 +20,7 @@ entries. This is vLLM's LoRAKernelMeta pattern.
 
 from __future__ import annotations
 
+import weakref
 from typing import NamedTuple
 
 import torch
@@ -85,6 +86,22 @@ class SegmentMeta:
 
 
 _CACHE: dict[tuple, SegmentMeta] = {}
+# The slot map the buffers of each key were last filled from: every linear of a step passes the
+# same `slot_of_row`, so only the first of ~225 rebuilds the metadata (~45 kernels each) in an
+# eager step. A new tensor is a new object (never matched by address); one changed in place is
+# caught by its version where it has one, and the serving layers call `forget_fills()` at every
+# step (inference tensors keep no version). Inside CUDA-graph capture every call fills: the
+# graph must record the fill (replays then recompute it from the refilled slot buffer).
+_FILLED: dict[tuple, tuple[weakref.ref, int | None, Segments]] = {}
+
+
+def forget_fills() -> None:
+    """A new step: slot maps may have been refilled in place since the last fill."""
+    _FILLED.clear()
+
+
+def _version(t: torch.Tensor) -> int | None:
+    return None if t.is_inference() else t._version
 
 
 def segment_meta(slot_of_row: torch.Tensor, num_slots: int, block_m: int) -> Segments:
@@ -95,4 +112,10 @@ def segment_meta(slot_of_row: torch.Tensor, num_slots: int, block_m: int) -> Seg
     meta = _CACHE.get(key)
     if meta is None:
         meta = _CACHE[key] = SegmentMeta(*key)
-    return meta.fill(slot_of_row)
+    capturing = slot_of_row.is_cuda and torch.cuda.is_current_stream_capturing()
+    last = _FILLED.get(key)
+    if not capturing and last is not None and last[0]() is slot_of_row and last[1] == _version(slot_of_row):
+        return last[2]
+    out = meta.fill(slot_of_row)
+    _FILLED[key] = (weakref.ref(slot_of_row), _version(slot_of_row), out)
+    return out

@@ -26,6 +26,7 @@ from torch import nn
 
 from deltafleet.compress.support import reruns_per_token
 from deltafleet.kernels import SignCache, TenantGroups, delta_linear, group_rows
+from deltafleet.kernels.segments import forget_fills
 from deltafleet.kernels.packing import unpack_signs
 
 
@@ -52,12 +53,14 @@ class BatchContext:
         self._rows: dict[int, tuple[torch.Tensor, TenantGroups]] = {}
 
     def set(self, slot_of_seq: list[int], device: torch.device) -> None:
+        forget_fills()  # a new step: the kernels' segment metadata is rebuilt once, then shared
         self._slot_of_seq = torch.tensor(slot_of_seq, dtype=torch.int64, device=device)
         self.slots = sorted({s for s in slot_of_seq if s >= 0})
         self._row_slots, self._rows = {}, {}
 
     def set_packed(self, slot_of_token: list[int], kept: list[int], device: torch.device) -> None:
         """slot_of_token [T]: each packed token's slot; kept: the packed indices whose logits are computed."""
+        forget_fills()  # a new step: the kernels' segment metadata is rebuilt once, then shared
         tok = torch.tensor(slot_of_token, dtype=torch.int64, device=device)
         self._slot_of_seq = None
         self.slots = sorted({s for s in slot_of_token if s >= 0})
@@ -71,6 +74,7 @@ class BatchContext:
         path a loaded tenant could need runs whatever the mix (base rows take the base's row of
         each stack): the ops, and a CUDA graph captured over them, depend only on which paths
         the bank's tenants use (`static_signature`), never on the rows' slots."""
+        forget_fills()  # a new step: the kernels' segment metadata is rebuilt once, then shared
         self._slot_of_seq = None
         self.slots = list(range(self.bank.n_slots))
         self._row_slots = {slot_of_row.shape[0]: slot_of_row}
