@@ -73,6 +73,7 @@ class Bucket:
     graph: torch.cuda.CUDAGraph | None = None
     signature: tuple | None = None  # the bank paths it was captured with
     keepalive: list = field(default_factory=list)  # tensors the graph reads by address
+    failed: tuple | None = None  # the signature whose capture failed: this bucket runs eagerly until it changes
 
 
 class DecodeGraphs:
@@ -83,7 +84,8 @@ class DecodeGraphs:
         self.graphs = graphs and device.type == "cuda"
         self.buckets: dict[tuple[int, int], Bucket] = {}
         self.captures = 0  # graphs captured so far (a metric; recaptures included)
-        self.capture_error: str | None = None  # why graphs were turned off, if a capture failed
+        self.capture_error: str | None = None  # the last failed capture (its bucket runs eagerly)
+        self.capture_failures = 0
         self._pool = torch.cuda.graph_pool_handle() if self.graphs else None  # one memory pool for every graph
 
     def run(self, rows: list[DecodeRow], previous_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -115,14 +117,19 @@ class DecodeGraphs:
         self.paged.layout = b.layout.step_layout()
         try:
             signature = self.ctx.static_signature() if self.graphs else None
-            if self.graphs and (b.graph is None or b.signature != signature):
+            replay = self.graphs and b.failed != signature
+            if replay and (b.graph is None or b.signature != signature):
                 try:
                     self._capture(b, signature)
-                except Exception as e:  # serve on, eagerly: slower, still correct
-                    self.graphs, self.capture_error = False, f"{type(e).__name__}: {e}"
-                    log.exception("CUDA graph capture failed; decode steps run eagerly from now on")
+                    b.failed = None
+                except Exception as e:  # this bucket serves on eagerly (slower, still correct); the others keep theirs
+                    b.failed, b.graph, replay = signature, None, False
+                    self.capture_error = f"{tuple(b.slots.shape)} rows: {type(e).__name__}: {e}"  # the last one
+                    self.capture_failures += 1
+                    log.exception("CUDA graph capture failed for %d rows; that bucket runs eagerly until the bank's "
+                                  "paths change", b.slots.shape[0])
                     self.paged.layout = b.layout.step_layout()  # a fresh mask cache for the eager run
-            if self.graphs:
+            if replay:
                 b.graph.replay()
             else:
                 self._forward(b)

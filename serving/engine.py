@@ -359,7 +359,9 @@ class Engine:
                 "running": len(self.running), "waiting": len(self.pending), "steps": self.steps, **self.counters,
                 "kv_blocks_free": self.kv.num_free, "kv_blocks_total": self.kv.n_blocks,
                 "kv_blocks_cached": self.kv.num_cached, "bank": self.bank.stats(),
-                "decode_mode": "static (graph capture failed)" if self.decoder and self.decoder.capture_error else self.decode_mode,
+                "decode_mode": self.decode_mode,
+                "graph_capture_failures": self.decoder.capture_failures if self.decoder else 0,
+                "graph_capture_error": self.decoder.capture_error if self.decoder else None,
                 "graphs_captured": self.decoder.captures if self.decoder else 0,
             }
 

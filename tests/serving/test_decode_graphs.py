@@ -216,3 +216,40 @@ def test_a_graph_captured_with_one_mix_replays_another(toy):
             assert eng.decoder.captures == captured  # that capture served every later mix
     finally:
         eng.close()
+
+
+def test_a_capture_that_fails_for_one_bucket_leaves_the_other_buckets_graphed(engine, monkeypatch):
+    """Before, one failed capture turned graphs off for every bucket until restart. Now the
+    failing bucket runs eagerly (until the bank's paths change) and the others replay."""
+    dec = engine.decoder
+    replays = []
+
+    class Replayed:  # stands in for a CUDA graph here: "replaying" runs the captured step
+        def __init__(self, b):
+            self.b = b
+
+        def replay(self):
+            replays.append(self.b.slots.shape[0])
+            dec._forward(self.b)
+
+    def capture(b, signature):
+        if b.slots.shape[0] == 2:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        b.graph, b.signature = Replayed(b), signature
+
+    monkeypatch.setattr(dec, "_capture", capture)
+    with torch.inference_mode():
+        try:
+            dec.graphs = True
+            for tenants in ([None], ["team-a/alpha", None], [None]):  # buckets of 1, 2, then 1 again
+                rows = rows_for(engine, tenants)
+                try:
+                    dec.run(rows)
+                finally:
+                    release(engine, rows)
+        finally:
+            dec.graphs = False
+            for b in dec.buckets.values():
+                b.graph = b.signature = b.failed = None
+    assert replays == [1, 1]  # the 1-row bucket replayed before and after the 2-row bucket failed
+    assert dec.capture_failures >= 1 and dec.capture_error.startswith("(2,) rows: RuntimeError")
