@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import yaml
 
-from deltafleet.operator.backend import AppStatus, BackendError
+from deltafleet.operator.backend import RUNNING, AppStatus, BackendError
 
 GROUP, VERSION, PLURAL = "ray.io", "v1", "rayservices"
 HASH_ANNOTATION = "deltafleet.dev/serve-config-hash"
@@ -49,11 +49,47 @@ class RayServiceBackend:
             raise BackendError(f"patching RayService {self.namespace}/{self.rs_name}: HTTP {e.status} {e.reason}") from None
 
     def statuses(self) -> dict[str, AppStatus]:
-        """Applications of the active cluster; none until KubeRay has observed the latest spec."""
-        rs = self._get()
-        status = rs.get("status") or {}
-        observed = status.get("observedGeneration")
-        if observed is not None and observed < rs["metadata"].get("generation", 0):
-            return {}  # KubeRay has not acted on the last patch yet
-        apps = (status.get("activeServiceStatus") or {}).get("applicationStatuses") or {}
-        return {name: AppStatus(status=a.get("status", "UNKNOWN"), message=a.get("message") or "") for name, a in apps.items()}
+        return application_statuses(self._get())
+
+
+def application_statuses(rs: dict) -> dict[str, AppStatus]:
+    """What each application's status is, read from a RayService as KubeRay (v1.5) writes it.
+
+    - Nothing until KubeRay has observed the latest spec.
+    - First install: there is no active cluster yet; the applications live in
+      `pendingServiceStatus` until every one is RUNNING (then the cluster is promoted and the
+      serve Service appears). Their DEPLOYING / DEPLOY_FAILED and Ray's message are reported,
+      so a first-install failure is visible instead of "not reported yet" for ever.
+    - Upgrade (a pending cluster beside the active one): KubeRay reconciles Serve only on the
+      pending cluster and clears the active one's application statuses, though the active
+      cluster keeps serving. An application it cleared is reported RUNNING — whether a tenant
+      is served is then decided by what the serving replica reports — with the upgrade and the
+      new cluster's state (its failure included) in the message."""
+    status = rs.get("status") or {}
+    observed = status.get("observedGeneration")
+    if observed is not None and observed < (rs.get("metadata") or {}).get("generation", 0):
+        return {}  # KubeRay has not acted on the last patch yet
+    active_status, pending_status = status.get("activeServiceStatus") or {}, status.get("pendingServiceStatus") or {}
+    active, pending = _apps(active_status), _apps(pending_status)
+    active_cluster, pending_cluster = active_status.get("rayClusterName"), pending_status.get("rayClusterName")
+    if not active_cluster:
+        where = f"the new cluster {pending_cluster}" if pending_cluster else "a cluster KubeRay has not created yet"
+        return {name: AppStatus(status=a.status, message=f"first install, on {where}: {a.message}".rstrip(": "))
+                for name, a in pending.items()}
+    out = {}
+    for name in sorted(set(active) | set(pending)):
+        a, p = active.get(name), pending.get(name)
+        upgrade = ""
+        if pending_cluster:
+            state = f"{p.status}{': ' + p.message if p.message and p.status != RUNNING else ''}" if p else "not deployed yet"
+            upgrade = f"upgrade in progress: {active_cluster} serves while KubeRay prepares {pending_cluster} (there: {state})"
+        if a is not None and a.status:
+            out[name] = AppStatus(status=a.status, message="; ".join(m for m in (a.message, upgrade) if m))
+        elif pending_cluster:  # cleared by KubeRay for the upgrade: the active cluster still serves it
+            out[name] = AppStatus(status=RUNNING, message=upgrade)
+    return out
+
+
+def _apps(service_status: dict) -> dict[str, AppStatus]:
+    apps = service_status.get("applicationStatuses") or {}
+    return {name: AppStatus(status=a.get("status") or "", message=(a.get("message") or "").strip()) for name, a in apps.items()}

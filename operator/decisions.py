@@ -8,7 +8,7 @@ branch is a table test (tests/operator/test_decisions.py), as in cert-manager's 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 
 from deltafleet.operator import api
@@ -122,7 +122,8 @@ def decide_serving(model: str | None, pool: str, conflict: str | None, app: AppS
     if conflict is not None:
         return Decision(FALSE, Reason.POOL_BASE_CONFLICT, conflict, {"endpoint": None})
     if app is not None and app.status == RUNNING and (app.tenants is None or model in app.tenants):
-        return _tenant_on_replica(model, pool, app.replica, f"{endpoint_base}/{pool}/v1")
+        d = _tenant_on_replica(model, pool, app.replica, f"{endpoint_base}/{pool}/v1")
+        return replace(d, message=f"{d.message} ({app.message})") if app.message else d  # e.g. an upgrade in progress
     if app is not None and app.status in FAILED_APP_STATES:
         return Decision(FALSE, Reason.APPLICATION_FAILED, f"application {pool!r} is {app.status}: {app.message.strip()[:500]}")
     state = app.status if app else "not reported yet"

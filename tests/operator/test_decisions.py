@@ -118,7 +118,19 @@ SERVING = [
     ("a failed application says why", "team-a/bot", None, AppStatus("DEPLOY_FAILED", "boom\n", None), None,
      FALSE, Reason.APPLICATION_FAILED, None),
     ("an application not reported yet is waited on", "team-a/bot", None, None, None, FALSE, Reason.CONFIG_APPLIED, None),
+    ("during an upgrade the serving cluster's replica keeps a ready tenant served", "team-a/bot", None,
+     AppStatus("RUNNING", "upgrade in progress: a serves while KubeRay prepares b (there: DEPLOYING)", None,
+               READY_ON_REPLICA), None, TRUE, Reason.APPLICATION_RUNNING, "http://svc:8000/p/v1"),
+    ("a first install that failed on the new cluster says why", "team-a/bot", None,
+     AppStatus("DEPLOY_FAILED", "first install, on the new cluster b: no GPU", None), None,
+     FALSE, Reason.APPLICATION_FAILED, None),
 ]
+
+
+def test_an_upgrade_in_progress_is_in_the_served_message():
+    app = AppStatus("RUNNING", "upgrade in progress: a serves while KubeRay prepares b (there: DEPLOYING)", None, READY_ON_REPLICA)
+    d = decide_serving("team-a/bot", "p", None, app, None, "h1", "http://svc:8000", "no delta yet")
+    assert d.status == TRUE and "upgrade in progress" in d.message
 
 
 @pytest.mark.parametrize("sentence,model,conflict,app,error,status,reason,endpoint", SERVING, ids=[s[0] for s in SERVING])
