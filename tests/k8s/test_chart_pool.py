@@ -144,3 +144,13 @@ def test_the_chart_with_a_pool_and_a_shared_store_lints_strict(helm):
               "modelStore.share.source.nfs.path=/models"):
         args += ["--set", s]
     assert "0 chart(s) failed" in helm(*args).stdout
+
+
+def test_the_ray_pod_templates_carry_no_version_label_so_a_chart_upgrade_keeps_the_cluster(helm):
+    """KubeRay hashes rayClusterConfig (all but worker replica counts): a chart or app version
+    label in a pod template would make every chart upgrade start a second cluster (twice the GPUs)."""
+    cluster = by_kind(template(helm, *POOL), "RayService")[0]["spec"]["rayClusterConfig"]
+    for pod in (cluster["headGroupSpec"]["template"], *(g["template"] for g in cluster["workerGroupSpecs"])):
+        labels = pod["metadata"]["labels"]
+        assert "helm.sh/chart" not in labels and "app.kubernetes.io/version" not in labels, labels
+        assert labels["app.kubernetes.io/part-of"] == "deltafleet"

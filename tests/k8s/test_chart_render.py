@@ -236,6 +236,20 @@ def test_the_operators_metrics_have_a_service_and_an_optional_service_monitor(he
     assert not by_kind(docs, "ServiceMonitor")
     monitor = by_kind(template(helm, "metrics.serviceMonitor.enabled=true"), "ServiceMonitor")[0]
     assert monitor["spec"]["endpoints"] == [{"port": "metrics", "interval": "30s"}]
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= svc["metadata"]["labels"].items()
+    labelled = by_kind(template(helm, "metrics.serviceMonitor.enabled=true",
+                                "metrics.serviceMonitor.labels.release=kube-prometheus-stack"), "ServiceMonitor")[0]
+    assert labelled["metadata"]["labels"]["release"] == "kube-prometheus-stack"  # what a default Prometheus selects
+
+
+def test_the_metrics_service_selects_the_operator_and_not_the_pools_ray_pods(helm):
+    docs = template(helm, "pool.create=true", "modelStore.claimName=models")
+    svc = [d for d in by_kind(docs, "Service") if d["metadata"]["name"].endswith("-metrics")][0]
+    selector = svc["spec"]["selector"].items()
+    assert selector <= by_kind(docs, "Deployment")[0]["spec"]["template"]["metadata"]["labels"].items()
+    cluster = by_kind(docs, "RayService")[0]["spec"]["rayClusterConfig"]
+    for pod in (cluster["headGroupSpec"]["template"], *(g["template"] for g in cluster["workerGroupSpecs"])):
+        assert not selector <= pod["metadata"]["labels"].items(), "Prometheus would scrape a Ray pod as the operator"
 
 
 def test_two_replicas_share_a_kopf_peering_object_with_least_privilege_rbac_and_a_pdb(helm):

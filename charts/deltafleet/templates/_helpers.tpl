@@ -30,6 +30,15 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 app.kubernetes.io/part-of: deltafleet
 {{- end }}
 
+{{/* Labels without the chart or app version: for the Ray pod templates inside the RayService's
+rayClusterConfig, which KubeRay hashes — a version label there would start a second (blue/green)
+cluster, twice the GPUs, on every chart upgrade. */}}
+{{- define "deltafleet.stableLabels" -}}
+{{ include "deltafleet.selectorLabels" . }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: deltafleet
+{{- end }}
+
 {{- define "deltafleet.serviceAccountName" -}}
 {{- if .Values.serviceAccount.create }}
 {{- default (include "deltafleet.fullname" .) .Values.serviceAccount.name }}
