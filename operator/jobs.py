@@ -145,6 +145,9 @@ def build_job(ft: api.FineTune, digest: str, generation: int, attempt: int, sett
     }
     if settings.job_service_account:
         pod_spec["serviceAccountName"] = settings.job_service_account
+    secrets = [n.strip() for n in settings.job_image_pull_secrets.split(",") if n.strip()]
+    if secrets:  # a private registry: without them every Job ends ErrImagePull
+        pod_spec["imagePullSecrets"] = [{"name": n} for n in secrets]
     if c.node_selector:
         pod_spec["nodeSelector"] = dict(c.node_selector)
     if c.tolerations:

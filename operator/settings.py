@@ -49,6 +49,7 @@ class Settings:
     # Compression Jobs: the ML image (torch); the operator's own image has none.
     job_image: str = ML_IMAGE
     job_image_pull_policy: str = "IfNotPresent"
+    job_image_pull_secrets: str = ""  # comma-separated Secret names (in each FineTune's namespace) for the Job image
     job_service_account: str = ""
     job_run_as_user: int = 1000
     # Serving replicas (one Ray Serve application per pool).
@@ -132,6 +133,8 @@ _FLAGS: tuple[tuple[str, str, str], ...] = (
     ("store_group", "DELTAFLEET_MODEL_STORE_GROUP", "group owning the store's files (compression pods' fsGroup)"),
     ("job_image", "DELTAFLEET_JOB_IMAGE", "image of compression Jobs"),
     ("job_image_pull_policy", "DELTAFLEET_JOB_IMAGE_PULL_POLICY", ""),
+    ("job_image_pull_secrets", "DELTAFLEET_JOB_IMAGE_PULL_SECRETS",
+     "comma-separated image pull Secrets of compression pods (each must exist in the FineTune's namespace)"),
     ("job_service_account", "DELTAFLEET_JOB_SERVICE_ACCOUNT",
      "ServiceAccount of compression pods (default: the namespace's default)"),
     ("job_run_as_user", "DELTAFLEET_JOB_RUN_AS_USER", ""),

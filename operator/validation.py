@@ -46,6 +46,11 @@ def policy_problems(ft: api.FineTune, settings: Settings) -> list[str]:
                         f"(policy: {', '.join(sorted(allowed))}; chart policy.allowedImages)")
     if c.gpus > settings.policy_max_gpus:
         problems.append(f"spec.compression.gpus: {c.gpus} is above the policy's {settings.policy_max_gpus} (chart policy.maxGpus)")
+    for kind in ("requests", "limits"):  # GPUs asked through resources count too (before: gpus: 0 + 16 in limits passed)
+        for name, value in ((getattr(c.resources, kind) or {}) if c.resources is not None else {}).items():
+            if (name == settings.gpu_resource or name.endswith("/gpu")) and _count(value) > settings.policy_max_gpus:
+                problems.append(f"spec.compression.resources.{kind}.{name}: {value} is above the policy's "
+                                f"{settings.policy_max_gpus} GPUs (chart policy.maxGpus)")
     if settings.policy_max_memory and c.resources is not None:
         ceiling = parse_quantity(settings.policy_max_memory)
         for kind in ("requests", "limits"):
@@ -57,3 +62,10 @@ def policy_problems(ft: api.FineTune, settings: Settings) -> list[str]:
         problems.append(f"spec.activeDeadlineSeconds: {ft.spec.active_deadline_seconds} is above the policy's "
                         f"{settings.policy_max_deadline_seconds} (chart policy.maxDeadlineSeconds)")
     return problems
+
+
+def _count(value) -> float:
+    try:
+        return float(parse_quantity(str(value)))
+    except (ValueError, TypeError):
+        return float("inf")  # not a number a device plugin would accept either: refuse it

@@ -342,3 +342,18 @@ def test_helm_test_waits_for_the_operators_deployment_with_an_account_that_can_o
     binding = [b for b in by_kind(docs, "RoleBinding") if b["roleRef"]["name"] == "df-deltafleet-test"][0]
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "df-deltafleet-test", "namespace": "deltafleet"}]
     assert not [d for d in template(helm, "tests.enabled=false") if d["metadata"]["name"].startswith("df-deltafleet-test")]
+
+
+def test_the_image_pull_secrets_reach_compression_jobs_too(helm):
+    """Before, imagePullSecrets reached the operator and the pool but not compression Jobs:
+    every Job ended ErrImagePull on a private registry."""
+    from deltafleet.operator.settings import parse_settings
+
+    docs = template(helm, "imagePullSecrets[0].name=regcred", "imagePullSecrets[1].name=mirror")
+    deployment = by_kind(docs, "Deployment")[0]
+    env = {e["name"]: e.get("value") for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["DELTAFLEET_JOB_IMAGE_PULL_SECRETS"] == "regcred,mirror"
+    settings, _ = parse_settings([], {"DELTAFLEET_JOB_IMAGE_PULL_SECRETS": env["DELTAFLEET_JOB_IMAGE_PULL_SECRETS"]})
+    assert settings.job_image_pull_secrets == "regcred,mirror"
+    plain = by_kind(template(helm), "Deployment")[0]["spec"]["template"]["spec"]["containers"][0]["env"]
+    assert "DELTAFLEET_JOB_IMAGE_PULL_SECRETS" not in {e["name"] for e in plain}

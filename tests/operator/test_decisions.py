@@ -224,6 +224,11 @@ POLICY = [
     ("memory above the ceiling is refused, in either field", {"compression": {"resources": {"requests": {"memory": "300Gi"}, "limits": {"memory": "1Ti"}}}},
      {"policy_max_memory": "256Gi"}, ["resources.requests.memory: 300Gi is above", "resources.limits.memory: 1Ti is above"]),
     ("memory at the ceiling passes", {"compression": {"resources": {"limits": {"memory": "256Gi"}}}}, {"policy_max_memory": "256Gi"}, []),
+    ("GPUs asked through resource limits count against the ceiling", {"compression": {"resources": {"limits": {"nvidia.com/gpu": 16}}}},
+     {}, ["spec.compression.resources.limits.nvidia.com/gpu: 16 is above the policy's 8 GPUs"]),
+    ("another vendor's GPUs count too, in requests as well", {"compression": {"resources": {"requests": {"amd.com/gpu": "12"}}}},
+     {}, ["spec.compression.resources.requests.amd.com/gpu: 12 is above the policy's 8 GPUs"]),
+    ("GPUs in resources at the ceiling pass", {"compression": {"resources": {"limits": {"nvidia.com/gpu": 8}}}}, {}, []),
     ("a deadline above the ceiling is refused", {"activeDeadlineSeconds": 200_000}, {},
      ["spec.activeDeadlineSeconds: 200000 is above the policy's 86400"]),
 ]

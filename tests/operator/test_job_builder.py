@@ -157,3 +157,12 @@ def test_the_stored_base_reaches_the_delta_status():
 
     result = compress_result().model_copy(update={"base_snapshot": "/models/bases/hub/org--base/" + "a" * 40})
     assert api.DeltaStatus.from_result(result).base_snapshot == "/models/bases/hub/org--base/" + "a" * 40
+
+
+def test_compression_pods_get_the_image_pull_secrets():
+    from dataclasses import replace
+
+    ft = finetune()
+    job = jobs.build_job(ft, "h", 1, 0, replace(SETTINGS, job_image_pull_secrets="regcred, mirror"))
+    assert job["spec"]["template"]["spec"]["imagePullSecrets"] == [{"name": "regcred"}, {"name": "mirror"}]
+    assert "imagePullSecrets" not in jobs.build_job(ft, "h", 1, 0, SETTINGS)["spec"]["template"]["spec"]
