@@ -145,6 +145,8 @@ def build_job(ft: api.FineTune, digest: str, generation: int, attempt: int, sett
     }
     if settings.job_service_account:
         pod_spec["serviceAccountName"] = settings.job_service_account
+    if settings.job_runtime_class:  # the GPU runtime where it is not the default (k3s, RKE2: "nvidia")
+        pod_spec["runtimeClassName"] = settings.job_runtime_class
     secrets = [n.strip() for n in settings.job_image_pull_secrets.split(",") if n.strip()]
     if secrets:  # a private registry: without them every Job ends ErrImagePull
         pod_spec["imagePullSecrets"] = [{"name": n} for n in secrets]

@@ -50,6 +50,7 @@ class Settings:
     job_image: str = ML_IMAGE
     job_image_pull_policy: str = "IfNotPresent"
     job_image_pull_secrets: str = ""  # comma-separated Secret names (in each FineTune's namespace) for the Job image
+    job_runtime_class: str = ""  # RuntimeClass of compression pods (k3s/RKE2 GPU nodes: "nvidia")
     job_service_account: str = ""
     job_run_as_user: int = 1000
     # Serving replicas (one Ray Serve application per pool).
@@ -133,6 +134,7 @@ _FLAGS: tuple[tuple[str, str, str], ...] = (
     ("store_group", "DELTAFLEET_MODEL_STORE_GROUP", "group owning the store's files (compression pods' fsGroup)"),
     ("job_image", "DELTAFLEET_JOB_IMAGE", "image of compression Jobs"),
     ("job_image_pull_policy", "DELTAFLEET_JOB_IMAGE_PULL_POLICY", ""),
+    ("job_runtime_class", "DELTAFLEET_JOB_RUNTIME_CLASS", "RuntimeClass of compression pods (e.g. nvidia on k3s/RKE2)"),
     ("job_image_pull_secrets", "DELTAFLEET_JOB_IMAGE_PULL_SECRETS",
      "comma-separated image pull Secrets of compression pods (each must exist in the FineTune's namespace)"),
     ("job_service_account", "DELTAFLEET_JOB_SERVICE_ACCOUNT",

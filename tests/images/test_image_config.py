@@ -30,5 +30,8 @@ def test_ml_image_config(ml_image):
     config = ml_image["config"]
     assert all(config["Labels"].get(k) for k in LABELS)
     assert config["User"] == "1000:1000" and "HF_HOME=/var/cache/huggingface" in config["Env"]
+    env = dict(e.split("=", 1) for e in config["Env"])
+    assert "/usr/local/nvidia/lib64" in env["LD_LIBRARY_PATH"].split(":")  # where GKE mounts the driver
+    assert env["NVIDIA_DRIVER_CAPABILITIES"] == "compute,utility" and env["NVIDIA_VISIBLE_DEVICES"] == "all"
     bins = ml_image["rootfs"] / "usr" / "bin"
     assert all((bins / b).exists() for b in ("bash", "wget", "grep", "ps", "gcc"))  # KubeRay probes, Triton

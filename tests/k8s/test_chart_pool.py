@@ -154,3 +154,24 @@ def test_the_ray_pod_templates_carry_no_version_label_so_a_chart_upgrade_keeps_t
         labels = pod["metadata"]["labels"]
         assert "helm.sh/chart" not in labels and "app.kubernetes.io/version" not in labels, labels
         assert labels["app.kubernetes.io/part-of"] == "deltafleet"
+
+
+def test_gpu_pools_ask_for_cuda_and_runtime_classes_reach_ray_pods_and_jobs(helm):
+    """A replica with device auto and no visible GPU would serve on CPU in fp32, holding its
+    GPU; with the chart's GPU pool the operator writes device cuda, so it fails to deploy
+    (DEPLOY_FAILED, with the reason) instead. RuntimeClass: k3s/RKE2 GPU nodes need one."""
+    def env(docs):
+        c = by_kind(docs, "Deployment")[0]["spec"]["template"]["spec"]["containers"][0]
+        return {e["name"]: e.get("value") for e in c["env"]}
+
+    assert env(template(helm, *POOL))["DELTAFLEET_SERVE_DEVICE"] == "cuda"
+    assert env(template(helm, *POOL, "pool.workers.gpus=0"))["DELTAFLEET_SERVE_DEVICE"] == "auto"  # CPU workers
+    assert env(template(helm))["DELTAFLEET_SERVE_DEVICE"] == "auto"  # someone else's RayService: theirs to say
+    assert env(template(helm, *POOL, "serve.device=cpu"))["DELTAFLEET_SERVE_DEVICE"] == "cpu"
+    docs = template(helm, *POOL, "pool.runtimeClassName=nvidia", "compression.runtimeClassName=nvidia")
+    cluster = by_kind(docs, "RayService")[0]["spec"]["rayClusterConfig"]
+    for pod in (cluster["headGroupSpec"]["template"], *(g["template"] for g in cluster["workerGroupSpecs"])):
+        assert pod["spec"]["runtimeClassName"] == "nvidia"
+    assert env(docs)["DELTAFLEET_JOB_RUNTIME_CLASS"] == "nvidia"
+    assert "runtimeClassName" not in by_kind(template(helm, *POOL), "RayService")[0]["spec"]["rayClusterConfig"][
+        "headGroupSpec"]["template"]["spec"]

@@ -166,3 +166,11 @@ def test_compression_pods_get_the_image_pull_secrets():
     job = jobs.build_job(ft, "h", 1, 0, replace(SETTINGS, job_image_pull_secrets="regcred, mirror"))
     assert job["spec"]["template"]["spec"]["imagePullSecrets"] == [{"name": "regcred"}, {"name": "mirror"}]
     assert "imagePullSecrets" not in jobs.build_job(ft, "h", 1, 0, SETTINGS)["spec"]["template"]["spec"]
+
+
+def test_compression_pods_get_the_runtime_class():
+    from dataclasses import replace
+
+    job = jobs.build_job(finetune(), "h", 1, 0, replace(SETTINGS, job_runtime_class="nvidia"))
+    assert job["spec"]["template"]["spec"]["runtimeClassName"] == "nvidia"
+    assert "runtimeClassName" not in jobs.build_job(finetune(), "h", 1, 0, SETTINGS)["spec"]["template"]["spec"]

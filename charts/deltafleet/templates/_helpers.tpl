@@ -150,6 +150,9 @@ securityContext:
 imagePullSecrets:
   {{- toYaml . | nindent 2 }}
 {{- end }}
+{{- with .Values.pool.runtimeClassName }}
+runtimeClassName: {{ . }}
+{{- end }}
 {{- end }}
 
 {{- define "deltafleet.poolContainerSecurity" -}}
