@@ -69,6 +69,10 @@ def eligible(ft: api.FineTune, annotations: dict, deleting: bool) -> bool:
     )
 
 
+# How often a reconcile checks that the backend still holds the applied serve config.
+CONFIG_CHECK_S = 10.0
+
+
 class Controller:
     def __init__(self, settings: Settings, backend: Backend, api_client: client.ApiClient | None = None):
         self.settings = settings
@@ -81,6 +85,7 @@ class Controller:
         self._serving_lock = threading.Lock()
         self.serving = ServingState()
         self._status_cache: tuple[float, dict[str, AppStatus]] = (0.0, {})
+        self._config_checked_at = 0.0
         self._phases: dict[str, str] = {}  # each FineTune's last written phase, for the metric
 
     # ------------------------------------------------------------ API helpers
@@ -195,6 +200,17 @@ class Controller:
 
     # ------------------------------------------------------------ serving
 
+    def _config_still_applied(self) -> bool:
+        """Whether the backend still holds the config this operator applied: a RayService deleted
+        and recreated (KubeRay's own recovery step, or a person) comes back without it and would
+        otherwise be re-applied only when some FineTune changed. At most one read per
+        CONFIG_CHECK_S, whatever the number of FineTunes."""
+        now = time.monotonic()
+        if now - self._config_checked_at < CONFIG_CHECK_S:
+            return True
+        self._config_checked_at = now
+        return self.backend.applied_hash() == self.serving.digest
+
     def _statuses(self) -> dict[str, AppStatus]:
         at, cached = self._status_cache
         if time.monotonic() - at < 1.0:
@@ -241,7 +257,7 @@ class Controller:
         app, error, keys_problem, mine = None, None, None, None
         try:
             mine, keys_problem = self._tenant(raw, ft)
-            if not self.serving.synced or self.serving.tenants.get(key) != mine:
+            if not self.serving.synced or self.serving.tenants.get(key) != mine or not self._config_still_applied():
                 self.sync_serving()
             app = self._statuses().get(mine.pool) if mine is not None else None
         except BackendError as e:  # recorded, not raised: the compression status must still be written

@@ -12,6 +12,7 @@ import json
 import pytest
 import yaml
 from fake_replica import FakeReplicas, keyed
+from conftest import render_pool
 from op_harness import RAY_NS, FineTunes, finetune_yaml, free_port, wait_for
 
 from deltafleet.operator.serveconfig import tenants_of_application
@@ -113,3 +114,12 @@ def test_pools_in_serve_config_v2(k8s, namespace, run_operator, rayservice, stor
     assert apps[pool_b] == before_b
     annotations = rayservice_obj(k8s, rayservice)["metadata"]["annotations"]
     assert "deltafleet.dev/serve-config-hash" in annotations
+
+    # The RayService deleted and recreated (KubeRay's recovery step, or a person): it comes back
+    # without the config, and is re-applied though no FineTune changed.
+    applied = serve_config(k8s, rayservice)
+    k8s.kubectl("-n", RAY_NS, "delete", "rayservice", rayservice)
+    k8s.kubectl("create", "--validate=strict", "-f", "-", input=render_pool(k8s, rayservice, RAY_NS))
+    assert serve_config(k8s, rayservice) == {}
+    wait_for(lambda: serve_config(k8s, rayservice) == applied, 60, "the config re-applied to the recreated RayService",
+             on_timeout=op.log)
