@@ -62,9 +62,13 @@ class Tenant:
 
 
 # A read or device copy that fails for a reason that may pass (a file briefly missing on a
-# network volume, an I/O error, CUDA out of memory while tables grow) is retried with backoff;
-# only a delta that fails verification (format, hash, base fingerprint, shapes) is FAILED.
+# network volume, an I/O error, CUDA out of memory while tables grow) is retried with backoff,
+# for as long as the tenant is registered; the tenant stays LOADING, with the reason, for the
+# first READ_FAILS_BEFORE_FAILED failed reads (~15 s), then is reported FAILED — with the reason
+# — while the retries go on, and turns READY if a retry succeeds. A delta that fails
+# verification (format, hash, base fingerprint, shapes) is FAILED at once: retrying cannot help.
 RETRY_FIRST_S, RETRY_MAX_S = 0.5, 30.0
+READ_FAILS_BEFORE_FAILED = 6
 
 
 def retry_delay(attempts: int) -> float:
@@ -285,7 +289,9 @@ class DeltaBank:
                 return
             t.attempts += 1
             delay = retry_delay(t.attempts)
-            t.error = f"read failed (attempt {t.attempts}), retrying in {delay:.1f}s: {e}"
+            t.error = f"{e} (read attempt {t.attempts}; retrying in {delay:.1f}s)"
+            if t.attempts >= READ_FAILS_BEFORE_FAILED:  # not a blip: say so, and keep trying
+                t.status = FAILED
         log.warning("tenant %s: %s", name, t.error)
         self._later(delay, self._verify_into_cpu, name)
         self.on_change()

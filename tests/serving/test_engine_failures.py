@@ -160,12 +160,17 @@ def test_an_errored_stream_ends_with_the_error_event_and_no_done(engine):
     assert recorded and recorded[-1][1] == "tenant_unavailable"
 
 
-def test_a_delta_briefly_missing_is_retried_and_served_a_corrupt_one_fails_at_once(toy, engine, tmp_path):
+def test_a_delta_briefly_missing_is_retried_and_served_a_corrupt_one_fails_at_once(toy, engine, tmp_path, monkeypatch):
     """A read that may pass (a file not yet visible on a network volume) is retried with backoff
-    and shown in the status; only a delta that fails verification is FAILED."""
+    and shown in the status; after a few failed reads the tenant is reported failed while the
+    retries go on, and a file that comes back is served. A delta that fails verification is
+    FAILED at once."""
     import shutil
 
+    from deltafleet.serving import bank as bank_module
     from deltafleet.serving.bank import FAILED, LOADING, READY
+
+    monkeypatch.setattr(bank_module, "READ_FAILS_BEFORE_FAILED", 3)  # 0.5 + 1 s of blips, then reported
 
     late = tmp_path / "late.safetensors"
     engine.bank.register("team-c/late", late)
@@ -175,6 +180,10 @@ def test_a_delta_briefly_missing_is_retried_and_served_a_corrupt_one_fails_at_on
         time.sleep(0.05)
     t = engine.bank.status("team-c/late")
     assert t.status == LOADING and "no such delta file" in t.error
+    while engine.bank.status("team-c/late").status != FAILED:  # still missing: reported, and retried
+        assert time.monotonic() < deadline, engine.bank.status("team-c/late")
+        time.sleep(0.05)
+    assert "retrying" in engine.bank.status("team-c/late").error
     shutil.copyfile(toy.deltas["team-a/alpha"], late)  # the file appears
     while engine.bank.status("team-c/late").status != READY:
         assert time.monotonic() < deadline + 20, engine.bank.status("team-c/late")
