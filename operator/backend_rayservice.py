@@ -72,7 +72,7 @@ def application_statuses(rs: dict) -> dict[str, AppStatus]:
     active_status, pending_status = status.get("activeServiceStatus") or {}, status.get("pendingServiceStatus") or {}
     active, pending = _apps(active_status), _apps(pending_status)
     active_cluster, pending_cluster = active_status.get("rayClusterName"), pending_status.get("rayClusterName")
-    if not active_cluster:
+    if not active_cluster and not active:  # no cluster serves yet
         where = f"the new cluster {pending_cluster}" if pending_cluster else "a cluster KubeRay has not created yet"
         return {name: AppStatus(status=a.status, message=f"first install, on {where}: {a.message}".rstrip(": "))
                 for name, a in pending.items()}

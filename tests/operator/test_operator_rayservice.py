@@ -37,7 +37,8 @@ def report_running(k8s, name, pools):
     """What KubeRay writes once the active cluster serves the config it has observed."""
     rs = rayservice_obj(k8s, name)
     status = {"observedGeneration": rs["metadata"]["generation"], "serviceStatus": "Running",
-              "activeServiceStatus": {"applicationStatuses": {p: {"status": "RUNNING", "message": ""} for p in pools}}}
+              "activeServiceStatus": {"rayClusterName": f"{name}-raycluster-abcde",
+                                      "applicationStatuses": {p: {"status": "RUNNING", "message": ""} for p in pools}}}
     k8s.kubectl("-n", RAY_NS, "patch", "rayservice", name, "--subresource=status", "--type=merge",
                 "-p", json.dumps({"status": status}))
 

@@ -22,6 +22,8 @@ CASES = [
      rs(active={"llama": ("RUNNING", "")}, observed=1), {}),
     ("a running cluster reports its applications",
      rs(active={"llama": ("RUNNING", "")}), {"llama": ("RUNNING", "")}),
+    ("applications reported without a cluster name are the serving cluster's",
+     rs(active={"llama": ("RUNNING", "")}, active_cluster=None), {"llama": ("RUNNING", "")}),
     ("a first install reports the pending cluster's applications",
      rs(pending={"llama": ("DEPLOYING", "")}, active_cluster=None, pending_cluster="pool-new"),
      {"llama": ("DEPLOYING", "first install, on the new cluster pool-new")}),

@@ -5,10 +5,13 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import pytest
-from starlette.requests import Request
 
-from deltafleet.serving.app import DeltaServer, Unauthorized
-from deltafleet.serving.config import ConfigError, key_digest, parse_tenants
+pytest.importorskip("fastapi")  # the app's side (not on the GPU machine, where only the gpu tests run)
+pytest.importorskip("ray")
+from starlette.requests import Request  # noqa: E402
+
+from deltafleet.serving.app import DeltaServer, Unauthorized  # noqa: E402
+from deltafleet.serving.config import ConfigError, key_digest, parse_tenants  # noqa: E402
 
 KEY = "sk-team-a-0123456789abcdef0123456789abcdef"
 

@@ -8,11 +8,14 @@ import asyncio
 import json
 
 import pytest
-from fastapi.exceptions import RequestValidationError
-from pydantic import ValidationError
 
-from deltafleet.serving.app import _bad_request
-from deltafleet.serving.openai_api import HARMLESS, ChatRequest, CompletionRequest
+pytest.importorskip("fastapi")  # the app's side (not on the GPU machine, where only the gpu tests run)
+pytest.importorskip("ray")
+from fastapi.exceptions import RequestValidationError  # noqa: E402
+from pydantic import ValidationError  # noqa: E402
+
+from deltafleet.serving.app import _bad_request  # noqa: E402
+from deltafleet.serving.openai_api import HARMLESS, ChatRequest, CompletionRequest  # noqa: E402
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 # field -> (a value that is not its no-op, how it is handled)
