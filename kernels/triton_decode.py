@@ -117,18 +117,30 @@ def _flip(pair, u, SHIFT: tl.constexpr):
 
 
 @triton.jit
+def _pack_pairs(xl, xh):
+    """16-bit xl[j], xh[j] -> one int32 pair each (xh in the high half)."""
+    return (xh.to(tl.int16, bitcast=True).to(tl.int32) << 16) | (xl.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF)
+
+
+@triton.jit
+def _split8(t):
+    """[..., 8] -> its 8 slices along the last (in-thread) axis, j = 0..7."""
+    shape: tl.constexpr = (t.shape[0], t.shape[1], t.shape[2])
+    p0, p1 = tl.split(tl.reshape(t, shape + (4, 2)))  # j = 2·a + b
+    p00, p10 = tl.split(tl.reshape(p0, shape + (2, 2)))  # j = 4·a + 2·b
+    p01, p11 = tl.split(tl.reshape(p1, shape + (2, 2)))  # j = 4·a + 2·b + 1
+    t0, t4 = tl.split(p00)
+    t2, t6 = tl.split(p10)
+    t1, t5 = tl.split(p01)
+    t3, t7 = tl.split(p11)
+    return t0, t1, t2, t3, t4, t5, t6, t7
+
+
+@triton.jit
 def _signed_sum8(s, u, xl, xh, LOW: tl.constexpr, FIRST: tl.constexpr, BF16: tl.constexpr, ASM: tl.constexpr):
     """s + Σ_j ±(xl[j], xh[j]) over j < 8 (the in-thread last axis) in packed pairs: (xl[j], xh[j])'s signs are the
     bits LOW + j and LOW + j + 16 of the words u. FIRST: there is no s yet."""
-    pairs = (xh.to(tl.int16, bitcast=True).to(tl.int32) << 16) | (xl.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF)
-    shape: tl.constexpr = (pairs.shape[0], pairs.shape[1], pairs.shape[2])
-    p0, p1 = tl.split(tl.reshape(pairs, shape + (4, 2)))  # j = 2·a + b
-    p00, p10 = tl.split(tl.reshape(p0, shape + (2, 2)))  # j = 4·a + 2·b
-    p01, p11 = tl.split(tl.reshape(p1, shape + (2, 2)))  # j = 4·a + 2·b + 1
-    x0, x4 = tl.split(p00)
-    x2, x6 = tl.split(p10)
-    x1, x5 = tl.split(p01)
-    x3, x7 = tl.split(p11)
+    x0, x1, x2, x3, x4, x5, x6, x7 = _split8(_pack_pairs(xl, xh))
     if FIRST:
         s = _flip(x0, u, 15 - LOW)
     else:
@@ -151,17 +163,9 @@ def _signed_sum8_flip_first(s, u, xl, xh, LOW: tl.constexpr, FIRST: tl.constexpr
     layout. For 8 and 16 rows Triton 3.6 otherwise converts the sum through shared memory once
     per pair (807 instructions per K step at 16 rows vs 578; 3.9 compiles both forms to the
     same 578). For fewer rows the pair-by-pair form compiles better on both."""
-    pairs = (xh.to(tl.int16, bitcast=True).to(tl.int32) << 16) | (xl.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF)
     shifts = 15 - LOW - tl.arange(0, 8)  # [8]: bit LOW + j moved to 15 (and LOW + 16 + j to 31)
-    flipped = pairs ^ (~(u[:, :, :, None] << shifts[None, None, None, :]) & PAIR_SIGNS)  # [BLOCK_N, ROWS, W, 8]
-    shape: tl.constexpr = (flipped.shape[0], flipped.shape[1], flipped.shape[2])
-    p0, p1 = tl.split(tl.reshape(flipped, shape + (4, 2)))  # j = 2·a + b
-    p00, p10 = tl.split(tl.reshape(p0, shape + (2, 2)))  # j = 4·a + 2·b
-    p01, p11 = tl.split(tl.reshape(p1, shape + (2, 2)))  # j = 4·a + 2·b + 1
-    f0, f4 = tl.split(p00)
-    f2, f6 = tl.split(p10)
-    f1, f5 = tl.split(p01)
-    f3, f7 = tl.split(p11)
+    flipped = _pack_pairs(xl, xh) ^ (~(u[:, :, :, None] << shifts[None, None, None, :]) & PAIR_SIGNS)  # [BLOCK_N, ROWS, W, 8]
+    f0, f1, f2, f3, f4, f5, f6, f7 = _split8(flipped)
     if FIRST:
         s = f0
     else:
