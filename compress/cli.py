@@ -58,8 +58,11 @@ def main(argv: list[str]) -> int:
             from .checkpoint import InputError
 
             log = Path(args.termination_log)
-            if not log.parent.is_dir() or not os.access(log.parent, os.W_OK):
-                raise InputError(f"--termination-log {log}: folder {log.parent} does not exist or is not writable")
+            # A kubelet mounts the file itself (mode 0666) into a /dev only root may write:
+            # the file must be writable, or be creatable in its folder.
+            writable = os.access(log, os.W_OK) if log.exists() else log.parent.is_dir() and os.access(log.parent, os.W_OK)
+            if not writable:
+                raise InputError(f"--termination-log {log}: not writable (nor creatable in {log.parent})")
         result = compress(args.base, args.finetuned, args.out, settings, base_store=args.base_store)
         if args.termination_log:
             Path(args.termination_log).write_text(result.termination_message())

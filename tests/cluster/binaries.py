@@ -1,5 +1,5 @@
-"""Where `make tools` (tests/cluster/build-tools.sh) caches etcd, kube-apiserver,
-kube-controller-manager, kubectl and helm, and a clear error when they are not there."""
+"""Where `make tools` (tests/cluster/build-tools.sh) caches the test cluster's binaries (control
+plane, kubectl, helm, the node's, KubeRay's operator), and a clear error when they are not there."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ import subprocess
 from pathlib import Path
 
 BUILD_SCRIPT = Path(__file__).resolve().parent / "build-tools.sh"
-BINARIES = ("etcd", "kube-apiserver", "kube-controller-manager", "kubectl", "helm")
-CONTROL_PLANE = BINARIES[:4]  # the skew set: the current helm serves both
+CONTROL_PLANE = ("etcd", "kube-apiserver", "kube-controller-manager", "kubectl")  # the skew set
+BINARIES = (*CONTROL_PLANE, "helm", "kube-scheduler", "kubelet", "kube-proxy", "bridge", "host-local", "loopback",
+            "portmap", "pause", "coredns", "ray-operator")
 
 
 class ToolsMissing(RuntimeError):
@@ -46,6 +47,8 @@ def kube_version(skew: bool = False) -> str:
     go_mod = BUILD_SCRIPT.parent / "tools" / ("k8s-skew" if skew else "k8s") / "go.mod"
     for line in go_mod.read_text().splitlines():
         words = line.split()
+        if words[:1] == ["require"]:  # a one-line require
+            words = words[1:]
         if len(words) >= 2 and words[0] == "k8s.io/kubernetes":
             return words[1].lstrip("v")
     raise RuntimeError(f"{go_mod} pins no k8s.io/kubernetes version")

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Builds the test control plane (etcd, kube-apiserver, kube-controller-manager), kubectl and
-# helm from the pinned Go modules in tests/cluster/tools/ into a cache outside the repo, only
-# when that cache is missing. The cache key is the Kubernetes release plus a hash of the
+# Builds the test cluster from the pinned Go modules in tests/cluster/tools/ into a cache
+# outside the repo, only when that cache is missing: the control plane (etcd, kube-apiserver,
+# kube-controller-manager, kube-scheduler), kubectl and helm, and the node (kubelet, kube-proxy,
+# the CNI plugins, a pause binary, CoreDNS) and the KubeRay operator. The cache key is the Kubernetes release plus a hash of the
 # go.mod/go.sum files, so changing a pin builds a new set and never reuses a stale one.
 #
 #   bash tests/cluster/build-tools.sh            build if missing, print the bin dir last
@@ -15,7 +16,8 @@ set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 tools="$here/tools"
 k8s_dir="$tools/k8s"
-binaries=(etcd kube-apiserver kube-controller-manager kubectl helm)
+binaries=(etcd kube-apiserver kube-controller-manager kube-scheduler kubectl kubelet kube-proxy helm
+          bridge host-local loopback portmap pause coredns ray-operator)
 if [[ "${1:-}" == "--skew" ]]; then
   shift
   k8s_dir="$tools/k8s-skew"
@@ -28,8 +30,10 @@ k8s_version="$(required k8s.io/kubernetes "$k8s_dir/go.mod")"
 helm_version="$(required helm.sh/helm/v4 "$tools/helm/go.mod")"
 [[ -n "$k8s_version" && -n "$helm_version" ]] || { echo "build-tools.sh: cannot read the pinned versions from $tools/*/go.mod" >&2; exit 1; }
 # This script is part of the key: its build flags (versions stamped in) shape the binaries.
+node_pins=()
+[[ "$k8s_dir" == "$tools/k8s" ]] && node_pins=("$tools"/{cni,coredns,kuberay}/go.{mod,sum} "$tools"/coredns/main.go "$tools"/cni/pause/main.go)
 pins_hash="$(cat "$k8s_dir"/go.mod "$k8s_dir"/go.sum "$k8s_dir"/etcd/main.go \
-  "$tools"/helm/go.mod "$tools"/helm/go.sum "${BASH_SOURCE[0]}" | sha256sum | cut -c1-10)"
+  "$tools"/helm/go.mod "$tools"/helm/go.sum "${node_pins[@]}" "${BASH_SOURCE[0]}" | sha256sum | cut -c1-10)"
 cache_root="${DELTAFLEET_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/deltafleet}"
 bin_dir="$cache_root/k8s-$k8s_version-$pins_hash/bin"
 
@@ -89,16 +93,30 @@ done
 # version in the build info; only its own version needs stamping.
 helm_ldflags="-X helm.sh/helm/v4/internal/version.version=$helm_version -X helm.sh/helm/v4/internal/version.gitTreeState=clean"
 
-# One go build per module so the control-plane binaries share one compile of their packages.
-build k8s "$k8s_dir" "$k8s_ldflags" ./etcd k8s.io/kubernetes/cmd/kube-apiserver \
-  k8s.io/kubernetes/cmd/kube-controller-manager k8s.io/kubernetes/cmd/kubectl
-[[ " ${binaries[*]} " == *" helm "* ]] && build helm "$tools/helm" "$helm_ldflags" helm.sh/helm/v4/cmd/helm
+# One go build per module so the binaries of one Kubernetes version share one compile of their
+# packages (the skew set is the control plane only: it runs no node).
+k8s_cmds=(kube-apiserver kube-controller-manager kubectl)
+[[ " ${binaries[*]} " == *" kubelet "* ]] && k8s_cmds+=(kube-scheduler kubelet kube-proxy)
+build k8s "$k8s_dir" "$k8s_ldflags" ./etcd "${k8s_cmds[@]/#/k8s.io/kubernetes/cmd/}"
+if [[ " ${binaries[*]} " == *" helm "* ]]; then
+  build helm "$tools/helm" "$helm_ldflags" helm.sh/helm/v4/cmd/helm
+  cni=github.com/containernetworking/plugins/plugins
+  build cni "$tools/cni" "" ./pause $cni/main/bridge $cni/ipam/host-local $cni/main/loopback $cni/meta/portmap
+  build coredns "$tools/coredns" "" .
+  build kuberay "$tools/kuberay" "" github.com/ray-project/kuberay/ray-operator
+  # KubeRay's CRDs and RBAC from the same module, installed by the tests as its chart would.
+  kuberay_src="$(cd "$tools/kuberay" && go list -m -f '{{.Dir}}' github.com/ray-project/kuberay/ray-operator)"
+  mkdir -p "$stage/kuberay-config"
+  cp -r "$kuberay_src/config/crd/bases" "$kuberay_src/config/rbac" "$stage/kuberay-config/"
+  chmod -R u+w "$stage/kuberay-config"
+fi
 
 for b in "${binaries[@]}"; do
   [[ -x "$stage/$b" ]] || { echo "build-tools.sh: $b was not built (see output above)" >&2; exit 1; }
 done
 mkdir -p "$bin_dir"
 for b in "${binaries[@]}"; do mv -f "$stage/$b" "$bin_dir/$b"; done
+[[ -d "$stage/kuberay-config" ]] && rm -rf "$bin_dir/kuberay-config" && mv "$stage/kuberay-config" "$bin_dir/"
 echo "cluster tools: built in $((SECONDS - start))s"
 "$bin_dir/kube-apiserver" --version
 "$bin_dir/kubectl" version --client

@@ -58,7 +58,8 @@ def _builder(subject: x509.Name, issuer: x509.Name, public_key) -> x509.Certific
 class PKI:
     """Writes every file into `dir` and exposes the paths the components' flags need."""
 
-    def __init__(self, dir: Path):
+    def __init__(self, dir: Path, ips: tuple[str, ...] = ("127.0.0.1", "10.0.0.1")):
+        """ips: the API server's addresses (where it listens, and its `kubernetes` Service IP)."""
         self.dir = dir
         dir.mkdir(parents=True, exist_ok=True)
         self._ca_key = _key()
@@ -86,8 +87,8 @@ class PKI:
                 x509.DNSName("kubernetes"),
                 x509.DNSName("kubernetes.default"),
                 x509.DNSName("kubernetes.default.svc"),
-                x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-                x509.IPAddress(ipaddress.ip_address("10.0.0.1")),  # the `kubernetes` Service IP
+                x509.DNSName("kubernetes.default.svc.cluster.local"),
+                *(x509.IPAddress(ipaddress.ip_address(ip)) for ip in ips),
             ],
         )
         self.admin_crt, self.admin_key = self._issue(
@@ -113,6 +114,14 @@ class PKI:
         self.sa_pub = dir / "sa.pub"  # the API server verifies tokens with the public half
         self.sa_pub.write_bytes(sa.public_key().public_bytes(
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+
+    def client(self, stem: str, cn: str, org: str | None = None) -> tuple[Path, Path]:
+        """A client certificate for user `cn` in group `org` (what the API server authenticates)."""
+        return self._issue(stem, _name(cn, org), ExtendedKeyUsageOID.CLIENT_AUTH)
+
+    def server(self, stem: str, cn: str, ips: list[str]) -> tuple[Path, Path]:
+        return self._issue(stem, _name(cn), ExtendedKeyUsageOID.SERVER_AUTH,
+                           sans=[x509.IPAddress(ipaddress.ip_address(ip)) for ip in ips])
 
     def _issue(self, stem: str, subject: x509.Name, usage, sans=None) -> tuple[Path, Path]:
         key = _key()

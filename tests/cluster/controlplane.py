@@ -1,8 +1,14 @@
-"""A real Kubernetes control plane on loopback for the tests: etcd, kube-apiserver (RBAC,
-service-account tokens) and kube-controller-manager (Job controller, garbage collector,
-service-account and namespace controllers, …), plus the pod runner that stands in for a
-kubelet. Everything lives in one temp folder and on free 127.0.0.1 ports; `stop()` ends
-every process it started and removes the folder."""
+"""A real Kubernetes control plane for the tests: etcd, kube-apiserver (RBAC, service-account
+tokens) and kube-controller-manager (Job controller, garbage collector, service-account and
+namespace controllers, …), and either
+
+- node=True: kube-scheduler and one real node (node.py: containerd, kubelet, kube-proxy, bridge
+  CNI, CoreDNS) in its own namespaces, joined to the host by a veth pair; the API server
+  listens on the host's end of it; or
+- node=False: the pod runner that stands in for a kubelet, on loopback.
+
+Everything lives in one temp folder and on free ports; `stop()` ends every process it started,
+removes what the node created and the folder."""
 
 from __future__ import annotations
 
@@ -21,7 +27,8 @@ from pathlib import Path
 import yaml
 
 from .binaries import kube_version, require_binaries
-from .podrunner import NODE_NAME, _die_with_parent
+from .podrunner import NODE_NAME as RUNNER_NODE
+from .podrunner import _die_with_parent
 
 HERE = Path(__file__).resolve().parent
 READY_TIMEOUT_S = 90  # generous for a loaded 2-core CI machine; ~10 s when idle
@@ -98,9 +105,11 @@ class Process:
 
 
 class Cluster:
-    def __init__(self, workdir: Path | None = None, keep_workdir: bool = False, skew: bool = False):
+    def __init__(self, workdir: Path | None = None, keep_workdir: bool = False, skew: bool = False,
+                 node: bool = False):
         """skew: run the control plane (etcd, API server, controllers, kubectl) of the skew
-        check's older Kubernetes minor; helm is the pinned current one either way."""
+        check's older Kubernetes minor; helm is the pinned current one either way.
+        node: a real node (and the scheduler) instead of the pod runner."""
         self.bin_dir = require_binaries(skew)
         self.helm_bin = require_binaries() / "helm"
         self.version = kube_version(skew)
@@ -110,14 +119,26 @@ class Cluster:
         self.processes: list[Process] = []
         from .certs import PKI  # cryptography: only imported when a cluster is started
 
-        self.pki = PKI(self.workdir / "pki")
+        self.node = None
+        if node:
+            from .node import Addresses, Node
+
+            self.addresses = Addresses.free()
+            self.host_ip = self.addresses.host_ip
+            self.pki = PKI(self.workdir / "pki", ips=("127.0.0.1", self.host_ip, self.addresses.kubernetes_ip))
+            self.node = Node(self, self.addresses)
+            self.node_name = self.node.name
+        else:
+            self.host_ip = "127.0.0.1"
+            self.pki = PKI(self.workdir / "pki")
+            self.node_name = RUNNER_NODE
         self.kubeconfig = self.workdir / "admin.kubeconfig"
         self._cm_kubeconfig = self.workdir / "controller-manager.kubeconfig"
         self.pods_dir = self.workdir / "pods"
 
     def _pick_ports(self) -> None:
         self.port = free_port()
-        self.server = f"https://127.0.0.1:{self.port}"
+        self.server = f"https://{self.host_ip}:{self.port}"
         write_kubeconfig(
             self.kubeconfig, self.server, self.pki.ca_crt,
             {"client-certificate": str(self.pki.admin_crt), "client-key": str(self.pki.admin_key)},
@@ -152,20 +173,43 @@ class Cluster:
         return self
 
     def _start_components(self) -> None:
+        if self.node is not None:
+            self.node.ns_start()  # the API server listens on the host's end of the node's link
         self._start_etcd()
         self._start_apiserver()
         self._wait(self._apiserver_ready, "kube-apiserver /readyz")
         self._start_controller_manager()
-        self._start_pod_runner()
+        if self.node is None:
+            self._start_pod_runner()
+        else:
+            self._start_scheduler()
+            self.node.start()
         # Pods need their namespace's `default` ServiceAccount (the admission plugin
         # rejects them otherwise): its existence shows the controllers are working.
         self._wait(self._default_sa_exists, "ServiceAccount default/default (controller-manager)")
-        self._wait(self._node_registered, "the pod runner's Node")
+        self._wait(self._node_registered, f"the Node {self.node_name}")
+        if self.node is not None:
+            self._wait(self.node.ready, f"the Node {self.node_name} Ready")
+            self.kubectl("apply", "-f", "-", input=self.node.coredns_manifest())
+            self._wait(self.node.dns_ready, "CoreDNS (kube-system/kube-dns) ready")
+            self._wait(self.node.dns_answers, "the kube-dns Service to answer (CoreDNS through kube-proxy)")
 
     def stop(self) -> None:
-        self._stop_processes()
-        if self._own_workdir and not self.keep_workdir:
-            shutil.rmtree(self.workdir, ignore_errors=True)
+        # A second Ctrl-C or SIGTERM (timeout(1) forwards one) must not cut the cleanup short:
+        # the node's namespaces, cgroups and sysctls are undone only here.
+        import threading
+
+        main = threading.current_thread() is threading.main_thread()
+        saved = [(s, signal.signal(s, signal.SIG_IGN)) for s in (signal.SIGINT, signal.SIGTERM)] if main else []
+        try:
+            self._stop_processes()
+            if self.node is not None:
+                self.node.stop()
+            if self._own_workdir and not self.keep_workdir:
+                shutil.rmtree(self.workdir, ignore_errors=True)
+        finally:
+            for s, handler in saved:
+                signal.signal(s, handler)
 
     def _stop_processes(self) -> None:
         for p in reversed(self.processes):
@@ -220,6 +264,12 @@ class Cluster:
     def pod_log(self, namespace: str, pod: str, container: str | None = None) -> str:
         """What the pod's processes printed (stdout and stderr), as the pod runner recorded it
         (all containers when none is named). `kubectl logs` serves the same files."""
+        if self.node is not None:
+            r = self.kubectl("logs", "-n", namespace, pod, *([f"--container={container}"] if container else ["--all-containers"]),
+                             check=False)
+            if r.returncode != 0:
+                raise FileNotFoundError(f"no log for pod {namespace}/{pod}: {r.stderr.strip()}\n" + self.why_not_run(namespace, pod))
+            return r.stdout
         d = self.pods_dir / namespace / pod / "logs"
         files = [d / f"{container}.log"] if container else sorted(d.glob("*.log"))
         if not files or not all(f.exists() for f in files):
@@ -232,11 +282,11 @@ class Cluster:
         still run, and the end of the pod runner's log."""
         got = self.kubectl("get", "pod", pod, "-n", namespace, "-o",
                            "jsonpath={.spec.nodeName} {.status}", check=False)
-        runner = next((p for p in self.processes if p.name == "pod-runner"), None)
+        runner = next((p for p in self.processes if p.name in ("pod-runner", "kubelet")), None)
         said = runner.tail(40) if runner is not None else ""
         components = ", ".join(f"{p.name} {'alive' if p.alive() else 'EXITED'}" for p in self.processes)
         return (f"the pod: {(got.stdout or got.stderr).strip()[:2000]}\ncomponents: {components}\n"
-                f"the pod runner's log ends:\n{said}")
+                f"the {runner.name if runner else 'pod runner'}'s log ends:\n{said}")
 
     def wait_for(self, check, what: str, timeout_s: float = 120, interval_s: float = 0.5):
         """Polls `check()` until it returns something truthy (returned) or times out."""
@@ -271,11 +321,49 @@ class Cluster:
             raise CommandError(r.returncode, argv, r.stdout, r.stderr)
         return r
 
+    def install_kuberay(self) -> None:
+        """KubeRay's operator as its chart installs it: its CRDs (server-side: each is over
+        the client-side annotation limit), its ServiceAccount and RBAC from the same module, and
+        a Deployment in kuberay-system running the operator built from the pinned module.
+        Once per cluster; returns when the operator is ready."""
+        if self.node is None:
+            raise RuntimeError("KubeRay needs the real node: Cluster(node=True)")
+        if getattr(self, "_kuberay", False):
+            return
+        from .node import kuberay_manifests
+
+        config = self.bin_dir / "kuberay-config"
+        self.kubectl("apply", "--server-side", "--force-conflicts", "-f", config / "bases")
+        for crd in ("rayclusters", "rayjobs", "rayservices"):
+            self.kubectl("wait", "--for=condition=Established", f"crd/{crd}.ray.io", "--timeout=60s")
+        self.kubectl("apply", "-f", "-", input=kuberay_manifests(config / "rbac"))
+        self.kubectl("-n", "kuberay-system", "rollout", "status", "deployment/kuberay-operator", "--timeout=180s")
+        self._kuberay = True
+
     # -- components ------------------------------------------------------------------------
     def _spawn(self, name: str, argv: list[str], env: dict | None = None) -> Process:
         p = Process(name, argv, self.workdir / f"{name}.log", env)
         self.processes.append(p)
         return p
+
+    spawn = _spawn
+
+    def wait(self, check, what: str) -> None:
+        self._wait(check, what)
+
+    def log(self, msg: str) -> None:
+        print(f"test cluster: {msg}", file=sys.stderr, flush=True)
+
+    def kubeconfig_for(self, name: str, crt: Path, key: Path) -> Path:
+        return write_kubeconfig(self.workdir / f"{name}.kubeconfig", self.server, self.pki.ca_crt,
+                                {"client-certificate": str(crt), "client-key": str(key)}, name)
+
+    def _start_scheduler(self) -> None:
+        crt, key = self.pki.client("scheduler", "system:kube-scheduler")
+        self._spawn("kube-scheduler", [
+            str(self.bin_dir / "kube-scheduler"), f"--kubeconfig={self.kubeconfig_for('scheduler', crt, key)}",
+            "--leader-elect=false", "--secure-port=0", "--profiling=false", "--v=1",
+        ])
 
     def _start_etcd(self) -> None:
         client, peer = free_port(), free_port()
@@ -298,8 +386,8 @@ class Cluster:
         self._spawn("kube-apiserver", [
             str(self.bin_dir / "kube-apiserver"),
             f"--etcd-servers={self.etcd_url}",
-            "--bind-address=127.0.0.1",
-            "--advertise-address=127.0.0.1",
+            f"--bind-address={self.host_ip}",
+            f"--advertise-address={self.host_ip}",
             f"--secure-port={self.port}",
             f"--tls-cert-file={pki.serving_crt}",
             f"--tls-private-key-file={pki.serving_key}",
@@ -308,9 +396,10 @@ class Cluster:
             "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
             f"--service-account-key-file={pki.sa_pub}",
             f"--service-account-signing-key-file={pki.sa_key}",
-            "--service-cluster-ip-range=10.0.0.0/24",
-            # The `kubernetes` Service cannot point at a loopback address; nothing here uses it.
-            "--endpoint-reconciler-type=none",
+            *([f"--service-cluster-ip-range={self.addresses.service_cidr}"] if self.node else [
+                "--service-cluster-ip-range=10.0.0.0/24",
+                # The `kubernetes` Service cannot point at a loopback address; nothing uses it.
+                "--endpoint-reconciler-type=none"]),
             # `kubectl logs` reaches the pod runner's log endpoint like a kubelet's.
             "--kubelet-preferred-address-types=InternalIP",
             f"--kubelet-certificate-authority={pki.ca_crt}",
@@ -331,10 +420,11 @@ class Cluster:
             "--use-service-account-credentials=true",
             "--secure-port=0",  # no serving endpoint: readiness is observed through the API
             # All default controllers (job, garbage-collector, serviceaccount(-token), namespace,
-            # pod-garbage-collector, ttl-after-finished, replicaset, deployment, cronjob, …) except
-            # node-lifecycle: the runner's Node sends no heartbeats, and that controller would
-            # taint it and evict the pods after five minutes.
-            "--controllers=*,-node-lifecycle-controller,-taint-eviction-controller",
+            # pod-garbage-collector, ttl-after-finished, replicaset, deployment, cronjob, …); with
+            # the pod runner not node-lifecycle: its Node sends no heartbeats, and that controller
+            # would taint it and evict the pods after five minutes. A real node needs it (it lifts
+            # the not-ready taint the kubelet registers with).
+            "--controllers=*" if self.node else "--controllers=*,-node-lifecycle-controller,-taint-eviction-controller",
             f"--service-account-private-key-file={self.pki.sa_key}",
             f"--root-ca-file={self.pki.ca_crt}",
             "--profiling=false",
@@ -376,7 +466,7 @@ class Cluster:
     def _get(self, path: str) -> tuple[int, bytes]:
         ctx = ssl.create_default_context(cafile=str(self.pki.ca_crt))
         ctx.load_cert_chain(str(self.pki.admin_crt), str(self.pki.admin_key))
-        conn = http.client.HTTPSConnection("127.0.0.1", self.port, context=ctx, timeout=5)
+        conn = http.client.HTTPSConnection(self.host_ip, self.port, context=ctx, timeout=5)
         try:
             conn.request("GET", path)
             r = conn.getresponse()
@@ -391,4 +481,4 @@ class Cluster:
         return self._get("/api/v1/namespaces/default/serviceaccounts/default")[0] == 200
 
     def _node_registered(self) -> bool:
-        return self._get(f"/api/v1/nodes/{NODE_NAME}")[0] == 200
+        return self._get(f"/api/v1/nodes/{self.node_name}")[0] == 200

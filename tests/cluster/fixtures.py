@@ -4,8 +4,10 @@
         k8s.kubectl("-n", namespace, "apply", "-f", "job.yaml")
 
 `k8s` starts etcd, kube-apiserver, kube-controller-manager and the pod runner once per
-session; `namespace` is a fresh namespace per test, deleted afterwards. `k8s_skew` is the
-same at the oldest supported Kubernetes minor (tools/k8s-skew), for the chart/CRD skew check."""
+session; `namespace` is a fresh namespace per test, deleted afterwards. `k8s_node` is a
+cluster with kube-scheduler and one real node (kubelet, containerd, kube-proxy, CoreDNS;
+node.py); `k8s_skew` is the control plane at the oldest supported Kubernetes minor
+(tools/k8s-skew), for the chart/CRD skew check."""
 
 from __future__ import annotations
 
@@ -18,9 +20,9 @@ from .binaries import ToolsMissing
 from .controlplane import Cluster
 
 
-def _session_cluster(skew: bool):
+def _session_cluster(skew: bool, node: bool = False):
     try:
-        cluster = Cluster(keep_workdir=bool(os.environ.get("DELTAFLEET_KEEP_CLUSTER")), skew=skew).start()
+        cluster = Cluster(keep_workdir=bool(os.environ.get("DELTAFLEET_KEEP_CLUSTER")), skew=skew, node=node).start()
     except ToolsMissing as e:
         pytest.fail(str(e), pytrace=False)
     try:
@@ -32,6 +34,11 @@ def _session_cluster(skew: bool):
 @pytest.fixture(scope="session")
 def k8s():
     yield from _session_cluster(skew=False)
+
+
+@pytest.fixture(scope="session")
+def k8s_node():
+    yield from _session_cluster(skew=False, node=True)
 
 
 @pytest.fixture(scope="session")
