@@ -3,7 +3,10 @@ KubeRay RayService and read the applications' status KubeRay reports back.
 
 The config's hash is kept in an annotation of the RayService, so the operator (or a
 restarted one) patches only when the content changes; a patch carries the resourceVersion
-it read, so a concurrent edit makes it fail (409) and retry instead of being overwritten."""
+it read, so a concurrent edit makes it fail (409) and retry instead of being overwritten.
+The annotation counts only while `serveConfigV2` still hashes to it: a RayService recreated
+from a saved manifest without the config (the test on a real node did exactly that) keeps
+the annotation and would otherwise never get its tenants back."""
 
 from __future__ import annotations
 
@@ -33,7 +36,7 @@ class RayServiceBackend:
             raise BackendError(f"RayService {self.namespace}/{self.rs_name}: HTTP {e.status} {e.reason}") from None
 
     def applied_hash(self) -> str | None:
-        return ((self._get().get("metadata") or {}).get("annotations") or {}).get(HASH_ANNOTATION)
+        return applied_hash(self._get())
 
     def apply(self, config: dict, digest: str) -> None:
         from kubernetes.client.exceptions import ApiException
@@ -93,3 +96,19 @@ def application_statuses(rs: dict) -> dict[str, AppStatus]:
 def _apps(service_status: dict) -> dict[str, AppStatus]:
     apps = service_status.get("applicationStatuses") or {}
     return {name: AppStatus(status=a.get("status") or "", message=(a.get("message") or "").strip()) for name, a in apps.items()}
+
+
+def applied_hash(rayservice: dict) -> str | None:
+    """The hash of the serve config this RayService holds: its annotation, when `serveConfigV2`
+    is there and hashes to it; else None (a config to apply)."""
+    from deltafleet.operator.serveconfig import config_hash
+
+    said = ((rayservice.get("metadata") or {}).get("annotations") or {}).get(HASH_ANNOTATION)
+    text = (rayservice.get("spec") or {}).get("serveConfigV2")
+    if not said or not text:
+        return None
+    try:
+        held = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return None
+    return said if isinstance(held, dict) and config_hash(held) == said else None

@@ -106,10 +106,11 @@ class Process:
 
 class Cluster:
     def __init__(self, workdir: Path | None = None, keep_workdir: bool = False, skew: bool = False,
-                 node: bool = False):
+                 node: bool = False, project_images: bool = True):
         """skew: run the control plane (etcd, API server, controllers, kubectl) of the skew
         check's older Kubernetes minor; helm is the pinned current one either way.
-        node: a real node (and the scheduler) instead of the pod runner."""
+        node: a real node (and the scheduler) instead of the pod runner; project_images: the
+        node holds the images images/build.py built too (not only its own)."""
         self.bin_dir = require_binaries(skew)
         self.helm_bin = require_binaries() / "helm"
         self.version = kube_version(skew)
@@ -126,7 +127,7 @@ class Cluster:
             self.addresses = Addresses.free()
             self.host_ip = self.addresses.host_ip
             self.pki = PKI(self.workdir / "pki", ips=("127.0.0.1", self.host_ip, self.addresses.kubernetes_ip))
-            self.node = Node(self, self.addresses)
+            self.node = Node(self, self.addresses, project_images)
             self.node_name = self.node.name
         else:
             self.host_ip = "127.0.0.1"

@@ -46,10 +46,19 @@ def k8s_skew():
     yield from _session_cluster(skew=True)
 
 
-@pytest.fixture
-def namespace(k8s, request):
+def _namespace(cluster, request):
     name = f"t-{request.node.name[:40].lower().replace('_', '-').strip('-')}-{uuid.uuid4().hex[:5]}"
     name = "".join(ch for ch in name if ch.isalnum() or ch == "-")
-    k8s.create_namespace(name)
+    cluster.create_namespace(name)
     yield name
-    k8s.kubectl("delete", "namespace", name, "--wait=false", check=False)
+    cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+@pytest.fixture
+def namespace(k8s, request):
+    yield from _namespace(k8s, request)
+
+
+@pytest.fixture
+def node_namespace(k8s_node, request):
+    yield from _namespace(k8s_node, request)

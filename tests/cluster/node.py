@@ -45,8 +45,9 @@ class Addresses:
 
 
 class Node:
-    def __init__(self, cluster, addresses: Addresses):
-        self.cluster, self.addr = cluster, addresses
+    def __init__(self, cluster, addresses: Addresses, project_images: bool = True):
+        """project_images: import the images images/build.py built (else only the node's own)."""
+        self.cluster, self.addr, self.project_images = cluster, addresses, project_images
         self.bin_dir = cluster.bin_dir
         self.dir = cluster.workdir / "node"
         self.cgroup_root = f"deltafleet-{addresses.link}"
@@ -151,7 +152,8 @@ oom_score = 0
     def import_images(self) -> dict[str, float]:
         """Every image the build's index lists (and the node's own) into containerd, each once
         per build: a test that just built an image calls it before naming the image."""
-        took = node_images.import_all([*self.ns.enter(), *self._ctr_argv()], self._root, self.bin_dir, self.cluster.log)
+        took = node_images.import_all([*self.ns.enter(), *self._ctr_argv()], self._root, self.bin_dir, self.cluster.log,
+                                      project=self.project_images)
         self.import_s.update(took)
         return took
 

@@ -123,8 +123,9 @@ def write_archive(out, layer: Layer, config: dict, names: list[str]) -> None:
             tar.addfile(info, io.BytesIO(data))
 
 
-def wanted(bin_dir: Path) -> dict[str, tuple[str, Callable[[], Layer], dict]]:
-    """build key -> (names, layer maker, OCI config) for every image the node should hold."""
+def wanted(bin_dir: Path, project: bool = True) -> dict[str, tuple[str, Callable[[], Layer], dict]]:
+    """build key -> (names, layer maker, OCI config) for every image the node should hold
+    (project: also the images images/build.py built)."""
     out: dict = {}
     out[f"pause-{_stamp(bin_dir / 'pause')}"] = ([PAUSE_REF], lambda: layer_from_files({"/pause": bin_dir / "pause"}),
                                                 {"Entrypoint": ["/pause"], "User": "65535:65535"})
@@ -135,7 +136,7 @@ def wanted(bin_dir: Path) -> dict[str, tuple[str, Callable[[], Layer], dict]]:
         [KUBERAY_REF], lambda: layer_from_files({"/manager": bin_dir / "ray-operator"}),
         {"Entrypoint": ["/manager"], "User": "65532:65532"})
     by_folder: dict[str, list[str]] = {}
-    index = json.loads(IMAGE_INDEX.read_text()) if IMAGE_INDEX.exists() else {}
+    index = json.loads(IMAGE_INDEX.read_text()) if IMAGE_INDEX.exists() and project else {}
     for ref, folder in index.items():
         if (Path(folder) / "image.json").exists():
             by_folder.setdefault(folder, []).append(ref)
@@ -150,19 +151,20 @@ def _stamp(path: Path) -> str:
     return f"{st.st_size}-{int(st.st_mtime)}"
 
 
-def import_all(ctr: list[str], root: Path, bin_dir: Path, log: Callable[[str], None]) -> dict[str, float]:
+def import_all(ctr: list[str], root: Path, bin_dir: Path, log: Callable[[str], None],
+               project: bool = True) -> dict[str, float]:
     """Imports every wanted image the cached containerd root does not hold yet; returns the
     seconds each import took."""
     record = root / "imported.json"
     held = json.loads(record.read_text()) if record.exists() else {}
     took = {}
-    for key, (names, make_layer, config) in wanted(bin_dir).items():
+    for key, (names, make_layer, config) in wanted(bin_dir, project).items():
         if all(held.get(n) == key for n in names):
             continue
         t0 = time.monotonic()
         log(f"importing {', '.join(names)} into the node's containerd (once per build)")
         layer = make_layer()
-        p = subprocess.Popen([*ctr, "images", "import", "--digests", "-"], stdin=subprocess.PIPE,
+        p = subprocess.Popen([*ctr, "images", "import", "-"], stdin=subprocess.PIPE,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         try:
             write_archive(p.stdin, layer, config, names)

@@ -1,10 +1,18 @@
-"""docs/deploy.md, replayed: its blocks marked `<!-- replay -->` run, in order, with the real
-kubectl and helm against the test control plane; `<!-- replay: file NAME -->` blocks are the
-files those commands read. The operator runs from its image and the compression Job from the
-ML image (the pod runner stands in for the nodes). What the test cluster cannot have is
-swapped, each swap listed in SWAPS / test_flags: the NFS source becomes a hostPath over a
-local store holding the toy models, KubeRay is only its RayService CRD, and the chart gets the
-flags that let its pods share one host (free ports, pods run locally, images by digest)."""
+"""docs/deploy.md, replayed on a real node with the real KubeRay: its blocks marked
+`<!-- replay -->` run, in order, with the real kubectl and helm; `<!-- replay: file NAME -->`
+blocks are the files those commands read. The operator runs from its image, the compression
+Job and the Ray pods from the ML image, under the kubelet; KubeRay (installed as its chart
+would) runs the pool; then the page's "Call it" step: `kubectl port-forward` to the serve
+Service and the `openai` client, whose greedy text must be what `deltafleet merge`'s model
+generates. What a CPU-only test node cannot have is swapped, each swap said where it is made:
+the NFS source becomes a hostPath over a local store holding the toy models, the pool gets CPU
+workers and small requests (cpu-pool.yaml), the example's Job asks for less CPU, and the images
+are named by the digests built here.
+
+The same install then goes on (module-scoped, in file order): a second FineTune joins the
+pool's RayCluster, keys are rotated and revoked, `helm upgrade` with no Ray change keeps the
+RayCluster, a deleted and recreated RayService is re-applied, a deleted FineTune's model
+answers 404, and an operator killed mid-way converges."""
 
 from __future__ import annotations
 
@@ -12,8 +20,9 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -41,12 +50,6 @@ def commands(body: str) -> list[str]:
     return [line.strip() for line in joined.splitlines() if line.strip() and not line.strip().startswith("#")]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_the_page_has_the_blocks_the_replay_needs():
     blocks = replay_blocks(DOC.read_text())
     assert [f for f, _ in blocks if f] == ["fleet-values.yaml"]
@@ -56,13 +59,13 @@ def test_the_page_has_the_blocks_the_replay_needs():
     assert NFS in dict((f, b) for f, b in blocks if f)["fleet-values.yaml"]
 
 
-@pytest.fixture
-def store(tmp_path):
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
     """The store examples/finetune-store.yaml expects, set up as the page says (group 1000, setgid)."""
     from deltafleet.toymodels import toy_eval_text, toy_pair
 
     base, ft = toy_pair("llama")
-    root = tmp_path / "exports" / "models"
+    root = tmp_path_factory.mktemp("store") / "exports" / "models"
     shutil.copytree(base, root / "bases" / "tiny-llama")
     shutil.copytree(ft, root / "finetunes" / "tiny-llama-code")
     (root / "data").mkdir()
@@ -75,11 +78,140 @@ def store(tmp_path):
     return root
 
 
-@pytest.fixture
-def cleanup(k8s):
-    yield
-    # The operator first (a running operator puts back a finalizer taken away); not `helm
-    # uninstall --wait`: the claims stay Terminating while the finished Job's pod holds them.
+
+
+# What a CPU-only node can run: head and one CPU worker with small requests (KubeRay gives the
+# worker num-cpus from its CPU limit: one serving replica), a small batch. Added to the page's
+# `helm install` as a second values file.
+CPU_POOL = {
+    "pool": {
+        "head": {"resources": {"requests": {"cpu": "100m", "memory": "1536Mi"}, "limits": {"memory": "3Gi"}}},
+        "workers": {"gpus": 0, "acceleratorType": "", "minReplicas": 1, "maxReplicas": 1, "shmSize": "512Mi",
+                    "resources": {"requests": {"cpu": "100m", "memory": "2Gi"}, "limits": {"cpu": "1", "memory": "5Gi"}}},
+    },
+    "serve": {"maxBatchSize": 4},
+}
+# The example's Job asks for 2 CPUs, all this node has: it gets what the toy model needs.
+JOB_REQUESTS = ('requests: {cpu: "2", memory: 4Gi}', "requests: {cpu: 500m, memory: 2Gi}")
+KEY = "sk-code-helper-0123456789abcdef"
+PROMPT = "def main(argv):\n    "
+
+
+class Install:
+    """The replayed install: the cluster, the commands' environment and what they printed."""
+
+    def __init__(self, k8s, store: Path, work: Path, env: dict):
+        self.k8s, self.store, self.work, self.env = k8s, store, work, env
+        self.transcript: list[str] = []
+        self.port_forward: subprocess.Popen | None = None
+        self.port = 0
+
+    def sh(self, command: str, check: bool = True) -> subprocess.CompletedProcess:
+        out = subprocess.run(["bash", "-c", command], cwd=self.work, env=self.env, capture_output=True, text=True,
+                             timeout=1200)
+        self.transcript.append(f"$ {command}\n{out.stdout}{out.stderr}")
+        if check and out.returncode != 0:
+            pytest.fail(f"`{command}` exited {out.returncode}\n" + "\n".join(self.transcript[-3:]) + self.diagnosis())
+        return out
+
+    def diagnosis(self) -> str:
+        k = self.k8s
+        parts = [k.kubectl("get", "pods", "-A", "-o", "wide", check=False).stdout,
+                 k.kubectl("-n", "deltafleet", "logs", "deployment/deltafleet", "--tail=40", check=False).stdout,
+                 k.kubectl("-n", "deltafleet", "get", "rayservice", "deltafleet", "-o", "jsonpath={.status}",
+                           check=False).stdout[-3000:],
+                 k.kubectl("get", "events", "-A", "--sort-by=.lastTimestamp", check=False).stdout[-3000:]]
+        return "\n--- cluster ---\n" + "\n---\n".join(parts)
+
+    def rayclusters(self) -> list[str]:
+        return self.k8s.kubectl("-n", "deltafleet", "get", "raycluster", "-o", "name").stdout.split()
+
+    def condition(self, name: str, kind: str, namespace: str = "team-a") -> dict:
+        ft = json.loads(self.k8s.kubectl("-n", namespace, "get", "ft", name, "-o", "json").stdout)
+        return next((c for c in ft.get("status", {}).get("conditions", []) if c["type"] == kind), {})
+
+    def wait_ready(self, name: str, timeout_s: float = 900, namespace: str = "team-a") -> None:
+        try:
+            self.k8s.wait_for(lambda: self.condition(name, "Ready", namespace).get("status") == "True",
+                              f"FineTune {namespace}/{name} Ready", timeout_s, interval_s=2)
+        except TimeoutError as e:
+            pytest.fail(f"{e}: Ready is {self.condition(name, 'Ready', namespace)}" + self.diagnosis())
+
+    def forward(self) -> str:
+        """The page's `kubectl port-forward` to the serve Service (again after the pod behind
+        it changed); the base URL the openai client uses."""
+        if self.port_forward is not None and self.port_forward.poll() is None:
+            return f"http://127.0.0.1:{self.port}"
+        self.port = free_port()
+        self.port_forward = subprocess.Popen(
+            ["kubectl", "-n", "deltafleet", "port-forward", "svc/deltafleet-serve-svc", f"{self.port}:8000"],
+            env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        line = self.port_forward.stdout.readline()  # "Forwarding from 127.0.0.1:PORT -> 8000"
+        assert "Forwarding from" in line, line + (self.port_forward.stdout.read() if self.port_forward.poll() else "")
+        return f"http://127.0.0.1:{self.port}"
+
+    def complete(self, model: str, key: str, max_tokens: int = 16):
+        from openai import OpenAI
+
+        for attempt in range(3):  # a port-forward to a pod that went away ends: start another
+            client = OpenAI(base_url=f"{self.forward()}/tiny-llama/v1", api_key=key, max_retries=0, timeout=120)
+            try:
+                return client.completions.create(model=model, prompt=PROMPT, max_tokens=max_tokens, temperature=0)
+            except Exception as e:
+                if type(e).__name__ != "APIConnectionError" or attempt == 2:
+                    raise
+                self.stop_forward()
+
+    def stop_forward(self) -> None:
+        if self.port_forward is not None:
+            self.port_forward.kill()
+            self.port_forward.wait()
+            self.port_forward = None
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def install(k8s_node, operator_image, ml_image, store, tmp_path_factory):
+    k8s = k8s_node
+    k8s.node.import_images()  # the images this session built, if the node started before them
+    # Prerequisite the page installs with KubeRay's chart: here its operator from the pinned
+    # module, its CRDs and RBAC, the same way (tests/cluster/node.py kuberay_manifests).
+    k8s.install_kuberay()
+    work = tmp_path_factory.mktemp("work")
+    (work / "charts").symlink_to(ROOT / "charts")
+    (work / "examples").mkdir()
+    for f in (ROOT / "examples").iterdir():
+        text = f.read_text()
+        (work / "examples" / f.name).write_text(text.replace(*JOB_REQUESTS) if f.name == "finetune-store.yaml" else text)
+    assert JOB_REQUESTS[0] in (ROOT / "examples" / "finetune-store.yaml").read_text()
+    (work / "cpu-pool.yaml").write_text(yaml.safe_dump(CPU_POOL))
+    test_flags = [  # the images built here, by digest; a short resync so the replay does not wait minutes
+        "-f", "cpu-pool.yaml",
+        "--set", f"image.digest={operator_image['digest']}", "--set", f"compression.image.digest={ml_image['digest']}",
+        "--set", "'operator.extraArgs={--resync-seconds=2}'",
+    ]
+    helm_home = tmp_path_factory.mktemp("helm")
+    env = {**os.environ, "PATH": f"{require_binaries()}:{os.environ['PATH']}", "KUBECONFIG": str(k8s.kubeconfig),
+           **{f"HELM_{k}_HOME": str(helm_home / k.lower()) for k in ("CACHE", "CONFIG", "DATA")}}
+    inst = Install(k8s, store, work, env)
+    inst.helm_flags = " ".join(test_flags)
+    for name, body in replay_blocks(DOC.read_text()):
+        if name:
+            assert NFS in body
+            (work / name).write_text(body.replace(NFS, f"hostPath: {{path: {store}}}"))
+            continue
+        for command in commands(body):
+            inst.sh(command + " " + inst.helm_flags if command.startswith("helm install ") else command)
+    yield inst
+    inst.stop_forward()
+    # The operator first (a running operator puts back a finalizer taken away).
     k8s.kubectl("-n", "deltafleet", "delete", "deployment", "deltafleet", "--wait=true", "--timeout=120s", check=False)
     k8s.helm("uninstall", "deltafleet", "-n", "deltafleet", check=False)
     for ns in ("team-a", "deltafleet"):
@@ -89,57 +221,133 @@ def cleanup(k8s):
     k8s.kubectl("delete", "pv", "-l", "app.kubernetes.io/instance=deltafleet", "--wait=false", check=False)
 
 
-def test_deploy_md_replays_on_the_test_cluster(k8s, operator_image, ml_image, store, tmp_path, cleanup):
-    # Prerequisites the page installs with KubeRay's own chart: here its RayService CRD only.
-    crd = subprocess.run(["bash", str(KUBERAY_CRD)], check=True, capture_output=True, text=True).stdout.split()[-1]
-    if k8s.kubectl("get", "crd", "rayservices.ray.io", check=False).returncode != 0:
-        k8s.kubectl("create", "-f", crd)
-    # As KubeRay's chart install returns: the CRD served before anything names a RayService.
-    k8s.wait_for(lambda: k8s.kubectl("get", "crd", "rayservices.ray.io", "-o",
-                                     "jsonpath={.status.conditions[?(@.type=='Established')].status}",
-                                     check=False).stdout.strip() == "True", "the RayService CRD to be established", 60)
-    own_crd = k8s.kubectl("get", "crd", "finetunes.deltafleet.dev", check=False).returncode != 0
+def merged_greedy(store: Path, delta: Path, out: Path, max_tokens: int = 16) -> str:
+    """What `deltafleet merge`'s checkpoint generates greedily for PROMPT (transformers, fp32)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    work = tmp_path / "work"
-    work.mkdir()
-    for d in ("charts", "examples"):
-        (work / d).symlink_to(ROOT / d)
-    test_flags = [  # what lets the chart's pods run on one host, from the images built here
-        "--set-string", "podAnnotations.tests\\.deltafleet\\.dev/run-locally=true",
-        "--set", f"image.digest={operator_image['digest']}", "--set", f"compression.image.digest={ml_image['digest']}",
-        "--set", f"operator.healthPort={free_port()}", "--set", f"metrics.port={free_port()}",
-        "--set", f"crds.enabled={str(own_crd).lower()}",
-        # The operator sees the store's deletions and results at /models (its claim, bound to
-        # the same folder); the resync is short so the replay does not wait minutes.
-        "--set", "operator.extraArgs={--resync-seconds=2}",
-    ]
-    env = {**os.environ, "PATH": f"{require_binaries()}:{os.environ['PATH']}", "KUBECONFIG": str(k8s.kubeconfig),
-           **{f"HELM_{k}_HOME": str(tmp_path / "helm" / k.lower()) for k in ("CACHE", "CONFIG", "DATA")}}
-    transcript: list[str] = []
-    for name, body in replay_blocks(DOC.read_text()):
-        if name:
-            assert NFS in body
-            (work / name).write_text(body.replace(NFS, f"hostPath: {{path: {store}}}"))
-            continue
-        for command in commands(body):
-            argv = command
-            if command.startswith("helm install "):
-                argv = command + " " + " ".join(f"'{a}'" if "{" in a or "\\" in a else a for a in test_flags)
-            out = subprocess.run(["bash", "-c", argv], cwd=work, env=env, capture_output=True, text=True, timeout=1200)
-            transcript.append(f"$ {command}\n{out.stdout}{out.stderr}")
-            if out.returncode != 0:
-                logs = k8s.kubectl("-n", "deltafleet", "logs", "deployment/deltafleet", "--tail=60", check=False).stdout
-                pytest.fail(f"docs/deploy.md: `{command}` exited {out.returncode}\n" + "\n".join(transcript[-3:])
-                            + f"\n--- operator log ---\n{logs}")
+    subprocess.run([sys.executable, "-m", "deltafleet", "merge", "--base", str(store / "bases" / "tiny-llama"),
+                    "--delta", str(delta), "--out", str(out), "--dtype", "float32"], check=True, capture_output=True)
+    tok = AutoTokenizer.from_pretrained(out)
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    ids = tok(PROMPT, return_tensors="pt").input_ids
+    with torch.inference_mode():
+        gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens, do_sample=False,
+                             pad_token_id=model.config.pad_token_id)
+    new = gen[0, ids.shape[1]:].tolist()
+    eos = model.config.eos_token_id
+    return tok.decode(new[: new.index(eos)] if eos in new else new)
 
+
+def test_the_page_compresses_the_finetune_into_the_pool(install):
     # The page's last command printed the pool's serveConfigV2: the tenant is in it, under its
     # key's digest, pointing at the delta the Job wrote into the shared store.
-    config = yaml.safe_load(transcript[-1].split("\n", 1)[1])
+    config = yaml.safe_load(install.transcript[-1].split("\n", 1)[1])
     (app,) = config["applications"]
     tenants = app["deployments"][0]["user_config"]["tenants"]
     assert set(tenants) == {"code-helper"}
     assert tenants["code-helper"]["uri"] == "file:///models/deltas/team-a/code-helper/g1/delta.safetensors"
-    assert (store / "deltas" / "team-a" / "code-helper" / "g1" / "delta.safetensors").is_file()
+    assert (install.store / "deltas" / "team-a" / "code-helper" / "g1" / "delta.safetensors").is_file()
     assert app["args"]["base_model"] == "/models/bases/tiny-llama"
-    ft = json.loads(k8s.kubectl("-n", "team-a", "get", "ft", "code-helper", "-o", "json").stdout)
+    ft = json.loads(install.k8s.kubectl("-n", "team-a", "get", "ft", "code-helper", "-o", "json").stdout)
     assert ft["status"]["delta"]["fidelity"]["retainedImprovement"] > 0
+
+
+def test_the_openai_client_gets_the_merged_models_text_through_the_serve_service(install, tmp_path):
+    install.wait_ready("code-helper")
+    assert len(install.rayclusters()) == 1
+    reply = install.complete("code-helper", KEY)
+    delta = install.store / "deltas" / "team-a" / "code-helper" / "g1" / "delta.safetensors"
+    assert reply.choices[0].text == merged_greedy(install.store, delta, tmp_path / "merged")
+
+
+def status_of(call) -> int:
+    """The HTTP status an openai call ends with (200 when it returns)."""
+    try:
+        call()
+        return 200
+    except Exception as e:
+        if not hasattr(e, "status_code"):
+            raise
+        return e.status_code
+
+
+SECOND = """apiVersion: deltafleet.dev/v1alpha1
+kind: FineTune
+metadata: {name: %(name)s, namespace: team-a}
+spec:
+  baseModel: {path: bases/tiny-llama}
+  fineTunedModel: {path: finetunes/tiny-llama-code}
+  modelStore: {claimName: models}
+  compression: {gpus: 0, steps: 4, calibration: {samples: 16}, resources: {requests: {cpu: 500m, memory: 2Gi}}}
+  serving: {pool: tiny-llama, modelName: %(name)s, gpusPerReplica: 0, apiKeySecretRef: {name: %(name)s-keys}}
+"""
+
+
+def test_a_second_finetune_joins_the_same_raycluster(install):
+    k8s, before = install.k8s, install.rayclusters()
+    k8s.kubectl("-n", "team-a", "create", "secret", "generic", "second-keys", "--from-literal=dev=sk-second-0123456789abcdef")
+    k8s.kubectl("apply", "-f", "-", input=SECOND % {"name": "second"})
+    install.wait_ready("second")
+    assert install.complete("second", "sk-second-0123456789abcdef").choices[0].text
+    assert install.rayclusters() == before, "a new tenant is a serve-config change, never a new RayCluster"
+    # Each key reaches only its own FineTune's model: another's answers as if it did not exist.
+    assert status_of(lambda: install.complete("second", KEY)) == 404
+
+
+def test_a_rotated_key_works_and_the_revoked_one_stops_on_the_serving_cluster(install):
+    k8s, new = install.k8s, "sk-code-helper-rotated-9876543210"
+    patch = json.dumps({"stringData": {"dev": new}})
+    k8s.kubectl("-n", "team-a", "patch", "secret", "code-helper-keys", "--type=merge", "-p", patch)
+    k8s.wait_for(lambda: status_of(lambda: install.complete("code-helper", new, max_tokens=1)) == 200,
+                 "the rotated key to be accepted", 180, interval_s=2)
+    assert status_of(lambda: install.complete("code-helper", KEY, max_tokens=1)) == 401
+
+
+def test_helm_upgrade_without_a_ray_change_keeps_the_raycluster_and_the_tenants(install):
+    before = install.rayclusters()
+    # An operator setting only (what a chart version bump changes too): no new RayCluster.
+    install.sh("helm upgrade deltafleet charts/deltafleet -n deltafleet -f fleet-values.yaml " + install.helm_flags
+               + " --set operator.logLevel=debug")
+    install.sh("kubectl -n deltafleet rollout status deployment/deltafleet --timeout=180s")
+    time.sleep(10)  # KubeRay reconciles within seconds: a new cluster would have been created by now
+    assert install.rayclusters() == before
+    install.wait_ready("code-helper", timeout_s=120)
+    assert install.complete("second", "sk-second-0123456789abcdef").choices[0].text
+
+
+def test_a_recreated_rayservice_gets_the_serve_config_back(install):
+    k8s = install.k8s
+    live = json.loads(k8s.kubectl("-n", "deltafleet", "get", "rayservice", "deltafleet", "-o", "json").stdout)
+    for field in ("resourceVersion", "uid", "creationTimestamp", "generation", "managedFields"):
+        live["metadata"].pop(field, None)
+    live.pop("status", None)
+    live["spec"].pop("serveConfigV2", None)  # as the chart renders it: without the tenants
+    k8s.kubectl("-n", "deltafleet", "delete", "rayservice", "deltafleet", "--wait=true", "--timeout=180s")
+    k8s.kubectl("create", "-f", "-", input=json.dumps(live))
+    install.stop_forward()
+    k8s.wait_for(lambda: "code-helper" in k8s.kubectl("-n", "deltafleet", "get", "rayservice", "deltafleet", "-o",
+                                                      "jsonpath={.spec.serveConfigV2}").stdout,
+                 "the operator to re-apply the serve config", 120, interval_s=2)
+    install.wait_ready("code-helper")
+    assert install.complete("code-helper", "sk-code-helper-rotated-9876543210").choices[0].text
+
+
+def test_a_deleted_finetunes_model_answers_404(install):
+    install.k8s.kubectl("-n", "team-a", "delete", "ft", "second", "--timeout=180s")
+    install.k8s.wait_for(lambda: status_of(lambda: install.complete("second", "sk-second-0123456789abcdef",
+                                                                    max_tokens=1)) in (401, 404),
+                         "the deleted tenant to leave the pool", 180, interval_s=2)
+
+
+def test_an_operator_killed_mid_way_converges(install):
+    k8s = install.k8s
+    k8s.kubectl("-n", "team-a", "create", "secret", "generic", "third-keys", "--from-literal=dev=sk-third-0123456789abcdef")
+    k8s.kubectl("apply", "-f", "-", input=SECOND % {"name": "third"})
+    # SIGKILL while the Job runs: no goodbye, the new operator picks the FineTune up from its status.
+    k8s.wait_for(lambda: k8s.kubectl("-n", "team-a", "get", "jobs", "-o", "name").stdout.count("third") > 0,
+                 "the third FineTune's Job", 120, interval_s=1)
+    k8s.kubectl("-n", "deltafleet", "delete", "pod", "-l", "app.kubernetes.io/component=operator",
+                "--grace-period=0", "--force")
+    install.wait_ready("third")
+    assert install.complete("third", "sk-third-0123456789abcdef").choices[0].text

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from deltafleet.operator.backend_rayservice import application_statuses
+import yaml
+
+from deltafleet.operator.backend_rayservice import HASH_ANNOTATION, application_statuses, applied_hash
+from deltafleet.operator.serveconfig import config_hash
 
 
 def rs(active=None, pending=None, generation=2, observed=2, active_cluster="pool-abc", pending_cluster=None):
@@ -48,3 +51,22 @@ CASES = [
 def test_application_statuses(sentence, raw, expected):
     got = application_statuses(raw)
     assert {n: (a.status, a.message) for n, a in got.items()} == expected
+
+
+def _rayservice(annotation: str | None, config: dict | None) -> dict:
+    return {"metadata": {"annotations": {HASH_ANNOTATION: annotation} if annotation else {}},
+            "spec": {"serveConfigV2": yaml.safe_dump(config, sort_keys=False)} if config is not None else {}}
+
+
+CONFIG = {"applications": [{"name": "tiny", "route_prefix": "/tiny", "args": {"base_model": "/models/b"}}]}
+
+
+@pytest.mark.parametrize("annotation, config, held", [
+    (config_hash(CONFIG), CONFIG, config_hash(CONFIG)),
+    (config_hash(CONFIG), None, None),  # recreated from a saved manifest without the config
+    (config_hash(CONFIG), {"applications": []}, None),  # someone edited the config by hand
+    (None, CONFIG, None),  # never applied by an operator
+], ids=["the config it applied is there", "a recreated rayservice without the config holds nothing",
+        "an edited config is not the one applied", "a config without the annotation is not the operators"])
+def test_the_applied_hash_counts_only_while_the_config_hashes_to_it(annotation, config, held):
+    assert applied_hash(_rayservice(annotation, config)) == held
