@@ -58,7 +58,11 @@ class RayServiceBackend:
 def application_statuses(rs: dict) -> dict[str, AppStatus]:
     """What each application's status is, read from a RayService as KubeRay (v1.5) writes it.
 
-    - Nothing until KubeRay has observed the latest spec.
+    - Before KubeRay has observed the latest spec (every serve-config patch, every helm
+      upgrade bumps the generation) the last statuses it wrote stand: what serves now has not
+      changed yet, and whether a new tenant is served is decided by the replica's own report.
+      (Reporting nothing there flipped every tenant to Ready=False for a moment on each patch;
+      the real KubeRay showed it at the start of an upgrade.)
     - First install: there is no active cluster yet; the applications live in
       `pendingServiceStatus` until every one is RUNNING (then the cluster is promoted and the
       serve Service appears). Their DEPLOYING / DEPLOY_FAILED and Ray's message are reported,
@@ -67,11 +71,10 @@ def application_statuses(rs: dict) -> dict[str, AppStatus]:
       pending cluster and clears the active one's application statuses, though the active
       cluster keeps serving. An application it cleared is reported RUNNING — whether a tenant
       is served is then decided by what the serving replica reports — with the upgrade and the
-      new cluster's state (its failure included) in the message."""
+      new cluster's state (its failure included) in the message; so is an application of the
+      applied config that neither cluster reports yet (KubeRay cleared the active cluster's
+      statuses before the pending one reported any)."""
     status = rs.get("status") or {}
-    observed = status.get("observedGeneration")
-    if observed is not None and observed < (rs.get("metadata") or {}).get("generation", 0):
-        return {}  # KubeRay has not acted on the last patch yet
     active_status, pending_status = status.get("activeServiceStatus") or {}, status.get("pendingServiceStatus") or {}
     active, pending = _apps(active_status), _apps(pending_status)
     active_cluster, pending_cluster = active_status.get("rayClusterName"), pending_status.get("rayClusterName")
@@ -80,7 +83,10 @@ def application_statuses(rs: dict) -> dict[str, AppStatus]:
         return {name: AppStatus(status=a.status, message=f"first install, on {where}: {a.message}".rstrip(": "))
                 for name, a in pending.items()}
     out = {}
-    for name in sorted(set(active) | set(pending)):
+    names = set(active) | set(pending)
+    if pending_cluster:
+        names |= set(configured_applications(rs))
+    for name in sorted(names):
         a, p = active.get(name), pending.get(name)
         upgrade = ""
         if pending_cluster:
@@ -91,6 +97,15 @@ def application_statuses(rs: dict) -> dict[str, AppStatus]:
         elif pending_cluster:  # cleared by KubeRay for the upgrade: the active cluster still serves it
             out[name] = AppStatus(status=RUNNING, message=upgrade)
     return out
+
+
+def configured_applications(rs: dict) -> list[str]:
+    """The application names in the RayService's serveConfigV2 (what the operator applied)."""
+    try:
+        config = yaml.safe_load((rs.get("spec") or {}).get("serveConfigV2") or "") or {}
+    except yaml.YAMLError:
+        return []
+    return [a["name"] for a in config.get("applications") or [] if isinstance(a, dict) and a.get("name")]
 
 
 def _apps(service_status: dict) -> dict[str, AppStatus]:

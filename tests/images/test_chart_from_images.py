@@ -1,11 +1,11 @@
-"""The chart installed on the test cluster runs its operator from the operator image built from
-images/operator/Dockerfile (pinned by image.digest): as uid 65532, with a read-only root, with
-its ServiceAccount's in-cluster identity; and `helm test` runs its pod from the same image."""
+"""The chart installed on the test cluster's real node runs its operator from the operator image
+built from images/operator/Dockerfile (pinned by image.digest): as uid 65532, with a read-only
+root, with its ServiceAccount's in-cluster identity; and `helm test` runs its pod from the same
+image."""
 
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 import urllib.request
@@ -20,54 +20,19 @@ from deltafleet.operator.images import IMAGES
 pytestmark = pytest.mark.cluster
 
 CHART = Path(__file__).resolve().parents[2] / "charts" / "deltafleet"
-RUN_LOCALLY = "podAnnotations.tests\\.deltafleet\\.dev/run-locally=true"  # the pod runner takes Deployment pods so marked
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def descendants(pid: int) -> list[int]:
-    children = {}
-    for p in Path("/proc").iterdir():
-        if p.name.isdigit():
-            try:
-                ppid = int((p / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(p.name))
-    out, todo = [], [pid]
-    while todo:
-        for c in children.get(todo.pop(), []):
-            out.append(c)
-            todo.append(c)
-    return out
-
-
-def process(pid: int, argv_has: str) -> int:
-    for p in descendants(pid):
-        try:
-            if argv_has in Path(f"/proc/{p}/cmdline").read_bytes().replace(b"\0", b" ").decode():
-                return p
-        except OSError:
-            continue
-    raise AssertionError(f"no process running {argv_has!r} under pid {pid}")
 
 
 @pytest.fixture
-def release(k8s, operator_image, tmp_path):
+def release(k8s_node, operator_image, tmp_path):
+    k8s = k8s_node
+    k8s.node.import_images()  # the images this session built, if the node started before them
     suffix = uuid.uuid4().hex[:5]
     system, watched = k8s.create_namespace(f"images-system-{suffix}"), k8s.create_namespace(f"images-team-{suffix}")
     own_crd = k8s.kubectl("get", "crd", "finetunes.deltafleet.dev", check=False).returncode != 0
-    port = free_port()
     k8s.helm("install", "img", CHART, "-n", system, "--set", "watch.allNamespaces=false",
-             "--set", f"watch.namespaces={{{watched}}}", "--set", f"operator.healthPort={port}",
-             "--set", f"metrics.port={free_port()}",
-             "--set-string", RUN_LOCALLY, "--set", f"image.digest={operator_image['digest']}",
+             "--set", f"watch.namespaces={{{watched}}}", "--set", f"image.digest={operator_image['digest']}",
              "--set", f"modelStore.hostPath={tmp_path}", "--set", f"crds.enabled={str(own_crd).lower()}")
-    yield {"system": system, "watched": watched, "port": port}
+    yield {"system": system, "watched": watched}
     # The operator first (a running operator puts back a finalizer taken away), then the
     # finalizers it left, then the CRD: one FineTune left with a finalizer would keep the CRD
     # terminating for every later test on this cluster.
@@ -88,15 +53,18 @@ def operator_pod(k8s, namespace: str):
     return pods[0] if pods and pods[0].status.phase == "Running" else None
 
 
-def test_the_charts_operator_runs_from_its_image(k8s, release, operator_image):
+def test_the_charts_operator_runs_from_its_image(k8s_node, release, operator_image):
+    k8s = k8s_node
     ref = f"{IMAGES['operator'].repository}@{operator_image['digest']}"
     pod = k8s.wait_for(lambda: operator_pod(k8s, release["system"]), "the operator's Deployment pod to run", 120)
     status = pod.status.container_statuses[0]
     assert pod.spec.containers[0].image == ref and status.image_id == ref
 
-    def healthy():
+    port = next(p.container_port for p in pod.spec.containers[0].ports if p.name == "health")
+
+    def healthy():  # from the host, through the node's pod network
         try:
-            return urllib.request.urlopen(f"http://127.0.0.1:{release['port']}/healthz", timeout=2).status == 200
+            return urllib.request.urlopen(f"http://{pod.status.pod_ip}:{port}/healthz", timeout=2).status == 200
         except OSError:
             return False
 
@@ -104,10 +72,14 @@ def test_the_charts_operator_runs_from_its_image(k8s, release, operator_image):
         k8s.wait_for(healthy, "kopf's /healthz from the operator pod", 120)
     except TimeoutError as e:
         raise AssertionError(f"{e}; its log:\n{k8s.pod_log(release['system'], pod.metadata.name)[-3000:]}") from None
-    proc = process(int(status.container_id.removeprefix("local://")), "deltafleet operator")
-    uids = next(line for line in Path(f"/proc/{proc}/status").read_text().splitlines() if line.startswith("Uid:"))
+    # The container's pid 1 is the operator (the image's entrypoint), as seen from inside it.
+    inside = k8s.kubectl("-n", release["system"], "exec", pod.metadata.name, "--", "python3", "-c",
+                         "print(open('/proc/1/cmdline').read().replace(chr(0), ' ')); print(open('/proc/1/status').read());"
+                         "print(open('/proc/1/mountinfo').read())").stdout
+    assert "deltafleet operator" in inside.splitlines()[0]
+    uids = next(line for line in inside.splitlines() if line.startswith("Uid:"))
     assert uids.split()[1:] == ["65532"] * 4
-    root = next(line.split() for line in Path(f"/proc/{proc}/mountinfo").read_text().splitlines() if line.split()[4] == "/")
+    root = next(line.split() for line in inside.splitlines() if len(line.split()) > 5 and line.split()[4] == "/")
     assert "ro" in root[5].split(","), root
 
     # It acts through the API server with its in-cluster ServiceAccount identity: a FineTune in
@@ -127,7 +99,8 @@ def test_the_charts_operator_runs_from_its_image(k8s, release, operator_image):
     assert job["spec"]["template"]["spec"]["containers"][0]["image"] == IMAGES["ml"].ref()
 
 
-def test_helm_test_runs_from_the_operator_image(k8s, release, operator_image):
+def test_helm_test_runs_from_the_operator_image(k8s_node, release, operator_image):
+    k8s = k8s_node
     seen: dict = {}
     stop = threading.Event()
 

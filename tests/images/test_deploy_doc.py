@@ -316,6 +316,29 @@ def test_helm_upgrade_without_a_ray_change_keeps_the_raycluster_and_the_tenants(
     assert install.complete("second", "sk-second-0123456789abcdef").choices[0].text
 
 
+def test_helm_upgrade_with_a_ray_change_switches_clusters_and_tenants_stay_ready_meanwhile(install):
+    k8s, (before,) = install.k8s, install.rayclusters()
+    # A pod setting of the pool (what a new ML image does too): KubeRay's hash of the cluster
+    # changes, so it prepares a second RayCluster and switches the serve Service when ready.
+    install.sh("helm upgrade deltafleet charts/deltafleet -n deltafleet -f fleet-values.yaml " + install.helm_flags
+               + " --set operator.logLevel=debug --set-string pool.head.resources.limits.memory=3200Mi")
+    seen_upgrade, deadline = False, time.monotonic() + 900
+    while time.monotonic() < deadline:
+        ready = install.condition("code-helper", "Ready")
+        assert ready.get("status") == "True", f"a tenant went unready during the upgrade: {ready}" + install.diagnosis()
+        seen_upgrade |= "upgrade in progress" in ready.get("message", "")
+        clusters = install.rayclusters()
+        if before not in clusters and len(clusters) == 1:
+            break
+        time.sleep(2)
+    else:
+        pytest.fail("KubeRay never switched to the new RayCluster" + install.diagnosis())
+    assert seen_upgrade, "no FineTune said the upgrade was in progress"
+    install.stop_forward()  # its pod went away with the old cluster
+    install.wait_ready("code-helper", timeout_s=300)
+    assert install.complete("code-helper", "sk-code-helper-rotated-9876543210").choices[0].text
+
+
 def test_a_recreated_rayservice_gets_the_serve_config_back(install):
     k8s = install.k8s
     live = json.loads(k8s.kubectl("-n", "deltafleet", "get", "rayservice", "deltafleet", "-o", "json").stdout)

@@ -117,8 +117,9 @@ def test_run_as_non_root_refuses_a_root_user(k8s_node, node_namespace, operator_
     def waiting():
         with k8s_node.api() as api:
             p = client.CoreV1Api(api).read_namespaced_pod("rooted", node_namespace)
-        s = p.status.container_statuses
-        return s and s[0].state.waiting and s[0].state.waiting
+        s = p.status.container_statuses  # ContainerCreating first, then the config error
+        w = s and s[0].state.waiting
+        return w if w and w.reason != "ContainerCreating" else None
 
     w = k8s_node.wait_for(waiting, "the pod to wait with a config error")
     assert w.reason == "CreateContainerConfigError" and "breaks non-root policy" in w.message

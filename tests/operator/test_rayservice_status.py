@@ -11,18 +11,20 @@ from deltafleet.operator.backend_rayservice import HASH_ANNOTATION, application_
 from deltafleet.operator.serveconfig import config_hash
 
 
-def rs(active=None, pending=None, generation=2, observed=2, active_cluster="pool-abc", pending_cluster=None):
+def rs(active=None, pending=None, generation=2, observed=2, active_cluster="pool-abc", pending_cluster=None,
+       configured=()):
     def service(apps, cluster):
         return {**({"rayClusterName": cluster} if cluster else {}),
                 "applicationStatuses": {n: {"status": s, "message": m} for n, (s, m) in (apps or {}).items()}}
-    return {"metadata": {"generation": generation},
+    config = yaml.safe_dump({"applications": [{"name": n} for n in configured]}) if configured else ""
+    return {"metadata": {"generation": generation}, "spec": {"serveConfigV2": config},
             "status": {"observedGeneration": observed, "activeServiceStatus": service(active, active_cluster),
                        "pendingServiceStatus": service(pending, pending_cluster)}}
 
 
 CASES = [
-    ("KubeRay has not observed the latest spec: nothing is reported",
-     rs(active={"llama": ("RUNNING", "")}, observed=1), {}),
+    ("before KubeRay observes the latest spec the statuses it last wrote stand",
+     rs(active={"llama": ("RUNNING", "")}, observed=1), {"llama": ("RUNNING", "")}),
     ("a running cluster reports its applications",
      rs(active={"llama": ("RUNNING", "")}), {"llama": ("RUNNING", "")}),
     ("applications reported without a cluster name are the serving cluster's",
@@ -39,6 +41,9 @@ CASES = [
     ("during an upgrade a failure on the new cluster is in the message, not a failed application",
      rs(active={"llama": ("RUNNING", "")}, pending={"llama": ("DEPLOY_FAILED", "no GPU")}, pending_cluster="pool-new"),
      {"llama": ("RUNNING", "upgrade in progress: pool-abc serves while KubeRay prepares pool-new (there: DEPLOY_FAILED: no GPU)")}),
+    ("as an upgrade starts, an applied application neither cluster reports yet is still reported running",
+     rs(active={}, pending={}, pending_cluster="pool-new", configured=["llama"]),
+     {"llama": ("RUNNING", "upgrade in progress: pool-abc serves while KubeRay prepares pool-new (there: not deployed yet)")}),
     ("a failing application of the serving cluster stays failed",
      rs(active={"llama": ("UNHEALTHY", "replica died")}), {"llama": ("UNHEALTHY", "replica died")}),
     ("one failing pool does not hide another running one",
