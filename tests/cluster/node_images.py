@@ -163,6 +163,9 @@ def import_all(ctr: list[str], root: Path, bin_dir: Path, log: Callable[[str], N
             continue
         t0 = time.monotonic()
         log(f"importing {', '.join(names)} into the node's containerd (once per build)")
+        # The earlier build under these names first, waiting for containerd's garbage collection:
+        # an ML image is 6.7 GB of content plus as much unpacked, per build.
+        subprocess.run([*ctr, "images", "delete", "--sync", *names], capture_output=True)
         layer = make_layer()
         p = subprocess.Popen([*ctr, "images", "import", "-"], stdin=subprocess.PIPE,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
