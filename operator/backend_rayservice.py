@@ -6,7 +6,12 @@ restarted one) patches only when the content changes; a patch carries the resour
 it read, so a concurrent edit makes it fail (409) and retry instead of being overwritten.
 The annotation counts only while `serveConfigV2` still hashes to it: a RayService recreated
 from a saved manifest without the config (the test on a real node did exactly that) keeps
-the annotation and would otherwise never get its tenants back."""
+the annotation and would otherwise never get its tenants back.
+
+KubeRay leaves worker replica bounds out of its hash of the cluster spec, so a changed
+`minReplicas`/`maxReplicas` of a worker group (`helm upgrade --set pool.workers.maxReplicas=8`)
+never reaches a RayCluster that exists (kuberay#2331): `sync_worker_bounds` copies them from the
+RayService to the clusters it names."""
 
 from __future__ import annotations
 
@@ -14,7 +19,8 @@ import yaml
 
 from deltafleet.operator.backend import RUNNING, AppStatus, BackendError
 
-GROUP, VERSION, PLURAL = "ray.io", "v1", "rayservices"
+GROUP, VERSION, PLURAL, CLUSTERS = "ray.io", "v1", "rayservices", "rayclusters"
+BOUNDS = ("minReplicas", "maxReplicas")
 HASH_ANNOTATION = "deltafleet.dev/serve-config-hash"
 
 
@@ -53,6 +59,29 @@ class RayServiceBackend:
 
     def statuses(self) -> dict[str, AppStatus]:
         return application_statuses(self._get())
+
+    def sync_worker_bounds(self) -> list[str]:
+        """Patch the worker bounds of the RayService's clusters (serving and pending) to the
+        RayService's own; returns what it changed, one line each."""
+        from kubernetes.client.exceptions import ApiException
+
+        rs, changed = self._get(), []
+        status = rs.get("status") or {}
+        for which in ("activeServiceStatus", "pendingServiceStatus"):
+            cluster = (status.get(which) or {}).get("rayClusterName")
+            if not cluster:
+                continue
+            try:
+                rc = self.api.get_namespaced_custom_object(GROUP, VERSION, self.namespace, CLUSTERS, cluster)
+                patch = worker_bounds_patch(rs, rc)
+                if patch:  # a JSON patch: its "test" ops guard the indices
+                    self.api.patch_namespaced_custom_object(GROUP, VERSION, self.namespace, CLUSTERS, cluster, patch,
+                                                            _content_type="application/json-patch+json")
+                    changed += [f"RayCluster {cluster}: {op['path']} = {op['value']}" for op in patch if op["op"] == "add"]
+            except ApiException as e:
+                if e.status != 404:  # gone between the two reads: KubeRay switched clusters meanwhile
+                    raise BackendError(f"RayCluster {self.namespace}/{cluster}: HTTP {e.status} {e.reason}") from None
+        return changed
 
 
 def application_statuses(rs: dict) -> dict[str, AppStatus]:
@@ -97,6 +126,23 @@ def application_statuses(rs: dict) -> dict[str, AppStatus]:
         elif pending_cluster:  # cleared by KubeRay for the upgrade: the active cluster still serves it
             out[name] = AppStatus(status=RUNNING, message=upgrade)
     return out
+
+
+def worker_bounds_patch(rayservice: dict, raycluster: dict) -> list[dict]:
+    """A JSON patch that gives the RayCluster's worker groups the RayService's min/max replicas,
+    matching groups by name; [] when they agree. Each index is guarded by a `test` of the
+    group's name, so a cluster edited meanwhile makes the patch fail instead of hitting another group."""
+    wanted = {g.get("groupName"): g for g in ((rayservice.get("spec") or {}).get("rayClusterConfig") or {}).get("workerGroupSpecs") or []}
+    patch = []
+    for i, group in enumerate((raycluster.get("spec") or {}).get("workerGroupSpecs") or []):
+        want = wanted.get(group.get("groupName"))
+        if want is None:
+            continue
+        ops = [{"op": "add", "path": f"/spec/workerGroupSpecs/{i}/{field}", "value": want[field]}
+               for field in BOUNDS if field in want and group.get(field) != want[field]]
+        if ops:
+            patch += [{"op": "test", "path": f"/spec/workerGroupSpecs/{i}/groupName", "value": group["groupName"]}, *ops]
+    return patch
 
 
 def configured_applications(rs: dict) -> list[str]:

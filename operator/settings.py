@@ -73,6 +73,10 @@ class Settings:
     policy_max_gpus: int = 8
     policy_max_memory: str = ""  # a quantity (e.g. 256Gi) no request or limit may exceed; empty: none
     policy_max_deadline_seconds: int = 86_400
+    # ...and of its pool: a pool takes the largest replica bounds and GPU share any of its
+    # tenants asks for, so these ceilings keep one tenant from sizing every tenant's pool.
+    policy_max_replicas: int = 8
+    policy_max_gpus_per_replica: float = 1.0
     log_level: str = "info"
     # Scope and timing.
     namespaces: tuple[str, ...] = field(default_factory=tuple)  # empty: all namespaces
@@ -156,6 +160,10 @@ _FLAGS: tuple[tuple[str, str, str], ...] = (
     ("policy_max_gpus", "DELTAFLEET_POLICY_MAX_GPUS", "most GPUs a compression Job may ask for"),
     ("policy_max_memory", "DELTAFLEET_POLICY_MAX_MEMORY", "most memory a compression Job may request or limit (empty: no ceiling)"),
     ("policy_max_deadline_seconds", "DELTAFLEET_POLICY_MAX_DEADLINE_SECONDS", "longest activeDeadlineSeconds a FineTune may set"),
+    ("policy_max_replicas", "DELTAFLEET_POLICY_MAX_REPLICAS",
+     "most replicas a FineTune may ask of its pool (spec.serving.minReplicas and maxReplicas)"),
+    ("policy_max_gpus_per_replica", "DELTAFLEET_POLICY_MAX_GPUS_PER_REPLICA",
+     "most GPUs per serving replica a FineTune may ask for (spec.serving.gpusPerReplica)"),
     ("log_level", "DELTAFLEET_LOG_LEVEL", "DEBUG, INFO, WARNING or ERROR"),
     ("resync_seconds", "DELTAFLEET_RESYNC_SECONDS", "how often every FineTune is reconciled even without a change"),
     ("retry_base_seconds", "DELTAFLEET_RETRY_BASE_SECONDS", "first backoff after a failed compression attempt"),

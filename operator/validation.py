@@ -58,6 +58,14 @@ def policy_problems(ft: api.FineTune, settings: Settings) -> list[str]:
             if value is not None and parse_quantity(str(value)) > ceiling:
                 problems.append(f"spec.compression.resources.{kind}.memory: {value} is above the policy's "
                                 f"{settings.policy_max_memory} (chart policy.maxMemory)")
+    serving = ft.spec.serving  # a pool takes the largest ask of its tenants: one tenant must not size it for all
+    for field, value in (("minReplicas", serving.min_replicas), ("maxReplicas", serving.max_replicas)):
+        if value > settings.policy_max_replicas:
+            problems.append(f"spec.serving.{field}: {value} is above the policy's {settings.policy_max_replicas} "
+                            "replicas per pool (chart policy.maxReplicasPerPool)")
+    if serving.gpus_per_replica > settings.policy_max_gpus_per_replica:
+        problems.append(f"spec.serving.gpusPerReplica: {serving.gpus_per_replica:g} is above the policy's "
+                        f"{settings.policy_max_gpus_per_replica:g} (chart policy.maxGpusPerReplica)")
     if ft.spec.active_deadline_seconds > settings.policy_max_deadline_seconds:
         problems.append(f"spec.activeDeadlineSeconds: {ft.spec.active_deadline_seconds} is above the policy's "
                         f"{settings.policy_max_deadline_seconds} (chart policy.maxDeadlineSeconds)")

@@ -306,12 +306,19 @@ def test_a_rotated_key_works_and_the_revoked_one_stops_on_the_serving_cluster(in
 
 def test_helm_upgrade_without_a_ray_change_keeps_the_raycluster_and_the_tenants(install):
     before = install.rayclusters()
-    # An operator setting only (what a chart version bump changes too): no new RayCluster.
+    # An operator setting (what a chart version bump changes too) and the workers' bounds, which
+    # KubeRay leaves out of its cluster hash: no new RayCluster, and the operator carries the
+    # new maxReplicas over to the one there is (KubeRay itself does not).
     install.sh("helm upgrade deltafleet charts/deltafleet -n deltafleet -f fleet-values.yaml " + install.helm_flags
-               + " --set operator.logLevel=debug")
+               + " --set operator.logLevel=debug --set pool.workers.maxReplicas=2")
     install.sh("kubectl -n deltafleet rollout status deployment/deltafleet --timeout=180s")
     time.sleep(10)  # KubeRay reconciles within seconds: a new cluster would have been created by now
     assert install.rayclusters() == before
+
+    def max_replicas() -> str:
+        return install.k8s.kubectl("-n", "deltafleet", "get", before[0], "-o",
+                                   "jsonpath={.spec.workerGroupSpecs[0].maxReplicas}").stdout
+    install.k8s.wait_for(lambda: max_replicas() == "2", "the RayCluster's workers maxReplicas 2", 60, interval_s=2)
     install.wait_ready("code-helper", timeout_s=120)
     assert install.complete("second", "sk-second-0123456789abcdef").choices[0].text
 

@@ -141,7 +141,9 @@ def test_rbac_cluster_wide_vs_per_namespace(helm):
             if "secrets" in rule["resources"]:  # API keys: the Secret a FineTune names, never all of them
                 assert rule["resources"] == ["secrets"] and rule["verbs"] == ["get"]
     ray = [r for r in by_kind(namespaced, "Role") if r["metadata"]["name"].endswith("rayservice")][0]
-    assert ray["rules"] == [{"apiGroups": ["ray.io"], "resources": ["rayservices"], "resourceNames": ["deltafleet"], "verbs": ["get", "patch"]}]
+    # Its one RayService; and its RayClusters' worker bounds (their names are KubeRay's), nothing else.
+    assert ray["rules"] == [{"apiGroups": ["ray.io"], "resources": ["rayservices"], "resourceNames": ["deltafleet"], "verbs": ["get", "patch"]},
+                            {"apiGroups": ["ray.io"], "resources": ["rayclusters"], "verbs": ["get", "patch"]}]
     assert not [r for r in by_kind(template(helm, "serve.backend=ray-api", "tests.enabled=false"), "Role")]
     open_pools = template(helm, "serve.auth=none")
     assert not [r for d in by_kind(open_pools, "ClusterRole") for r in d["rules"] if "secrets" in r["resources"]]
@@ -181,7 +183,8 @@ def test_the_operator_understands_the_chart_settings(helm):
     sets = (*NAMESPACED, "modelStore.hostPath=/srv/models", "compression.image.tag=9.9", "serve.backend=ray-api",
             "serve.rayApi.dashboardUrl=http://ray-head:8265", "compression.runAsUser=4242", "serve.auth=none",
             "policy.allowHostPath=true", "policy.allowedImages={reg/a:1,reg/b:2}", "policy.maxGpus=2",
-            "policy.maxMemory=64Gi", "policy.maxDeadlineSeconds=3600", "serve.prefixCaching=false")
+            "policy.maxMemory=64Gi", "policy.maxDeadlineSeconds=3600", "serve.prefixCaching=false",
+            "policy.maxReplicasPerPool=16", "policy.maxGpusPerReplica=2")
     container = by_kind(template(helm, *sets), "Deployment")[0]["spec"]["template"]["spec"]["containers"][0]
     env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
     for name in env:
@@ -196,10 +199,12 @@ def test_the_operator_understands_the_chart_settings(helm):
     assert settings.serve_auth == "none"
     assert (settings.policy_host_path, settings.policy_allowed_images, settings.policy_max_gpus) == ("allow", "reg/a:1,reg/b:2", 2)
     assert (settings.policy_max_memory, settings.policy_max_deadline_seconds) == ("64Gi", 3600)
+    assert (settings.policy_max_replicas, settings.policy_max_gpus_per_replica) == (16, 2.0)
     assert settings.serve_prefix_caching == "off"
     defaults, _ = parse_settings([], environ={e["name"]: e["value"] for e in by_kind(template(helm), "Deployment")[0]
                                               ["spec"]["template"]["spec"]["containers"][0]["env"] if "value" in e})
     assert (defaults.serve_auth, defaults.policy_host_path, defaults.policy_max_gpus) == ("keys", "deny", 8)
+    assert (defaults.policy_max_replicas, defaults.policy_max_gpus_per_replica) == (8, 1.0)
     assert defaults.serve_prefix_caching == "on"
 
 

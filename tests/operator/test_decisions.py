@@ -231,6 +231,13 @@ POLICY = [
     ("GPUs in resources at the ceiling pass", {"compression": {"resources": {"limits": {"nvidia.com/gpu": 8}}}}, {}, []),
     ("a deadline above the ceiling is refused", {"activeDeadlineSeconds": 200_000}, {},
      ["spec.activeDeadlineSeconds: 200000 is above the policy's 86400"]),
+    ("a tenant cannot size its pool past the replica ceiling", {"serving": {"minReplicas": 1000, "maxReplicas": 1000}}, {},
+     ["spec.serving.minReplicas: 1000 is above the policy's 8 replicas", "spec.serving.maxReplicas: 1000 is above the policy's 8"]),
+    ("replicas at the ceiling pass", {"serving": {"minReplicas": 2, "maxReplicas": 8}}, {}, []),
+    ("the admin may raise the replica ceiling", {"serving": {"maxReplicas": 32}}, {"policy_max_replicas": 32}, []),
+    ("a tenant cannot make every replica of its pool take more GPUs than the policy allows",
+     {"serving": {"gpusPerReplica": 16}}, {}, ["spec.serving.gpusPerReplica: 16 is above the policy's 1"]),
+    ("a fraction of a GPU within the ceiling passes", {"serving": {"gpusPerReplica": 0.5}}, {}, []),
 ]
 
 

@@ -7,7 +7,7 @@ import pytest
 
 import yaml
 
-from deltafleet.operator.backend_rayservice import HASH_ANNOTATION, application_statuses, applied_hash
+from deltafleet.operator.backend_rayservice import HASH_ANNOTATION, application_statuses, applied_hash, worker_bounds_patch
 from deltafleet.operator.serveconfig import config_hash
 
 
@@ -75,3 +75,38 @@ CONFIG = {"applications": [{"name": "tiny", "route_prefix": "/tiny", "args": {"b
         "an edited config is not the one applied", "a config without the annotation is not the operators"])
 def test_the_applied_hash_counts_only_while_the_config_hashes_to_it(annotation, config, held):
     assert applied_hash(_rayservice(annotation, config)) == held
+
+
+def groups(*specs):
+    return {"spec": {"workerGroupSpecs": [dict(groupName=n, **b) for n, b in specs]}}
+
+
+def service(*specs):
+    return {"spec": {"rayClusterConfig": groups(*specs)["spec"]}}
+
+
+BOUNDS_CASES = [
+    ("a cluster whose bounds match the RayService's is left alone",
+     service(("workers", {"minReplicas": 1, "maxReplicas": 4})), groups(("workers", {"minReplicas": 1, "maxReplicas": 4})), []),
+    ("a raised maxReplicas reaches the cluster, guarded by the group's name",
+     service(("workers", {"minReplicas": 1, "maxReplicas": 8})), groups(("workers", {"minReplicas": 1, "maxReplicas": 4})),
+     [{"op": "test", "path": "/spec/workerGroupSpecs/0/groupName", "value": "workers"},
+      {"op": "add", "path": "/spec/workerGroupSpecs/0/maxReplicas", "value": 8}]),
+    ("groups are matched by name, not by position",
+     service(("gpu", {"minReplicas": 2}), ("cpu", {"minReplicas": 0})), groups(("cpu", {"minReplicas": 0}), ("gpu", {"minReplicas": 1})),
+     [{"op": "test", "path": "/spec/workerGroupSpecs/1/groupName", "value": "gpu"},
+      {"op": "add", "path": "/spec/workerGroupSpecs/1/minReplicas", "value": 2}]),
+    ("a bound the cluster lacks is added",
+     service(("workers", {"minReplicas": 0})), groups(("workers", {})),
+     [{"op": "test", "path": "/spec/workerGroupSpecs/0/groupName", "value": "workers"},
+      {"op": "add", "path": "/spec/workerGroupSpecs/0/minReplicas", "value": 0}]),
+    ("a bound the RayService does not set is not touched",
+     service(("workers", {})), groups(("workers", {"minReplicas": 3})), []),
+    ("a cluster group the RayService no longer has is not touched",
+     service(("workers", {"maxReplicas": 2})), groups(("old", {"maxReplicas": 9})), []),
+]
+
+
+@pytest.mark.parametrize("sentence, rayservice, raycluster, expected", BOUNDS_CASES, ids=[c[0] for c in BOUNDS_CASES])
+def test_worker_bounds_patch(sentence, rayservice, raycluster, expected):
+    assert worker_bounds_patch(rayservice, raycluster) == expected
