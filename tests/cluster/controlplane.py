@@ -5,7 +5,8 @@ namespace controllers, …), and either
 - node=True: kube-scheduler and one real node (node.py: containerd, kubelet, kube-proxy, bridge
   CNI, CoreDNS) in its own namespaces, joined to the host by a veth pair; the API server
   listens on the host's end of it; or
-- node=False: the pod runner that stands in for a kubelet, on loopback.
+- node=False: no node at all, on loopback: pods are admitted but never run (the skew check's
+  older control plane, whose tests need only the API).
 
 Everything lives in one temp folder and on free ports; `stop()` ends every process it started,
 removes what the node created and the folder."""
@@ -27,8 +28,7 @@ from pathlib import Path
 import yaml
 
 from .binaries import kube_version, require_binaries
-from .podrunner import NODE_NAME as RUNNER_NODE
-from .podrunner import _die_with_parent
+from .netns import _die_with_parent
 
 HERE = Path(__file__).resolve().parent
 READY_TIMEOUT_S = 90  # generous for a loaded 2-core CI machine; ~10 s when idle
@@ -109,8 +109,9 @@ class Cluster:
                  node: bool = False, project_images: bool = True):
         """skew: run the control plane (etcd, API server, controllers, kubectl) of the skew
         check's older Kubernetes minor; helm is the pinned current one either way.
-        node: a real node (and the scheduler) instead of the pod runner; project_images: the
-        node holds the images images/build.py built too (not only its own)."""
+        node: a real node (and the scheduler), else a control plane whose pods never run (the
+        skew check's API-only cluster); project_images: the node holds the images
+        images/build.py built too (not only its own)."""
         self.bin_dir = require_binaries(skew)
         self.helm_bin = require_binaries() / "helm"
         self.version = kube_version(skew)
@@ -132,10 +133,9 @@ class Cluster:
         else:
             self.host_ip = "127.0.0.1"
             self.pki = PKI(self.workdir / "pki")
-            self.node_name = RUNNER_NODE
+            self.node_name = None
         self.kubeconfig = self.workdir / "admin.kubeconfig"
         self._cm_kubeconfig = self.workdir / "controller-manager.kubeconfig"
-        self.pods_dir = self.workdir / "pods"
 
     def _pick_ports(self) -> None:
         self.port = free_port()
@@ -180,16 +180,14 @@ class Cluster:
         self._start_apiserver()
         self._wait(self._apiserver_ready, "kube-apiserver /readyz")
         self._start_controller_manager()
-        if self.node is None:
-            self._start_pod_runner()
-        else:
+        if self.node is not None:
             self._start_scheduler()
             self.node.start()
         # Pods need their namespace's `default` ServiceAccount (the admission plugin
         # rejects them otherwise): its existence shows the controllers are working.
         self._wait(self._default_sa_exists, "ServiceAccount default/default (controller-manager)")
-        self._wait(self._node_registered, f"the Node {self.node_name}")
         if self.node is not None:
+            self._wait(self._node_registered, f"the Node {self.node_name}")
             self._wait(self.node.ready, f"the Node {self.node_name} Ready")
             self.kubectl("apply", "-f", "-", input=self.node.coredns_manifest())
             self._wait(self.node.dns_ready, "CoreDNS (kube-system/kube-dns) ready")
@@ -263,31 +261,26 @@ class Cluster:
         return name
 
     def pod_log(self, namespace: str, pod: str, container: str | None = None) -> str:
-        """What the pod's processes printed (stdout and stderr), as the pod runner recorded it
-        (all containers when none is named). `kubectl logs` serves the same files."""
-        if self.node is not None:
-            r = self.kubectl("logs", "-n", namespace, pod, *([f"--container={container}"] if container else ["--all-containers"]),
-                             check=False)
-            if r.returncode != 0:
-                raise FileNotFoundError(f"no log for pod {namespace}/{pod}: {r.stderr.strip()}\n" + self.why_not_run(namespace, pod))
-            return r.stdout
-        d = self.pods_dir / namespace / pod / "logs"
-        files = [d / f"{container}.log"] if container else sorted(d.glob("*.log"))
-        if not files or not all(f.exists() for f in files):
-            raise FileNotFoundError(f"no log for pod {namespace}/{pod}" + (f" container {container}" if container else "")
-                                    + f" under {d} (the pod runner has not started it)\n" + self.why_not_run(namespace, pod))
-        return "".join(f.read_text(errors="replace") for f in files)
+        """What the pod's processes printed (stdout and stderr), as `kubectl logs` serves it
+        from the kubelet (all containers when none is named)."""
+        if self.node is None:
+            raise RuntimeError("this cluster has no node: its pods never run (Cluster(node=True))")
+        r = self.kubectl("logs", "-n", namespace, pod, *([f"--container={container}"] if container else ["--all-containers"]),
+                         check=False)
+        if r.returncode != 0:
+            raise FileNotFoundError(f"no log for pod {namespace}/{pod}: {r.stderr.strip()}\n" + self.why_not_run(namespace, pod))
+        return r.stdout
 
     def why_not_run(self, namespace: str, pod: str) -> str:
         """For a failure message: the pod as the API server has it, and which components
-        still run, and the end of the pod runner's log."""
+        still run, and the end of the kubelet's log."""
         got = self.kubectl("get", "pod", pod, "-n", namespace, "-o",
                            "jsonpath={.spec.nodeName} {.status}", check=False)
-        runner = next((p for p in self.processes if p.name in ("pod-runner", "kubelet")), None)
-        said = runner.tail(40) if runner is not None else ""
+        kubelet = next((p for p in self.processes if p.name == "kubelet"), None)
+        said = kubelet.tail(40) if kubelet is not None else "(no node: pods never run here)"
         components = ", ".join(f"{p.name} {'alive' if p.alive() else 'EXITED'}" for p in self.processes)
         return (f"the pod: {(got.stdout or got.stderr).strip()[:2000]}\ncomponents: {components}\n"
-                f"the {runner.name if runner else 'pod runner'}'s log ends:\n{said}")
+                f"the kubelet's log ends:\n{said}")
 
     def wait_for(self, check, what: str, timeout_s: float = 120, interval_s: float = 0.5):
         """Polls `check()` until it returns something truthy (returned) or times out."""
@@ -322,10 +315,11 @@ class Cluster:
             raise CommandError(r.returncode, argv, r.stdout, r.stderr)
         return r
 
-    def install_kuberay(self) -> None:
+    def install_kuberay(self, watch: tuple[str, ...]) -> None:
         """KubeRay's operator as its chart installs it: its CRDs (server-side: each is over
         the client-side annotation limit), its ServiceAccount and RBAC from the same module, and
-        a Deployment in kuberay-system running the operator built from the pinned module.
+        a Deployment in kuberay-system running the operator built from the pinned module,
+        watching only the namespaces `watch` (the operator's tests play KubeRay in theirs).
         Once per cluster; returns when the operator is ready."""
         if self.node is None:
             raise RuntimeError("KubeRay needs the real node: Cluster(node=True)")
@@ -337,7 +331,7 @@ class Cluster:
         self.kubectl("apply", "--server-side", "--force-conflicts", "-f", config / "bases")
         for crd in ("rayclusters", "rayjobs", "rayservices"):
             self.kubectl("wait", "--for=condition=Established", f"crd/{crd}.ray.io", "--timeout=60s")
-        self.kubectl("apply", "-f", "-", input=kuberay_manifests(config / "rbac"))
+        self.kubectl("apply", "-f", "-", input=kuberay_manifests(config / "rbac", watch))
         self.kubectl("-n", "kuberay-system", "rollout", "status", "deployment/kuberay-operator", "--timeout=180s")
         self._kuberay = True
 
@@ -401,7 +395,7 @@ class Cluster:
                 "--service-cluster-ip-range=10.0.0.0/24",
                 # The `kubernetes` Service cannot point at a loopback address; nothing uses it.
                 "--endpoint-reconciler-type=none"]),
-            # `kubectl logs` reaches the pod runner's log endpoint like a kubelet's.
+            # `kubectl logs` reaches the kubelet at the node's address.
             "--kubelet-preferred-address-types=InternalIP",
             f"--kubelet-certificate-authority={pki.ca_crt}",
             f"--kubelet-client-certificate={pki.kubelet_client_crt}",
@@ -421,27 +415,14 @@ class Cluster:
             "--use-service-account-credentials=true",
             "--secure-port=0",  # no serving endpoint: readiness is observed through the API
             # All default controllers (job, garbage-collector, serviceaccount(-token), namespace,
-            # pod-garbage-collector, ttl-after-finished, replicaset, deployment, cronjob, …); with
-            # the pod runner not node-lifecycle: its Node sends no heartbeats, and that controller
-            # would taint it and evict the pods after five minutes. A real node needs it (it lifts
-            # the not-ready taint the kubelet registers with).
-            "--controllers=*" if self.node else "--controllers=*,-node-lifecycle-controller,-taint-eviction-controller",
+            # pod-garbage-collector, ttl-after-finished, replicaset, deployment, cronjob, …); the
+            # node-lifecycle controller lifts the not-ready taint the kubelet registers with.
+            "--controllers=*",
             f"--service-account-private-key-file={self.pki.sa_key}",
             f"--root-ca-file={self.pki.ca_crt}",
             "--profiling=false",
             "--v=1",
         ])
-
-    def _start_pod_runner(self) -> None:
-        env = dict(os.environ)
-        env.pop("KUBECONFIG", None)
-        self._spawn("pod-runner", [
-            sys.executable, str(HERE / "podrunner.py"),
-            f"--kubeconfig={self.kubeconfig}",
-            f"--workdir={self.pods_dir}",
-            f"--tls-cert={self.pki.kubelet_crt}", f"--tls-key={self.pki.kubelet_key}",
-            f"--client-ca={self.pki.ca_crt}",
-        ], env=env)
 
     # -- readiness -------------------------------------------------------------------------
     def _wait(self, check, what: str) -> None:

@@ -304,9 +304,10 @@ def resolve(name: str, server: str, timeout_s: float = 1) -> str | None:
     return None
 
 
-def kuberay_manifests(rbac: Path, namespace: str = "kuberay-system") -> str:
+def kuberay_manifests(rbac: Path, watch: tuple[str, ...], namespace: str = "kuberay-system") -> str:
     """KubeRay's own RBAC files (config/rbac of its module) placed in `namespace`, and the
-    operator's Deployment as its chart writes it (non-root, read-only root, probes)."""
+    operator's Deployment as its chart writes it (non-root, read-only root, probes), watching
+    only the namespaces `watch` (its chart's `watchNamespace`)."""
     docs: list[dict] = [{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}}]
     kustomization = yaml.safe_load((rbac / "kustomization.yaml").read_text())
     for name in kustomization["resources"]:
@@ -325,7 +326,7 @@ def kuberay_manifests(rbac: Path, namespace: str = "kuberay-system") -> str:
                      "metadata": {"labels": labels},
                      "spec": {"serviceAccountName": "kuberay-operator", "containers": [{
                          "name": "kuberay-operator", "image": node_images.KUBERAY_REF, "imagePullPolicy": "Never",
-                         "args": ["--log-stdout-encoder=console"],
+                         "args": ["--log-stdout-encoder=console", f"--watch-namespace={','.join(watch)}"],
                          "ports": [{"containerPort": 8080, "name": "http"}],
                          "readinessProbe": {"httpGet": {"path": "/readyz", "port": 8082}, "periodSeconds": 2},
                          "livenessProbe": {"httpGet": {"path": "/healthz", "port": 8082}, "periodSeconds": 10},

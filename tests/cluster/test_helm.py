@@ -1,5 +1,6 @@
-"""helm installs into the test cluster, and `helm test` hook pods run through the pod runner
-with their own ServiceAccount's identity (not the admin's)."""
+"""helm installs into the test cluster, and `helm test` hook pods run on the real node with
+their own ServiceAccount's identity (not the admin's): the in-cluster config, its token and
+the `kubernetes` Service, from the operator image's Python and client."""
 
 import json
 import re
@@ -13,7 +14,7 @@ CHECK = textwrap.dedent("""
     import sys
     from kubernetes import client, config
     from kubernetes.client.rest import ApiException
-    config.load_kube_config()
+    config.load_incluster_config()
     core = client.CoreV1Api()
     print("configmaps:", len(core.list_namespaced_config_map(sys.argv[1]).items))
     try:
@@ -25,7 +26,7 @@ CHECK = textwrap.dedent("""
 """)
 
 
-def write_chart(root):
+def write_chart(root, image: str):
     (root / "templates" / "tests").mkdir(parents=True)
     (root / "Chart.yaml").write_text("apiVersion: v2\nname: probe\nversion: 0.1.0\n")
     (root / "templates" / "rbac.yaml").write_text(textwrap.dedent("""
@@ -46,15 +47,20 @@ def write_chart(root):
     """))
     pod = {
         "apiVersion": "v1", "kind": "Pod",
+        # No hook-delete-policy: the pod (and its log) stays after it succeeds.
         "metadata": {"name": "probe-test", "annotations": {"helm.sh/hook": "test"}},
         "spec": {"restartPolicy": "Never", "serviceAccountName": "probe", "containers": [{
-            "name": "check", "image": "unused", "command": ["python", "-c", CHECK, "{{ .Release.Namespace }}"]}]},
+            "name": "check", "image": image, "imagePullPolicy": "Never",
+            "command": ["python3", "-c", CHECK, "{{ .Release.Namespace }}"]}]},
     }
     (root / "templates" / "tests" / "probe.yaml").write_text(json.dumps(pod))
 
 
-def test_helm_install_and_test_hook_acts_as_its_serviceaccount(k8s, namespace, tmp_path):
-    write_chart(tmp_path / "probe")
+def test_helm_install_and_test_hook_acts_as_its_serviceaccount(k8s, namespace, operator_image, tmp_path):
+    from deltafleet.operator.images import IMAGES
+
+    k8s.node.import_images()
+    write_chart(tmp_path / "probe", f"{IMAGES['operator'].repository}@{operator_image['digest']}")
     k8s.helm("install", "probe", tmp_path / "probe", "-n", namespace, "--wait")
     out = k8s.helm("test", "probe", "-n", namespace, "--timeout", "120s", check=False)
     log = k8s.pod_log(namespace, "probe-test")

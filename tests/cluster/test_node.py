@@ -1,15 +1,18 @@
 """The real node (node.py) comes up and leaves the host as it found it: no link, address,
 route, firewall rule, mount, cgroup, sysctl, file under containerd's, CNI's or the kubelet's
-fixed paths, or process of the node's binaries survives `Cluster.stop()`."""
+fixed paths, or process of the node's binaries survives `Cluster.stop()` — nor a component's
+process, port or the cluster's temp folder, with a pod still running when it stops."""
 
 from __future__ import annotations
 
 import json
+import socket
 
 import pytest
 
 from .controlplane import Cluster
 from .hoststate import differences, snapshot
+from .node_images import PAUSE_REF
 
 pytestmark = pytest.mark.cluster
 
@@ -27,8 +30,33 @@ def test_a_node_runs_a_pod_and_leaves_the_host_as_it_found_it():
         cluster.wait_for(lambda: cluster.kubectl("get", "pod", "version", "-o", "jsonpath={.status.phase}").stdout
                          == "Succeeded", "the pod to succeed", 60)
         assert "CoreDNS-1.15.0" in cluster.pod_log("default", "version")
+        sleeper = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "sleeper", "namespace": "default"},
+                   "spec": {"containers": [{"name": "pause", "image": PAUSE_REF, "imagePullPolicy": "Never"}]}}
+        cluster.kubectl("apply", "-f", "-", input=json.dumps(sleeper))
+        cluster.wait_for(lambda: cluster.kubectl("get", "pod", "sleeper", "-o", "jsonpath={.status.phase}").stdout
+                         == "Running", "a long-running pod", 60)
         during = snapshot()
         assert differences(before, during), "the node changed nothing the snapshot sees: the check is blind"
+        pids, workdir = cluster.pids(), cluster.workdir
+        ports = [(cluster.host_ip, cluster.port), ("127.0.0.1", int(cluster.etcd_url.rsplit(":", 1)[1]))]
+        assert all(_alive(p) for p in pids) and all(_listening(*a) for a in ports)
     finally:
         cluster.stop()
     assert differences(before, snapshot()) == {}
+    assert [p for p in pids if _alive(p)] == []
+    assert [a for a in ports if _listening(*a)] == []
+    assert not workdir.exists()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][0] != "Z"  # a zombie has exited
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+def _listening(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(1)
+        return s.connect_ex((host, port)) == 0

@@ -26,16 +26,16 @@ def _interrupt(signum, frame):
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--keep", action="store_true", help="keep the temp folder (logs, etcd data) after stopping")
-    ap.add_argument("--pod-runner", action="store_true",
-                    help="the pod runner instead of the real node (kubelet, containerd, kube-proxy, CoreDNS)")
+    ap.add_argument("--no-node", action="store_true",
+                    help="the control plane only (pods are admitted but never run), without the real node")
     args = ap.parse_args()
     signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops it as cleanly as Ctrl-C
     try:
-        cluster = Cluster(keep_workdir=args.keep, node=not args.pod_runner)
+        cluster = Cluster(keep_workdir=args.keep, node=not args.no_node)
     except ToolsMissing as e:
         print(f"up.py: {e}", file=sys.stderr)
         return 1
-    what = "the pod runner" if args.pod_runner else "kube-scheduler and a real node"
+    what = "no node" if args.no_node else "kube-scheduler and a real node"
     print(f"starting etcd, kube-apiserver, kube-controller-manager and {what} in {cluster.workdir} …", flush=True)
     try:
         cluster.start()
@@ -43,7 +43,7 @@ def main() -> int:
         return 130  # start() already stopped what it had started
     print(f"ready in {cluster.startup_s:.1f}s: {cluster.server}")
     print(f"tools:      {cluster.bin_dir}  (kubectl, helm)")
-    print(f"logs:       {cluster.workdir}/*.log" + ("" if cluster.node else f", pod output under {cluster.pods_dir}"))
+    print(f"logs:       {cluster.workdir}/*.log")
     print(f"kubeconfig: {cluster.kubeconfig}")
     print(f"export KUBECONFIG={cluster.kubeconfig} PATH={cluster.bin_dir}:$PATH")
     print("Ctrl-C to stop.", flush=True)

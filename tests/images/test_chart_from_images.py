@@ -23,8 +23,7 @@ CHART = Path(__file__).resolve().parents[2] / "charts" / "deltafleet"
 
 
 @pytest.fixture
-def release(k8s_node, operator_image, tmp_path):
-    k8s = k8s_node
+def release(k8s, operator_image, tmp_path):
     k8s.node.import_images()  # the images this session built, if the node started before them
     suffix = uuid.uuid4().hex[:5]
     system, watched = k8s.create_namespace(f"images-system-{suffix}"), k8s.create_namespace(f"images-team-{suffix}")
@@ -53,8 +52,7 @@ def operator_pod(k8s, namespace: str):
     return pods[0] if pods and pods[0].status.phase == "Running" else None
 
 
-def test_the_charts_operator_runs_from_its_image(k8s_node, release, operator_image):
-    k8s = k8s_node
+def test_the_charts_operator_runs_from_its_image(k8s, release, operator_image):
     ref = f"{IMAGES['operator'].repository}@{operator_image['digest']}"
     pod = k8s.wait_for(lambda: operator_pod(k8s, release["system"]), "the operator's Deployment pod to run", 120)
     status = pod.status.container_statuses[0]
@@ -99,8 +97,7 @@ def test_the_charts_operator_runs_from_its_image(k8s_node, release, operator_ima
     assert job["spec"]["template"]["spec"]["containers"][0]["image"] == IMAGES["ml"].ref()
 
 
-def test_helm_test_runs_from_the_operator_image(k8s_node, release, operator_image):
-    k8s = k8s_node
+def test_helm_test_runs_from_the_operator_image(k8s, release, operator_image):
     seen: dict = {}
     stop = threading.Event()
 

@@ -58,23 +58,23 @@ def store(tmp_path):
     return root
 
 
-def test_compression_job_runs_from_the_ml_image(k8s_node, node_namespace, ml_image, store):
-    k8s_node.node.import_images()  # the images this session built, if the node started before them
-    ft = imaged(node_namespace, steps=2)
+def test_compression_job_runs_from_the_ml_image(k8s, namespace, ml_image, store):
+    k8s.node.import_images()  # the images this session built, if the node started before them
+    ft = imaged(namespace, steps=2)
     settings = Settings(store_host_path=str(store))  # the defaults: the ML image, uid 1000
     job = jobs.build_job(ft, comp.compression_hash(ft.spec), 1, 0, settings)
     assert job["spec"]["template"]["spec"]["containers"][0]["image"] == ML_IMAGE
-    k8s_node.kubectl("-n", node_namespace, "apply", "-f", "-", input=json.dumps(job))
+    k8s.kubectl("-n", namespace, "apply", "-f", "-", input=json.dumps(job))
     name = job["metadata"]["name"]
-    outcome = k8s_node.wait_job(node_namespace, name, timeout_s=600)
-    with k8s_node.api() as api:
-        [pod] = client.CoreV1Api(api).list_namespaced_pod(node_namespace, label_selector=f"job-name={name}").items
-    log = k8s_node.pod_log(node_namespace, pod.metadata.name)
+    outcome = k8s.wait_job(namespace, name, timeout_s=600)
+    with k8s.api() as api:
+        [pod] = client.CoreV1Api(api).list_namespaced_pod(namespace, label_selector=f"job-name={name}").items
+    log = k8s.pod_log(namespace, pod.metadata.name)
     assert outcome == "Complete", log[-3000:]
     status = pod.status.container_statuses[0]
     assert status.image_id == f"{IMAGES['ml'].repository}@{ml_image['digest']}"
     result = CompressResult.model_validate_json(status.state.terminated.message)
-    out = store / comp.output_dir(node_namespace, "imaged", 1).removeprefix("/models/")
+    out = store / comp.output_dir(namespace, "imaged", 1).removeprefix("/models/")
     delta = out / "delta.safetensors"
     assert delta.is_file() and delta.stat().st_uid == 1000  # written by the Job's user, not root
     assert result.delta_uri.endswith(f"g1/{delta.name}"), result
@@ -108,23 +108,23 @@ def run_to_end(k8s, namespace: str, manifest: dict) -> str:
         return core.read_namespaced_pod(name, namespace).status.phase
 
 
-def test_the_operator_deletes_what_a_job_wrote_through_the_stores_group(k8s_node, node_namespace, ml_image, operator_image, store):
+def test_the_operator_deletes_what_a_job_wrote_through_the_stores_group(k8s, namespace, ml_image, operator_image, store):
     """deletionPolicy Delete across users: a Job (uid 1000) writes the delta, the operator
     (uid 65532, in the store's group) removes it and nothing is left; outside the group it cannot."""
-    k8s_node.node.import_images()
-    ft = imaged(node_namespace, steps=0)
+    k8s.node.import_images()
+    ft = imaged(namespace, steps=0)
     job = jobs.build_job(ft, comp.compression_hash(ft.spec), 1, 0, Settings(store_host_path=str(store)))
-    k8s_node.kubectl("-n", node_namespace, "apply", "-f", "-", input=json.dumps(job))
-    assert k8s_node.wait_job(node_namespace, job["metadata"]["name"], timeout_s=600) == "Complete"
-    folder = store / "deltas" / node_namespace / "imaged"
+    k8s.kubectl("-n", namespace, "apply", "-f", "-", input=json.dumps(job))
+    assert k8s.wait_job(namespace, job["metadata"]["name"], timeout_s=600) == "Complete"
+    folder = store / "deltas" / namespace / "imaged"
     written = [folder, *folder.rglob("*")]
     assert {p.stat().st_uid for p in written} == {1000} and {p.stat().st_gid for p in written} == {STORE_GROUP}
     assert all(p.stat().st_mode & stat.S_IWGRP for p in written if p.is_dir())
 
     # Without the group the operator's user cannot remove the Job's files.
-    assert run_to_end(k8s_node, node_namespace, deleter_pod("outsider", node_namespace, store, [])) == "Failed"
+    assert run_to_end(k8s, namespace, deleter_pod("outsider", namespace, store, [])) == "Failed"
     assert (folder / "g1" / "delta.safetensors").is_file()
     # In the store's group (the chart's operator pod) it can, and nothing is left.
-    assert run_to_end(k8s_node, node_namespace, deleter_pod("operator", node_namespace, store, [STORE_GROUP])) == "Succeeded"
-    assert k8s_node.pod_log(node_namespace, "operator").strip() == "True"
-    assert not folder.exists() and list((store / "deltas" / node_namespace).iterdir()) == []
+    assert run_to_end(k8s, namespace, deleter_pod("operator", namespace, store, [STORE_GROUP])) == "Succeeded"
+    assert k8s.pod_log(namespace, "operator").strip() == "True"
+    assert not folder.exists() and list((store / "deltas" / namespace).iterdir()) == []

@@ -178,12 +178,11 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def install(k8s_node, operator_image, ml_image, store, tmp_path_factory):
-    k8s = k8s_node
+def install(k8s, operator_image, ml_image, store, tmp_path_factory):
     k8s.node.import_images()  # the images this session built, if the node started before them
     # Prerequisite the page installs with KubeRay's chart: here its operator from the pinned
     # module, its CRDs and RBAC, the same way (tests/cluster/node.py kuberay_manifests).
-    k8s.install_kuberay()
+    k8s.install_kuberay(watch=("deltafleet",))
     work = tmp_path_factory.mktemp("work")
     (work / "charts").symlink_to(ROOT / "charts")
     (work / "examples").mkdir()

@@ -4,12 +4,18 @@ local Ray, a RayService CRD, and operator subprocesses that are stopped after ea
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from pathlib import Path
 
 import pytest
 from op_harness import CHART, RAY_NS, RAYSERVICE, SYSTEM_NS, LocalRay, OperatorProcess, kuberay_crd, wait_established, wait_for
+
+from cluster.fixtures import NO_CHART_OPERATOR
+from deltafleet.operator.settings import Settings
+
+STORE_GROUP = Settings().store_group  # 1000: the ML image's group, the Jobs' supplemental group
 
 
 
@@ -30,6 +36,12 @@ def store():
     (root / "data").mkdir()
     text = toy_eval_text("llama").read_text()
     (root / "data" / "cal.txt").write_text(text[:text.index("\n", 6000) + 1])
+    # The Jobs' user (uid 1000) reads it; deltas/ is the store group's, setgid, group-writable,
+    # as docs/deploy.md sets a store up (a hostPath ignores fsGroup).
+    for p in [root, *root.rglob("*")]:
+        p.chmod(0o755 if p.is_dir() else 0o644)
+    os.chown(root / "deltas", 0, STORE_GROUP)
+    (root / "deltas").chmod(0o2775)
     yield root
     shutil.rmtree(root, ignore_errors=True)
 
@@ -42,10 +54,10 @@ def chart(k8s):
     for ns in (SYSTEM_NS, RAY_NS):
         k8s.kubectl("create", "namespace", ns, check=False)
     own_crd = k8s.kubectl("get", "crd", "finetunes.deltafleet.dev", check=False).returncode != 0
-    k8s.helm("install", "deltafleet", CHART, "-n", SYSTEM_NS, "--set", "serve.backend=ray-api",
+    k8s.helm("install", "deltafleet", CHART, "-n", SYSTEM_NS, *NO_CHART_OPERATOR, "--set", "serve.backend=ray-api",
              "--set", "watch.allNamespaces=true", "--set", "tests.enabled=false",
              "--set", f"crds.enabled={str(own_crd).lower()}")
-    k8s.helm("install", "deltafleet-rs", CHART, "-n", SYSTEM_NS, "--set", "serve.backend=rayservice",
+    k8s.helm("install", "deltafleet-rs", CHART, "-n", SYSTEM_NS, *NO_CHART_OPERATOR, "--set", "serve.backend=rayservice",
              "--set", "crds.enabled=false", "--set", f"serve.rayService.name={RAYSERVICE}",
              "--set", f"serve.rayService.namespace={RAY_NS}", "--set", "watch.allNamespaces=true", "--set", "tests.enabled=false")
     wait_established(k8s, "finetunes.deltafleet.dev")
@@ -104,8 +116,9 @@ def local_ray():
 
 
 @pytest.fixture
-def run_operator(chart, store, tmp_path):
-    """Start `deltafleet operator` as the chart's ServiceAccount, watching the test's namespace."""
+def run_operator(chart, store, ml_job_image, tmp_path):
+    """Start `deltafleet operator` as the chart's ServiceAccount, watching the test's namespace;
+    its compression Jobs run from the ML image on the node."""
     started: list[OperatorProcess] = []
 
     def start(namespace: str, backend: str, *extra: str, env: dict | None = None, ray: LocalRay | None = None,
@@ -113,7 +126,7 @@ def run_operator(chart, store, tmp_path):
         args = [
             "--backend", backend, "-n", namespace, "--serve-auth", auth, "--metrics-port", str(metrics_port),
             "--store-host-path", str(store), "--operator-store-path", str(store), "--replica-store-path", str(store),
-            "--job-image", "deltafleet-ml:test", "--resync-seconds", "1", "--retry-base-seconds", "1",
+            "--job-image", ml_job_image, "--resync-seconds", "1", "--retry-base-seconds", "1",
             "--delete-attempts", "3", "--replica-cpus", "1",
             "--rayservice-name", RAYSERVICE, "--rayservice-namespace", RAY_NS,
         ]

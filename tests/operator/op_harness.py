@@ -253,7 +253,8 @@ spec:
 
 
 def create_store_claim(k8s, namespace: str, name: str = "models") -> None:
-    """The model store's claim in a namespace (the operator checks it before creating a Job)."""
+    """The model store's claim in a namespace (the operator checks it before creating a Job). No
+    volume binds it, so pods that mount it stay Pending: its tests check Jobs and admission, not a run."""
     k8s.kubectl("-n", namespace, "apply", "-f", "-", input=json.dumps({
         "apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": name},
         "spec": {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": "1Gi"}}}}))

@@ -16,8 +16,12 @@ import uuid
 import pytest
 from op_harness import CHART, FineTunes, OperatorProcess, finetune_yaml, free_port, wait_for
 
+from cluster.fixtures import NO_CHART_OPERATOR
+
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
+# Jobs here need to exist, not to run: their pods wait on an image no registry serves.
+NOT_PULLED = "deltafleet.test/compress-not-run:1"
 RELEASE = "deltafleet-ha"  # its full name too: the ServiceAccount and the peering object
 LIFETIME = 10  # the chart's default operator.peering.lifetime
 # Takeover after a SIGKILL: at most LIFETIME for the dead replica's keep-alive to expire, then
@@ -27,10 +31,10 @@ TAKEOVER_BOUND_S = LIFETIME + 35
 
 @pytest.fixture
 def ha(k8s, chart, namespace):
-    """The chart with two replicas watching the test's namespace (its Deployment's pods stay
-    Pending: the test runs the replicas itself, as the chart's ServiceAccount)."""
+    """The chart with two replicas watching the test's namespace (its Deployment's pods never
+    start: the test runs the replicas itself, as the chart's ServiceAccount)."""
     system = k8s.create_namespace(f"ha-system-{uuid.uuid4().hex[:5]}")
-    k8s.helm("install", RELEASE, CHART, "-n", system, "--set", "operator.replicas=2",
+    k8s.helm("install", RELEASE, CHART, "-n", system, *NO_CHART_OPERATOR, "--set", "operator.replicas=2",
              "--set", "watch.allNamespaces=false", "--set", f"watch.namespaces={{{namespace}}}",
              "--set", "crds.enabled=false", "--set", "serve.backend=ray-api", "--set", "serve.auth=none",
              "--set", "tests.enabled=false")
@@ -61,7 +65,7 @@ def reconciles(op: OperatorProcess) -> float:
 def start(kubeconfig, namespace: str, tmp_path, *extra: str) -> OperatorProcess:
     args = ["--backend", "ray-api", "-n", namespace, "--serve-auth", "none",
             "--store-host-path", str(tmp_path), "--operator-store-path", str(tmp_path),
-            "--job-image", "deltafleet-ml:test", "--resync-seconds", "2", "--retry-base-seconds", "60",
+            "--job-image", NOT_PULLED, "--resync-seconds", "2", "--retry-base-seconds", "60",
             "--peering", RELEASE, "--peering-lifetime", str(LIFETIME), *extra]
     metrics_port = free_port()
     proc = OperatorProcess(kubeconfig, args + ["--metrics-port", str(metrics_port)], tmp_path).start()
@@ -171,7 +175,7 @@ def test_two_replicas_started_at_the_same_moment_never_both_reconcile(k8s, names
         for _ in range(2):  # both started before either is up
             port = free_port()
             op = OperatorProcess(ha, ["--backend", "ray-api", "-n", namespace, "--serve-auth", "none",
-                                      "--store-host-path", str(tmp_path), "--job-image", "deltafleet-ml:test",
+                                      "--store-host-path", str(tmp_path), "--job-image", NOT_PULLED,
                                       "--resync-seconds", "1", "--retry-base-seconds", "60",
                                       "--peering", RELEASE, "--metrics-port", str(port)], tmp_path)
             op.metrics_port = port
@@ -198,7 +202,7 @@ def test_a_cluster_wide_replica_writes_its_keep_alive_into_the_charts_cluster_pe
     from deltafleet.operator.settings import parse_settings
 
     system, release = k8s.create_namespace(f"hacw-system-{uuid.uuid4().hex[:5]}"), "deltafleet-hacw"
-    k8s.helm("install", release, CHART, "-n", system, "--set", "operator.replicas=2", "--set", "crds.enabled=false",
+    k8s.helm("install", release, CHART, "-n", system, *NO_CHART_OPERATOR, "--set", "operator.replicas=2", "--set", "crds.enabled=false",
              "--set", "serve.backend=ray-api", "--set", "tests.enabled=false")
     try:
         settings, _ = parse_settings(["--peering", release])

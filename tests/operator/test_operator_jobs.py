@@ -94,7 +94,7 @@ def test_operators_run_as_the_charts_service_account(k8s, namespace, chart, rays
 
 
 def test_a_compression_pod_that_cannot_start_shows_why_in_the_status(k8s, namespace, run_operator, rayservice, tmp_path):
-    """A token Secret that does not exist: the kubelet (here the pod runner) keeps the container
+    """A token Secret that does not exist: the kubelet keeps the container
     waiting with CreateContainerConfigError and the Job never fails by itself. The FineTune
     says so within seconds, not "compressing" until its deadline."""
     op = run_operator(namespace, "rayservice")
@@ -109,14 +109,14 @@ def test_a_compression_pod_that_cannot_start_shows_why_in_the_status(k8s, namesp
     assert "PodCannotStart" in fts.event_reasons("nosecret")
 
 
-def test_a_spec_the_policy_refuses_gets_no_job_and_says_which_policy(k8s, namespace, run_operator, rayservice, tmp_path):
+def test_a_spec_the_policy_refuses_gets_no_job_and_says_which_policy(k8s, namespace, run_operator, rayservice, ml_job_image, tmp_path):
     port = free_port()
     op = run_operator(namespace, "rayservice", metrics_port=port)
     fts = FineTunes(k8s, namespace, tmp_path)
     fts.apply(finetune_yaml("miner", namespace).replace("    gpus: 0\n", "    gpus: 0\n    image: evil/miner:1\n"))
     ft = fts.wait_condition("miner", "Compressed", "False", 60, reason="RefusedByPolicy", log=op.log)
     message = fts.condition("miner", "Compressed")["message"]
-    assert "'evil/miner:1' is not an allowed image" in message and "deltafleet-ml:test" in message, message
+    assert "'evil/miner:1' is not an allowed image" in message and ml_job_image in message, message
     assert fts.job_names() == []
     assert "RefusedByPolicy" in fts.event_reasons("miner")
     assert ft["status"]["phase"] == "Failed"

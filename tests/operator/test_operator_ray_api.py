@@ -21,7 +21,7 @@ def _status_key(tmp_path) -> tuple[str, str]:
     return key, str(tmp_path / "status-key")
 
 
-def test_finetune_to_served_tenant_and_back(k8s, namespace, run_operator, local_ray, store, tmp_path):
+def test_finetune_to_served_tenant_and_back(k8s, namespace, run_operator, local_ray, store, ml_job_image, tmp_path):
     status_key, key_file = _status_key(tmp_path)
     op = run_operator(namespace, "ray-api", "--serve-status-key-file", key_file, ray=local_ray, auth="keys")
     fts = FineTunes(k8s, namespace, tmp_path)
@@ -45,7 +45,7 @@ def test_finetune_to_served_tenant_and_back(k8s, namespace, run_operator, local_
     assert args[args.index("--out") + 1] == f"/models/deltas/{namespace}/bot/g1"
     assert args[args.index("--steps") + 1] == "2"
     assert args[args.index("--calibration") + 1] == "/models/data/cal.txt"
-    assert container["image"] == "deltafleet-ml:test"
+    assert container["image"] == ml_job_image
     assert pod["securityContext"]["runAsNonRoot"] is True and pod["restartPolicy"] == "Never"
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
     assert container["terminationMessagePolicy"] == "FallbackToLogsOnError"

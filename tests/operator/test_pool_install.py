@@ -14,6 +14,8 @@ from conftest import render_pool
 from op_harness import CHART as CHART_PATH
 from op_harness import FineTunes, OperatorProcess, finetune_yaml, wait_for
 
+from cluster.fixtures import NO_CHART_OPERATOR
+
 from deltafleet.operator.images import RAY_VERSION
 from deltafleet.operator.serveconfig import tenants_of_application
 
@@ -40,9 +42,9 @@ def rayservice(k8s) -> dict:
     return json.loads(k8s.kubectl("-n", SYSTEM, "get", "rayservice", POOL_NAME, "-o", "json").stdout)
 
 
-def test_helm_install_with_a_pool_serves_a_finetune_through_it(k8s, chart, rayservice_crd, store, namespace, tmp_path):
+def test_helm_install_with_a_pool_serves_a_finetune_through_it(k8s, chart, rayservice_crd, store, ml_job_image, namespace, tmp_path):
     k8s.create_namespace(SYSTEM)
-    k8s.helm("install", RELEASE, CHART_PATH, "-n", SYSTEM, "--set", "crds.enabled=false", "--set", "tests.enabled=false",
+    k8s.helm("install", RELEASE, CHART_PATH, "-n", SYSTEM, *NO_CHART_OPERATOR, "--set", "crds.enabled=false", "--set", "tests.enabled=false",
              "--set", "pool.create=true", "--set", f"serve.rayService.name={POOL_NAME}", "--set", "serve.auth=none",
              "--set", f"modelStore.hostPath={store}", "--set", "pool.workers.maxReplicas=2")
     try:
@@ -55,7 +57,7 @@ def test_helm_install_with_a_pool_serves_a_finetune_through_it(k8s, chart, rayse
             "--backend", "rayservice", "--rayservice-name", POOL_NAME, "--rayservice-namespace", SYSTEM,
             "-n", namespace, "--serve-auth", "none", "--metrics-port", "0",
             "--store-host-path", str(store), "--operator-store-path", str(store), "--replica-store-path", "/models",
-            "--job-image", "deltafleet-ml:test", "--resync-seconds", "1", "--retry-base-seconds", "1",
+            "--job-image", ml_job_image, "--resync-seconds", "1", "--retry-base-seconds", "1",
         ], tmp_path).start()
         try:
             fts = FineTunes(k8s, namespace, tmp_path)
