@@ -19,6 +19,9 @@ import yaml
 
 from deltafleet.operator.backend import RUNNING, AppStatus, BackendError
 
+DEPLOY_FAILED = "DEPLOY_FAILED"
+INITIALIZING_TIMEOUT = "InitializingTimeout"  # KubeRay's terminal Ready=False reason (ray.io/initializing-timeout)
+
 GROUP, VERSION, PLURAL, CLUSTERS = "ray.io", "v1", "rayservices", "rayclusters"
 BOUNDS = ("minReplicas", "maxReplicas")
 HASH_ANNOTATION = "deltafleet.dev/serve-config-hash"
@@ -95,7 +98,10 @@ def application_statuses(rs: dict) -> dict[str, AppStatus]:
     - First install: there is no active cluster yet; the applications live in
       `pendingServiceStatus` until every one is RUNNING (then the cluster is promoted and the
       serve Service appears). Their DEPLOYING / DEPLOY_FAILED and Ray's message are reported,
-      so a first-install failure is visible instead of "not reported yet" for ever.
+      so a first-install failure is visible instead of "not reported yet" for ever. Before
+      any cluster reports an application, the RayService's own Ready condition speaks for the
+      applied ones: its reason and message while it initializes, and a failure once KubeRay
+      gives up (InitializingTimeout: it deletes the clusters and never retries).
     - Upgrade (a pending cluster beside the active one): KubeRay reconciles Serve only on the
       pending cluster and clears the active one's application statuses, though the active
       cluster keeps serving. An application it cleared is reported RUNNING — whether a tenant
@@ -109,8 +115,16 @@ def application_statuses(rs: dict) -> dict[str, AppStatus]:
     active_cluster, pending_cluster = active_status.get("rayClusterName"), pending_status.get("rayClusterName")
     if not active_cluster and not active:  # no cluster serves yet
         where = f"the new cluster {pending_cluster}" if pending_cluster else "a cluster KubeRay has not created yet"
-        return {name: AppStatus(status=a.status, message=f"first install, on {where}: {a.message}".rstrip(": "))
-                for name, a in pending.items()}
+        out = {name: AppStatus(status=a.status, message=f"first install, on {where}: {a.message}".rstrip(": "))
+               for name, a in pending.items()}
+        ready = next((c for c in status.get("conditions") or [] if c.get("type") == "Ready"), None)
+        if ready is not None and ready.get("status") != "True":
+            said = f"RayService {ready.get('reason') or 'not ready'}: {(ready.get('message') or '').strip()}".rstrip(": ")
+            failed = ready.get("reason") == INITIALIZING_TIMEOUT
+            for name in configured_applications(rs):
+                if name not in out:
+                    out[name] = AppStatus(status=DEPLOY_FAILED if failed else "", message=f"first install: {said}")
+        return out
     out = {}
     names = set(active) | set(pending)
     if pending_cluster:

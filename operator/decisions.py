@@ -126,8 +126,9 @@ def decide_serving(model: str | None, pool: str, conflict: str | None, app: AppS
         return replace(d, message=f"{d.message} ({app.message})") if app.message else d  # e.g. an upgrade in progress
     if app is not None and app.status in FAILED_APP_STATES:
         return Decision(FALSE, Reason.APPLICATION_FAILED, f"application {pool!r} is {app.status}: {app.message.strip()[:500]}")
-    state = app.status if app else "not reported yet"
-    return Decision(FALSE, Reason.CONFIG_APPLIED, f"serve config {digest} applied; application {pool!r}: {state}")
+    state = (app.status if app else "") or "not reported yet"
+    said = f" ({app.message})" if app is not None and app.message else ""  # e.g. KubeRay still initializing
+    return Decision(FALSE, Reason.CONFIG_APPLIED, f"serve config {digest} applied; application {pool!r}: {state}{said}")
 
 
 def _tenant_on_replica(model: str, pool: str, report: ReplicaReport | None, endpoint: str) -> Decision:

@@ -118,6 +118,9 @@ SERVING = [
     ("a failed application says why", "team-a/bot", None, AppStatus("DEPLOY_FAILED", "boom\n", None), None,
      FALSE, Reason.APPLICATION_FAILED, None),
     ("an application not reported yet is waited on", "team-a/bot", None, None, None, FALSE, Reason.CONFIG_APPLIED, None),
+    ("an application KubeRay gave up on is failed", "team-a/bot", None,
+     AppStatus("DEPLOY_FAILED", "first install: RayService InitializingTimeout: timeout of 10m", None), None,
+     FALSE, Reason.APPLICATION_FAILED, None),
     ("during an upgrade the serving cluster's replica keeps a ready tenant served", "team-a/bot", None,
      AppStatus("RUNNING", "upgrade in progress: a serves while KubeRay prepares b (there: DEPLOYING)", None,
                READY_ON_REPLICA), None, TRUE, Reason.APPLICATION_RUNNING, "http://svc:8000/p/v1"),
@@ -125,6 +128,14 @@ SERVING = [
      AppStatus("DEPLOY_FAILED", "first install, on the new cluster b: no GPU", None), None,
      FALSE, Reason.APPLICATION_FAILED, None),
 ]
+
+
+def test_what_kuberay_says_while_it_initializes_is_in_the_served_message():
+    app = AppStatus("", "first install: RayService Initializing: RayService is initializing", None)
+    d = decide_serving("team-a/bot", "p", None, app, None, "h1", "http://svc:8000", "no delta yet")
+    assert (d.status, d.reason) == (FALSE, Reason.CONFIG_APPLIED)
+    assert d.message == ("serve config h1 applied; application 'p': not reported yet "
+                         "(first install: RayService Initializing: RayService is initializing)")
 
 
 def test_an_upgrade_in_progress_is_in_the_served_message():

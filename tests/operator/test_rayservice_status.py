@@ -12,14 +12,15 @@ from deltafleet.operator.serveconfig import config_hash
 
 
 def rs(active=None, pending=None, generation=2, observed=2, active_cluster="pool-abc", pending_cluster=None,
-       configured=()):
+       configured=(), ready=None):
     def service(apps, cluster):
         return {**({"rayClusterName": cluster} if cluster else {}),
                 "applicationStatuses": {n: {"status": s, "message": m} for n, (s, m) in (apps or {}).items()}}
     config = yaml.safe_dump({"applications": [{"name": n} for n in configured]}) if configured else ""
+    conditions = [{"type": "Ready", "status": ready[0], "reason": ready[1], "message": ready[2]}] if ready else []
     return {"metadata": {"generation": generation}, "spec": {"serveConfigV2": config},
             "status": {"observedGeneration": observed, "activeServiceStatus": service(active, active_cluster),
-                       "pendingServiceStatus": service(pending, pending_cluster)}}
+                       "pendingServiceStatus": service(pending, pending_cluster), "conditions": conditions}}
 
 
 CASES = [
@@ -44,6 +45,18 @@ CASES = [
     ("as an upgrade starts, an applied application neither cluster reports yet is still reported running",
      rs(active={}, pending={}, pending_cluster="pool-new", configured=["llama"]),
      {"llama": ("RUNNING", "upgrade in progress: pool-abc serves while KubeRay prepares pool-new (there: not deployed yet)")}),
+    ("before any cluster reports, an applied application says what KubeRay's Ready condition says",
+     rs(active_cluster=None, configured=["llama"], ready=("False", "Initializing", "RayService is initializing")),
+     {"llama": ("", "first install: RayService Initializing: RayService is initializing")}),
+    ("a RayService KubeRay gave up on fails its applications with KubeRay's message",
+     rs(active_cluster=None, configured=["llama"],
+        ready=("False", "InitializingTimeout", "RayService failed to become ready within the configured timeout of 10m")),
+     {"llama": ("DEPLOY_FAILED", "first install: RayService InitializingTimeout: "
+                "RayService failed to become ready within the configured timeout of 10m")}),
+    ("a pending cluster's own report wins over the RayService's condition",
+     rs(pending={"llama": ("DEPLOYING", "")}, active_cluster=None, pending_cluster="pool-new", configured=["llama"],
+        ready=("False", "Initializing", "")),
+     {"llama": ("DEPLOYING", "first install, on the new cluster pool-new")}),
     ("a failing application of the serving cluster stays failed",
      rs(active={"llama": ("UNHEALTHY", "replica died")}), {"llama": ("UNHEALTHY", "replica died")}),
     ("one failing pool does not hide another running one",
