@@ -8,7 +8,7 @@
         packages (mmdebstrap) and passed through the BASE_IMAGE build argument, the Dockerfile
         is built by buildah (vfs storage, chroot isolation), and the image's root filesystem
         and config are unpacked (umoci) into ~/.cache/deltafleet/images/<image>-<input hash>/,
-        where the test pod runner finds them by reference (index.json). A second run with the
+        where the test node imports them from by reference (index.json). A second run with the
         same inputs only looks the folder up.
 
 Both ways first stage build/images/<image>/ (the build context's only content, see
@@ -50,7 +50,7 @@ _TABLE = _table()
 IMAGES, VERSION = _TABLE.IMAGES, _TABLE.VERSION
 
 CACHE = Path(os.environ.get("DELTAFLEET_IMAGE_CACHE", Path.home() / ".cache" / "deltafleet" / "images"))
-INDEX = CACHE / "index.json"  # image reference -> unpacked folder, read by tests/cluster/podrunner.py
+INDEX = CACHE / "index.json"  # image reference -> unpacked folder, read by tests/cluster/node_images.py
 UV = ROOT / ".uv" / "bin" / "uv"
 PIP = [str(ROOT / ".uv" / "bin" / "python"), "-m", "pip"]
 # The package folders that go into the deltafleet wheel (pyproject's package-dir).
@@ -290,7 +290,7 @@ def _build_unpacked(kind: str, base: str, out: Path) -> None:
 
 
 def _register(refs: dict[str, Path]) -> None:
-    """The image under its tag and its digest (the chart's image.digest), for the pod runner."""
+    """The image under its tag and its digest (the chart's image.digest), for the test node."""
     index = json.loads(INDEX.read_text()) if INDEX.exists() else {}
     index = {ref: folder for ref, folder in index.items() if Path(folder).exists()}  # pruned builds
     index.update({ref: str(folder) for ref, folder in refs.items()})

@@ -3,7 +3,7 @@
 #                     tagged from the one table in operator/images.py; IMAGES=operator builds one
 #   make test-images  a step of `make test`: the Debian tools the tests' daemonless builds need,
 #                     hadolint, and both images built from their Dockerfiles and unpacked for the
-#                     test pod runner, cached by input hash under ~/.cache/deltafleet/images
+#                     test node, cached by input hash under ~/.cache/deltafleet/images
 IMAGES ?= operator ml
 IMAGE_CACHE := $(HOME)/.cache/deltafleet
 HADOLINT_VERSION := 2.15.1

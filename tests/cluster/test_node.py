@@ -6,7 +6,6 @@ process, port or the cluster's temp folder, with a pod still running when it sto
 from __future__ import annotations
 
 import json
-import socket
 
 import pytest
 
@@ -38,13 +37,13 @@ def test_a_node_runs_a_pod_and_leaves_the_host_as_it_found_it():
         during = snapshot()
         assert differences(before, during), "the node changed nothing the snapshot sees: the check is blind"
         pids, workdir = cluster.pids(), cluster.workdir
-        ports = [(cluster.host_ip, cluster.port), ("127.0.0.1", int(cluster.etcd_url.rsplit(":", 1)[1]))]
-        assert all(_alive(p) for p in pids) and all(_listening(*a) for a in ports)
+        ports = [cluster.port, int(cluster.etcd_url.rsplit(":", 1)[1])]  # the API server's, etcd's
+        assert all(_alive(p) for p in pids) and set(ports) <= _listening()
     finally:
         cluster.stop()
     assert differences(before, snapshot()) == {}
     assert [p for p in pids if _alive(p)] == []
-    assert [a for a in ports if _listening(*a)] == []
+    assert set(ports) & _listening() == set()
     assert not workdir.exists()
 
 
@@ -56,7 +55,13 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def _listening(host: str, port: int) -> bool:
-    with socket.socket() as s:
-        s.settimeout(1)
-        return s.connect_ex((host, port)) == 0
+def _listening() -> set[int]:
+    """Ports with a listening TCP socket in this network namespace (a connect would not do: the
+    API server's address goes with the node's link, and another test node may route to it)."""
+    ports = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in open(table).read().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            if state == "0A":  # TCP_LISTEN
+                ports.add(int(local.rsplit(":", 1)[1], 16))
+    return ports

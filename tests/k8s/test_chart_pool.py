@@ -156,6 +156,17 @@ def test_the_ray_pod_templates_carry_no_version_label_so_a_chart_upgrade_keeps_t
         assert labels["app.kubernetes.io/part-of"] == "deltafleet"
 
 
+def test_the_upgrade_strategy_is_blue_green_unless_the_admin_says_none(helm):
+    """KubeRay's default for a changed cluster spec is a second cluster (twice the GPUs until it
+    switches); `None` keeps the one cluster; anything else (the Gateway-API incremental mode
+    needs options this chart does not render) is refused when rendering."""
+    assert rayservice(template(helm, *POOL))["spec"]["upgradeStrategy"] == {"type": "NewCluster"}
+    assert rayservice(template(helm, *POOL, "pool.upgradeStrategy=None"))["spec"]["upgradeStrategy"] == {"type": "None"}
+    r = helm("template", "t", str(CHART), "--set", ",".join((*POOL, "pool.upgradeStrategy=NewClusterWithIncrementalUpgrade")),
+             check=False)
+    assert r.returncode != 0 and "upgradeStrategy" in r.stderr, r.stderr
+
+
 def test_gpu_pools_ask_for_cuda_and_runtime_classes_reach_ray_pods_and_jobs(helm):
     """A replica with device auto and no visible GPU would serve on CPU in fp32, holding its
     GPU; with the chart's GPU pool the operator writes device cuda, so it fails to deploy
