@@ -12,6 +12,7 @@ from typing import Protocol
 from deltafleet.operator.settings import Settings
 
 RUNNING = "RUNNING"
+DEPLOY_FAILED = "DEPLOY_FAILED"
 
 
 class BackendError(RuntimeError):
@@ -55,6 +56,10 @@ class Backend(Protocol):
 
     def apply(self, config: dict, digest: str) -> None:
         """Replace the whole serve config."""
+
+    def recheck(self) -> str | None:
+        """The periodic check (the controller's CONFIG_CHECK_S): what keeping the applied config
+        in place needs, then applied_hash()."""
 
     def statuses(self) -> dict[str, AppStatus]:
         """Application (pool) name -> status, for the config applied last."""

@@ -60,6 +60,9 @@ class RayApiBackend:
     def applied_hash(self) -> str | None:
         return self._applied
 
+    def recheck(self) -> str | None:
+        return self._applied
+
     def apply(self, config: dict, digest: str) -> None:
         self._request("PUT", config)
         self._applied = digest

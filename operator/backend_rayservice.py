@@ -10,16 +10,18 @@ the annotation and would otherwise never get its tenants back.
 
 KubeRay leaves worker replica bounds out of its hash of the cluster spec, so a changed
 `minReplicas`/`maxReplicas` of a worker group (`helm upgrade --set pool.workers.maxReplicas=8`)
-never reaches a RayCluster that exists (kuberay#2331): `sync_worker_bounds` copies them from the
+never reaches a RayCluster that exists (kuberay#2331): `recheck` copies them from the
 RayService to the clusters it names."""
 
 from __future__ import annotations
 
+import logging
+
 import yaml
 
-from deltafleet.operator.backend import RUNNING, AppStatus, BackendError
+from deltafleet.operator.backend import DEPLOY_FAILED, RUNNING, AppStatus, BackendError
 
-DEPLOY_FAILED = "DEPLOY_FAILED"
+log = logging.getLogger("deltafleet.operator")
 INITIALIZING_TIMEOUT = "InitializingTimeout"  # KubeRay's terminal Ready=False reason (ray.io/initializing-timeout)
 
 GROUP, VERSION, PLURAL, CLUSTERS = "ray.io", "v1", "rayservices", "rayclusters"
@@ -63,12 +65,20 @@ class RayServiceBackend:
     def statuses(self) -> dict[str, AppStatus]:
         return application_statuses(self._get())
 
-    def sync_worker_bounds(self) -> list[str]:
+    def recheck(self) -> str | None:
+        """One read of the RayService: its clusters' worker bounds brought to its own, and the
+        hash of the config it holds."""
+        rs = self._get()
+        for change in self._sync_worker_bounds(rs):
+            log.info("worker bounds from the RayService: %s", change)
+        return applied_hash(rs)
+
+    def _sync_worker_bounds(self, rs: dict) -> list[str]:
         """Patch the worker bounds of the RayService's clusters (serving and pending) to the
         RayService's own; returns what it changed, one line each."""
         from kubernetes.client.exceptions import ApiException
 
-        rs, changed = self._get(), []
+        changed = []
         status = rs.get("status") or {}
         for which in ("activeServiceStatus", "pendingServiceStatus"):
             cluster = (status.get(which) or {}).get("rayClusterName")

@@ -204,16 +204,13 @@ class Controller:
         """Whether the backend still holds the config this operator applied: a RayService deleted
         and recreated (KubeRay's own recovery step, or a person) comes back without it and would
         otherwise be re-applied only when some FineTune changed. At most one read per
-        CONFIG_CHECK_S, whatever the number of FineTunes; the worker bounds of the pool's
-        RayClusters are brought to the RayService's then too."""
+        CONFIG_CHECK_S, whatever the number of FineTunes; the backend's own upkeep (rayservice:
+        the RayClusters' worker bounds) happens in the same read."""
         now = time.monotonic()
         if now - self._config_checked_at < CONFIG_CHECK_S:
             return True
         self._config_checked_at = now
-        sync_bounds = getattr(self.backend, "sync_worker_bounds", None)  # rayservice: KubeRay does not carry them over
-        for change in sync_bounds() if sync_bounds is not None else ():
-            log.info("worker bounds from the RayService: %s", change)
-        return self.backend.applied_hash() == self.serving.digest
+        return self.backend.recheck() == self.serving.digest
 
     def _statuses(self) -> dict[str, AppStatus]:
         at, cached = self._status_cache

@@ -14,10 +14,10 @@ from datetime import datetime, timezone
 from deltafleet.operator import api
 from deltafleet.operator import compression as comp
 from deltafleet.operator import jobs
-from deltafleet.operator.backend import RUNNING, AppStatus, ReplicaReport
+from deltafleet.operator.backend import DEPLOY_FAILED, RUNNING, AppStatus, ReplicaReport
 from deltafleet.operator.conditions import FALSE, TRUE, Reason
 
-FAILED_APP_STATES = {"DEPLOY_FAILED", "UNHEALTHY"}
+FAILED_APP_STATES = {DEPLOY_FAILED, "UNHEALTHY"}
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import uuid
 from pathlib import Path
 
@@ -70,8 +71,6 @@ NO_CHART_OPERATOR = ("--set", "image.repository=deltafleet.test/operator-run-by-
 def helm_test_phases(output: str) -> dict[str, str]:
     """{hook pod: phase} from `helm test`'s report. A hook that succeeded is deleted at once
     (its delete policy), log and all: its phase is what is left to read."""
-    import re
-
     return dict(re.findall(r"TEST SUITE:\s+(\S+)\n(?:[^\n]*\n)*?Phase:\s+(\w+)", output))
 
 
