@@ -1,6 +1,7 @@
 """1-bit delta kernels: packing layout, fp32 reference, Triton kernels, the CPU path and the dispatcher.
 
-The Triton modules (triton_decode, triton_delta) are imported on first use of the Triton path,
+The Triton modules (triton_decode, triton_delta; triton_grouped for whole matrices per tenant,
+paged_attention for the paged KV cache) are imported on first use of the Triton path,
 so importing this package never compiles or interprets a kernel. Importing it registers the
 `deltafleet::delta_linear` custom op (dispatch.py)."""
 

@@ -27,9 +27,18 @@ HOST_READS = ("item", "tolist", "__bool__", "__int__", "__index__", "__float__",
 
 class NoHostSync(TorchDispatchMode):
     """Also forbids the Tensor methods that read values on the host (on CPU, `.tolist()` and
-    `bool(t)` read memory without dispatching an op)."""
+    `bool(t)` read memory without dispatching an op).
+
+    `cuda_rules`: also fail the ops that are syncs on CUDA though not on CPU, for a CPU run of
+    a step as CUDA would compute it: `aten._grouped_mm` off bf16 (torch's fallback copies the
+    offsets to the host; bf16 is sync-free on sm90/sm100 only; CPU tests run fp32 through it
+    legitimately, hence opt-in)."""
 
     saved: dict = {}  # the real Tensor methods while one is active
+
+    def __init__(self, cuda_rules: bool = False) -> None:
+        super().__init__()
+        self.cuda_rules = cuda_rules
 
     def __enter__(self):
         NoHostSync.saved = self._saved = {name: getattr(torch.Tensor, name) for name in HOST_READS}
@@ -50,6 +59,8 @@ class NoHostSync(TorchDispatchMode):
         if func.overloadpacket is aten.index and any(
                 isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] if len(args) > 1 else [])):
             raise AssertionError("boolean-mask indexing has a data-dependent shape (a sync)")
+        if self.cuda_rules and func.overloadpacket is aten._grouped_mm and args[0].dtype != torch.bfloat16:
+            raise AssertionError(f"_grouped_mm on {args[0].dtype} copies its offsets to the host on CUDA (a sync)")
         return func(*args, **(kwargs or {}))
 
 
@@ -104,3 +115,26 @@ def cpu_kernel_as_one_op(trace: OpTrace | None = None):
         yield
     finally:
         dispatch.delta_linear_cpu = original
+
+
+@contextlib.contextmanager
+def triton_launch_as_one_op(module, trace: OpTrace | None = None):
+    """Run a Triton kernel module's `_launch` as what CUDA runs: one opaque op over tensors.
+
+    Under the interpreter a launch copies its tensors to host memory (reads forbidden inside
+    NoHostSync); on a GPU it is one kernel that reads its arguments on the device. The host
+    code around the launch (allocation, checks) still runs inside the dispatch modes."""
+    original = module._launch
+
+    def opaque(grid, *args, **meta):
+        if trace is not None:
+            shapes = tuple(tuple(a.shape) for a in args if isinstance(a, torch.Tensor))
+            trace.ops.append((f"{module.__name__}._launch", (tuple(grid), *shapes)))
+        with _disable_current_modes(), _host_reads_allowed():
+            return original(grid, *args, **meta)
+
+    module._launch = opaque
+    try:
+        yield
+    finally:
+        module._launch = original
