@@ -24,7 +24,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .config import BASE_ALIASES, TENANT_STATUS_ROUTE, ConfigError, key_digest, parse_args, parse_tenants, resolve_uri
+from .config import BASE_ALIASES, TENANT_STATUS_ROUTE, AppArgs, ConfigError, key_digest, parse_args, parse_tenants, resolve_uri
 from .engine import BASE_TENANT, BadRequest, Engine, EngineError, Event, UnknownTenant
 from .openai_api import (
     ChatRequest, CompletionRequest, chat_body, chat_prompt, completion_body, error_body, models_body, new_id, usage,
@@ -43,11 +43,20 @@ async def _bad_request(request: Request, exc: RequestValidationError):
     if err["type"] == "json_invalid":  # its loc is a byte offset, not a field
         return JSONResponse(error_body(f"request body is not valid JSON: {err['msg']}", "invalid_request_error", 400),
                             status_code=400)
-    loc = ".".join(str(p) for p in err["loc"] if p != "body")
+    loc = _param(err["loc"])
     msg = err["msg"].removeprefix("Value error, ")
     if err["type"] == "unsupported":  # a model-level refusal names its field itself
         return JSONResponse(error_body(msg, "invalid_request_error", 400, err["ctx"]["field"]), status_code=400)
     return JSONResponse(error_body(f"{loc}: {msg}" if loc else msg, "invalid_request_error", 400, loc or None), status_code=400)
+
+
+def _param(loc: tuple) -> str:
+    """A validation error's location as OpenAI names a param: ("body", "messages", 0, "role") -> "messages[0].role"."""
+    out = ""
+    for p in loc:
+        if p != "body":
+            out += f"[{p}]" if isinstance(p, int) else f".{p}" if out else str(p)
+    return out
 
 
 @api.exception_handler(StarletteHTTPException)
@@ -151,7 +160,13 @@ async def submitted(submit):
         raise
 
 
-@serve.deployment(name="DeltaServer", max_ongoing_requests=256, health_check_period_s=10)
+# Serve's own per-replica limit, when the serve config sets none: above what the engine runs
+# and queues at its defaults (a batch + max_queue, and a batch of slack), so that the engine's
+# OpenAI-shaped 429 comes first, never Serve's own rejection.
+MAX_ONGOING_REQUESTS = 2 * AppArgs.model_fields["max_batch_size"].default + AppArgs.model_fields["max_queue"].default
+
+
+@serve.deployment(name="DeltaServer", max_ongoing_requests=MAX_ONGOING_REQUESTS, health_check_period_s=10)
 @serve.ingress(api)
 class DeltaServer:
     def __init__(self, args: dict) -> None:

@@ -10,9 +10,12 @@ sampling included (sampling.sample: no host sync). So on CUDA the step is warmed
 captured into a graph, and each later step of the bucket is one `replay()`: the ~2,000
 kernel launches of a 32-layer step become one, and the host only fills buffers.
 
-A graph holds raw addresses: it is recaptured when the bank's paths change (a slot pool
-gains its first entry or grows into a new tensor, a tenant overriding a new norm loads),
-and keeps the tensors it captured alive until then. On CPU, and with `graphs=False`, the
+A graph holds raw addresses. Every per-tenant path the bank has room for runs in it
+(`reserve_pools` allocates every slot pool at start; every stacked norm reruns per row), so
+tenants arriving or leaving change only buffer contents; it is recaptured only if a pool's
+tensors move (or, for OPT's learned position tables, when the tenants holding one change),
+and keeps the tensors it captured alive until then. Every input of a step reaches the device
+in one asynchronous copy from a pinned buffer (`staging`). On CPU, and with `graphs=False`, the
 same buffers and the same function run eagerly (tests check there that the step neither
 syncs with the host nor changes its ops with the mix). Steps with prefill chunks or
 penalized rows run the engine's dynamic path.
@@ -29,9 +32,11 @@ from torch import nn
 from .layers import BatchContext
 from .paged_kv import DecodeLayout, KVPool, PagedContext
 from .sampling import SamplingParams, sample
+from .staging import Pack, Staging
 
 log = logging.getLogger("deltafleet.serving")
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+FIELDS = ("input_ids", "slots", "temperature", "top_p", "top_k", "seed", "position", "previous")  # staged, in order
 
 
 def row_bucket(n: int) -> int:
@@ -42,6 +47,20 @@ def row_bucket(n: int) -> int:
 def block_bucket(n: int, most: int) -> int:
     """Context blocks padded up to a power of two, at most `most` (a sequence's block table length)."""
     return min(1 << max(0, n - 1).bit_length(), most)
+
+
+def reserve_pools(bank) -> None:
+    """Allocate every slot pool of the bank whole (n_slots entries, zeroed), once, before the
+    first capture: a fixed-shape step runs every allocated pool (BatchContext.uses), so its
+    graphs then never change as tenants arrive, leave or fill a pool. On a GPU the memory plan
+    already counts these bytes (pools there allocate whole at their first entry anyway)."""
+    for pool in {id(p): p for p in [*bank.whole_pools.values(), *bank.embed_pools.values()]}.values():
+        old = pool.capacity
+        if old < pool.n_slots:
+            pool.grow = "full"  # and never again: the tensors keep their addresses
+            pool._grow(None)
+            for t in pool.entries.values():  # entry rows no tenant wrote are read (then dropped): no NaN garbage
+                t[old:].zero_()
 
 
 @dataclass
@@ -59,7 +78,8 @@ class DecodeRow:
 
 @dataclass
 class Bucket:
-    """The buffers of one (rows, blocks) shape, and its graph once captured."""
+    """The buffers of one (rows, blocks) shape, and its graph once captured. Every input is a
+    view into `staged`, one device buffer that one host copy refills per step (`_fill`)."""
 
     layout: DecodeLayout
     input_ids: torch.Tensor  # [1, B]
@@ -69,7 +89,10 @@ class Bucket:
     top_k: torch.Tensor  # [B] int64
     seed: torch.Tensor  # [B] int64
     position: torch.Tensor  # [B] int64: index of the token being drawn
+    previous: torch.Tensor  # [B] int64: row of the previous step's output holding the input token, -1 = input_ids has it
     next_ids: torch.Tensor  # [B] int64: the step's output
+    staged: torch.Tensor  # [N] uint8 on the device: every input above, refilled by one copy
+    staging: Staging  # its two host buffers (pinned on CUDA)
     graph: torch.cuda.CUDAGraph | None = None
     signature: tuple | None = None  # the bank paths it was captured with
     keepalive: list = field(default_factory=list)  # tensors the graph reads by address
@@ -95,10 +118,9 @@ class DecodeGraphs:
         key = (row_bucket(n), block_bucket(max(len(r.blocks) for r in rows), self.max_blocks))
         b = self.buckets.get(key) or self._new_bucket(*key)
         self._fill(b, rows)
-        on_device = [(i, r.previous) for i, r in enumerate(rows) if r.previous >= 0]
-        if on_device:  # device to device, in stream order: nothing waits for the previous step
-            dst, src = (torch.tensor(v, dtype=torch.int64, device=self.device) for v in zip(*on_device))
-            b.input_ids[0].index_copy_(0, dst, previous_ids.index_select(0, src))
+        if any(r.previous >= 0 for r in rows):  # device to device, in stream order: nothing waits for the previous step
+            got = previous_ids.index_select(0, b.previous.clamp(min=0))  # [B]; rows at -1 keep their staged token
+            b.input_ids[0].copy_(torch.where(b.previous >= 0, got, b.input_ids[0]))
         return self._run(b)[:n]
 
     def warm_up(self, max_rows: int) -> None:
@@ -138,33 +160,40 @@ class DecodeGraphs:
         return b.next_ids
 
     def _new_bucket(self, rows: int, blocks: int) -> Bucket:
-        dev = self.device
-
-        def zeros(dtype, *shape):
-            return torch.zeros(*shape, dtype=dtype, device=dev)
-
-        b = Bucket(DecodeLayout(rows, blocks, self.kv, dev), zeros(torch.int64, 1, rows), zeros(torch.int64, rows),
-                   zeros(torch.float32, rows), zeros(torch.float32, rows), zeros(torch.int64, rows),
-                   zeros(torch.int64, rows), zeros(torch.int64, rows), zeros(torch.int64, rows))
+        layout = DecodeLayout(rows, blocks, self.kv, self.device)
+        staging = Staging(self.device)
+        pack = self._pack(layout, rows, [])
+        staged = torch.empty(pack.nbytes(), dtype=torch.uint8, device=self.device)  # its own: graphs read it by address
+        _, views = pack.send(staging, self.device, dst=staged)
+        named = dict(zip(FIELDS + DecodeLayout.FIELDS, views))
+        layout.bind(named)
+        b = Bucket(layout, staged=staged, staging=staging,
+                   next_ids=torch.zeros(rows, dtype=torch.int64, device=self.device),
+                   **{name: named[name] for name in FIELDS})
         self.buckets[(rows, blocks)] = b
         return b
 
     def _fill(self, b: Bucket, rows: list[DecodeRow]) -> None:
-        """Write this step's rows into the bucket's buffers; padding rows are the base, greedy, at the scratch block."""
-        pad = b.slots.shape[0] - len(rows)
-        b.layout.fill([(r.blocks, r.cached) for r in rows])  # rows=[]: every row is padding
-        host = {
-            "input_ids": ([r.token for r in rows] + [0] * pad, torch.int64),
-            "slots": ([r.slot for r in rows] + [-1] * pad, torch.int64),
-            "temperature": ([r.params.temperature for r in rows] + [0.0] * pad, torch.float32),
-            "top_p": ([r.params.top_p for r in rows] + [1.0] * pad, torch.float32),
-            "top_k": ([r.params.top_k for r in rows] + [0] * pad, torch.int64),
-            "seed": ([r.seed for r in rows] + [0] * pad, torch.int64),
-            "position": ([r.cached + 1 for r in rows] + [0] * pad, torch.int64),
-        }
-        for name, (values, dtype) in host.items():
-            dst = getattr(b, name)
-            dst.copy_(torch.tensor(values, dtype=dtype).view(dst.shape), non_blocking=True)
+        """Write this step's rows into the bucket's buffers with one host -> device copy (no wait);
+        padding rows are the base, greedy, at the scratch block."""
+        self._pack(b.layout, b.slots.shape[0], rows).send(b.staging, self.device, dst=b.staged)
+
+    @staticmethod
+    def _pack(layout: DecodeLayout, size: int, rows: list[DecodeRow]) -> Pack:
+        """The bucket's inputs for these rows, on the host, in FIELDS + DecodeLayout.FIELDS order."""
+        pad = size - len(rows)
+        pack = Pack()
+        pack.add([[r.token for r in rows] + [0] * pad], torch.int64)  # input_ids [1, B]
+        pack.add([r.slot for r in rows] + [-1] * pad, torch.int64)  # slots
+        pack.add([r.params.temperature for r in rows] + [0.0] * pad, torch.float32)
+        pack.add([r.params.top_p for r in rows] + [1.0] * pad, torch.float32)
+        pack.add([r.params.top_k for r in rows] + [0] * pad, torch.int64)
+        pack.add([r.seed for r in rows] + [0] * pad, torch.int64)
+        pack.add([r.cached + 1 for r in rows] + [0] * pad, torch.int64)  # position
+        pack.add([r.previous for r in rows] + [-1] * pad, torch.int64)  # previous
+        for name, values in layout.host_fields([(r.blocks, r.cached) for r in rows]).items():  # rows=[]: all padding
+            pack.add(values, torch.int64)
+        return pack
 
     def _forward(self, b: Bucket) -> None:
         """The step itself: fixed shapes in, next ids written into b.next_ids; no host sync."""

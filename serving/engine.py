@@ -19,8 +19,9 @@ one step late: when the next step decodes the same rows, it is launched first (i
 tokens copied on the device from this step's output) and this step's tokens are read,
 checked and handed to the output thread while the device runs it.
 
-Not yet: a fused paged-attention kernel on GPU (the attention gathers each sequence's
-context), prefix caching.
+A packed step's inputs (token ids, slots, the KV layout, sampling settings) are written on the
+host and sent in one asynchronous copy (serving/staging.py). Full KV blocks are cached per
+tenant (serving/paged_kv.py); a new sequence, or one preempted, takes its cached blocks back.
 """
 
 from __future__ import annotations
@@ -40,13 +41,14 @@ from pathlib import Path
 import torch
 from .bank import FAILED, READY
 from .config import DECODE_MODES
-from .decode_graphs import DecodeGraphs, DecodeRow
+from .decode_graphs import DecodeGraphs, DecodeRow, reserve_pools
 from .detokenize import IncrementalText
 from .output import Emission, End, Event, OutputThread, Token
 from .paged_kv import KVPool, PagedContext, StepLayout, attach
-from .sampling import SamplingParams, as_int64, next_tokens
+from .sampling import SamplingParams, as_int64, next_tokens, stage_sampling
 from .scheduler import SeqView, admission_order, blocks_to_finish, plan_step
 from .served import build_served_model
+from .staging import Pack, Staging
 
 log = logging.getLogger("deltafleet.serving")
 BASE_TENANT = None  # the tenant value meaning "the base model itself"
@@ -221,8 +223,10 @@ class Engine:
             self.model, self.ctx, self.paged, self.kv, self.device, self.kv.blocks_for(min(self.max_len, self.kv.n_blocks * block_size)),
             graphs=decode_mode == "graphs")
         if self.decoder is not None:
+            reserve_pools(self.bank)  # every pool allocated before capture: tenants then change contents only
             with torch.inference_mode():
                 self.decoder.warm_up(max_batch_size)  # kernels compiled, graphs captured: before any request
+        self.staging = Staging(self.device)  # a packed step's inputs: one pinned copy per step
         self.pending: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.steps = 0
@@ -233,6 +237,9 @@ class Engine:
         self._inflight: InFlight | None = None  # the last fixed-shape step, until its tokens are read
         self._cached_since_step = 0  # prompt tokens admissions took from the prefix cache, for StepStats
         self._ids = itertools.count()
+        # Every request whose stream has not had its last Event (queued, running, or finished
+        # with its last token still with the output thread): if that thread dies, these get the error.
+        self._open: dict[int, Sequence] = {}
         self._cv = threading.Condition()
         self._stop = False
         self.output = OutputThread(EngineError)
@@ -332,6 +339,8 @@ class Engine:
             if abandoned is not None and abandoned():  # the client left while its prompt was tokenized
                 stream.cancel()
                 return stream
+            if self._stop or self.failure:  # the loop already failed what was queued: this would wait for ever
+                raise EngineStopped(f"this replica cannot serve: {self.failure or 'engine is shutting down'}")
             if len(self.pending) >= self.max_queue:
                 raise Overloaded(f"queue is full ({self.max_queue} waiting requests); retry later")
             mine = sum(1 for s in self.pending if s.tenant == tenant)
@@ -339,6 +348,7 @@ class Engine:
                 who = "the base model" if tenant is BASE_TENANT else f"model {tenant!r}"
                 raise Overloaded(f"{who} already has {mine} requests waiting (its share of the queue); retry later")
             self.pending.append(seq)
+            self._open[seq.id] = seq
             self._cv.notify()
         return stream
 
@@ -387,6 +397,7 @@ class Engine:
                     if not self.running:
                         self._cv.wait(timeout=0.05 if self.pending else 0.5)
                     waiting = list(self.pending)
+                    self._open = {i: s for i, s in self._open.items() if not s.out.ended}
                 if self.output.failure:  # its streams would never end: stop serving, say why
                     raise RuntimeError(self.output.failure)
                 with torch.inference_mode():
@@ -440,7 +451,7 @@ class Engine:
                 error = Overloaded(f"waited {now - seq.created:.0f}s for a batch slot: the pool is saturated; retry later")
             if error is not None:
                 self._dequeue(seq)
-                seq.stream.put(Event("", [], "cancelled") if error == "cancelled" else Event("", [], error=error))
+                _end_here(seq, Event("", [], "cancelled") if error == "cancelled" else Event("", [], error=error))
                 continue
             if len(self.running) >= self.max_batch_size or kv_full:
                 continue
@@ -469,14 +480,21 @@ class Engine:
         """Start a new sequence from the cached blocks of its prompt's longest cached prefix.
         Keyed by the delta in its slot (Tenant.registration), never by tokens alone."""
         seq.prefix_root = b"base" if seq.tenant is BASE_TENANT else b"tenant:%d" % self.bank.registration(seq.slot)
+        self._take_cached(seq, len(seq.prompt_ids))  # the prompt's last token is always computed: it gives the first token
+
+    def _take_cached(self, seq: Sequence, end: int) -> int:
+        """A sequence with nothing computed (new, or preempted) takes the cached blocks of the
+        longest cached run of its tokens before `end`, leaving at least the token at end - 1 to
+        compute. Its generated tokens count too: a preempted sequence finds its own blocks.
+        Returns the tokens taken."""
         if not self.prefix_caching:
-            return
-        full = (len(seq.prompt_ids) - 1) // self.kv.block_size  # the prompt's last token is always computed: it gives the first token
-        seq.blocks = self.kv.take_cached(self._block_keys(seq, full))
+            return 0
+        seq.blocks = self.kv.take_cached(self._block_keys(seq, (end - 1) // self.kv.block_size))
         seq.remembered = len(seq.blocks)
         seq.computed = len(seq.blocks) * self.kv.block_size
         self.counters["prefix_cached_tokens"] += seq.computed
         self._cached_since_step += seq.computed
+        return seq.computed
 
     def _block_keys(self, seq: Sequence, n: int) -> list[bytes]:
         """The content keys of the sequence's first n full blocks (computed once each)."""
@@ -528,6 +546,10 @@ class Engine:
             self.kv.release(by_id[sid].blocks)
             by_id[sid].computed = by_id[sid].remembered = 0
             self.counters["preemptions"] += 1
+        for sid, n in plan.chunks.items():  # a preempted sequence's blocks may still be cached: take them back
+            s = by_id[sid]
+            if s.computed == 0 and not s.blocks:  # chunk [0, n) -> [taken, n): the same end, so no more blocks than planned
+                plan.chunks[sid] = n - self._take_cached(s, n)
         if not plan.chunks:
             return
         batch = [(by_id[sid], n) for sid, n in plan.chunks.items()]
@@ -652,15 +674,10 @@ class Engine:
                 kept.append(len(ids) - 1)
                 sampled.append(s)
         keep = kept or [len(ids) - 1]  # every chunk mid-prompt: one position's logits, unused
-        self.paged.layout = StepLayout.build([(s.blocks, s.computed, n) for s, n in batch], self.kv.block_size, self.device)
-        self.ctx.set_packed(slots, keep, self.device)
+        input_ids, keep_index, sampling = self._stage(batch, ids, slots, keep, sampled)
         try:
-            out = self.model(
-                input_ids=torch.tensor([ids], device=self.device),  # [1, T]
-                position_ids=self.paged.layout.positions,  # [1, T]
-                logits_to_keep=torch.tensor(keep, device=self.device),
-                use_cache=False,
-            )
+            out = self.model(input_ids=input_ids, position_ids=self.paged.layout.positions,  # [1, T], [1, T]
+                             logits_to_keep=keep_index, use_cache=False)
         finally:
             self.paged.layout = None
         for s, n in batch:
@@ -671,8 +688,26 @@ class Engine:
             return []
         logits = out.logits[0, : len(sampled)]  # [K, V]
         chosen = next_tokens(logits, [s.params for s in sampled], [s.seed for s in sampled],
-                             [s.n_tokens for s in sampled], [s.out_ids for s in sampled])
+                             [s.n_tokens for s in sampled], [s.out_ids for s in sampled], sampling)
         return list(zip(sampled, chosen))
+
+    def _stage(self, batch: list[tuple[Sequence, int]], ids: list[int], slots: list[int], keep: list[int],
+               sampled: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor, tuple | None]:
+        """Set the packed step's layout and slot maps; its input ids [1, T], kept positions [K] and
+        (if some row samples) `sample`'s tensors: every one written on the host and sent in ONE
+        asynchronous copy (pinned on CUDA), so preparing the step never waits for the device."""
+        pack = Pack()
+        make_layout = StepLayout.stage([(s.blocks, s.computed, n) for s, n in batch], self.kv.block_size, pack)
+        k_ids, k_keep = pack.add([ids], torch.int64), pack.add(keep, torch.int64)
+        k_slots = pack.add(slots, torch.int64), pack.add([slots[i] for i in keep], torch.int64)
+        k_sampling = None
+        if any(s.params.temperature != 0 for s in sampled):
+            k_sampling = stage_sampling(pack, [s.params for s in sampled], [s.seed for s in sampled],
+                                        [s.n_tokens for s in sampled])
+        _, views = pack.send(self.staging, self.device)  # the step's one host -> device copy
+        self.paged.layout = make_layout(views)
+        self.ctx.set_packed(slots, keep, self.device, staged=tuple(views[k] for k in k_slots))
+        return views[k_ids], views[k_keep], k_sampling and tuple(views[k] for k in k_sampling)
 
     def _take(self, seq: Sequence, token: int) -> Token | End:
         """Record a new token; what the output thread streams for it. A token that ends the
@@ -702,17 +737,20 @@ class Engine:
         self.running = [s for s in self.running if id(s) not in gone]
 
     def _fail_all(self, error: EngineError) -> None:
+        """Every open request ends with the error: queued ones here, running ones through the
+        output thread (after the tokens it holds for them). If that thread is dead, every
+        stream not yet ended — a finished row whose last token it held included — ends here."""
         self._inflight = None
-        if self.output.failure:  # nobody drains the output queue any more: end the streams here
-            for seq in self.running:
-                seq.stream.put(Event("", [], error=error))
-        else:
+        if self.output.failure is None:
             self.output.put([End(seq.out, Event("", [], error=error)) for seq in self.running])
         self._drop(list(self.running))
         with self._cv:
             waiting, self.pending = list(self.pending), deque()
-        for seq in waiting:
-            seq.stream.put(Event("", [], error=error))
+            left, self._open = list(self._open.values()), {}
+        dead = self.output.failure is not None  # looked at after the put: it may have died with those endings queued
+        for seq in left if dead else waiting:
+            if not seq.out.ended:
+                _end_here(seq, Event("", [], error=error))
 
 
 KV_SHARE = 0.8  # of what is free once the base and the bank's whole budget are counted; the rest: activations
@@ -722,6 +760,12 @@ def kv_budget(free_bytes: int, bank_unallocated_bytes: int) -> int:
     """KV cache bytes on a GPU: a share of the memory left after the bank's declared budget,
     including the slot pools' tables not allocated yet (they take it later, in one piece)."""
     return max(0, int((free_bytes - bank_unallocated_bytes) * KV_SHARE))
+
+
+def _end_here(seq: Sequence, event: Event) -> None:
+    """The request's last Event, put by the decode thread itself (the output thread never saw it, or is dead)."""
+    seq.out.ended = True
+    seq.stream.put(event)
 
 
 def _is_decode(seq: Sequence, n: int) -> bool:

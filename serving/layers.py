@@ -29,6 +29,8 @@ from deltafleet.kernels import SignCache, TenantGroups, delta_linear, group_rows
 from deltafleet.kernels.segments import forget_fills
 from deltafleet.kernels.packing import unpack_signs
 
+from .staging import Pack
+
 
 # Unpacked signs of hot (layer, tenant) pairs on CPU, used only by the torch-ops fallback
 # (no C compiler): the native kernel reads the packed bits and caches nothing.
@@ -51,30 +53,47 @@ class BatchContext:
         self._slot_of_seq: torch.Tensor | None = None  # [B] (batch-first layout)
         self._row_slots: dict[int, torch.Tensor] = {}  # row count -> [m] slot of each row
         self._rows: dict[int, tuple[torch.Tensor, TenantGroups]] = {}
+        self.static = False  # a fixed-shape step (set_static): every path the bank has room for runs
+        self.tables: set[str] = set()  # modules `add_table_hook` reruns once per tenant holding a table
 
     def set(self, slot_of_seq: list[int], device: torch.device) -> None:
         forget_fills()  # a new step: the kernels' segment metadata is rebuilt once, then shared
+        self.static = False
         self._slot_of_seq = torch.tensor(slot_of_seq, dtype=torch.int64, device=device)
         self.slots = sorted({s for s in slot_of_seq if s >= 0})
         self._row_slots, self._rows = {}, {}
 
-    def set_packed(self, slot_of_token: list[int], kept: list[int], device: torch.device) -> None:
-        """slot_of_token [T]: each packed token's slot; kept: the packed indices whose logits are computed."""
+    def set_packed(self, slot_of_token: list[int], kept: list[int], device: torch.device,
+                   staged: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        """slot_of_token [T]: each packed token's slot; kept: the packed indices whose logits are computed.
+        staged: (slot of each token [T], slot of each kept token [K]) already on the device, sent
+        with the step's other inputs in one copy; without it they are sent here (one copy)."""
         forget_fills()  # a new step: the kernels' segment metadata is rebuilt once, then shared
-        tok = torch.tensor(slot_of_token, dtype=torch.int64, device=device)
+        self.static = False
+        if staged is None:
+            pack = Pack()
+            pack.add(slot_of_token, torch.int64)
+            pack.add([slot_of_token[i] for i in kept], torch.int64)
+            staged = tuple(pack.send(None, device)[1])
+        tok, kept_tok = staged  # [T], [K]
         self._slot_of_seq = None
         self.slots = sorted({s for s in slot_of_token if s >= 0})
         # T == K only when every token is kept, and then both maps are the same.
-        self._row_slots = {len(slot_of_token): tok, len(kept): tok[torch.tensor(kept, dtype=torch.int64, device=device)]}
+        self._row_slots = {len(slot_of_token): tok, len(kept): kept_tok}
         self._rows = {}
+        if tok.device.type == "cpu":  # the CPU kernel's host-side grouping, before the forward
+            for m in self._row_slots:
+                self.rows(m)
 
     def set_static(self, slot_of_row: torch.Tensor) -> None:
         """A fixed-shape decode step: slot_of_row [B] (one token per row, every logit kept) is a
-        device buffer refilled in place. Every slot counts as in the batch, so each per-tenant
-        path a loaded tenant could need runs whatever the mix (base rows take the base's row of
-        each stack): the ops, and a CUDA graph captured over them, depend only on which paths
-        the bank's tenants use (`static_signature`), never on the rows' slots."""
+        device buffer refilled in place. Every slot counts as in the batch, and every per-tenant
+        path the bank has room for runs whatever the tenants (`uses`, `overrides`): each allocated
+        slot pool (base rows and rows without an entry keep their base result) and each stacked
+        norm (base rows take the base's row of each stack). So the ops, and a CUDA graph captured
+        over them, depend neither on the rows' slots nor on which tenants are loaded."""
         forget_fills()  # a new step: the kernels' segment metadata is rebuilt once, then shared
+        self.static = True
         self._slot_of_seq = None
         self.slots = list(range(self.bank.n_slots))
         self._row_slots = {slot_of_row.shape[0]: slot_of_row}
@@ -82,14 +101,28 @@ class BatchContext:
         if slot_of_row.device.type == "cpu":  # the CPU kernel's host-side grouping, before the forward
             self.rows(slot_of_row.shape[0])
 
+    def uses(self, pool) -> bool:
+        """Whether this step runs a slot pool's per-row path: a fixed-shape step whenever the pool
+        is allocated (its ops must not depend on which tenants hold entries), else only when a
+        row's tenant holds an entry."""
+        return pool.capacity > 0 if self.static else pool.in_batch(self.slots)
+
+    def overrides(self, name: str) -> bool:
+        """Whether this step reruns a stacked module (a norm) with per-row parameters: a
+        fixed-shape step always does, else only when a tenant in the batch changes it."""
+        return self.static or any(name in self.bank.slot_overrides[s] for s in self.slots)
+
     def static_signature(self) -> tuple:
-        """What a fixed-shape step's ops depend on: which slot pools hold entries (and the tensors
-        they read, which a pool's growth replaces) and which norms some tenant overrides."""
+        """What a fixed-shape step's ops depend on: the slot pools allocated and the tensors they
+        read (a growth replaces them; engines that decode at fixed shapes allocate every pool
+        once, at start: `reserve_pools`), and the slots of the tables rerun once per tenant
+        (`add_table_hook`, OPT's learned positions). Tenants arriving or leaving change neither."""
         bank = self.bank
-        pools = tuple((kind, name, bool(pool.slots), tuple(t.data_ptr() for t in pool.entries.values()))
+        pools = tuple((kind, name, tuple(t.data_ptr() for t in pool.entries.values()))
                       for kind, pools in (("whole", bank.whole_pools), ("embed", bank.embed_pools))
-                      for name, pool in sorted(pools.items()))
-        return pools, frozenset().union(*bank.slot_overrides)
+                      for name, pool in sorted(pools.items()) if pool.capacity > 0)
+        tables = tuple((name, tuple(sorted(bank.whole_pools[name].slots))) for name in sorted(self.tables))
+        return pools, tables
 
     def row_slots(self, m: int) -> torch.Tensor:
         """[m] slot of each of m flattened rows ([B, S, ...] -> B*S rows, batch first)."""
@@ -133,12 +166,23 @@ class DeltaLinear(nn.Module):
             bias = ctx.bank.bias_stacks[self.name].index_select(0, (rows + 1).long())  # [M, N]; stack row 0 = the base's
             y = y + bias
         pool = ctx.bank.whole_pools.get(self.name)
-        if pool is not None and pool.in_batch(ctx.slots):  # a tenant that stores this whole matrix
+        if pool is not None and ctx.uses(pool):  # a tenant that stores this whole matrix
             y = _whole_rows(x2, y, pool, rows, bias)
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"{self.name}, in={self.in_features}, out={self.out_features}, bias={self.bias is not None}"
+
+
+def whole_rows_path(device_type: str) -> str:
+    """Which grouped GEMM computes the whole-matrix rows: "triton" on CUDA, "torch" elsewhere.
+
+    On CUDA, F.grouped_mm is sync-free only for bf16 on sm90/sm100 (CUTLASS); fp16, fp32 and
+    bf16 on other GPUs take torch's fallback, which copies offs to the host (a sync: a CUDA
+    graph of the decode step could not be captured). The Triton kernel reads offs on the
+    device for every dtype and GPU, so one path serves all. On CPU F.grouped_mm loops over
+    the groups in C++ on host memory: nothing to sync, and no Triton needed."""
+    return "triton" if device_type == "cuda" else "torch"
 
 
 def _whole_rows(x: torch.Tensor, y: torch.Tensor, pool, rows: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -153,7 +197,13 @@ def _whole_rows(x: torch.Tensor, y: torch.Tensor, pool, rows: torch.Tensor, bias
     counts = torch.zeros(weight.shape[0] + 1, dtype=torch.int64, device=x.device)
     counts.index_add_(0, entry + 1, torch.ones_like(entry))  # [E + 1], bucket 0 = rows without one
     offs = counts.cumsum(0)[1:].to(torch.int32)  # [E], end of each entry's rows in `order`
-    y_sorted = F.grouped_mm(x.index_select(0, order), weight.transpose(1, 2), offs=offs)  # [M, N]
+    x_sorted = x.index_select(0, order)  # [M, K]
+    if whole_rows_path(x.device.type) == "triton":
+        from deltafleet.kernels.triton_grouped import grouped_mm_triton  # imported on first use, as the other Triton kernels
+
+        y_sorted = grouped_mm_triton(x_sorted, weight, offs)  # [M, N]
+    else:
+        y_sorted = F.grouped_mm(x_sorted, weight.transpose(1, 2), offs=offs)  # [M, N]
     whole = torch.empty_like(y_sorted).index_copy_(0, order, y_sorted)  # back to batch order
     if bias is not None:
         whole = whole + bias
@@ -171,7 +221,7 @@ def add_embedding_hook(module: nn.Embedding, name: str, ctx: BatchContext) -> No
         slot = ctx.row_slots(ids.numel()).view_as(ids) + 1  # [B, S]; 0 = the base
         vocab, scale = mod.num_embeddings, getattr(mod, "embed_scale", None)
         pool = ctx.bank.whole_pools[name]
-        if pool.in_batch(ctx.slots):
+        if ctx.uses(pool):
             table = pool.entries["weight"]  # [E, V, H]
             entry = pool.entry_of_slot[slot]  # [B, S], -1 = the base's table
             rows = F.embedding(entry.clamp(min=0) * vocab + ids, table.view(-1, table.shape[-1]))  # [B, S, H]
@@ -179,7 +229,7 @@ def add_embedding_hook(module: nn.Embedding, name: str, ctx: BatchContext) -> No
                 rows = rows * scale.to(rows.dtype)
             output = torch.where((entry >= 0)[..., None], rows.to(output.dtype), output)
         one_bit = ctx.bank.embed_pools.get(name)
-        if one_bit is not None and one_bit.in_batch(ctx.slots):
+        if one_bit is not None and ctx.uses(one_bit):
             signs, alphas = one_bit.entries["signs"], one_bit.entries["scales"]  # [E, V, H // 32], [E, V]
             entry = one_bit.entry_of_slot[slot]  # [B, S]
             flat = (entry.clamp(min=0) * vocab + ids).reshape(-1)  # [B*S]
@@ -200,6 +250,7 @@ def add_table_hook(module: nn.Embedding, name: str, ctx: BatchContext) -> None:
     one whole, and keep that tenant's rows. One call per such tenant (a Python loop over the
     batch's slots, host-known, no sync): these tables are small, and only such modules take it."""
     busy = [False]
+    ctx.tables.add(name)  # its ops follow the tenants holding a table: part of the static signature
 
     def hook(mod, args, kwargs, output):
         pool = ctx.bank.whole_pools[name]
@@ -253,7 +304,7 @@ def add_norm_hook(module: nn.Module, name: str, ctx: BatchContext, heads_first: 
     def hook(mod, args, output):
         if busy[0] or not ctx.slots or not isinstance(output, torch.Tensor):
             return None
-        if not any(name in ctx.bank.slot_overrides[s] for s in ctx.slots):
+        if not ctx.overrides(name):
             return None
         if len(args) != 1 or not isinstance(args[0], torch.Tensor) or args[0].dim() < 2:
             raise RuntimeError(f"{name}: a per-tenant norm must take one batch-first tensor [B, S, ...] or [tokens, H]")

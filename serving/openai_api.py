@@ -6,8 +6,10 @@ store, cache and routing hints). Every other field the engine does not implement
 with a 400 whose `param` names it, when set to anything but its no-op value (n > 1, echo,
 logprobs, top_logprobs, best_of, logit_bias, suffix, tools, tool_choice, functions,
 response_format other than text, audio, modalities other than text, non-text content parts,
-and any field this server does not know): OpenAI's own rule is to refuse what it cannot
-honour. Implemented: temperature, top_p, top_k (vLLM's extension), presence and frequency
+a message's tool_calls, tool_call_id, function_call, refusal or audio (param
+`messages[i].<field>`), stream_options.include_obfuscation, and any field this server does not
+know, in the request, a message or stream_options): OpenAI's own rule is to refuse what it
+cannot honour. A message's `name` is part of the prompt (chat template, or the fallback). Implemented: temperature, top_p, top_k (vLLM's extension), presence and frequency
 penalties, stop, seed, max_tokens and chat's max_completion_tokens, stream with
 stream_options.include_usage.
 """
@@ -36,8 +38,20 @@ def _valid_unicode(text: str, where: str) -> str:
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")  # unknown fields are refused by name, not dropped
     include_usage: bool = False
+    # Padding chunks against length side channels: not done here, so asking for it is refused
+    # (a client that wants the mitigation must not believe it has it).
+    include_obfuscation: bool | None = None
+
+    @model_validator(mode="after")
+    def _unsupported(self):
+        if self.include_obfuscation:
+            raise unsupported("stream_options.include_obfuscation", " (stream chunks are not padded)")
+        unknown = sorted(self.model_extra or {})
+        if unknown:
+            raise unsupported(f"stream_options.{unknown[0]}", " (unknown field)")
+        return self
 
 
 # Fields whose value cannot change the answer here: accepted and ignored.
@@ -139,9 +153,12 @@ class CompletionRequest(_Common):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")  # refused by name in ChatRequest, which knows the message's index
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str | list[dict[str, Any]]
+    # A participant's name: part of the prompt (handed to the chat template, written in the
+    # fallback format), never dropped. Tool messages have none in OpenAI's schema.
+    name: str | None = None
 
     def text(self) -> str:
         if isinstance(self.content, str):
@@ -154,6 +171,9 @@ class ChatMessage(BaseModel):
         _valid_unicode(v if isinstance(v, str) else "".join(str(p.get("text", "")) for p in v), "message content")
         return v
 
+
+# Message fields that change the prompt (tool calls and results, refusals, audio), refused unless at their no-op value.
+_MESSAGE_NOOP = {"tool_calls": (None, []), "tool_call_id": (None,), "function_call": (None,), "refusal": (None,), "audio": (None,)}
 
 # Chat fields that change the answer, refused unless at their no-op value.
 _CHAT_NOOP = {"tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []), "function_call": (None, "none"),
@@ -182,9 +202,10 @@ class ChatRequest(_Common):
         if self.modalities not in (None, ["text"]):
             raise unsupported("modalities", " (only [\"text\"])")
         for i, m in enumerate(self.messages):
+            _refuse_message_fields(i, m)
             for j, part in enumerate(m.content if isinstance(m.content, list) else []):
                 if part.get("type") != "text":
-                    raise unsupported(f"messages.{i}.content.{j}", f" (a {part.get('type')!r} part: only text parts)")
+                    raise unsupported(f"messages[{i}].content[{j}]", f" (a {part.get('type')!r} part: only text parts)")
         if self.max_tokens and self.max_completion_tokens and self.max_tokens != self.max_completion_tokens:
             raise unsupported("max_tokens", " together with a different max_completion_tokens (which replaces it: send one)")
         return self
@@ -193,13 +214,25 @@ class ChatRequest(_Common):
         return self.max_completion_tokens or self.max_tokens
 
 
+def _refuse_message_fields(i: int, m: ChatMessage) -> None:
+    """A message field the prompt cannot carry is refused with OpenAI's `messages[i].field` param."""
+    if m.name is not None and m.role == "tool":
+        raise unsupported(f"messages[{i}].name", " (tool messages have no name)")
+    for name in sorted(m.model_extra or {}):
+        if name not in _MESSAGE_NOOP:
+            raise unsupported(f"messages[{i}].{name}", " (unknown field)")
+        if m.model_extra[name] not in _MESSAGE_NOOP[name]:
+            raise unsupported(f"messages[{i}].{name}")
+
+
 def chat_prompt(tokenizer, messages: list[ChatMessage]) -> str | list[int]:
-    """The tokenizer's chat template when it has one; otherwise a plain documented fallback:
-    one "<role>: <content>" line per message, then "assistant:" for the model to continue."""
-    msgs = [{"role": m.role, "content": m.text()} for m in messages]
+    """The tokenizer's chat template when it has one (a message's `name` goes with it);
+    otherwise a plain documented fallback: one "<role>: <content>" line per message (a named
+    one "<role> (<name>): <content>"), then "assistant:" for the model to continue."""
+    msgs = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name is not None else {})} for m in messages]
     if getattr(tokenizer, "chat_template", None):
         return list(tokenizer.apply_chat_template(msgs, tokenize=True, add_generation_prompt=True))
-    return "".join(f"{m['role']}: {m['content']}\n" for m in msgs) + "assistant:"
+    return "".join(f"{m['role']}{' (' + m['name'] + ')' if 'name' in m else ''}: {m['content']}\n" for m in msgs) + "assistant:"
 
 
 def error_body(message: str, type_: str, code: int | str | None = None, param: str | None = None) -> dict:

@@ -22,11 +22,12 @@ in the pool until a new block is needed: the least recently released goes first.
 
 Attention runs through transformers' attention interface (`ATTENTION = "deltafleet_paged"`):
 the model's own layers compute q/k/v and RoPE; `paged_attention` writes the new K/V into
-the pool, gathers each sequence's context into a padded [B, kv_heads, L, head_dim] and calls
-`scaled_dot_product_attention` with a causal (and sliding-window) mask. The gather is a
-copy of the batch's context per layer: the portable path (CPU, any GPU). A fused paged
-kernel on GPU (flashinfer / FlashAttention's paged decode) reads blocks in place; that is the
-GPU engine's next step, see docs/serving.md.
+the pool and attends each group with a causal (and sliding-window) mask. On CUDA a Triton
+kernel of ours (kernels/paged_attention.py) reads the K/V blocks in place through kv_index
+(flash-attention style, one launch per group). On CPU each sequence's context is gathered
+into a padded [B, kv_heads, L, head_dim] and `scaled_dot_product_attention` runs on it: a
+copy of the batch's context per layer, fast there (the Triton interpreter is far too slow
+to serve with).
 """
 
 from __future__ import annotations
@@ -34,14 +35,18 @@ from __future__ import annotations
 import hashlib
 import struct
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import AttentionInterface
 
 from deltafleet.compress.support import attention_modules
+
+from .staging import Pack
 
 ATTENTION = "deltafleet_paged"
 
@@ -173,39 +178,58 @@ class StepLayout:
 
     @classmethod
     def build(cls, chunks: list[tuple[list[int], int, int]], block_size: int, device: torch.device) -> "StepLayout":
-        """chunks: per sequence, in packed order: (block table, tokens already cached, new tokens)."""
+        """chunks: per sequence, in packed order: (block table, tokens already cached, new tokens).
+        Its tensors reach the device in one copy (see `stage` to share that copy with more fields)."""
+        pack = Pack()
+        make = cls.stage(chunks, block_size, pack)
+        return make(pack.send(None, device)[1])
+
+    @classmethod
+    def stage(cls, chunks: list[tuple[list[int], int, int]], block_size: int,
+              pack: Pack) -> Callable[[list[torch.Tensor]], "StepLayout"]:
+        """Add the layout's fields to a step's pack (computed on the host with numpy: no device
+        op, no copy yet); the returned function builds the layout from the pack's device views."""
         offsets, positions, write = [], [], []
         total = 0
         for blocks, start, n in chunks:
             offsets.append(total)
             total += n
-            pos = torch.arange(start, start + n)
+            pos = np.arange(start, start + n)  # [n]
             positions.append(pos)
-            write.append(torch.tensor(blocks, dtype=torch.int64)[pos // block_size] * block_size + pos % block_size)
+            write.append(np.asarray(blocks, dtype=np.int64)[pos // block_size] * block_size + pos % block_size)
         decode = [i for i, c in enumerate(chunks) if c[2] == 1]
         prefill = [[i] for i, c in enumerate(chunks) if c[2] > 1]
-        groups = [_group([chunks[i] for i in g], [offsets[i] for i in g], block_size, device) for g in ([decode] if decode else []) + prefill]
-        return cls(write_index=torch.cat(write).to(device), positions=torch.cat(positions)[None].to(device), groups=groups)
+        groups = [_group([chunks[i] for i in g], [offsets[i] for i in g], block_size, pack)
+                  for g in ([decode] if decode else []) + prefill]
+        k_write = pack.add(np.concatenate(write), torch.int64)  # [T]
+        k_pos = pack.add(np.concatenate(positions)[None], torch.int64)  # [1, T]
+        return lambda views: cls(write_index=views[k_write], positions=views[k_pos], groups=[g(views) for g in groups])
 
 
-def _group(chunks: list[tuple[list[int], int, int]], offsets: list[int], block_size: int, device: torch.device) -> AttnGroup:
+def _group(chunks: list[tuple[list[int], int, int]], offsets: list[int], block_size: int,
+           pack: Pack) -> Callable[[list[torch.Tensor]], AttnGroup]:
+    """One attention group's fields, added to the pack; the function builds it from the device views."""
     b = len(chunks)
-    starts = torch.tensor([c[1] for c in chunks])  # [b]
-    counts = torch.tensor([c[2] for c in chunks])  # [b]
+    starts = np.array([c[1] for c in chunks], dtype=np.int64)  # [b]
+    counts = np.array([c[2] for c in chunks], dtype=np.int64)  # [b]
     q, lmax, nb = int(counts.max()), int((starts + counts).max()), max(len(c[0]) for c in chunks)
-    table = torch.zeros(b, nb, dtype=torch.int64)  # [b, blocks]; padding block 0 is only read masked
+    table = np.zeros((b, nb), dtype=np.int64)  # [b, blocks]; padding block 0 is only read masked
     for i, (blocks, _, _) in enumerate(chunks):
-        table[i, : len(blocks)] = torch.tensor(blocks, dtype=torch.int64)
-    kv_pos = torch.arange(lmax)[None].expand(b, lmax)  # [b, L]
-    kv_index = table.gather(1, (kv_pos // block_size).clamp(max=nb - 1)) * block_size + kv_pos % block_size
-    qi = torch.arange(q)[None].expand(b, q)  # [b, Q]
-    valid = qi < counts[:, None]
-    q_index = torch.where(valid, torch.tensor(offsets)[:, None] + qi, 0)
-    return AttnGroup(
-        q_index=q_index.reshape(-1).to(device), valid=valid.reshape(-1).to(device), tokens=q_index[valid].to(device),
-        q_pos=torch.where(valid, starts[:, None] + qi, 0).to(device), kv_index=kv_index.to(device), _masks={},
-        valid_rows=valid.reshape(-1).nonzero()[:, 0].to(device),  # on the host here: no device sync
-    )
+        table[i, : len(blocks)] = blocks
+    kv_pos = np.arange(lmax)  # [L]
+    kv_index = table[:, np.minimum(kv_pos // block_size, nb - 1)] * block_size + kv_pos % block_size  # [b, L]
+    qi = np.arange(q)[None]  # [1, Q]
+    valid = qi < counts[:, None]  # [b, Q]
+    q_index = np.where(valid, np.asarray(offsets, dtype=np.int64)[:, None] + qi, 0)  # [b, Q]
+    keys = {
+        "q_index": pack.add(q_index.reshape(-1), torch.int64),  # [b * Q]
+        "valid": pack.add(valid.reshape(-1), torch.bool),  # [b * Q]
+        "tokens": pack.add(q_index[valid], torch.int64),  # [n]
+        "q_pos": pack.add(np.where(valid, starts[:, None] + qi, 0), torch.int64),  # [b, Q]
+        "kv_index": pack.add(kv_index, torch.int64),  # [b, L]
+        "valid_rows": pack.add(np.flatnonzero(valid.reshape(-1)), torch.int64),  # [n]; on the host: no device sync
+    }
+    return lambda views: AttnGroup(_masks={}, **{name: views[k] for name, k in keys.items()})
 
 
 class DecodeLayout:
@@ -220,27 +244,34 @@ class DecodeLayout:
         self.rows, self.blocks, self.block_size = rows, blocks, pool.block_size
         self.scratch = pool.scratch_block * pool.block_size  # flat position of the scratch block's first slot
         length = blocks * pool.block_size
+        # Zeros until `bind` points them into the decoder's staged buffer (one copy per step fills them all).
         self.write_index = torch.zeros(rows, dtype=torch.int64, device=device)  # [B]
         self.positions = torch.zeros(1, rows, dtype=torch.int64, device=device)  # [1, B]
         self.kv_index = torch.zeros(rows, length, dtype=torch.int64, device=device)  # [B, L]
         self.q_pos = torch.zeros(rows, 1, dtype=torch.int64, device=device)  # [B, 1]
         self.row_index = torch.arange(rows, device=device)  # [B]
 
-    def fill(self, chunks: list[tuple[list[int], int]]) -> None:
-        """chunks: per real row, in order: (block table, tokens already cached); each adds one token."""
+    FIELDS = ("write_index", "positions", "kv_index", "q_pos")
+
+    def host_fields(self, chunks: list[tuple[list[int], int]]) -> dict[str, np.ndarray]:
+        """chunks: per real row, in order: (block table, tokens already cached); each adds one token.
+        The step's values of FIELDS, computed on the host (numpy): the caller stages them."""
         n, bs, length = len(chunks), self.block_size, self.blocks * self.block_size
-        pos = torch.zeros(self.rows, dtype=torch.int64)  # [B]; padding rows sit at position 0
-        table = torch.full((self.rows, self.blocks), self.scratch // bs, dtype=torch.int64)  # [B, blocks]
+        pos = np.zeros(self.rows, dtype=np.int64)  # [B]; padding rows sit at position 0
+        table = np.full((self.rows, self.blocks), self.scratch // bs, dtype=np.int64)  # [B, blocks]
         for i, (blocks, start) in enumerate(chunks):
             pos[i] = start
-            table[i, : len(blocks)] = torch.tensor(blocks, dtype=torch.int64)
-        j = torch.arange(length)  # [L]
+            table[i, : len(blocks)] = blocks
+        j = np.arange(length)  # [L]
         kv_index = table[:, j // bs] * bs + j % bs  # [B, L]; past a row's context: masked (j > its position)
-        write = kv_index.gather(1, pos[:, None])[:, 0]  # [B]
-        if n < self.rows:
-            write[n:] = self.scratch
-        for dst, src in ((self.write_index, write), (self.positions[0], pos), (self.kv_index, kv_index), (self.q_pos[:, 0], pos)):
-            dst.copy_(src, non_blocking=True)
+        write = kv_index[np.arange(self.rows), pos]  # [B]
+        write[n:] = self.scratch
+        return {"write_index": write, "positions": pos[None], "kv_index": kv_index, "q_pos": pos[:, None]}
+
+    def bind(self, views: dict[str, torch.Tensor]) -> None:
+        """Read FIELDS from these device tensors (views into a staged buffer refilled in place)."""
+        for name in self.FIELDS:
+            setattr(self, name, views[name])
 
     def step_layout(self) -> StepLayout:
         """The StepLayout the attention modules read: one group of B one-token queries (no mask
@@ -261,7 +292,10 @@ class PagedContext:
 def paged_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                     attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
                     sliding_window: int | None = None, softcap: float | None = None, **kwargs):
-    """query [1, H, T, D], key/value [1, KVH, T, D] of the packed new tokens -> ([1, T, H, D], None)."""
+    """query [1, H, T, D], key/value [1, KVH, T, D] of the packed new tokens -> ([1, T, H, D], None).
+
+    CUDA: the Triton paged kernel reads each group's K/V in place from the pool. CPU (and a
+    head_dim the kernel does not take): gather + SDPA (module docstring)."""
     ctx: PagedContext = module.deltafleet_paged
     pool, lay, layer = ctx.pool, ctx.layout, module.layer_idx
     if lay is None:
@@ -274,14 +308,22 @@ def paged_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, v
     kvh = key.shape[1]
     q_all = query[0].transpose(0, 1)  # [T, H, D]
     out = q_all.new_empty(t, h, d)
+    # the kernel's head dims (powers of two from 16); other models keep the gather path on CUDA too
+    fused = q_all.is_cuda and d >= 16 and d & (d - 1) == 0
     for g in lay.groups:  # decode rows together, each prefill chunk alone
         b, l = g.kv_index.shape
-        k = pool.k[layer].index_select(0, g.kv_index.reshape(-1)).view(b, l, kvh, d).transpose(1, 2)  # [b, KVH, L, D]
-        v = pool.v[layer].index_select(0, g.kv_index.reshape(-1)).view(b, l, kvh, d).transpose(1, 2)
-        q = q_all.index_select(0, g.q_index).view(b, -1, h, d).transpose(1, 2)  # [b, H, Q, D]
-        o = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=g.mask(sliding_window),
-                                           scale=scaling, enable_gqa=kvh != h)  # [b, H, Q, D]
-        o = o.transpose(1, 2).reshape(-1, h, d)  # [b * Q, H, D]
+        q = q_all.index_select(0, g.q_index).view(b, -1, h, d)  # [b, Q, H, D]
+        if fused:
+            from deltafleet.kernels.paged_attention import paged_attention_triton  # imports Triton on first use
+
+            o = paged_attention_triton(q, pool.k[layer], pool.v[layer], g.kv_index, g.q_pos, scaling,
+                                       sliding_window)  # [b, Q, H, D]
+        else:
+            k = pool.k[layer].index_select(0, g.kv_index.reshape(-1)).view(b, l, kvh, d).transpose(1, 2)  # [b, KVH, L, D]
+            v = pool.v[layer].index_select(0, g.kv_index.reshape(-1)).view(b, l, kvh, d).transpose(1, 2)
+            o = F.scaled_dot_product_attention(q.transpose(1, 2), k.to(q.dtype), v.to(q.dtype), attn_mask=g.mask(sliding_window),
+                                               scale=scaling, enable_gqa=kvh != h).transpose(1, 2)  # [b, Q, H, D]
+        o = o.reshape(-1, h, d)  # [b * Q, H, D]
         # index_select, not o[g.valid]: a boolean mask has a data-dependent shape (a host sync per layer)
         out.index_copy_(0, g.tokens, o if g.valid_rows is None else o.index_select(0, g.valid_rows))
     return out[None], None

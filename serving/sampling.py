@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 from pydantic import BaseModel, Field
 
+from .staging import Pack
+
 
 MAX_STOP = 8  # stop strings per request (each is checked against the text every step)
 
@@ -89,22 +91,30 @@ def apply_penalties(logits: torch.Tensor, params: list[SamplingParams], historie
 
 def sampling_tensors(params: list[SamplingParams], seeds: list[int], positions: list[int],
                      device: torch.device) -> tuple[torch.Tensor, ...]:
-    """The per-row tensors `sample` takes: temperature, top_p, top_k, seed, position."""
-    return (
-        torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device),
-        torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device),
-        torch.tensor([p.top_k for p in params], dtype=torch.int64, device=device),
-        torch.tensor(seeds, dtype=torch.int64, device=device),
-        torch.tensor(positions, dtype=torch.int64, device=device),
-    )
+    """The per-row tensors `sample` takes: temperature, top_p, top_k, seed, position (one host -> device copy)."""
+    pack = Pack()
+    stage_sampling(pack, params, seeds, positions)
+    return tuple(pack.send(None, device)[1])
+
+
+def stage_sampling(pack: Pack, params: list[SamplingParams], seeds: list[int], positions: list[int]) -> list[int]:
+    """Add `sample`'s five per-row tensors to a step's pack (so they share its one copy); their indices."""
+    return [
+        pack.add([p.temperature for p in params], torch.float32),
+        pack.add([p.top_p for p in params], torch.float32),
+        pack.add([p.top_k for p in params], torch.int64),
+        pack.add(seeds, torch.int64),
+        pack.add(positions, torch.int64),
+    ]
 
 
 def next_tokens(logits: torch.Tensor, params: list[SamplingParams], seeds: list[int], positions: list[int],
-                histories: list[list[int]] | None = None) -> list[int]:
+                histories: list[list[int]] | None = None, tensors: tuple[torch.Tensor, ...] | None = None) -> list[int]:
     """logits [B, V] -> one token per row: penalties, then `sample`. seeds: int64 per row;
-    positions: the index of the token being drawn in its sequence (prompt + completion)."""
+    positions: the index of the token being drawn in its sequence (prompt + completion).
+    tensors: `sampling_tensors`' five, already on the device (staged with the step's inputs)."""
     if histories is not None:
         apply_penalties(logits, params, histories)
     if all(p.temperature == 0 for p in params):  # eager steps only: a graph always runs the whole sampler
         return logits.argmax(-1).tolist()
-    return sample(logits, *sampling_tensors(params, seeds, positions, logits.device)).tolist()
+    return sample(logits, *(tensors or sampling_tensors(params, seeds, positions, logits.device))).tolist()

@@ -5,8 +5,9 @@ gives each scheduled sequence a chunk of its uncomputed tokens: 1 for a decode r
 `max_chunk` for a prefill. A sequence whose chunk reaches its last token gets a new token
 sampled from that position. Preempting a sequence frees its blocks (those another sequence
 also holds, through the prefix cache, stay) and sets computed = 0;
-its tokens (prompt + everything generated) are recomputed later, and sampling resumes from
-where it stopped: recompute, not swap (vLLM's default).
+its tokens (prompt + everything generated) are recomputed later — after the engine has taken
+back whichever of its blocks the prefix cache still holds — and sampling resumes from where it
+stopped: recompute, not swap (vLLM's default).
 
 Order of service, oldest sequence first (first come, first served):
 1. decode rows, one token each. When the pool has no block for one, the youngest sequence

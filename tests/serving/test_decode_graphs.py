@@ -5,6 +5,7 @@ the packed dynamic forward gives; on a GPU, a graph captured with one mix replay
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from deltafleet.serving.decode_graphs import DecodeGraphs, DecodeRow, block_buck
 from deltafleet.serving.engine import Engine
 from deltafleet.serving.sampling import SamplingParams
 from graph_safety import NoHostSync, OpTrace, cpu_kernel_as_one_op
+from transfers import Transfers, cpu_grouping_outside_modes
 
 GREEDY = SamplingParams(max_tokens=8, temperature=0)
 SAMPLED = SamplingParams(max_tokens=8, temperature=0.8, top_p=0.9, top_k=20)
@@ -100,6 +102,29 @@ def test_the_step_reads_nothing_on_the_host(engine):
             release(engine, rows)
 
 
+def test_an_overlapped_step_takes_its_tokens_on_the_device_and_sends_one_staged_copy(engine):
+    """Rows whose input token is still in the previous step's output read it there (one
+    index_select whose indices come with the step's staged copy); the step builds no tensor
+    from Python values (before: 7 buffer copies, 4 layout copies and 2 index tensors, each a
+    blocking copy from pageable memory on CUDA) and gives what the same rows with their
+    tokens on the host give."""
+    dec = engine.decoder
+    with torch.inference_mode():
+        rows = rows_for(engine, MIXES["one tenant and the base"], SAMPLED)  # input tokens 7, 8, 9
+        try:
+            want = dec.run(rows).clone()  # [3]
+            previous = torch.tensor([0, 9, 7, 8])  # [4] the previous step's output: 7 at 2, 8 at 3
+            overlapped = [replace(rows[0], token=0, previous=2), replace(rows[1], token=0, previous=3), rows[2]]
+            sent = sum(b.staging.copies for b in dec.buckets.values())
+            with cpu_grouping_outside_modes(), Transfers(engine.model).counting() as count:
+                got = dec.run(overlapped, previous).clone()
+        finally:
+            release(engine, rows)
+    assert torch.equal(got, want)
+    assert count.from_python == 0, f"{count.from_python} tensors built from Python values (one copy each on CUDA)"
+    assert sum(b.staging.copies for b in dec.buckets.values()) - sent == 1
+
+
 def on_device(engine) -> tuple:
     """Every tenant copied into a device slot (then released, still resident); the bank's paths."""
     for t in MIXES["three tenants"]:
@@ -131,22 +156,41 @@ def test_the_step_runs_the_same_ops_for_every_tenant_mix(engine):
         assert ops == first, f"{name}: the ops differ from the all-base batch's — a graph captured with one would be wrong for the other"
 
 
-def test_the_signature_changes_when_a_tenant_brings_a_new_path(toy):
-    """A pool's first entry or a newly overridden norm changes the ops: the graph must be recaptured."""
+def test_tenants_arriving_and_leaving_never_change_the_signature(toy):
+    """Graphs are captured at start, before any tenant: the first tenant with a whole lm_head
+    (and a norm), a second one in the same pool, and a tenant leaving change only buffer
+    contents, never the static signature (before, each one recaptured every bucket)."""
     eng = Engine(str(toy.base_dir), device="cpu", dtype="float32", max_batch_size=8, decode_mode="static")
+    dynamic = Engine(str(toy.base_dir), device="cpu", dtype="float32", max_batch_size=8, decode_mode="dynamic")
+    head = eng.bank.whole_pools["lm_head"]
     try:
-        eng.set_tenants({"team-b/gamma": toy.deltas["team-b/gamma"]})  # 1-bit linears only
-        eng.wait_ready()
-        eng.bank.release(acquire(eng, "team-b/gamma"))
-        before = eng.ctx.static_signature()
-        eng.add_tenant("team-a/beta", toy.deltas["team-a/beta"])  # a whole lm_head and a norm
-        eng.wait_ready()
-        eng.bank.release(acquire(eng, "team-a/beta"))
-        after = eng.ctx.static_signature()
-        assert after != before
-        assert "model.layers.0.input_layernorm" in after[1] - before[1]
+        at_start = eng.ctx.static_signature()
+        arrivals = [("team-b/gamma", toy.deltas["team-b/gamma"]),  # 1-bit linears only
+                    ("team-a/beta", toy.deltas["team-a/beta"]),  # the first whole lm_head, and a norm
+                    ("team-a/beta-2", toy.deltas["team-a/beta"])]  # a second whole lm_head in the same pool
+        for name, path in arrivals:
+            eng.add_tenant(name, path)
+            dynamic.add_tenant(name, path)
+            eng.wait_ready()
+            eng.bank.release(acquire(eng, name))
+            assert eng.ctx.static_signature() == at_start, f"{name} arriving changed the signature"
+        assert len(head.slots) == 2  # both whole heads are really in the pool
+        eng.remove_tenant("team-a/beta")
+        assert len(head.slots) == 1
+        assert eng.ctx.static_signature() == at_start, "a tenant leaving changed the signature"
+        dynamic.remove_tenant("team-a/beta")
+        dynamic.wait_ready()
+        steps = eng.counters["fixed_shape_steps"]
+        jobs = [(t, p) for t in [None, "team-a/beta-2", "team-b/gamma"] for p in ("def add(a, b):", "one base")]
+        got = [eng.submit(t, p, SAMPLED.model_copy(update={"seed": i})) for i, (t, p) in enumerate(jobs)]
+        want = [dynamic.submit(t, p, SAMPLED.model_copy(update={"seed": i})) for i, (t, p) in enumerate(jobs)]
+        for job, a, b in zip(jobs, got, want):
+            assert [x for ev in a for x in ev.token_ids] == [x for ev in b for x in ev.token_ids], job
+        assert eng.counters["fixed_shape_steps"] > steps
+        assert eng.ctx.static_signature() == at_start
     finally:
         eng.close()
+        dynamic.close()
 
 
 @pytest.mark.parametrize("params", [GREEDY, SAMPLED], ids=["greedy", "sampled"])
@@ -191,15 +235,16 @@ def test_a_failed_capture_falls_back_to_eager_decoding(engine):
 
 @pytest.mark.gpu
 def test_a_graph_captured_with_one_mix_replays_another(toy):
-    """On CUDA: capture with three tenants, replay with the base and one tenant, and back; each
-    replay equals the same bucket run eagerly (same kernels, so the same tokens)."""
+    """On CUDA: graphs captured at start, before any tenant, replay three tenants, the base and
+    one tenant, and back, never recaptured; each replay equals the same bucket run eagerly
+    (same kernels, so the same tokens)."""
     eng = Engine(str(toy.base_dir), device="cuda", dtype="float16", max_batch_size=8, decode_mode="graphs")
     try:
+        at_start = eng.decoder.captures
+        assert at_start == 4  # start-up, before any tenant: the row buckets 1, 2, 4 and 8
         eng.set_tenants(toy.deltas)
         eng.wait_ready()
         with torch.inference_mode():
-            assert eng.decoder.captures >= 4  # start-up: the row buckets 1, 2, 4 and 8
-            captured = None
             for name in ("three tenants", "one tenant and the base", "three tenants"):
                 rows = rows_for(eng, MIXES[name], SAMPLED)
                 try:
@@ -211,9 +256,8 @@ def test_a_graph_captured_with_one_mix_replays_another(toy):
                 finally:
                     release(eng, rows)
                 assert torch.equal(graphed, eager), name
-                captured = captured or eng.decoder.captures  # the tenants' paths may recapture once, first
             assert eng.decoder.capture_error is None and eng.decoder.graphs  # no fallback to eager
-            assert eng.decoder.captures == captured  # that capture served every later mix
+            assert eng.decoder.captures == at_start  # the start-up graphs served every tenant and mix
     finally:
         eng.close()
 

@@ -4,6 +4,8 @@ makes the replica's health check fail (so Ray replaces it), and makes `submit` r
 
 from __future__ import annotations
 
+import asyncio
+import json
 import threading
 import time
 
@@ -200,3 +202,45 @@ def test_a_delta_briefly_missing_is_retried_and_served_a_corrupt_one_fails_at_on
         time.sleep(0.05)
     assert engine.bank.status("team-c/corrupt").status == FAILED
     assert engine.bank.status("team-c/corrupt").attempts == 0
+
+
+def test_when_the_output_thread_dies_ending_a_finished_request_its_stream_gets_the_error(engine, monkeypatch):
+    """max_tokens=1: the row is finished and dropped when its one token goes to the output
+    thread; that thread then dies ending it. The request is neither running nor queued any
+    more, yet its stream must end with the error (it used to hang for ever)."""
+    def end_fails(out, event):  # every ending raises, the fallback ending of a failed item too: the thread dies
+        raise RuntimeError("queue broken")
+
+    monkeypatch.setattr(engine.output, "_end", end_fails)
+    events = _events(engine.submit(None, "def add(a, b):", SamplingParams(max_tokens=1, temperature=0)), timeout=10)
+    assert isinstance(events[-1].error, EngineStopped) and "output thread stopped" in str(events[-1].error)
+    assert "output thread stopped: RuntimeError: queue broken" in engine.problem()
+
+
+def test_a_non_streaming_request_that_fails_mid_generation_is_recorded_with_its_error():
+    """The non-streaming path: the first token came, then the engine failed: the client gets the
+    error's status and the request metrics count it as that error, with the tokens so far."""
+    from types import SimpleNamespace
+
+    from starlette.requests import Request
+
+    from deltafleet.serving.app import DeltaServer
+    from deltafleet.serving.engine import RequestStream, TenantUnavailable
+    from deltafleet.serving.openai_api import CompletionRequest, completion_body
+    from deltafleet.serving.output import Event
+
+    def submit(tenant, prompt, params, loop, abandoned):
+        stream = RequestStream(loop)
+        stream.put(Event("a", [4], prompt_tokens=3, completion_tokens=1))
+        stream.put(Event("", [], error=TenantUnavailable("model 'm' was removed")))
+        return stream
+
+    recorded = []
+    replica = SimpleNamespace(_caller=lambda request: None, _may_call=lambda allowed, model: True, base_names=("pool",),
+                              engine=SimpleNamespace(submit=submit), _record=lambda *a: recorded.append(a))
+    body = CompletionRequest.model_validate({"model": "m", "prompt": "hi"})
+    response = asyncio.run(DeltaServer.func_or_class._serve(replica, body, "hi", completion_body, "cmpl",
+                                                            Request({"type": "http", "headers": []}), 16))
+    assert response.status_code == 503
+    assert json.loads(response.body)["error"]["type"] == "tenant_unavailable"
+    assert [r[:4] for r in recorded] == [("m", "tenant_unavailable", 3, 1)]

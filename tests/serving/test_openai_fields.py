@@ -101,4 +101,73 @@ def test_implemented_fields_reach_the_sampler():
 def test_an_unknown_field_and_a_non_text_content_part_are_refused_by_name():
     assert _param_of(ChatRequest, {"model": "t", "messages": MESSAGES, "guided_json": {}}) == "guided_json"
     image = [{"role": "user", "content": [{"type": "text", "text": "see"}, {"type": "image_url", "image_url": {"url": "x"}}]}]
-    assert _param_of(ChatRequest, {"model": "t", "messages": image}) == "messages.0.content.1"
+    assert _param_of(ChatRequest, {"model": "t", "messages": image}) == "messages[0].content[1]"
+
+
+# Message fields, per role as the SDK's ChatCompletionMessageParam variants type them:
+# field -> (a value that is not its no-op, how it is handled). `name` is part of the prompt.
+MESSAGE = {
+    "role": ("user", "required"), "content": ("hi", "required"), "name": ("alice", "implemented"),
+    "tool_calls": ([{"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}], "refused"),
+    "tool_call_id": ("c", "refused"), "function_call": ({"name": "f", "arguments": "{}"}, "refused"),
+    "refusal": ("no", "refused"), "audio": ({"id": "a"}, "refused"),
+}
+REFUSED_ROLES = {"function"}  # deprecated by OpenAI: its messages are refused whole (param messages[0].role)
+STREAM_OPTIONS = {"include_usage": (True, "implemented"), "include_obfuscation": (True, "refused")}
+
+
+def _sdk_message_fields() -> dict[str, set[str]]:
+    """role -> the fields of its message type in the SDK."""
+    from typing import get_args, get_type_hints
+
+    from openai.types.chat import ChatCompletionMessageParam
+
+    out = {}
+    for variant in get_args(ChatCompletionMessageParam):
+        (role,) = get_args(get_type_hints(variant)["role"])  # Literal["user"] -> "user"
+        out[role] = set(variant.__annotations__)
+    return out
+
+
+def test_every_message_field_and_stream_option_of_the_sdk_is_classified():
+    from openai.types.chat import ChatCompletionStreamOptionsParam
+
+    fields = _sdk_message_fields()
+    assert set(fields) >= {"system", "user", "assistant", "tool", "developer", "function"}
+    assert set().union(*fields.values()) - set(MESSAGE) == set(), "new message fields: implement or refuse them"
+    assert set(ChatCompletionStreamOptionsParam.__annotations__) - set(STREAM_OPTIONS) == set()
+
+
+def test_each_message_field_is_taken_or_refused_as_messages_i_field():
+    for role, fields in _sdk_message_fields().items():
+        for field in sorted(fields - {"role", "content"}):
+            value, how = MESSAGE[field]
+            message = {"role": role, "content": "hi", field: value}
+            param = _param_of(ChatRequest, {"model": "t", "messages": [MESSAGES[0], message]})
+            if role in REFUSED_ROLES:
+                assert param == "messages[1].role", (role, field, param)
+            elif how == "refused":
+                assert param == f"messages[1].{field}", (role, field, param)
+            else:
+                assert param is None, (role, field, param)
+    assert _param_of(ChatRequest, {"model": "t", "messages": [{**MESSAGES[0], "weight": 1}]}) == "messages[0].weight"
+    tool = {"role": "tool", "content": "42", "name": "f"}  # OpenAI's tool messages have no name
+    assert _param_of(ChatRequest, {"model": "t", "messages": [MESSAGES[0], tool]}) == "messages[1].name"
+    assert _param_of(ChatRequest, {"model": "t", "messages": [{**MESSAGES[0], "tool_calls": []}]}) is None  # the no-op value
+
+
+def test_a_messages_name_reaches_the_prompt():
+    from deltafleet.serving.openai_api import chat_prompt
+
+    chat = ChatRequest.model_validate({"model": "t", "messages": [{"role": "user", "content": "hi", "name": "alice"}]})
+    assert chat_prompt(object(), chat.messages) == "user (alice): hi\nassistant:"
+
+
+@pytest.mark.parametrize("kind, model, base", [("chat", ChatRequest, {"messages": MESSAGES}), ("completions", CompletionRequest, {"prompt": "hi"})])
+def test_each_stream_option_is_honoured_or_refused_as_stream_options_field(kind, model, base):
+    body = {"model": "t", "stream": True, **base}
+    for field, (value, how) in STREAM_OPTIONS.items():
+        param = _param_of(model, {**body, "stream_options": {field: value}})
+        assert param == (f"stream_options.{field}" if how == "refused" else None), (kind, field, param)
+    assert _param_of(model, {**body, "stream_options": {"include_obfuscation": False}}) is None
+    assert _param_of(model, {**body, "stream_options": {"chunk_size": 4}}) == "stream_options.chunk_size"
