@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CARRIED = ["transformers", "regex", "pydantic", "pydantic-core", "annotated-types", "typing-inspection",
            "typing-extensions"]
 # The GPU machine's own versions of what the check imports (KINDS.md, read 2026-11): the rehearsal
-# in make test installs these (numpy 2.5 needs Python 3.12: the rehearsal, on 3.11, takes the lock's).
+# in make test installs these (on a Python 3.12; numpy 2.5 needs it: a rehearsal on 3.11 takes the lock's).
 GPU_MACHINE = {"torch": "2.11.0", "triton": "3.6.0", "transformers": "5.17.0", "safetensors": "0.8.0",
                "tokenizers": "0.23.2", "huggingface-hub": "1.33.0", "numpy": "2.5.2"}
 GPU_MACHINE_UNPINNED = ["pyyaml", "httpx", "prometheus-client", "pytest", "pytest-timeout", "typer", "tqdm", "packaging",

@@ -237,21 +237,9 @@ def main(argv=None) -> int:
         methods = ["base", "ours", "ours-cached", "dequant", "bmm-fp32"]
     if args.quick:
         shapes, tenants = shapes[:1], tenants[:2]
-    dtype = dtypes[0]
     load = os.getloadavg()[0]
     bandwidth = copy_bandwidth_gbs(device)
     results = []
-    for n, k in shapes:
-        for t in tenants:
-            for r in per_tenant:
-                if device == "cuda" and t * r > GPU_MAX_ROWS:
-                    continue
-                # bf16 at the two target cases only (one tenant at batch 1, 16 distinct tenants)
-                for dt in dtypes if (t, r) in ((1, 1), (16, 1)) else dtypes[:1]:
-                    results += bench_case(device, n, k, t, r, dt, methods, bandwidth, timer)
-                    print(f"done {n}x{k} {dt} T={t} rows/tenant={r}", file=sys.stderr, flush=True)
-                    if device == "cuda":
-                        torch.cuda.empty_cache()
     report = {
         "device": device_name(device),
         "driver": _driver(),
@@ -260,24 +248,51 @@ def main(argv=None) -> int:
         "settings": {"dtype": ", ".join(str(d).removeprefix("torch.") for d in dtypes), "shapes": shapes, "tenants": tenants,
                      "rows_per_tenant": per_tenant, "methods": methods,
                      "timing": "triton do_bench median" if device == "cuda" else "best of 5 (perf_counter)",
-                     "load_average_at_start": load,
+                     "load_average_at_start": load, "order": "the target cases (16 x 1, 1 x 1) first, then the sweep",
                      "scales": "per matrix", "grouping": "precomputed once (as serving does per step)"},
         "copy_bandwidth_GBs": round(bandwidth, 1),
-        "notes": [n for n in (GEMLITE_NOTE,) if n],
+        "notes": [],
+        "complete": False,
         "results": results,
     }
+    path = Path(args.out or Path(__file__).parent / "results" / f"kernels-{'cpu' if device == 'cpu' else slug(device_name(device))}.json")
+    for n, k, t, r, dt in cases(device, shapes, tenants, per_tenant, dtypes):
+        results += bench_case(device, n, k, t, r, dt, methods, bandwidth, timer)
+        print(f"done {n}x{k} {dt} T={t} rows/tenant={r}", file=sys.stderr, flush=True)
+        report["notes"] = [note for note in (GEMLITE_NOTE,) if note]
+        write(report, path)  # after every case: a run killed at its step limit keeps what it measured
+        if device == "cuda":
+            torch.cuda.empty_cache()
     if device == "cpu":
         report["cpu_lut_crossover"] = lut_crossover()
         report["cpu_lut_max_rows"] = cpu_path.LUT_MAX_ROWS
-    path = Path(args.out or Path(__file__).parent / "results" / f"kernels-{'cpu' if device == 'cpu' else slug(device_name(device))}.json")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=1) + "\n")
-    if os.environ.get("OUT"):  # the GPU machine's collection folder
-        Path(os.environ["OUT"]).mkdir(parents=True, exist_ok=True)
-        (Path(os.environ["OUT"]) / path.name).write_text(json.dumps(report, indent=1) + "\n")
+    report["complete"] = True
+    write(report, path)
     print_table(report)
     print(f"\nwrote {path}")
     return 0
+
+
+TARGETS = [(16, 1), (1, 1)]  # (tenants, rows per tenant): 16 distinct tenants at batch 16, one tenant at batch 1
+
+
+def cases(device, shapes, tenants, per_tenant, dtypes) -> list[tuple]:
+    """(N, K, tenants, rows per tenant, dtype) in the order run: every shape and dtype at the two
+    target cases first (what the GPU visit must not lose), then the sweep at the first dtype."""
+    first = [(n, k, t, r, dt) for t, r in TARGETS if t in tenants and r in per_tenant for n, k in shapes for dt in dtypes]
+    rest = [(n, k, t, r, dtypes[0]) for n, k in shapes for t in tenants for r in per_tenant
+            if (t, r) not in TARGETS and not (device == "cuda" and t * r > GPU_MAX_ROWS)]
+    return first + rest
+
+
+def write(report: dict, path: Path) -> None:
+    """The JSON at `path` and in $OUT (the GPU machine's collection folder), replaced whole."""
+    text = json.dumps(report, indent=1) + "\n"
+    for folder in [path.parent] + ([Path(os.environ["OUT"])] if os.environ.get("OUT") else []):
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / (path.name + ".partial")
+        tmp.write_text(text)
+        os.replace(tmp, folder / path.name)
 
 
 def _driver():
