@@ -1,4 +1,6 @@
-"""Rows grouped by tenant: the segment layout every batched path walks (Punica's SGMV).
+"""Rows grouped by tenant: the CPU path's host-side segment layout (Punica's SGMV); on CUDA
+the prefill op builds its own row-tile form of it on the device (segments.py) and only
+checks these.
 
 `tenant_of_row[m]` says which tenant row m belongs to (-1 = the base model alone). The
 kernels do not want rows in batch order; they want, per tenant, the list of its rows, so
@@ -14,8 +16,8 @@ row would fetch its tenant's signs again (zipf / identical mixes re-read one ten
 bits once per row); with segments each tenant's bits are read once per output tile,
 whatever the popularity mix. x rows are gathered through `order` (no copy of x).
 
-Grouping costs one host sync (the segment count sizes the launch grid). Compute it once
-per forward step and pass it to every layer's `delta_linear(..., groups=...)`.
+On the host, grouping is computed once per forward step and passed to every layer's
+`delta_linear(..., groups=...)` (serving/layers.py does so for CPU rows only).
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
 """Shared pytest setup. Fixtures that need servers live next to what they start
-(tests/cluster/ for the control plane); model fixtures in tests/models_fixtures.py."""
+(tests/cluster/ for the control plane); the toy models come from deltafleet/toymodels.py and
+each folder's conftest.py holds its own model fixtures."""
 
 import os
 

@@ -1,4 +1,4 @@
-"""Fixtures of the BitDelta core tests: the cached toy pairs of both families, compressed once
+"""Fixtures of the BitDelta core tests: the cached toy pairs of two of the five families (llama, qwen2), compressed once
 per session with fast settings (the compression itself is under test, so it runs here
 rather than coming from the toy_delta cache)."""
 

@@ -5,9 +5,9 @@ The GPU machine has no network and its own python3 (3.12, torch 2.11, Triton 3.6
 under ~/.cache/deltafleet by the interpreter's and the pins' hash; cold, it downloads torch 2.11
 with its CUDA libraries), builds the wheelhouse (`make gpu-wheels`: the wheels that machine
 lacks, from uv.lock) for the environment's Python, installs it with pip --no-index --target as the
-README's line does, and runs `bench/gpu_check.py --rehearse` under `unshare -n`: preflight
+line in docs/testing.md ("GPU check") does, and runs `bench/gpu_check.py --rehearse` under `unshare -n`: preflight
 (imports, the `gpu` tests collected, within 20 s), the deadline, the report copied to $OUT, and a
-CPU stand-in for each GPU step. What it cannot show: anything the GPU measures (README).
+CPU stand-in for each GPU step. What it cannot show: anything the GPU measures (docs/testing.md).
 Python: a 3.12 when this machine has one (`uv python find 3.12`, else pyenv's), so the cp312
 wheelhouse is installed exactly as shipped, with numpy 2.5 as there; without one, Python 3.11
 (the reason is printed and kept in the environment's DONE file), the wheelhouse's same versions
@@ -102,7 +102,7 @@ def test_the_gpu_check_runs_offline_on_the_gpu_machines_versions(gpu_machine_pyt
     version = python_version(gpu_machine_python)  # 3.12: the wheelhouse exactly as shipped
     subprocess.run([pip_python(), "bench/gpu_wheels.py", "--python-version", version, "--out", str(wheels)], cwd=ROOT,
                    check=True)
-    # From here on, what the README tells the GPU machine to run, with no network at all.
+    # From here on, what docs/testing.md tells the GPU machine to run, with no network at all.
     offline = ["unshare", "-n"]
     install = [str(gpu_machine_python), "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--target", str(target),
                *map(str, sorted(wheels.glob("*.whl")))]
