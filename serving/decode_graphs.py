@@ -55,12 +55,7 @@ def reserve_pools(bank) -> None:
     graphs then never change as tenants arrive, leave or fill a pool. On a GPU the memory plan
     already counts these bytes (pools there allocate whole at their first entry anyway)."""
     for pool in {id(p): p for p in [*bank.whole_pools.values(), *bank.embed_pools.values()]}.values():
-        old = pool.capacity
-        if old < pool.n_slots:
-            pool.grow = "full"  # and never again: the tensors keep their addresses
-            pool._grow(None)
-            for t in pool.entries.values():  # entry rows no tenant wrote are read (then dropped): no NaN garbage
-                t[old:].zero_()
+        pool.reserve()
 
 
 @dataclass

@@ -96,6 +96,16 @@ class SlotPool:
             self.entry_of_slot[slot + 1] = -1
             self.slots.discard(slot)
 
+    def reserve(self) -> None:
+        """Allocate every slot's entry now, zeroed, and never grow again: the tensors keep their
+        addresses (a captured CUDA graph reads them), and entries no tenant wrote read as zeros."""
+        old = self.capacity
+        self.grow = "full"
+        if old < self.n_slots:
+            self._grow(None)
+            for t in self.entries.values():
+                t[old:].zero_()
+
     def _grow(self, copy_stream: torch.cuda.Stream | None) -> None:
         old_cap = self.capacity
         cap = self.n_slots if self.grow == "full" else min(self.n_slots, max(1, 2 * old_cap))

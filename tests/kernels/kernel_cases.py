@@ -4,6 +4,16 @@ import torch
 
 from deltafleet.kernels import pack_signs
 
+TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 8e-3}  # the output's rounding
+
+
+def assert_close(y, ref, dtype):
+    """y (a kernel's output, `dtype`) within TOL of ref (fp32), relative to ref's largest entry."""
+    assert y.dtype == dtype and y.shape == ref.shape
+    err = (y.float().cpu() - ref.cpu()).abs().max().item()
+    assert err <= TOL[dtype] * max(ref.abs().max().item(), 1.0), f"max error {err}"
+
+
 # name -> (number of tenants T, rows M); odd row counts on purpose.
 MIXES = {
     "distinct": (13, 13),  # every row its own tenant (decode across a fleet)

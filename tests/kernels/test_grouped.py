@@ -7,12 +7,13 @@ them, so column tails, a partial K tile and several N tiles all run under the in
 import pytest
 import torch
 
+from kernel_cases import assert_close
+
 from deltafleet.kernels.triton_grouped import _grouped_kernel, grouped_mm_triton, rows_per_tile
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 N, K = 40, 160
 DTYPES = [torch.float32, torch.float16, torch.bfloat16] if DEVICE == "cpu" else [torch.float16, torch.bfloat16]
-TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 8e-3}  # the output's rounding
 
 
 def run(x, w, offs):
@@ -32,12 +33,6 @@ def problem(m, e, dtype, seed=0):
     x = torch.randn(m, K, generator=gen).to(dtype).to(DEVICE)  # [M, K]
     w = torch.randn(e, N, K, generator=gen).to(dtype).to(DEVICE)  # [E, N, K]
     return x, w
-
-
-def assert_close(y, ref, dtype):
-    assert y.dtype == dtype and y.shape == ref.shape
-    err = (y.float().cpu() - ref.cpu()).abs().max().item()
-    assert err <= TOL[dtype] * max(ref.abs().max().item(), 1.0), f"max error {err}"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU interpreter setup")
