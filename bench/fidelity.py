@@ -38,6 +38,7 @@ from deltafleet.compress import CompressSettings, compress
 from deltafleet.compress.api import load_tokenizer
 from deltafleet.compress.calibration import pick, windows_from_text
 from deltafleet.compress.format import load_delta
+from deltafleet.compress.result import DELTA_FILE
 from deltafleet.compress.svd import evaluate_low_rank
 from deltafleet.toymodels import ToyRecipe, toy_eval_text, toy_pair, toy_train_text
 
@@ -87,7 +88,7 @@ def run(family: str, steps: int, samples: int) -> dict:
     result = compress(str(base), str(ft), out, settings)
     compress_s = time.time() - t1
 
-    delta = load_delta(out / "delta.safetensors")
+    delta = load_delta(out / DELTA_FILE)
     tok = load_tokenizer(ft)
     eval_ = pick(windows_from_text(settings.eval_data, tok, settings.seq_len), settings.eval_samples, settings.seed + 1)
     svd, svd_matrix_bytes = evaluate_low_rank(str(base), str(ft), delta, eval_, settings.batch_size)
@@ -98,7 +99,7 @@ def run(family: str, steps: int, samples: int) -> dict:
 
     f = result.fidelity
     gap = f.loss_base - f.loss_finetuned
-    three = served_vs_merged(base, ft, out / "delta.safetensors", eval_, settings.batch_size)
+    three = served_vs_merged(base, ft, out / DELTA_FILE, eval_, settings.batch_size)
     served_measured = {
         "result_json": {"eval_loss": f.loss_delta, "retained": f.retained_improvement, "kl": f.kl},
         **{k: {**v, "retained": (f.loss_base - v["eval_loss"]) / gap} for k, v in three.items()},

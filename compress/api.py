@@ -6,7 +6,7 @@
    models on the device, never a third dense copy
 4. calibration samples (local text, or sampled from the fine-tune) and held-out eval samples
 5. eval base / stage 1; distill the scales; eval again
-6. write delta.safetensors and result.json atomically
+6. write delta.safetensors and result.json atomically and durably (compress/files.py write_atomic)
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import dataclasses
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -27,7 +26,8 @@ from .calibration import make_samples, read_windows
 from .checkpoint import Checkpoint, InputError, check_compatible, check_supported
 from .distill import distill_scales
 from .fidelity import evaluate, retained
-from .format import chmod_as_created, save_delta
+from .files import write_atomic
+from .format import save_delta
 from .result import DELTA_FILE, RESULT_FILE, CompressResult, Fidelity, Sizes
 from .stage1 import extract
 
@@ -207,22 +207,7 @@ def compress(base: str, finetuned: str, out_dir: str | os.PathLike, settings: Co
         fidelity=fidelity,
         seconds=time.time() - t0,
     )
-    write_atomic(out_dir / RESULT_FILE, json.dumps(result.model_dump(), indent=2) + "\n")
+    write_atomic(out_dir / RESULT_FILE, (json.dumps(result.model_dump(), indent=2) + "\n").encode())
     log(f"done in {result.seconds:.0f}s: retained {fidelity.retained_improvement:.1%} "
         f"(stage 1 {fidelity.retained_improvement_initial:.1%}), ratio {result.sizes.compression_ratio:.1f}x")
     return result
-
-
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    try:
-        chmod_as_created(tmp)
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

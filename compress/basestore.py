@@ -6,7 +6,8 @@ no network, and never another revision than the one the deltas were made against
 Layout (below the folder --base-store names; the operator's is operator/compression.py
 `base_store_dir()`): `<org>--<name>/<40-hex commit>/` holding the
 snapshot's files (config, tokenizer, *.safetensors). A folder appears whole (copied under a
-temporary name, then renamed), so a replica never sees half a base.
+temporary name, fsynced, then renamed and the rename fsynced, as compress/files.py writes
+single files), so a replica never sees half a base.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .format import chmod_as_created
+from .files import chmod_as_created, fsync_path
 from .modelref import split_revision
 
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
@@ -46,6 +47,8 @@ def store_base(snapshot: Path, hub_id: str, root: Path) -> Path:
             if f.is_file():  # follows the cache's links: the store gets the bytes
                 shutil.copyfile(f, tmp / f.name)
                 chmod_as_created(tmp / f.name)
+                fsync_path(tmp / f.name)
+        fsync_path(tmp, directory=True)
         try:
             os.rename(tmp, target)
         except OSError:
@@ -55,4 +58,5 @@ def store_base(snapshot: Path, hub_id: str, root: Path) -> Path:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    fsync_path(target.parent, directory=True)  # the rename survives a crash, as result.json that names it does
     return target

@@ -14,8 +14,8 @@ base_fingerprint (compress/fingerprint.py), finetuned_model, settings, fidelity,
 content_sha256 (a hash of every tensor's name, dtype, shape and bytes and of every other
 metadata field, so a tampered or corrupt file is refused even when it still parses).
 
-Files are written to a temporary name in the same folder, fsynced and renamed, so a crash
-never leaves a file that looks valid.
+Files are written through compress/files.py `write_atomic` (a temporary name in the same
+folder, fsynced, renamed, the folder fsynced), so a crash never leaves a file that looks valid.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from .files import write_atomic
 from .result import DELTA_FILE
 
 FORMAT_VERSION = "1"
@@ -94,9 +94,7 @@ def content_hash(tensors: dict[str, torch.Tensor], meta: dict[str, str] | None =
 
 
 def save_delta(delta: Delta, path: str | os.PathLike) -> Path:
-    """Write atomically: temp file in the same folder, fsync, rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write atomically and durably (compress/files.py write_atomic)."""
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in delta.tensors().items()}
     meta = {
         "format_version": FORMAT_VERSION,
@@ -109,37 +107,7 @@ def save_delta(delta: Delta, path: str | os.PathLike) -> Path:
         "sizes": json.dumps(delta.sizes, sort_keys=True),
     }
     meta["content_sha256"] = content_hash(tensors, meta)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    os.close(fd)
-    try:
-        chmod_as_created(tmp)
-        save_file(tensors, tmp, metadata=meta)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)  # make the rename itself durable
-    return path
-
-
-def chmod_as_created(path: str | Path, directory: bool = False) -> None:
-    """Give a mkstemp file (always 0600) or mkdtemp folder (0700) the mode an ordinary new one
-    gets under the umask, so the store's group (serving pods, the operator) can use it."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, (0o777 if directory else 0o666) & ~umask)
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some filesystems cannot fsync a directory; the rename is still atomic
-    finally:
-        os.close(fd)
+    return write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:

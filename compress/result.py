@@ -1,13 +1,16 @@
 """What a compression Job reports: written to `result.json` and (compact) to the pod's
 termination message, read by the operator. Pure pydantic: the operator imports this
-module without torch, so keep it free of ML imports."""
+module without torch, so keep it free of ML imports.
+
+It also owns the names of the two files a Job leaves in its output folder: compress writes
+them (through compress/files.py `write_atomic`), the operator builds their paths and URIs."""
 
 from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-RESULT_FILE = "result.json"
-DELTA_FILE = "delta.safetensors"
+RESULT_FILE = "result.json"  # this module's CompressResult, the operator's fallback to the termination message
+DELTA_FILE = "delta.safetensors"  # compress/format.py's delta file
 
 
 class Fidelity(BaseModel):

@@ -26,6 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from deltafleet.compress.result import DELTA_FILE, RESULT_FILE
+
 # Llama; Qwen2 (biased q/k/v projections); Mistral (sliding-window attention, narrower than the
 # test prompts plus completions so the window is exercised; otherwise it is Llama); Gemma (tied
 # embeddings, (1 + w) RMSNorm, embeddings scaled by sqrt(hidden) inside the embedding module);
@@ -129,9 +131,9 @@ def toy_delta(family: str = "llama", **compress_settings) -> Path:
     settings = toy_compress_settings(family, **compress_settings)
     digest = hashlib.sha256(json.dumps(dataclasses.asdict(settings), sort_keys=True, default=str).encode()).hexdigest()[:12]
     out = cache_root() / "deltas" / f"{base.parent.name}-{digest}"
-    delta = out / "delta.safetensors"
+    delta = out / DELTA_FILE
     with _locked(out.with_suffix(".lock")):
-        if not (out / "result.json").is_file():
+        if not (out / RESULT_FILE).is_file():
             compress(str(base), str(ft), out, settings)
     return delta
 

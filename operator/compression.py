@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 
+from deltafleet.compress.result import DELTA_FILE
 from deltafleet.operator import api
 
 HASH_ANNOTATION = f"{api.GROUP}/compression-hash"
@@ -85,7 +86,7 @@ def output_dir(namespace: str, name: str, generation: int, root: str = api.MODEL
 
 
 def delta_uri(namespace: str, name: str, generation: int) -> str:
-    return f"file://{output_dir(namespace, name, generation)}/delta.safetensors"
+    return f"file://{output_dir(namespace, name, generation)}/{DELTA_FILE}"
 
 
 def retry_delay(failures: int, base: float, cap: float) -> float:

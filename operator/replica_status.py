@@ -3,8 +3,9 @@
 A pool's application being RUNNING says nothing about a tenant's delta: a replica that could
 not read it (missing file, corrupt, built on another base) answers 503 for that tenant. So the
 operator asks a replica, through the same serve endpoint clients use (Settings.endpoint_base),
-`GET <endpoint>/<pool>/-/tenants` (serving.config.TENANT_STATUS_ROUTE), and the Served
-decision (decisions.decide_serving) uses its answer.
+`GET <endpoint>/<pool>/-/tenants` (serving.config.TENANT_STATUS_ROUTE), validates the answer
+with the model the route serializes (serving.config.TenantStatesReport), and the Served
+decision (decisions.decide_serving) uses it.
 
 With `auth: keys` the route answers only the pool status key: the operator reads it from a
 file (`--serve-status-key-file`, the chart mounts a Secret) on every use, so a rotated Secret
@@ -21,7 +22,9 @@ from dataclasses import replace
 
 from deltafleet.operator.backend import RUNNING, AppStatus, BackendError, ReplicaReport, TenantState
 from deltafleet.operator.settings import Settings
-from deltafleet.serving.config import DEPLOYMENT, TENANT_STATES, TENANT_STATUS_ROUTE, TenantsConfig, key_digest
+from deltafleet.serving.config import (
+    DEPLOYMENT, TENANT_STATUS_ROUTE, ConfigError, TenantsConfig, key_digest, parse_tenant_states,
+)
 
 TIMEOUT_S = 5.0
 
@@ -76,16 +79,18 @@ def read_report(endpoint_base: str, pool: str, key: str | None, timeout: float =
         return ReplicaReport(None, f"GET {url}: {getattr(e, 'reason', None) or e}")
     except ValueError:
         return ReplicaReport(None, f"GET {url}: the answer is not JSON")
-    raw = body.get("tenants") if isinstance(body, dict) else None
-    if not isinstance(raw, dict):
-        return ReplicaReport(None, f"GET {url}: no tenant states in the answer")
-    tenants = {}
-    for name, t in raw.items():
-        state = t.get("state") if isinstance(t, dict) else None
-        if state not in TENANT_STATES:
-            return ReplicaReport(None, f"GET {url}: tenant {name!r} has an unknown state {state!r}")
-        tenants[name] = TenantState(state, str(t.get("error") or ""))
-    return ReplicaReport(tenants, replica=str(body.get("replica") or ""))
+    return parse_report(body, url)
+
+
+def parse_report(body: object, where: str) -> ReplicaReport:
+    """A replica's answer validated by the contract's own model (serving.config.TenantStatesReport,
+    which the route serializes); a body that is not one is an unreadable report naming the field."""
+    try:
+        report = parse_tenant_states(body)
+    except ConfigError as e:
+        return ReplicaReport(None, f"GET {where}: {e}")
+    tenants = {name: TenantState(t.state, t.error or "") for name, t in report.tenants.items()}
+    return ReplicaReport(tenants, replica=report.replica)
 
 
 def attach_reports(statuses: dict[str, AppStatus], settings: Settings) -> dict[str, AppStatus]:

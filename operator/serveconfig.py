@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from deltafleet.operator import api
 from deltafleet.operator.api import MODEL_STORE_MOUNT
 from deltafleet.operator.settings import Settings
-from deltafleet.serving.config import DEPLOYMENT, IMPORT_PATH, AppArgs, TenantsConfig
+from deltafleet.serving.config import DEPLOYMENT, AppArgs, serve_application
 
 
 @dataclass(frozen=True)
@@ -91,34 +91,23 @@ def build_application(pool: str, tenants: list[Tenant], settings: Settings) -> d
     asked = [t.target_ongoing_requests for t in tenants if t.target_ongoing_requests is not None]
     target = min(asked) if asked else TARGET_PER_BATCH * settings.max_batch_size
     gpus = max(t.gpus_per_replica for t in tenants)
-    return {
-        "name": pool,
-        "route_prefix": f"/{pool}",
-        "import_path": IMPORT_PATH,
-        # Built through the contract's own models, so the operator cannot write what replicas refuse.
-        "args": AppArgs(
-            pool=pool, base_model=tenants[0].base_model, device=settings.device, dtype=settings.dtype,
-            max_batch_size=settings.max_batch_size, store_root=settings.replica_store_path, auth=settings.serve_auth,
-            # only when off: the default leaves existing pools' configs (and hashes) as they were
-            **({"prefix_caching": False} if settings.serve_prefix_caching == "off" else {}),
-        ).model_dump(exclude_unset=True),
-        "deployments": [
-            {
-                "name": DEPLOYMENT,
-                "autoscaling_config": {
-                    "min_replicas": min_replicas,
-                    "max_replicas": max_replicas,
-                    "target_ongoing_requests": target,
-                },
-                "max_ongoing_requests": max_ongoing(settings.max_batch_size, target),
-                "max_queued_requests": QUEUED_PER_BATCH * settings.max_batch_size,
-                "ray_actor_options": {"num_gpus": gpus, "num_cpus": settings.replica_cpus},
-                "user_config": TenantsConfig.model_validate(
-                    {"tenants": {t.key: {"uri": t.uri, "key_sha256": list(t.key_sha256)} for t in sorted(tenants, key=lambda t: t.key)}}
-                ).model_dump(exclude_defaults=True),
-            }
-        ],
-    }
+    # Built through the contract's own builder and models, so the operator cannot write what replicas refuse.
+    args = AppArgs(
+        pool=pool, base_model=tenants[0].base_model, device=settings.device, dtype=settings.dtype,
+        max_batch_size=settings.max_batch_size, store_root=settings.replica_store_path, auth=settings.serve_auth,
+        # only when off: the default leaves existing pools' configs (and hashes) as they were
+        **({"prefix_caching": False} if settings.serve_prefix_caching == "off" else {}),
+    )
+    return serve_application(
+        args,
+        {"tenants": {t.key: {"uri": t.uri, "key_sha256": list(t.key_sha256)}
+                     for t in sorted(tenants, key=lambda t: t.key)}},
+        autoscaling_config={"min_replicas": min_replicas, "max_replicas": max_replicas,
+                            "target_ongoing_requests": target},
+        max_ongoing_requests=max_ongoing(settings.max_batch_size, target),
+        max_queued_requests=QUEUED_PER_BATCH * settings.max_batch_size,
+        ray_actor_options={"num_gpus": gpus, "num_cpus": settings.replica_cpus},
+    )
 
 
 def build_serve_config(tenants: list[Tenant], settings: Settings) -> dict:

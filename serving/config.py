@@ -23,6 +23,11 @@ A pool file is a standard Ray Serve config; each application is one base-model p
                                        key_sha256: [<sha256 hex of each API key that may call it>]}
               status_key_sha256: <sha256 hex of the pool status key>   # optional; who may read TENANT_STATUS_ROUTE
 
+`serve_application(args, tenants, **deployment_options)` builds one such application (the
+operator's serveconfig.py, `deltafleet demo` and the tests use it, so the import path and the
+deployment name are spelled only here). A pool name is a DNS label (`POOL_NAME_PATTERN`, at
+most `POOL_NAME_MAX_LENGTH`): the operator's FineTune schema and `AppArgs.pool` use the same rule.
+
 `args` -> `AppArgs` (fixed for the replica's life); `user_config` -> `TenantsConfig`
 (applied by `reconfigure()` without restarting the replica: new tenants load in the
 background, removed ones unload). Tenant names may contain "/". The base model itself is
@@ -34,11 +39,13 @@ other model, existing or not, is a 404), and the base model to any valid key; no
 unknown one is a 401. The config holds digests only, so it never carries a usable key, and a
 new config (a rotated key) takes effect at `reconfigure()`, without a restart.
 
-Tenant states (`GET /<pool>` + `TENANT_STATUS_ROUTE`): each replica answers
+Tenant states (`GET /<pool>` + `TENANT_STATUS_ROUTE`): each replica answers a `TenantStatesReport`,
 `{"replica": <id>, "tenants": {"<tenant>": {"state": loading|ready|failed, "error": <str|null>}}}`
-for the tenants it holds. With `auth: none` the route is open; with `auth: keys` only a bearer
-key whose sha256 is `user_config.status_key_sha256` reads it (the operator's status key), and
-anyone else gets the 404 of an unknown route, so tenant names never leak to callers.
+for the tenants it holds; the operator reads it with `parse_tenant_states` (a body that is not
+one is refused with one line naming the field). With `auth: none` the route is open; with
+`auth: keys` only a bearer key whose sha256 is `user_config.status_key_sha256` reads it (the
+operator's status key), and anyone else gets the 404 of an unknown route, so tenant names
+never leak to callers.
 
 Delta URIs: `file://<absolute path>` or a plain absolute path, nothing else (no http, s3,
 relative paths). When `store_root` is set, the resolved path (symlinks and `..` followed)
@@ -56,7 +63,7 @@ from urllib.parse import unquote, urlparse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 # The contract's names, owned here and imported by the operator (operator/serveconfig.py,
-# operator/api.py): this module is torch-free so the operator image can import it.
+# operator/replica_status.py, operator/api.py): this module is torch-free so the operator image can import it.
 IMPORT_PATH = "deltafleet.serving.app:build_app"
 DEPLOYMENT = "DeltaServer"
 DecodeMode = Literal["auto", "graphs", "static", "dynamic"]
@@ -65,8 +72,12 @@ BASE_ALIASES = ("base",)  # OpenAI `model` names that mean the pool's base model
 TENANT_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)*$"
 TENANT_NAME = re.compile(TENANT_NAME_PATTERN)
 SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+# A pool is one Ray Serve application: its name (also its route prefix /<pool>) is a DNS label.
+POOL_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+POOL_NAME_MAX_LENGTH = 63
 TENANT_STATUS_ROUTE = "/-/tenants"  # under the application's route_prefix: the replica's tenant load states
-TENANT_STATES = ("loading", "ready", "failed")  # what the route reports per tenant (serving/bank.py's)
+TenantStateName = Literal["loading", "ready", "failed"]
+TENANT_STATES = TenantStateName.__args__  # what the route reports per tenant (serving/bank.py's)
 
 
 class ConfigError(ValueError):
@@ -78,7 +89,7 @@ class AppArgs(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    pool: str = Field(min_length=1, max_length=63, pattern=r"^[a-z0-9]([a-z0-9\-]*[a-z0-9])?$")
+    pool: str = Field(min_length=1, max_length=POOL_NAME_MAX_LENGTH, pattern=POOL_NAME_PATTERN)
     base_model: str = Field(min_length=1, description="local folder or HF id, loaded with from_pretrained")
     device: str = Field("auto", description="auto (cuda if available else cpu), cpu, cuda, cuda:N")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
@@ -96,7 +107,7 @@ class AppArgs(BaseModel):
     auth: Literal["keys", "none"] = Field(
         "keys", description="keys: a request needs `Authorization: Bearer <key>` and reaches only the tenants whose "
         "key_sha256 holds that key's digest (the base: any valid key); none: no authentication, for local use")
-    kv_cache_bytes: int | None = Field(None, ge=1, description="KV pool size; default: 80% of free GPU memory, 1 GiB on CPU")
+    kv_cache_bytes: int | None = Field(None, ge=1, description="KV cache size; default: 80% of free GPU memory, 1 GiB on CPU")
     kv_block_size: int = Field(16, ge=1, le=1024, description="token positions per KV block")
     max_step_tokens: int = Field(512, ge=1, description="tokens per engine step: decode rows plus prefill chunks")
     decode_mode: DecodeMode = Field(
@@ -173,6 +184,42 @@ class TenantsConfig(BaseModel):
         return v
 
 
+class TenantLoadState(BaseModel):
+    """One tenant's delta on a replica."""
+
+    model_config = ConfigDict(extra="ignore")  # a newer replica's extra fields do not break an older reader
+    state: TenantStateName
+    error: str | None = Field(None, description="why it is failed (or still loading after failed reads)")
+
+
+class TenantStatesReport(BaseModel):
+    """The body of TENANT_STATUS_ROUTE: the replica that answered and the tenants it holds.
+    serving/app.py builds and serializes it; operator/replica_status.py validates it."""
+
+    model_config = ConfigDict(extra="ignore")
+    replica: str = ""
+    tenants: dict[str, TenantLoadState]
+
+
+def serve_application(args: AppArgs | dict, tenants: TenantsConfig | dict, **deployment: object) -> dict:
+    """One application of a serve config, validated as replicas will: the pool `args`, its
+    DeltaServer deployment with the given Ray Serve options (autoscaling_config, num_replicas,
+    max_ongoing_requests, ray_actor_options, ...) and the tenant set as its user_config.
+    Raises ConfigError for what a replica would refuse."""
+    args = args if isinstance(args, AppArgs) else parse_args(args)
+    raw_tenants = tenants.model_dump() if isinstance(tenants, TenantsConfig) else tenants
+    user_config = parse_tenants(raw_tenants, pool=args.pool)
+    return {
+        "name": args.pool,
+        "route_prefix": f"/{args.pool}",
+        "import_path": IMPORT_PATH,
+        "args": args.model_dump(exclude_unset=True),
+        "deployments": [
+            {"name": DEPLOYMENT, **deployment, "user_config": user_config.model_dump(exclude_defaults=True)},
+        ],
+    }
+
+
 def parse_args(raw: dict) -> AppArgs:
     return _parse(AppArgs, raw, "args")
 
@@ -182,6 +229,10 @@ def parse_tenants(raw: dict | None, pool: str | None = None) -> TenantsConfig:
     if pool is not None and pool in cfg.tenants:
         raise ConfigError(f"user_config.tenants: tenant name {pool!r} is the pool's own name (reserved for the base model)")
     return cfg
+
+
+def parse_tenant_states(raw: object) -> TenantStatesReport:
+    return _parse(TenantStatesReport, raw, "tenant states")
 
 
 def resolve_uri(uri: str, store_root: str | None = None) -> Path:

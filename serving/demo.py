@@ -6,30 +6,17 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 
+from .config import serve_application
+
 PROMPT = "def fibonacci(n):"
 
 
 def pool_config(pool: str, base_dir: Path, deltas: dict[str, Path], **args) -> dict:
-    """The serve config the operator would generate for this pool (one application)."""
-    return {
-        "applications": [
-            {
-                "name": pool,
-                "route_prefix": f"/{pool}",
-                "import_path": "deltafleet.serving.app:build_app",
-                # a local demo: no API keys (a pool the operator generates requires them)
-                "args": {"pool": pool, "base_model": str(base_dir), "device": "auto", "dtype": "auto", "auth": "none", **args},
-                "deployments": [
-                    {
-                        "name": "DeltaServer",
-                        "num_replicas": 1,
-                        "ray_actor_options": {"num_cpus": 0},
-                        "user_config": {"tenants": {n: {"uri": Path(p).resolve().as_uri()} for n, p in deltas.items()}},
-                    }
-                ],
-            }
-        ]
-    }
+    """The serve config of one pool, built as the operator builds it (serving.config.serve_application)."""
+    # a local demo: no API keys (a pool the operator generates requires them)
+    app_args = {"pool": pool, "base_model": str(base_dir), "device": "auto", "dtype": "auto", "auth": "none", **args}
+    tenants = {"tenants": {n: {"uri": Path(p).resolve().as_uri()} for n, p in deltas.items()}}
+    return {"applications": [serve_application(app_args, tenants, num_replicas=1, ray_actor_options={"num_cpus": 0})]}
 
 
 def run_serving_demo(base_dir: Path, deltas: dict[str, Path], pool: str = "demo", max_tokens: int = 24) -> dict[str, str]:

@@ -1,7 +1,8 @@
-"""The delta file: atomic writes, and truncated / tampered / foreign files refused with one line."""
+"""The delta file: atomic, durable writes, and truncated / tampered / foreign files refused with one line."""
 
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -46,6 +47,14 @@ def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         save_delta(small_delta(), tmp_path / "delta.safetensors")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_delta_is_fsynced_before_its_rename_and_the_rename_after(tmp_path, monkeypatch):
+    is_dir = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (is_dir.append(stat.S_ISDIR(os.fstat(fd).st_mode)), real(fd))[1])
+    save_delta(small_delta(), tmp_path / "delta.safetensors")
+    assert is_dir == [False, True]  # compress/files.py write_atomic: the file, then its folder
 
 
 KILLED_WRITER = """

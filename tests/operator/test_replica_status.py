@@ -94,14 +94,38 @@ def test_a_refused_key_says_what_to_set(replica):
 
 @pytest.mark.parametrize("answer,status,error", [
     ("not json", 200, "not JSON"),
-    ({"replica": "r"}, 200, "no tenant states"),
-    ({"tenants": {"a/b": {"state": "sleeping"}}}, 200, "unknown state 'sleeping'"),
+    ({"replica": "r"}, 200, "tenant states.tenants: Field required"),
+    ({"tenants": {"a/b": {"state": "sleeping"}}}, 200, "tenant states.tenants.a/b.state: Input should be 'loading', 'ready' or 'failed'"),
+    ({"tenants": {"a/b": "ready"}}, 200, "tenant states.tenants.a/b: Input should be a valid dictionary"),
+    ([], 200, "tenant states: expected a mapping"),
     ({}, 503, "HTTP 503"),
-], ids=["not JSON", "no tenants", "an unknown state", "a server error"])
-def test_an_answer_that_is_not_a_replicas_is_unreadable(replica, answer, status, error):
+], ids=["not JSON", "no tenants", "an unknown state", "a state that is not an object", "not an object", "a server error"])
+def test_an_answer_that_is_not_a_replicas_is_unreadable_and_says_which_field(replica, answer, status, error):
     replica.answer, replica.status = answer, status
     report = rs.read_report(replica.url, "tiny", "status-secret")
-    assert report.tenants is None and error in report.error
+    assert report.tenants is None and error in report.error and "\n" not in report.error, report.error
+
+
+def test_the_body_the_route_builds_is_what_the_operator_reads():
+    """One side's output fed to the other's validation: DeltaServer's own tenant-states handler
+    (over a bank holding a tenant in each state, with the bank's own state names) as JSON, read
+    by the operator's parser. The real route over Ray: tests/serving/test_ray_app.py."""
+    pytest.importorskip("ray")
+    import asyncio
+    from types import SimpleNamespace
+
+    from deltafleet.serving.app import DeltaServer
+    from deltafleet.serving.bank import FAILED, LOADING, READY
+
+    held = {"a/ready": SimpleNamespace(status=READY, error=None), "a/loading": SimpleNamespace(status=LOADING, error=None),
+            "a/failed": SimpleNamespace(status=FAILED, error="no such file")}
+    bank = SimpleNamespace(names=lambda: [*held, "a/unloaded"], status=held.get)
+    server = SimpleNamespace(engine=SimpleNamespace(bank=bank), _may_read_states=lambda request: True)
+    body = json.loads(json.dumps(asyncio.run(DeltaServer.func_or_class.tenant_states(server, None))))
+    report = rs.parse_report(body, "the route")
+    assert report.error == "" and report.replica == body["replica"] != ""
+    assert report.tenants == {"a/ready": TenantState("ready"), "a/loading": TenantState("loading"),
+                              "a/failed": TenantState("failed", "no such file")}
 
 
 def test_nothing_listening_is_unreadable():

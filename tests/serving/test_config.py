@@ -59,6 +59,24 @@ def test_cli_refuses_bad_configs_with_one_line(tmp_path, capsys):
     assert main(["--config", str(tmp_path / "missing.yaml")]) == 2
 
 
+def test_one_builder_makes_every_application_and_refuses_what_a_replica_would():
+    """serve_application: the operator, the demo and the tests build a pool's application
+    with it, so the import path and the deployment name are spelled once."""
+    from deltafleet.serving.config import DEPLOYMENT, IMPORT_PATH, AppArgs, TenantsConfig, serve_application
+
+    args = {"pool": "p", "base_model": "/m/b", "auth": "none"}
+    tenants = {"tenants": {"a/b": {"uri": "/m/d.safetensors"}}}
+    app = serve_application(args, tenants, num_replicas=2)
+    assert app == {"name": "p", "route_prefix": "/p", "import_path": IMPORT_PATH, "args": args,
+                   "deployments": [{"name": DEPLOYMENT, "num_replicas": 2, "user_config": tenants}]}
+    assert serve_application(AppArgs(**args), TenantsConfig.model_validate(tenants), num_replicas=2) == app
+    validate({"applications": [app]})  # Ray Serve's schema and `deltafleet serve --config`'s checks
+    with pytest.raises(ConfigError, match="pool's own name"):
+        serve_application(args, {"tenants": {"p": {"uri": "/m/d"}}})
+    with pytest.raises(ConfigError, match=r"^args\.pool: "):
+        serve_application({**args, "pool": "Pool"}, tenants)
+
+
 def test_the_operators_serve_config_is_what_ray_serve_and_the_replica_accept():
     # One side's output (operator/serveconfig.py) fed to the other side's validation: Ray Serve's
     # own schema for the config and its autoscaling settings, and the replica's args/tenants.
