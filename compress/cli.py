@@ -30,7 +30,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--compress-embeddings", action="store_true", help="1-bit compress untied embeddings / lm_head too")
     p.add_argument("--device", default=d.device, help="cpu, cuda, cuda:N or auto (default)")
     p.add_argument("--dtype", default=d.dtype, choices=["auto", "float32", "bfloat16", "float16"], help="model dtype during distillation")
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--seed", type=int, default=d.seed,
+                   help=f"seed of calibration sampling and distillation (default {d.seed})")
     p.add_argument("--base-store", help="when --base is a Hugging Face id: copy its resolved snapshot into "
                    "DIR/<org>--<name>/<commit>/ (once per commit) and record that folder in result.json")
     p.add_argument("--termination-log", default=os.environ.get("DELTAFLEET_TERMINATION_LOG"),

@@ -51,7 +51,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--base", required=True, help="base model the delta was built on: folder or Hugging Face id")
     p.add_argument("--delta", required=True, help="delta.safetensors")
     p.add_argument("--out", required=True, help="output folder (save_pretrained layout, tokenizer copied from the base)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="dtype of the merged checkpoint (default auto: the base's)")
     args = p.parse_args(argv)
 
     def body() -> int:

@@ -86,7 +86,8 @@ def show_generations(base: Path, finetuned: Path, delta_path: Path, prompts: lis
 
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="deltafleet demo", description=" ".join(__doc__.split("\n\n")[0].split()))
-    p.add_argument("--family", default="llama", choices=["llama", "qwen2"])
+    p.add_argument("--family", default="llama", choices=["llama", "qwen2"],
+                   help="model family of the toy pair (default llama)")
     p.add_argument("--out", help="where to write the delta (default: a temporary folder)")
     p.add_argument("--steps", type=_positive_int, default=40, help="scale-distillation steps")
     p.add_argument("--no-serve", action="store_true", help="stop after the generations (no local Ray pool)")

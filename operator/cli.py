@@ -1,18 +1,22 @@
 """`deltafleet operator`: run the kopf operator (what the chart's Deployment runs).
 
-    deltafleet operator --backend ray-api --ray-dashboard-url http://127.0.0.1:8265 -n team-a
+    deltafleet operator --serve-backend ray-api --ray-dashboard-url http://127.0.0.1:8265 -n team-a
     deltafleet operator --check      # API server, CRD and serve backend reachable? then exit
 
-Every flag has an env var (see --help), which is how the chart configures it. Liveness:
-http://0.0.0.0:<--liveness-port>/healthz (kopf's probe).
+Every flag has an env var, DELTAFLEET_ and the flag's name (see --help), which is how the
+chart configures it. Liveness: http://0.0.0.0:<--liveness-port>/healthz (kopf's probe).
 """
 
 from __future__ import annotations
 
 import logging
 import sys
+from typing import TYPE_CHECKING
 
 from deltafleet.operator.settings import Settings, parse_settings
+
+if TYPE_CHECKING:
+    from deltafleet.operator.backend import Backend
 
 
 def load_kube_config():
@@ -26,13 +30,26 @@ def load_kube_config():
     return client.ApiClient()
 
 
+def make_backend(settings: Settings, api_client=None) -> Backend:
+    """The serve backend the settings name (here, not in backend.py, which the backends import)."""
+    if settings.backend == "rayservice":
+        from deltafleet.operator.backend_rayservice import RayServiceBackend
+
+        return RayServiceBackend(settings.rayservice_namespace, settings.rayservice_name, api_client)
+    if settings.backend == "ray-api":
+        from deltafleet.operator.backend_rayapi import RayApiBackend
+
+        return RayApiBackend(settings.ray_dashboard_url, token_file=settings.ray_auth_token_file)
+    raise ValueError(f"unknown serve backend {settings.backend!r}")
+
+
 def check(settings: Settings) -> int:
     """One-shot: can this operator list FineTunes and reach its serve backend?"""
     from kubernetes import client
     from kubernetes.client.exceptions import ApiException
 
     from deltafleet.operator import api
-    from deltafleet.operator.backend import BackendError, make_backend
+    from deltafleet.operator.backend import BackendError
 
     ok = True
     try:
@@ -117,7 +134,6 @@ def main(argv: list[str]) -> int:
 
     import kopf
 
-    from deltafleet.operator.backend import make_backend
     from deltafleet.operator.controller import Controller
     from deltafleet.operator.handlers import peering_priority, register
 

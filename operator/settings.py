@@ -120,62 +120,84 @@ def _env(environ: dict, name: str, default):
         raise SystemExit(2) from None
 
 
-# Every setting with a flag: (Settings field, env var, help). The flag is --<field with dashes>,
-# its type and default those of the field; the env var, when set, replaces the default.
-_FLAGS: tuple[tuple[str, str, str], ...] = (
-    ("backend", "DELTAFLEET_SERVE_BACKEND", "how serve configs are applied"),
-    ("rayservice_name", "DELTAFLEET_RAYSERVICE_NAME", "RayService to patch (rayservice backend)"),
-    ("rayservice_namespace", "DELTAFLEET_RAYSERVICE_NAMESPACE", "namespace of that RayService"),
-    ("ray_dashboard_url", "DELTAFLEET_RAY_DASHBOARD_URL", "Ray dashboard (ray-api backend)"),
-    ("ray_auth_token_file", "DELTAFLEET_RAY_AUTH_TOKEN_FILE",
-     "file holding the Ray cluster's auth token (ray-api backend, Ray token authentication)"),
-    ("serve_url", "DELTAFLEET_SERVE_ENDPOINT", "public base URL of Ray Serve's HTTP proxy, for status.endpoint"),
-    ("operator_store_path", "DELTAFLEET_OPERATOR_STORE_PATH",
-     "where this process sees the default model store (result.json fallback, deleting deltas)"),
-    ("replica_store_path", "DELTAFLEET_REPLICA_STORE_PATH", "where serving replicas see the model store"),
-    ("store_claim", "DELTAFLEET_MODEL_STORE_CLAIM", "PersistentVolumeClaim holding the model store"),
-    ("store_host_path", "DELTAFLEET_MODEL_STORE_HOST_PATH", "hostPath holding the model store (dev, single node)"),
-    ("store_group", "DELTAFLEET_MODEL_STORE_GROUP", "group owning the store's files (compression pods' fsGroup)"),
-    ("job_image", "DELTAFLEET_JOB_IMAGE", "image of compression Jobs"),
-    ("job_image_pull_policy", "DELTAFLEET_JOB_IMAGE_PULL_POLICY", "imagePullPolicy of compression pods"),
-    ("job_runtime_class", "DELTAFLEET_JOB_RUNTIME_CLASS", "RuntimeClass of compression pods (e.g. nvidia on k3s/RKE2)"),
-    ("job_image_pull_secrets", "DELTAFLEET_JOB_IMAGE_PULL_SECRETS",
+# Every setting with a flag: (Settings field, help). The flag is --<field with dashes> (or the
+# name in _FLAG_NAMES), its type and default those of the field; its env var is DELTAFLEET_ and
+# the flag in upper snake case, and when set it replaces the default. One name per setting:
+# a former name still works (installed charts set it) and --help lists it once.
+_FLAGS: tuple[tuple[str, str], ...] = (
+    ("backend", "how serve configs are applied: a KubeRay RayService, or the Ray dashboard's REST API"),
+    ("rayservice_name", "RayService to patch (rayservice backend)"),
+    ("rayservice_namespace", "namespace of that RayService"),
+    ("ray_dashboard_url", "Ray dashboard (ray-api backend)"),
+    ("ray_auth_token_file", "file holding the Ray cluster's auth token (ray-api backend, Ray token authentication)"),
+    ("serve_url", "public base URL of Ray Serve's HTTP proxy, for status.endpoint"),
+    ("operator_store_path", "where this process sees the default model store (result.json fallback, deleting deltas)"),
+    ("replica_store_path", "where serving replicas see the model store"),
+    ("store_claim", "PersistentVolumeClaim holding the model store"),
+    ("store_host_path", "hostPath holding the model store (dev, single node)"),
+    ("store_group", "group owning the store's files (compression pods' fsGroup)"),
+    ("job_image", "image of compression Jobs"),
+    ("job_image_pull_policy", "imagePullPolicy of compression pods"),
+    ("job_runtime_class", "RuntimeClass of compression pods (e.g. nvidia on k3s/RKE2)"),
+    ("job_image_pull_secrets",
      "comma-separated image pull Secrets of compression pods (each must exist in the FineTune's namespace)"),
-    ("job_service_account", "DELTAFLEET_JOB_SERVICE_ACCOUNT",
-     "ServiceAccount of compression pods (default: the namespace's default)"),
-    ("job_run_as_user", "DELTAFLEET_JOB_RUN_AS_USER", "non-root uid compression containers run as"),
-    ("replica_cpus", "DELTAFLEET_REPLICA_CPUS", "CPUs per serving replica"),
-    ("max_batch_size", "DELTAFLEET_SERVE_MAX_BATCH_SIZE", "sequences a serving replica decodes per step"),
-    ("serve_prefix_caching", "DELTAFLEET_SERVE_PREFIX_CACHING",
+    ("job_service_account", "ServiceAccount of compression pods (default: the namespace's default)"),
+    ("job_run_as_user", "non-root uid compression containers run as"),
+    ("replica_cpus", "CPUs per serving replica"),
+    ("max_batch_size", "sequences a serving replica decodes per step"),
+    ("serve_prefix_caching",
      "on: replicas reuse a tenant's own cached prompt prefixes (never another tenant's); off: never"),
-    ("serve_auth", "DELTAFLEET_SERVE_AUTH", "keys: pools require each FineTune's API keys; none: no authentication (local use)"),
-    ("serve_status_key_file", "DELTAFLEET_SERVE_STATUS_KEY_FILE",
+    ("serve_auth", "keys: pools require each FineTune's API keys; none: no authentication (local use)"),
+    ("serve_status_key_file",
      "file holding the pool status key that reads replicas' tenant states (GET /<pool>/-/tenants; needed with --serve-auth keys)"),
-    ("device", "DELTAFLEET_SERVE_DEVICE", "device of serving replicas: auto, cpu, cuda"),
-    ("dtype", "DELTAFLEET_SERVE_DTYPE", "dtype of serving replicas: auto, float16, bfloat16, float32"),
-    ("gpu_resource", "DELTAFLEET_GPU_RESOURCE", "extended resource name that requests GPUs in compression Jobs"),
-    ("policy_host_path", "DELTAFLEET_POLICY_HOST_PATH", "allow or deny FineTunes' spec.modelStore.hostPath"),
-    ("policy_allowed_images", "DELTAFLEET_POLICY_ALLOWED_IMAGES",
+    ("device", "device of serving replicas: auto, cpu, cuda"),
+    ("dtype", "dtype of serving replicas: auto, float16, bfloat16, float32"),
+    ("gpu_resource", "extended resource name that requests GPUs in compression Jobs"),
+    ("policy_host_path", "allow or deny FineTunes' spec.modelStore.hostPath"),
+    ("policy_allowed_images",
      "comma-separated images FineTunes may set in spec.compression.image (the Job image always)"),
-    ("policy_max_gpus", "DELTAFLEET_POLICY_MAX_GPUS", "most GPUs a compression Job may ask for"),
-    ("policy_max_memory", "DELTAFLEET_POLICY_MAX_MEMORY", "most memory a compression Job may request or limit (empty: no ceiling)"),
-    ("policy_max_deadline_seconds", "DELTAFLEET_POLICY_MAX_DEADLINE_SECONDS", "longest activeDeadlineSeconds a FineTune may set"),
-    ("policy_max_replicas", "DELTAFLEET_POLICY_MAX_REPLICAS",
-     "most replicas a FineTune may ask of its pool (spec.serving.minReplicas and maxReplicas)"),
-    ("policy_max_gpus_per_replica", "DELTAFLEET_POLICY_MAX_GPUS_PER_REPLICA",
+    ("policy_max_gpus", "most GPUs a compression Job may ask for"),
+    ("policy_max_memory", "most memory a compression Job may request or limit (empty: no ceiling)"),
+    ("policy_max_deadline_seconds", "longest activeDeadlineSeconds a FineTune may set"),
+    ("policy_max_replicas", "most replicas a FineTune may ask of its pool (spec.serving.minReplicas and maxReplicas)"),
+    ("policy_max_gpus_per_replica",
      "most GPUs per serving replica a FineTune may ask for (spec.serving.gpusPerReplica)"),
-    ("log_level", "DELTAFLEET_LOG_LEVEL", "DEBUG, INFO, WARNING or ERROR"),
-    ("resync_seconds", "DELTAFLEET_RESYNC_SECONDS", "how often every FineTune is reconciled even without a change"),
-    ("retry_base_seconds", "DELTAFLEET_RETRY_BASE_SECONDS", "first backoff after a failed compression attempt"),
-    ("retry_max_seconds", "DELTAFLEET_RETRY_MAX_SECONDS", "longest backoff between compression attempts"),
-    ("delete_attempts", "DELTAFLEET_DELETE_ATTEMPTS", "tries to delete a FineTune's files before its finalizer gives up and says so"),
-    ("liveness_port", "DELTAFLEET_HEALTH_PORT", "kopf liveness endpoint http://0.0.0.0:PORT/healthz"),
-    ("metrics_port", "DELTAFLEET_METRICS_PORT", "Prometheus metrics at http://0.0.0.0:PORT/metrics (0: off)"),
-    ("peering", "DELTAFLEET_PEERING",
-     "kopf peering object shared by the operator's replicas (one acts, the rest wait); empty: standalone"),
-    ("peering_lifetime", "DELTAFLEET_PEERING_LIFETIME",
+    ("log_level", "DEBUG, INFO, WARNING or ERROR"),
+    ("resync_seconds", "how often every FineTune is reconciled even without a change"),
+    ("retry_base_seconds", "first backoff after a failed compression attempt"),
+    ("retry_max_seconds", "longest backoff between compression attempts"),
+    ("delete_attempts", "tries to delete a FineTune's files before its finalizer gives up and says so"),
+    ("liveness_port", "kopf liveness endpoint http://0.0.0.0:PORT/healthz"),
+    ("metrics_port", "Prometheus metrics at http://0.0.0.0:PORT/metrics (0: off)"),
+    ("peering", "kopf peering object shared by the operator's replicas (one acts, the rest wait); empty: standalone"),
+    ("peering_lifetime",
      "seconds a replica's peering keep-alive counts: a dead active replica is replaced within about this"),
 )
+_FLAG_NAMES = {  # named as the serve settings they are (the chart's values.yaml serve: block)
+    "backend": "serve-backend",
+    "device": "serve-device",
+    "dtype": "serve-dtype",
+    "max_batch_size": "serve-max-batch-size",
+}
+_FORMER_FLAGS = {field: f"--{field.replace('_', '-')}" for field in _FLAG_NAMES}
+_FORMER_ENV = {
+    "serve_url": "DELTAFLEET_SERVE_ENDPOINT",
+    "store_claim": "DELTAFLEET_MODEL_STORE_CLAIM",
+    "store_host_path": "DELTAFLEET_MODEL_STORE_HOST_PATH",
+    "store_group": "DELTAFLEET_MODEL_STORE_GROUP",
+    "liveness_port": "DELTAFLEET_HEALTH_PORT",
+}
+NAMESPACES_ENV = "DELTAFLEET_NAMESPACES"  # the repeatable --namespace, comma-separated
+
+
+def flag_of(field_name: str) -> str:
+    return "--" + _FLAG_NAMES.get(field_name, field_name.replace("_", "-"))
+
+
+def env_of(field_name: str) -> str:
+    return "DELTAFLEET_" + flag_of(field_name)[2:].upper().replace("-", "_")
+
+
 _CHOICES = {
     "backend": BACKENDS,
     "job_image_pull_policy": ("Always", "IfNotPresent", "Never"),
@@ -191,15 +213,19 @@ def build_parser(environ: dict | None = None) -> argparse.ArgumentParser:
     env = os.environ if environ is None else environ
     d = Settings()
     p = argparse.ArgumentParser(prog="deltafleet operator", description="Run the deltafleet Kubernetes operator (kopf).")
-    for name, var, text in _FLAGS:
-        default = getattr(d, name)
-        p.add_argument(f"--{name.replace('_', '-')}", type=type(default), default=_env(env, var, default),
-                       choices=_CHOICES.get(name), help=f"{text} [env {var}]".lstrip())
+    for name, text in _FLAGS:
+        default, var, former = getattr(d, name), env_of(name), _FORMER_ENV.get(name)
+        if former:  # the new name wins over the former one
+            default = _env(env, former, default)
+        names = [flag_of(name)] + ([_FORMER_FLAGS[name]] if name in _FORMER_FLAGS else [])
+        p.add_argument(*names, dest=name, type=type(default), default=_env(env, var, default),
+                       choices=_CHOICES.get(name), help=f"{text} [env {var}" + (f", formerly {former}]" if former else "]"))
     p.add_argument("--namespace", "-n", action="append", dest="namespaces", default=None,
-                   help="watch only this namespace (repeat for more; default all) [env DELTAFLEET_NAMESPACES, comma-separated]")
+                   help=f"watch only this namespace (repeat for more; default all) [env {NAMESPACES_ENV}, "
+                        "comma-separated]")
     p.add_argument("--check", action="store_true",
                    help="check the API server, the CRD and the serve backend once, print the result and exit")
-    p.add_argument("--verbose", "-v", action="store_true")
+    p.add_argument("--verbose", "-v", action="store_true", help="log at debug level (overrides --log-level)")
     return p
 
 
@@ -207,7 +233,7 @@ def settings_from_args(args: argparse.Namespace, environ: dict | None = None) ->
     env = os.environ if environ is None else environ
     namespaces = args.namespaces
     if namespaces is None:
-        namespaces = [n.strip() for n in env.get("DELTAFLEET_NAMESPACES", "").split(",") if n.strip()]
+        namespaces = [n.strip() for n in env.get(NAMESPACES_ENV, "").split(",") if n.strip()]
     if args.store_claim and args.store_host_path:
         raise SystemExit("deltafleet operator: set one of --store-claim / --store-host-path, not both")
     for flag, value in (("--replica-store-path", args.replica_store_path), ("--operator-store-path", args.operator_store_path or "/")):
@@ -215,7 +241,7 @@ def settings_from_args(args: argparse.Namespace, environ: dict | None = None) ->
             raise SystemExit(f"deltafleet operator: {flag} must be an absolute path, got {value!r}")
     if args.peering and args.peering_lifetime < 5:  # keep-alives come 1-10 s before expiry (kopf)
         raise SystemExit(f"deltafleet operator: --peering-lifetime must be at least 5 seconds, got {args.peering_lifetime}")
-    values = {name: getattr(args, name) for name, _, _ in _FLAGS}
+    values = {name: getattr(args, name) for name, _ in _FLAGS}
     return Settings(**{
         **values,
         "ray_dashboard_url": args.ray_dashboard_url.rstrip("/"),

@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="deltafleet serve", description="Run base-model pools locally on Ray Serve.")
     ap.add_argument("--config", required=True, help="Ray Serve config file (one application per pool)")
     ap.add_argument("--host", default="127.0.0.1", help="HTTP host (default: loopback only)")
-    ap.add_argument("--port", type=int, default=8000)
+    ap.add_argument("--port", type=int, default=8000, help="HTTP port of Ray Serve's proxy (default 8000)")
     opts = ap.parse_args(argv)
     try:
         raw = load_config(opts.config)

@@ -17,7 +17,6 @@ import http.client
 import os
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -26,6 +25,7 @@ import time
 from pathlib import Path
 
 import yaml
+from ports import free_port
 
 from .binaries import kube_version, require_binaries
 from .netns import _die_with_parent
@@ -46,12 +46,6 @@ class CommandError(subprocess.CalledProcessError):
 
 class PortTaken(RuntimeError):
     pass
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def write_kubeconfig(path: Path, server: str, ca: Path, user: dict, name: str) -> Path:

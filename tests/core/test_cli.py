@@ -1,6 +1,7 @@
 """The CLIs: a successful compress writes what a Job reports; every bad input is refused with a
 one-line message naming what and where, and a non-zero exit (no traceback)."""
 
+import argparse
 import json
 import shutil
 import subprocess
@@ -9,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from deltafleet.cli import main
+from deltafleet.cli import COMMANDS, main
 from deltafleet.compress.result import CompressResult
 
 
@@ -216,3 +217,42 @@ def test_progress_is_one_line_per_stage_off_a_terminal(llama, tmp_path):
     assert any("stage 1: sign + scale: started" in l for l in stages)
     assert any("stage 2: scale distillation (mse): done, 2 in" in l for l in stages)
     assert len(proc.stderr.splitlines()) < 40, proc.stderr
+
+
+class _Parsed(Exception):
+    """Raised instead of parsing: the parser a command built is all the walk below needs."""
+
+
+def _parsers(parser: argparse.ArgumentParser):
+    yield parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                yield from _parsers(sub)
+
+
+def _parser_of(command: str, monkeypatch) -> argparse.ArgumentParser:
+    import importlib
+
+    built = []
+
+    def capture(self, *args, **kwargs):
+        built.append(self)
+        raise _Parsed
+
+    with monkeypatch.context() as m:
+        m.setattr(argparse.ArgumentParser, "parse_args", capture)
+        m.setattr(argparse.ArgumentParser, "parse_known_args", capture)
+        with pytest.raises(_Parsed):
+            importlib.import_module(COMMANDS[command][0]).main([])
+    return built[0]
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_every_flag_has_a_help_line_and_every_description_whole_sentences(command, monkeypatch):
+    for parser in _parsers(_parser_of(command, monkeypatch)):
+        no_help = [a.option_strings or [a.dest] for a in parser._actions if not (a.help or "").strip()]
+        assert not no_help, f"{parser.prog}: without a help line: {no_help}"
+        description = " ".join((parser.description or "").split())
+        assert description, f"{parser.prog}: no description"
+        assert description.endswith((".", "!", "?")), f"{parser.prog}: description cut mid-sentence: {description!r}"

@@ -29,6 +29,7 @@ import pytest
 import yaml
 
 from cluster.binaries import require_binaries
+from ports import free_port
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
@@ -167,14 +168,6 @@ class Install:
             self.port_forward.kill()
             self.port_forward.wait()
             self.port_forward = None
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

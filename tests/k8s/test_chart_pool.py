@@ -133,7 +133,7 @@ def test_the_operator_is_in_the_stores_group_and_tells_jobs_to_use_it(helm):
     pod = deployment["spec"]["template"]["spec"]
     assert 2000 in pod["securityContext"]["supplementalGroups"]
     env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
-    assert env["DELTAFLEET_MODEL_STORE_GROUP"] == "2000"
+    assert env["DELTAFLEET_STORE_GROUP"] == "2000"
 
 
 def test_the_chart_with_a_pool_and_a_shared_store_lints_strict(helm):

@@ -350,23 +350,22 @@ def test_the_operator_works_with_the_namespaced_rbac(release, tmp_path):
     its ServiceAccount's token: it creates the compression Job and writes status in a watched
     namespace, and never touches an unwatched one (nor hits a 403 on the way)."""
     import os
-    import socket
     import subprocess
     import sys
 
+    from ports import free_port
+
     manifest = yaml.safe_load_all(release.helm("get", "manifest", "df", "-n", SYSTEM).stdout)
     container = next(d for d in manifest if d and d["kind"] == "Deployment")["spec"]["template"]["spec"]["containers"][0]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = {**os.environ, **{e["name"]: e["value"] for e in container["env"] if "value" in e}}
     assert env["DELTAFLEET_NAMESPACES"] == ",".join(WATCHED)
     env.update(
         KUBECONFIG=str(release.sa_kubeconfig(SYSTEM, SA)),
         DELTAFLEET_NAMESPACES=WATCHED[1],  # the other watched namespace holds earlier tests' objects
-        DELTAFLEET_HEALTH_PORT=str(port), DELTAFLEET_OPERATOR_STORE_PATH=str(tmp_path),
+        DELTAFLEET_LIVENESS_PORT=str(port), DELTAFLEET_OPERATOR_STORE_PATH=str(tmp_path),
         DELTAFLEET_RESYNC_SECONDS="1", DELTAFLEET_RETRY_BASE_SECONDS="600",
-        DELTAFLEET_MODEL_STORE_HOST_PATH=str(tmp_path),  # the admin's store (FineTunes may not name a hostPath)
+        DELTAFLEET_STORE_HOST_PATH=str(tmp_path),  # the admin's store (FineTunes may not name a hostPath)
         DELTAFLEET_METRICS_PORT="0",
     )
     command = [str(Path(sys.executable).parent / container["command"][0]), *container["command"][1:]]

@@ -124,7 +124,7 @@ def run_operator(chart, store, ml_job_image, tmp_path):
     def start(namespace: str, backend: str, *extra: str, env: dict | None = None, ray: LocalRay | None = None,
               auth: str = "none", metrics_port: int = 0) -> OperatorProcess:
         args = [
-            "--backend", backend, "-n", namespace, "--serve-auth", auth, "--metrics-port", str(metrics_port),
+            "--serve-backend", backend, "-n", namespace, "--serve-auth", auth, "--metrics-port", str(metrics_port),
             "--store-host-path", str(store), "--operator-store-path", str(store), "--replica-store-path", str(store),
             "--job-image", ml_job_image, "--resync-seconds", "1", "--retry-base-seconds", "1",
             "--delete-attempts", "3", "--replica-cpus", "1",

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -15,6 +14,8 @@ import urllib.request
 import uuid
 from pathlib import Path
 
+from ports import free_port  # noqa: F401 -- the operator tests import it from here
+
 REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
 CHART = REPO / "charts" / "deltafleet"
@@ -22,12 +23,6 @@ KUBERAY_CRD_SCRIPT = Path(__file__).with_name("kuberay-crd.sh")
 SYSTEM_NS = "deltafleet-system"  # where the chart is installed
 RAY_NS = "ray-system"  # where the RayService lives
 RAYSERVICE = "pool-service"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for(check, timeout: float, what: str, interval: float = 0.5, on_timeout=lambda: ""):

@@ -63,7 +63,7 @@ def reconciles(op: OperatorProcess) -> float:
 
 
 def start(kubeconfig, namespace: str, tmp_path, *extra: str) -> OperatorProcess:
-    args = ["--backend", "ray-api", "-n", namespace, "--serve-auth", "none",
+    args = ["--serve-backend", "ray-api", "-n", namespace, "--serve-auth", "none",
             "--store-host-path", str(tmp_path), "--operator-store-path", str(tmp_path),
             "--job-image", NOT_PULLED, "--resync-seconds", "2", "--retry-base-seconds", "60",
             "--peering", RELEASE, "--peering-lifetime", str(LIFETIME), *extra]
@@ -174,7 +174,7 @@ def test_two_replicas_started_at_the_same_moment_never_both_reconcile(k8s, names
         pair = []
         for _ in range(2):  # both started before either is up
             port = free_port()
-            op = OperatorProcess(ha, ["--backend", "ray-api", "-n", namespace, "--serve-auth", "none",
+            op = OperatorProcess(ha, ["--serve-backend", "ray-api", "-n", namespace, "--serve-auth", "none",
                                       "--store-host-path", str(tmp_path), "--job-image", NOT_PULLED,
                                       "--resync-seconds", "1", "--retry-base-seconds", "60",
                                       "--peering", RELEASE, "--metrics-port", str(port)], tmp_path)

@@ -54,7 +54,7 @@ def test_helm_install_with_a_pool_serves_a_finetune_through_it(k8s, chart, rayse
 
         # The operator as the release's own ServiceAccount (its RBAC: this one RayService).
         op = OperatorProcess(k8s.sa_kubeconfig(SYSTEM, SA), [
-            "--backend", "rayservice", "--rayservice-name", POOL_NAME, "--rayservice-namespace", SYSTEM,
+            "--serve-backend", "rayservice", "--rayservice-name", POOL_NAME, "--rayservice-namespace", SYSTEM,
             "-n", namespace, "--serve-auth", "none", "--metrics-port", "0",
             "--store-host-path", str(store), "--operator-store-path", str(store), "--replica-store-path", "/models",
             "--job-image", ml_job_image, "--resync-seconds", "1", "--retry-base-seconds", "1",
