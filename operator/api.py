@@ -20,7 +20,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema, model_validator
 from pydantic.alias_generators import to_camel
 
-from deltafleet.serving.config import BASE_ALIASES, TENANT_NAME_PATTERN
+from deltafleet.serving.config import BASE_ALIASES, POOL_NAME_MAX_LENGTH, POOL_NAME_PATTERN, TENANT_NAME_PATTERN
 
 GROUP = "deltafleet.dev"
 VERSION = "v1alpha1"
@@ -70,7 +70,6 @@ class _Model(BaseModel):
 
 # ---------------------------------------------------------------- small shared types
 
-_DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 _DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
 _QUANTITY = r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
 _HF_REPO_ID = r"^[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?(/[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?)?$"
@@ -313,7 +312,7 @@ class Serving(_Model):
         description="Ray Serve application (one base model, many tenants) that serves this delta; default derived from the base model. All FineTunes of a pool must share its base. Immutable.",
         min_length=1,
         max_length=50,
-        pattern=_DNS_LABEL,
+        pattern=POOL_NAME_PATTERN,
         json_schema_extra=_cel_schema(cel("self == oldSelf", "pool is immutable", reason="FieldValueForbidden")),
     )
     model_name: str | None = Field(
@@ -406,12 +405,6 @@ def derive_pool(base: ModelSource) -> str:
 # ---------------------------------------------------------------- status
 
 
-class ConditionType(str, Enum):
-    Compressed = "Compressed"
-    Served = "Served"
-    Ready = "Ready"
-
-
 class Phase(str, Enum):
     """Display only (`kubectl get ft`); conditions are the truth."""
 
@@ -438,7 +431,7 @@ class Condition(_Model):
     observed_generation: int | None = Field(None, description="metadata.generation the condition was computed from.", ge=0)
 
 
-class Fidelity(_Model):
+class FidelityStatus(_Model):
     """Eval figures of the compression Job on held-out text of the fine-tune's domain."""
 
     retained_improvement: float = Field(description="(L_base - L_delta) / (L_base - L_ft): share of the fine-tune's improvement the delta keeps.")
@@ -464,7 +457,7 @@ class DeltaStatus(_Model):
         None, description="The Hub base as the Job stored it (/models/bases/hub/<org>--<name>/<commit>): what replicas load.", max_length=4096
     )
     generation: int | None = Field(None, description="metadata.generation that was compressed.", ge=0)
-    fidelity: Fidelity = Field(description="Eval figures of the delta.")
+    fidelity: FidelityStatus = Field(description="Eval figures of the delta.")
 
     @classmethod
     def from_result(cls, result: Any, generation: int | None = None) -> "DeltaStatus":
@@ -478,7 +471,7 @@ class DeltaStatus(_Model):
             base_fingerprint=result.base_fingerprint,
             base_snapshot=getattr(result, "base_snapshot", None),
             generation=generation,
-            fidelity=Fidelity(**{k: getattr(f, k) for k in Fidelity.model_fields if hasattr(f, k)}),
+            fidelity=FidelityStatus(**{k: getattr(f, k) for k in FidelityStatus.model_fields if hasattr(f, k)}),
         )
 
 
@@ -494,7 +487,7 @@ class FineTuneStatus(_Model):
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
     )
     delta: DeltaStatus | None = Field(None, description="The compressed delta and its fidelity.")
-    pool: str | None = Field(None, description="The pool (Ray Serve application) serving this FineTune.", max_length=63)
+    pool: str | None = Field(None, description="The pool (Ray Serve application) serving this FineTune.", max_length=POOL_NAME_MAX_LENGTH)
     model_name: str | None = Field(None, description="Model name to send in OpenAI requests.", max_length=253)
     endpoint: str | None = Field(None, description="OpenAI-compatible base URL of the pool, e.g. http://<host>:8000/<pool>/v1.", max_length=2048)
     job: str | None = Field(None, description="Name of the current (or last) compression Job.", max_length=253)

@@ -9,8 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-from deltafleet.operator.settings import Settings
-
 RUNNING = "RUNNING"
 DEPLOY_FAILED = "DEPLOY_FAILED"
 
@@ -58,20 +56,9 @@ class Backend(Protocol):
         """Replace the whole serve config."""
 
     def recheck(self) -> str | None:
-        """The periodic check (the controller's CONFIG_CHECK_S): what keeping the applied config
+        """The periodic check (observe.CONFIG_CHECK_S): what keeping the applied config
         in place needs, then applied_hash()."""
 
     def statuses(self) -> dict[str, AppStatus]:
         """Application (pool) name -> status, for the config applied last."""
 
-
-def make_backend(settings: Settings, api_client=None) -> Backend:
-    if settings.backend == "rayservice":
-        from deltafleet.operator.backend_rayservice import RayServiceBackend
-
-        return RayServiceBackend(settings.rayservice_namespace, settings.rayservice_name, api_client)
-    if settings.backend == "ray-api":
-        from deltafleet.operator.backend_rayapi import RayApiBackend
-
-        return RayApiBackend(settings.ray_dashboard_url, token_file=settings.ray_auth_token_file)
-    raise ValueError(f"unknown serve backend {settings.backend!r}")

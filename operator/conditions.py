@@ -87,6 +87,11 @@ WARNING_REASONS = {
 }
 
 
+def iso(timestamp: float) -> str:
+    """Seconds since the epoch as RFC 3339 in UTC, whole seconds (a condition's time)."""
+    return datetime.fromtimestamp(timestamp, tz=timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
 def now_iso() -> str:
     return datetime.now(timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
 

@@ -84,10 +84,19 @@ def _run(ctl: Controller, namespace: str, name: str) -> None:
 
 
 def register(registry: kopf.OperatorRegistry, ctl: Controller) -> None:
-    settings = ctl.settings
-    ft = dict(group=api.GROUP, version=api.VERSION, plural=api.PLURAL, registry=registry)
-    change = dict(retries=20, backoff=5, timeout=600)
+    """Every handler of the operator, into `registry`."""
+    _register_startup(registry, ctl)
+    _register_reconcile(registry, ctl)
+    _register_job_events(registry, ctl)
+    _register_finalizer(registry, ctl)
 
+
+def _finetunes(registry: kopf.OperatorRegistry) -> dict:
+    """The resource arguments of a FineTune handler."""
+    return dict(group=api.GROUP, version=api.VERSION, plural=api.PLURAL, registry=registry)
+
+
+def _register_startup(registry: kopf.OperatorRegistry, ctl: Controller) -> None:
     @kopf.on.startup(registry=registry)
     def startup(settings: kopf.OperatorSettings, **_):
         configure(settings, ctl.settings)
@@ -97,6 +106,13 @@ def register(registry: kopf.OperatorRegistry, ctl: Controller) -> None:
     @kopf.on.login(registry=registry)
     def login(**kwargs):
         return kopf.login_via_client(**kwargs)
+
+
+def _register_reconcile(registry: kopf.OperatorRegistry, ctl: Controller) -> None:
+    """Create, resume, spec update and the periodic resync: each reconciles the FineTune."""
+    settings = ctl.settings
+    ft = _finetunes(registry)
+    change = dict(retries=20, backoff=5, timeout=600)
 
     @kopf.on.create(**ft, id="create", **change)
     def on_create(namespace, name, **_):
@@ -120,6 +136,8 @@ def register(registry: kopf.OperatorRegistry, ctl: Controller) -> None:
         except kopf.PermanentError:
             pass  # already recorded as a condition; the spec must change first
 
+
+def _register_job_events(registry: kopf.OperatorRegistry, ctl: Controller) -> None:
     @kopf.on.event("batch", "v1", "jobs", labels=JOB_SELECTOR, registry=registry, id="job-finished")
     def on_job(namespace, labels, body, **_):
         """A compression Job changed: reconcile its FineTune now instead of at the next resync."""
@@ -130,6 +148,11 @@ def register(registry: kopf.OperatorRegistry, ctl: Controller) -> None:
                 _run(ctl, namespace, labels[comp.LABEL_FINETUNE])
             except (kopf.TemporaryError, kopf.PermanentError) as e:
                 logging.getLogger("deltafleet.operator").info("job event for %s: %s", labels[comp.LABEL_FINETUNE], e)
+
+
+def _register_finalizer(registry: kopf.OperatorRegistry, ctl: Controller) -> None:
+    settings = ctl.settings
+    ft = _finetunes(registry)
 
     @kopf.on.delete(**ft, id="finalize", retries=settings.delete_attempts, backoff=5, timeout=120)
     def on_delete(body, retry, namespace, name, **_):

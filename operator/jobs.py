@@ -11,6 +11,7 @@ say "attempt 2 of 4 failed: …" and gives an exponential backoff the operator c
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum
 
 from pydantic import ValidationError
 
@@ -95,11 +96,10 @@ def labels(ft: api.FineTune, digest: str, generation: int, attempt: int) -> dict
     }
 
 
-def build_job(ft: api.FineTune, digest: str, generation: int, attempt: int, settings: Settings) -> dict:
-    """The Job of one compression attempt (owner reference added by the caller with kopf.adopt)."""
+def container(ft: api.FineTune, generation: int, settings: Settings) -> dict:
+    """The compress container: read-only root, no privileges, the result in its termination message."""
     c = ft.spec.compression
-    uid = settings.job_run_as_user
-    container = {
+    return {
         "name": CONTAINER,
         "image": c.image or settings.job_image,
         "imagePullPolicy": settings.job_image_pull_policy,
@@ -127,7 +127,13 @@ def build_job(ft: api.FineTune, digest: str, generation: int, attempt: int, sett
             {"name": TMP_VOLUME, "mountPath": "/tmp"},
         ],
     }
-    pod_spec: dict = {
+
+
+def pod_spec(ft: api.FineTune, generation: int, settings: Settings) -> dict:
+    """The pod of one attempt: never restarted, no API token, the store's group, the settings' extras."""
+    c = ft.spec.compression
+    uid = settings.job_run_as_user
+    spec: dict = {
         "restartPolicy": "Never",
         "automountServiceAccountToken": False,  # the Job never talks to the API server
         "securityContext": {
@@ -140,20 +146,25 @@ def build_job(ft: api.FineTune, digest: str, generation: int, attempt: int, sett
             "supplementalGroups": [settings.store_group],
             "seccompProfile": {"type": "RuntimeDefault"},
         },
-        "containers": [container],
+        "containers": [container(ft, generation, settings)],
         "volumes": [store_volume(ft, settings), {"name": TMP_VOLUME, "emptyDir": {}}],
     }
     if settings.job_service_account:
-        pod_spec["serviceAccountName"] = settings.job_service_account
+        spec["serviceAccountName"] = settings.job_service_account
     if settings.job_runtime_class:  # the GPU runtime where it is not the default (k3s, RKE2: "nvidia")
-        pod_spec["runtimeClassName"] = settings.job_runtime_class
+        spec["runtimeClassName"] = settings.job_runtime_class
     secrets = [n.strip() for n in settings.job_image_pull_secrets.split(",") if n.strip()]
     if secrets:  # a private registry: without them every Job ends ErrImagePull
-        pod_spec["imagePullSecrets"] = [{"name": n} for n in secrets]
+        spec["imagePullSecrets"] = [{"name": n} for n in secrets]
     if c.node_selector:
-        pod_spec["nodeSelector"] = dict(c.node_selector)
+        spec["nodeSelector"] = dict(c.node_selector)
     if c.tolerations:
-        pod_spec["tolerations"] = [t.to_k8s() for t in c.tolerations]
+        spec["tolerations"] = [t.to_k8s() for t in c.tolerations]
+    return spec
+
+
+def build_job(ft: api.FineTune, digest: str, generation: int, attempt: int, settings: Settings) -> dict:
+    """The Job of one compression attempt (owner reference added by the caller with kopf.adopt)."""
     job_labels = labels(ft, digest, generation, attempt)
     return {
         "apiVersion": "batch/v1",
@@ -166,19 +177,24 @@ def build_job(ft: api.FineTune, digest: str, generation: int, attempt: int, sett
         "spec": {
             "backoffLimit": 0,
             "activeDeadlineSeconds": ft.spec.active_deadline_seconds,
-            "template": {"metadata": {"labels": job_labels}, "spec": pod_spec},
+            "template": {"metadata": {"labels": job_labels}, "spec": pod_spec(ft, generation, settings)},
         },
     }
 
 
 # ---------------------------------------------------------------- reading a finished Job
 
-RUNNING, SUCCEEDED, FAILED = "Running", "Succeeded", "Failed"
+class JobState(str, Enum):
+    """Where one compression attempt (a Job) stands."""
+
+    RUNNING = "Running"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
 
 
 @dataclass(frozen=True)
 class Outcome:
-    state: str  # Running, Succeeded or Failed
+    state: JobState
     reason: str = ""  # one line for the status: exit code, Job condition reason, message
     finished_at: str = ""  # RFC 3339, when the Job finished (backoff counts from here)
     result: CompressResult | None = None
@@ -238,9 +254,9 @@ def outcome(job: dict, pod: dict | None) -> Outcome:
     failed = _job_condition(job, "Failed") or _job_condition(job, "FailureTarget")
     term = terminated_state(pod)
     if done and not failed:
-        return Outcome(SUCCEEDED, "", done.get("lastTransitionTime", ""), parse_result(term.get("message")))
+        return Outcome(JobState.SUCCEEDED, "", done.get("lastTransitionTime", ""), parse_result(term.get("message")))
     if not failed:
-        return Outcome(RUNNING, waiting=pod_cannot_start(pod))
+        return Outcome(JobState.RUNNING, waiting=pod_cannot_start(pod))
     parts = [failed.get("reason") or "Failed"]
     if term:
         parts.append(f"exit code {term.get('exitCode')}")
@@ -251,7 +267,7 @@ def outcome(job: dict, pod: dict | None) -> Outcome:
             parts.append(message)
     elif failed.get("message"):
         parts.append(failed["message"])
-    return Outcome(FAILED, ": ".join(parts), failed.get("lastTransitionTime", ""))
+    return Outcome(JobState.FAILED, ": ".join(parts), failed.get("lastTransitionTime", ""))
 
 
 def _last_line(text: str) -> str:

@@ -8,8 +8,11 @@ from op_factories import compress_result
 from deltafleet.operator import api
 from deltafleet.operator.backend import AppStatus, ReplicaReport, TenantState
 from deltafleet.operator.conditions import FALSE, TRUE, Reason
-from deltafleet.operator.decisions import Attempt, decide_compression, decide_gate, decide_serving, parse_time
-from deltafleet.operator.jobs import FAILED, RUNNING, SUCCEEDED, Outcome
+from deltafleet.operator.decisions import (Attempt, PoolView, Ref, RetryPolicy, ServedAs, decide_compression, decide_gate,
+                                           decide_serving, parse_time)
+from deltafleet.operator.jobs import JobState, Outcome
+
+RUNNING, SUCCEEDED, FAILED = JobState.RUNNING, JobState.SUCCEEDED, JobState.FAILED
 
 T0 = parse_time("2026-01-01T00:00:00Z")
 RESULT = compress_result("file:///models/deltas/team-a/bot/g1/delta.safetensors", retained=0.98)
@@ -21,7 +24,7 @@ def attempt(n: int, state: str, finished: str = "2026-01-01T00:00:00Z", result=N
 
 
 def decide(attempts, now=T0, limit=3, gen=1):
-    return decide_compression("team-a", "bot", attempts, limit, gen, now, retry_base_s=10, retry_max_s=300)
+    return decide_compression(Ref("team-a", "bot"), attempts, gen, now, RetryPolicy(backoff_limit=limit, base_s=10, max_s=300))
 
 
 COMPRESSION = [
@@ -90,6 +93,11 @@ def running(report: ReplicaReport | None, tenants=frozenset({"team-a/bot"})) -> 
     return AppStatus("RUNNING", "", tenants, report)
 
 
+def serve(model, conflict, app, error, keys_problem=None):
+    """decide_serving for tenant `model` of pool p (digest h1, endpoints under http://svc:8000)."""
+    return decide_serving(ServedAs(model, "p", "http://svc:8000", "no delta yet", keys_problem), PoolView(app, conflict, "h1", error))
+
+
 SERVING = [
     ("an unreachable backend is reported, not raised", "team-a/bot", None, RUNNING_APP, "connection refused",
      FALSE, Reason.BACKEND_UNAVAILABLE, None),
@@ -132,7 +140,7 @@ SERVING = [
 
 def test_what_kuberay_says_while_it_initializes_is_in_the_served_message():
     app = AppStatus("", "first install: RayService Initializing: RayService is initializing", None)
-    d = decide_serving("team-a/bot", "p", None, app, None, "h1", "http://svc:8000", "no delta yet")
+    d = serve("team-a/bot", None, app, None)
     assert (d.status, d.reason) == (FALSE, Reason.CONFIG_APPLIED)
     assert d.message == ("serve config h1 applied; application 'p': not reported yet "
                          "(first install: RayService Initializing: RayService is initializing)")
@@ -140,13 +148,13 @@ def test_what_kuberay_says_while_it_initializes_is_in_the_served_message():
 
 def test_an_upgrade_in_progress_is_in_the_served_message():
     app = AppStatus("RUNNING", "upgrade in progress: a serves while KubeRay prepares b (there: DEPLOYING)", None, READY_ON_REPLICA)
-    d = decide_serving("team-a/bot", "p", None, app, None, "h1", "http://svc:8000", "no delta yet")
+    d = serve("team-a/bot", None, app, None)
     assert d.status == TRUE and "upgrade in progress" in d.message
 
 
 @pytest.mark.parametrize("sentence,model,conflict,app,error,status,reason,endpoint", SERVING, ids=[s[0] for s in SERVING])
 def test_serving(sentence, model, conflict, app, error, status, reason, endpoint):
-    d = decide_serving(model, "p", conflict, app, error, "h1", "http://svc:8000", "no delta yet")
+    d = serve(model, conflict, app, error)
     assert (d.status, d.reason) == (status, reason)
     if status == TRUE or "endpoint" in d.fields:
         assert d.fields.get("endpoint") == endpoint
@@ -155,7 +163,7 @@ def test_serving(sentence, model, conflict, app, error, status, reason, endpoint
 def test_a_failed_load_shows_the_replicas_own_error_and_which_replica():
     report = ReplicaReport({"team-a/bot": TenantState("failed", "/models/deltas/team-a/bot/g1/delta.safetensors: No such file\n")},
                            replica="abc123")
-    d = decide_serving("team-a/bot", "p", None, running(report), None, "h1", "http://svc:8000", "no delta yet")
+    d = serve("team-a/bot", None, running(report), None)
     assert (d.status, d.reason) == (FALSE, Reason.TENANT_LOAD_FAILED)
     assert d.message == ("model 'team-a/bot' failed to load on replica abc123 of application 'p': "
                          "/models/deltas/team-a/bot/g1/delta.safetensors: No such file")
@@ -163,8 +171,7 @@ def test_a_failed_load_shows_the_replicas_own_error_and_which_replica():
 
 
 def test_unreadable_tenant_states_say_why():
-    d = decide_serving("team-a/bot", "p", None, running(ReplicaReport(None, "GET http://svc:8000/p/-/tenants: HTTP 404")),
-                       None, "h1", "http://svc:8000", "no delta yet")
+    d = serve("team-a/bot", None, running(ReplicaReport(None, "GET http://svc:8000/p/-/tenants: HTTP 404")), None)
     assert d.reason == Reason.REPLICA_STATUS_UNAVAILABLE and d.message.endswith("cannot be read: GET http://svc:8000/p/-/tenants: HTTP 404")
 
 
@@ -215,8 +222,7 @@ def test_an_out_of_memory_kill_names_itself_in_the_failure():
 
 
 def test_a_tenant_whose_pool_needs_keys_it_has_not_got_is_not_served_and_says_why():
-    d = decide_serving(None, "p", None, RUNNING_APP, None, "h1", "http://svc:8000", "no delta yet",
-                       keys_problem="API key Secret team-a/bot-keys not found")
+    d = serve(None, None, RUNNING_APP, None, keys_problem="API key Secret team-a/bot-keys not found")
     assert (d.status, d.reason, d.message) == (FALSE, Reason.API_KEYS_MISSING, "API key Secret team-a/bot-keys not found")
     assert d.fields == {"endpoint": None}
 

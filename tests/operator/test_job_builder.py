@@ -103,18 +103,18 @@ def pod_with(code, message):
 
 def test_outcome_success_reads_the_termination_message():
     o = jobs.outcome(job_with("Complete"), pod_with(0, RESULT.termination_message()))
-    assert o.state == jobs.SUCCEEDED and o.result == RESULT
+    assert o.state == jobs.JobState.SUCCEEDED and o.result == RESULT
 
 
 def test_outcome_failure_names_exit_code_and_last_log_line():
     o = jobs.outcome(job_with("Failed"), pod_with(2, "Traceback...\n  File x\nValueError: --base: no such folder /models/x\n"))
-    assert o.state == jobs.FAILED
+    assert o.state == jobs.JobState.FAILED
     assert "exit code 2" in o.reason and "ValueError: --base: no such folder" in o.reason and "DeadlineExceeded" in o.reason
     assert o.finished_at == "2026-01-01T00:00:05Z"
 
 
 def test_outcome_running_and_garbage_message():
-    assert jobs.outcome({"status": {}}, None).state == jobs.RUNNING
+    assert jobs.outcome({"status": {}}, None).state == jobs.JobState.RUNNING
     assert jobs.outcome(job_with("Complete"), pod_with(0, "not json")).result is None
 
 

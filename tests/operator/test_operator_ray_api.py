@@ -22,6 +22,7 @@ def _status_key(tmp_path) -> tuple[str, str]:
 
 
 def test_finetune_to_served_tenant_and_back(k8s, namespace, run_operator, local_ray, store, ml_job_image, tmp_path):
+    """The whole life of a FineTune, one focused check per step (the functions below), in order."""
     status_key, key_file = _status_key(tmp_path)
     op = run_operator(namespace, "ray-api", "--serve-status-key-file", key_file, ray=local_ray, auth="keys")
     fts = FineTunes(k8s, namespace, tmp_path)
@@ -31,7 +32,17 @@ def test_finetune_to_served_tenant_and_back(k8s, namespace, run_operator, local_
     # improvement, deterministically below any gate, whatever the eval sample's noise.
     fts.apply(finetune_yaml("strict", namespace, pool="tiny", finetuned="bases/tiny-b", min_fidelity=0.5))
 
-    # The Job of generation 1, as the operator built it.
+    _the_job_is_built_as_the_finetune_asks(fts, op, namespace, store, ml_job_image)
+    path = _it_is_compressed_with_the_figures_of_the_real_run(fts, op, namespace, store)
+    _below_its_min_fidelity_a_delta_is_never_served(fts, op)
+    ft, request = _it_is_served_on_ray_ready_and_answering(fts, op, local_ray, namespace, store)
+    _only_the_secrets_keys_get_in_and_a_rotated_key_takes_over(k8s, fts, op, local_ray, namespace, ft, request, status_key)
+    _a_serving_change_is_a_new_generation_but_no_new_job(fts, op, local_ray)
+    _deleted_it_leaves_ray_and_the_store(k8s, fts, op, local_ray, namespace, path)
+
+
+def _the_job_is_built_as_the_finetune_asks(fts, op, namespace, store, ml_job_image):
+    """The Job of generation 1, as the operator built it."""
     job = wait_for(lambda: next((j for j in fts.jobs() if j["metadata"]["name"] == "bot-compress-g1"), None), 60,
                    "Job bot-compress-g1", on_timeout=op.log)
     owner = job["metadata"]["ownerReferences"][0]
@@ -53,7 +64,9 @@ def test_finetune_to_served_tenant_and_back(k8s, namespace, run_operator, local_
     assert {"name": "model-store", "hostPath": {"path": str(store), "type": "DirectoryOrCreate"}} in pod["volumes"]
     assert {"name": "tmp", "emptyDir": {}} in pod["volumes"]
 
-    # Compressed, with the figures of the real run.
+
+def _it_is_compressed_with_the_figures_of_the_real_run(fts, op, namespace, store):
+    """Compressed, with the figures of the real run; returns the delta file's path."""
     ft = fts.wait_condition("bot", "Compressed", "True", 420, log=op.log)
     delta = ft["status"]["delta"]
     path = store / "deltas" / namespace / "bot" / "g1" / "delta.safetensors"
@@ -61,12 +74,17 @@ def test_finetune_to_served_tenant_and_back(k8s, namespace, run_operator, local_
     assert delta["bytes"] == path.stat().st_size
     assert delta["compressionRatio"] > 1
     assert delta["fidelity"]["retainedImprovement"] >= 0.0
+    return path
 
-    # The quality gate: compressed, but below its minFidelity: never served.
+
+def _below_its_min_fidelity_a_delta_is_never_served(fts, op):
+    """The quality gate: compressed, but below its minFidelity: never served."""
     strict = fts.wait_condition("strict", "Compressed", "False", 420, reason="FidelityBelowThreshold", log=op.log)
     assert strict["status"]["phase"] == "Rejected"
 
-    # Served on the local Ray, Ready, and answering.
+
+def _it_is_served_on_ray_ready_and_answering(fts, op, local_ray, namespace, store):
+    """Served on the local Ray, Ready, and answering; returns (the FineTune, a completion request)."""
     ft = fts.wait_condition("bot", "Ready", "True", 420, log=lambda: op.log() + "\n" + str(local_ray.applications()))
     app = local_ray.applications()["tiny"]
     from deltafleet.serving.config import key_digest
@@ -84,8 +102,11 @@ def test_finetune_to_served_tenant_and_back(k8s, namespace, run_operator, local_
     reasons = fts.event_reasons("bot")
     assert {"JobCreated", "DeltaReady", "ApplicationRunning", "Ready"} <= set(reasons), reasons
     assert "FidelityBelowThreshold" in fts.event_reasons("strict")
+    return ft, request
 
-    # API keys: only the Secret's keys get in; the pool's config holds their digests, not them.
+
+def _only_the_secrets_keys_get_in_and_a_rotated_key_takes_over(k8s, fts, op, local_ray, namespace, ft, request, status_key):
+    """API keys: only the Secret's keys get in; the pool's config holds their digests, not them."""
     assert http_json("POST", ft["status"]["endpoint"] + "/completions", request)[0] == 401
     assert http_json("POST", ft["status"]["endpoint"] + "/completions", request, token="key-2")[0] == 401
     assert "key-1" not in str(local_ray.applications()["tiny"]) and status_key not in str(local_ray.applications()["tiny"])
@@ -96,7 +117,9 @@ def test_finetune_to_served_tenant_and_back(k8s, namespace, run_operator, local_
     assert http_json("POST", ft["status"]["endpoint"] + "/completions", request, token="key-1")[0] == 401
     fts.wait_condition("bot", "Ready", "True", 120, log=op.log)  # Ray reports the app updating while it reconfigures
 
-    # A serving change is a new generation but no new Job: only the serve config changes.
+
+def _a_serving_change_is_a_new_generation_but_no_new_job(fts, op, local_ray):
+    """Only the serve config changes."""
     fts.patch("bot", {"spec": {"serving": {"maxReplicas": 2}}})
     wait_for(lambda: local_ray.applications()["tiny"]["deployed_app_config"]["deployments"][0]
              ["autoscaling_config"]["max_replicas"] == 2, 120, "max_replicas 2 on Ray", on_timeout=op.log)
@@ -104,7 +127,9 @@ def test_finetune_to_served_tenant_and_back(k8s, namespace, run_operator, local_
     assert fts.get("bot")["status"]["observedGeneration"] == 2
     assert fts.job_names() == ["bot-compress-g1", "strict-compress-g1"]
 
-    # Delete: out of Ray, files gone (deletionPolicy Delete), the object gone.
+
+def _deleted_it_leaves_ray_and_the_store(k8s, fts, op, local_ray, namespace, path):
+    """Delete: out of Ray, files gone (deletionPolicy Delete), the object gone."""
     k8s.kubectl("-n", namespace, "delete", "finetune", "bot", "--wait=false")
     wait_for(lambda: fts.get("bot") is None, 120, "FineTune bot to disappear", on_timeout=op.log)
     # Its only served tenant left, so the pool goes: the config without it was applied before

@@ -44,6 +44,8 @@ def report_running(k8s, name, pools):
 
 
 def test_pools_in_serve_config_v2(k8s, namespace, run_operator, rayservice, store, tmp_path):
+    """Three FineTunes on two bases through KubeRay's RayService, one focused check per step
+    (the functions below), in order."""
     key_file = tmp_path / "status-key"
     key_file.write_text("pool-status-key\n")
     serve_url = f"http://127.0.0.1:{free_port()}"  # nothing listens there yet
@@ -56,7 +58,16 @@ def test_pools_in_serve_config_v2(k8s, namespace, run_operator, rayservice, stor
     pool_a, pool_b = fts.get("a1")["status"]["pool"], fts.get("b1")["status"]["pool"]
     assert fts.get("a2")["status"]["pool"] == pool_a != pool_b
 
-    # Two FineTunes on one base: one application with two tenants; another base: another one.
+    apps, digests = _one_application_per_base_with_its_tenants(k8s, rayservice, fts, op, namespace, store, pool_a, pool_b)
+    _a_running_application_without_a_replicas_report_serves_no_one(k8s, rayservice, fts, op, serve_url, pool_a, pool_b)
+    _the_replicas_reports_decide_served(fts, op, namespace, serve_url, digests, pool_a, pool_b)
+    _deleting_one_tenant_leaves_the_other_pool_untouched(k8s, rayservice, fts, op, namespace, apps, pool_a, pool_b)
+    _a_recreated_rayservice_gets_the_config_again(k8s, rayservice, op)
+
+
+def _one_application_per_base_with_its_tenants(k8s, rayservice, fts, op, namespace, store, pool_a, pool_b):
+    """Two FineTunes on one base: one application with two tenants; another base: another one.
+    Returns (the applications, each pool's status key digest)."""
     def config_has_all():
         apps = apps_by_name(serve_config(k8s, rayservice))
         return apps if set(apps) == {pool_a, pool_b} and len(tenants_of_application(apps[pool_a])) == 2 else None
@@ -72,17 +83,22 @@ def test_pools_in_serve_config_v2(k8s, namespace, run_operator, rayservice, stor
     assert apps[pool_b]["args"]["base_model"] == f"{store}/bases/tiny-b"
     assert apps[pool_a]["route_prefix"] == f"/{pool_a}"
     assert fts.condition("a1", "Served")["reason"] == "ConfigApplied"  # KubeRay has not reported yet
+    return apps, digests
 
-    # KubeRay reports both applications RUNNING, but no replica answers for its tenants: a
-    # running application alone is not a served tenant.
+
+def _a_running_application_without_a_replicas_report_serves_no_one(k8s, rayservice, fts, op, serve_url, pool_a, pool_b):
+    """KubeRay reports both applications RUNNING, but no replica answers for its tenants: a
+    running application alone is not a served tenant."""
     report_running(k8s, rayservice, [pool_a, pool_b])
     for name in ("a1", "a2", "b1"):
         ft = fts.wait_condition(name, "Served", "False", 60, reason="ReplicaStatusUnavailable", log=op.log)
         assert f"GET {serve_url}/" in fts.condition(name, "Served")["message"]
         assert fts.condition(name, "Ready")["status"] == "False" and not ft["status"].get("endpoint")
 
-    # The replicas answer (as with auth: keys: only the digest in serveConfigV2 reads them):
-    # a1 ready, a2 still loading, b1's delta failed to load.
+
+def _the_replicas_reports_decide_served(fts, op, namespace, serve_url, digests, pool_a, pool_b):
+    """The replicas answer (as with auth: keys: only the digest in serveConfigV2 reads them):
+    a1 ready, a2 still loading, b1's delta failed to load; then every one ready."""
     states = {pool_a: {f"{namespace}/a1": {"state": "ready", "error": None}, f"{namespace}/a2": {"state": "loading", "error": None}},
               pool_b: {f"{namespace}/b1": {"state": "failed", "error": "/models/deltas/b1/g1/delta.safetensors: No such file"}}}
     replicas = FakeReplicas(keyed(states.get, digests.get), port=int(serve_url.rsplit(":", 1)[1]))
@@ -106,7 +122,9 @@ def test_pools_in_serve_config_v2(k8s, namespace, run_operator, rayservice, stor
     finally:
         replicas.close()
 
-    # Deleting one tenant leaves the other pool's application byte-for-byte untouched.
+
+def _deleting_one_tenant_leaves_the_other_pool_untouched(k8s, rayservice, fts, op, namespace, apps, pool_a, pool_b):
+    """Deleting one tenant leaves the other pool's application byte-for-byte untouched."""
     before_b = apps[pool_b]
     k8s.kubectl("-n", namespace, "delete", "finetune", "a1", "--wait=false")
     wait_for(lambda: fts.get("a1") is None, 120, "FineTune a1 to disappear", on_timeout=op.log)
@@ -116,8 +134,10 @@ def test_pools_in_serve_config_v2(k8s, namespace, run_operator, rayservice, stor
     annotations = rayservice_obj(k8s, rayservice)["metadata"]["annotations"]
     assert "deltafleet.dev/serve-config-hash" in annotations
 
-    # The RayService deleted and recreated (KubeRay's recovery step, or a person): it comes back
-    # without the config, and is re-applied though no FineTune changed.
+
+def _a_recreated_rayservice_gets_the_config_again(k8s, rayservice, op):
+    """The RayService deleted and recreated (KubeRay's recovery step, or a person): it comes back
+    without the config, and is re-applied though no FineTune changed."""
     applied = serve_config(k8s, rayservice)
     k8s.kubectl("-n", RAY_NS, "delete", "rayservice", rayservice)
     k8s.kubectl("create", "--validate=strict", "-f", "-", input=render_pool(k8s, rayservice, RAY_NS))

@@ -7,7 +7,7 @@ import yaml
 from op_factories import delta_status, finetune
 
 from deltafleet.operator import serveconfig as sc
-from deltafleet.operator.controller import eligible
+from deltafleet.operator.decisions import eligible
 from deltafleet.operator import compression as comp
 from deltafleet.operator.settings import Settings
 
@@ -187,3 +187,27 @@ def replace_batch(settings, batch):
     from dataclasses import replace
 
     return replace(settings, max_batch_size=batch)
+
+
+def test_one_pool_name_rule_for_the_finetune_schema_and_the_replicas():
+    """The pool-name rule (serving.config.POOL_NAME_PATTERN) is what the CRD's schema checks
+    (spec.serving.pool), what replicas accept (AppArgs.pool) and what derived names follow."""
+    import pytest
+    from pydantic import ValidationError
+
+    from deltafleet.operator import api
+    from deltafleet.serving.config import POOL_NAME_PATTERN, ConfigError, parse_args
+
+    schema = api.Serving.model_json_schema(by_alias=True)["properties"]["pool"]["anyOf"][0]
+    assert schema["pattern"] == POOL_NAME_PATTERN
+    for name in ("llama2-7b", "a", "0x", "-a", "a-", "Llama", "a_b", "a.b", "a/b", "a" * 50):
+        try:
+            api.Serving(pool=name)
+        except ValidationError:
+            with pytest.raises(ConfigError, match="args.pool"):
+                parse_args({"pool": name, "base_model": "/m/b"})
+        else:
+            parse_args({"pool": name, "base_model": "/m/b"})
+    for ref in ({"huggingFace": "meta-llama/Llama-2-7b-hf"}, {"path": "bases/My Base (v2)!"}, {"path": "bases/___"}):
+        pool = api.derive_pool(api.ModelSource(**ref))
+        assert parse_args({"pool": pool, "base_model": "/m/b"}).pool == pool
