@@ -224,7 +224,7 @@ def paged_attention_case(b: int, nq: int, context: int, arch: int) -> dict:
     values = {"Q": nq, "L": context, "qk_scale": LOG2E / math.sqrt(d), "window": 0,
               **dict(zip(("s_ob", "s_oq", "s_oh", "s_od"), contiguous(b, nq, h, d))),
               **dict(zip(("s_qb", "s_qq", "s_qh", "s_qd"), contiguous(b, nq, h, d))),
-              **dict(zip(("s_kp", "s_kh", "s_kd"), contiguous(1, kvh, d))),  # the pool's row count is no stride
+              **dict(zip(("s_kp", "s_kh", "s_kd"), contiguous(1, kvh, d))),  # the cache's row count is no stride
               **dict(zip(("s_vp", "s_vh", "s_vd"), contiguous(1, kvh, d))),
               **dict(zip(("s_ib", "s_il"), contiguous(b, context))), **dict(zip(("s_pb", "s_pq"), contiguous(b, nq)))}
     c = {"G": g, "D": d, "HAS_WINDOW": False, "FP32": False,

@@ -92,7 +92,7 @@ def make_problem(t: int, rows_per_tenant: int, n: int, k: int, dtype, device: st
 
 def dequant_then_matmul(x, w, signs, scales, groups):
     y = F.linear(x, w)
-    for s, t in enumerate(groups.tenants):
+    for s, t in enumerate(groups.slots):
         if t >= 0:
             r = groups.rows_of(s).long()
             wt = w + scales[t].to(w.dtype) * unpack_signs(signs[t], w.dtype)
@@ -172,7 +172,7 @@ def gemlite_call(x, w, signs, scales, groups):
     try:
         n, k = w.shape
         layers = {}
-        for s, t in enumerate(groups.tenants):
+        for s, t in enumerate(groups.slots):
             if t < 0:
                 continue
             layer = GemLiteLinearTriton(W_nbits=1, group_size=k, in_features=k, out_features=n,

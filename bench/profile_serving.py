@@ -6,7 +6,7 @@ engine's parts timed as a tree in the engine thread's CPU time (time.thread_time
 processes on a shared machine take does not count, so the tree is steadier than the wall figures). torch.profiler does not see the engine's own thread and
 cProfile times one thread only, and the native bit kernel is a ctypes call neither would name, so
 the parts are wrapped with timers (inclusive CPU time per path in the call tree): the
-engine step, the model forward, each DeltaLinear (lm_head apart), inside it the base GEMM
+engine step, the model forward, each BatchedDeltaLinear (lm_head apart), inside it the base GEMM
 (F.linear), the native 1-bit kernel, the whole-matrix rows (a tenant's own lm_head), the row
 grouping, and the per-tenant norm and embedding hooks.
 
@@ -103,7 +103,7 @@ def name_parts() -> None:
     """Wrap the engine's parts; before the engine is built, so its patched model uses them."""
     wrap(engine_mod.Engine, "_step", "step")
     wrap(engine_mod.Engine, "_forward", "forward (+ sampling)")
-    wrap(layers.DeltaLinear, "forward", lambda self, x: "lm_head" if self.name == "lm_head" else "block linears")
+    wrap(layers.BatchedDeltaLinear, "forward", lambda self, x: "lm_head" if self.name == "lm_head" else "block linears")
     wrap(F, "linear", "F.linear (base GEMM)")
     wrap(cpu_native, "delta_accumulate", "native 1-bit kernel")
     wrap(layers, "_whole_rows", "whole-matrix rows")
@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     runs = report["runs"]
     lines.append("| path | " + " | ".join(runs) + " |")
     lines.append("|---|" + "---|" * len(runs))
-    for r in runs.values():  # what no wrapper names: attention, RoPE, residuals, sampling, DeltaLinear's own glue
+    for r in runs.values():  # what no wrapper names: attention, RoPE, residuals, sampling, BatchedDeltaLinear's own glue
         tree = r["tree_s"]
         for parent in [k for k in list(tree) if not k.endswith(" (rest)")]:
             kids = [v for k, v in tree.items() if k.startswith(parent + " > ") and k.count(" > ") == parent.count(" > ") + 1]

@@ -246,7 +246,7 @@ CB_DEFAULT: dict = {}
 
 def cb_sweep(engine: Engine) -> list[tuple[str, dict]]:
     """(label, ContinuousBatchingConfig fields): the engine's own settings first, then transformers' default, then
-    the sweep, whose KV pool holds as many tokens as the engine's."""
+    the sweep, whose KV cache holds as many tokens as the engine's."""
     kv_tokens = engine.kv.n_blocks * engine.kv.block_size
     return ([("engine's settings", cb_equal_settings(engine)), ("default", CB_DEFAULT)]
             + [("sweep", {**s, "num_blocks": kv_tokens // s["page_size"]}) for s in CB_SWEEP])

@@ -13,7 +13,7 @@ from deltafleet.kernels.packing import WORD_BITS
 from .linears import block_linears
 
 # Whole tensors a replica keeps per tenant in stacks (norms and the like); larger ones go to its
-# slot pools (embeddings, heads). Serving imports this: the rule below is what a replica applies.
+# slot stacks (embeddings, heads). Serving imports this: the rule below is what a replica applies.
 SMALL_PARAM_NUMEL = 1 << 16
 
 

@@ -32,6 +32,8 @@ import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from deltafleet.compress.result import DELTA_FILE
+
 SUPPORTED, REFUSED, NOT_SWEPT, FAILED = "supported", "refused", "not swept", "FAILED"
 # Shrunk in every config that has them (through the config's attribute_map for other spellings).
 TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
@@ -48,7 +50,9 @@ TOLERANCE = 1e-4  # served vs merged logits, fp32 (as the served = merged tests)
 
 
 @dataclass
-class Outcome:
+class ArchResult:
+    """What the sweep found for one model type (operator/jobs.py's Outcome is a Job's)."""
+
     model_type: str
     architecture: str
     result: str  # SUPPORTED / REFUSED / NOT_SWEPT
@@ -161,7 +165,7 @@ def run_cli(argv: list[str]) -> tuple[int, str]:
     return rc, err.getvalue()
 
 
-def round_trip(model_type: str, work: Path, calibration: Path, tok) -> Outcome:
+def round_trip(model_type: str, work: Path, calibration: Path, tok) -> ArchResult:
     """One architecture through compress → merge → reload → served; raises on a failure."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -174,7 +178,7 @@ def round_trip(model_type: str, work: Path, calibration: Path, tok) -> Outcome:
     t0 = time.time()
     pair = build_pair(model_type, work, tok)
     if isinstance(pair, str):
-        return Outcome(model_type, arch, NOT_SWEPT, pair, time.time() - t0)
+        return ArchResult(model_type, arch, NOT_SWEPT, pair, time.time() - t0)
     base, ft = pair
     rc, err = run_cli(["compress", "--base", str(base), "--finetuned", str(ft), "--out", str(work / "delta"),
                        "--steps", "2", "--samples", "8", "--eval-samples", "4", "--seq-len", "32",
@@ -183,8 +187,8 @@ def round_trip(model_type: str, work: Path, calibration: Path, tok) -> Outcome:
         lines = [ln for ln in err.splitlines() if ln.startswith("deltafleet compress: error:")]
         assert rc == 2 and len(lines) == 1, f"{model_type}: compress exited {rc} without one error line:\n{err[-2000:]}"
         why = re.sub(r"^(base|fine-tune) \S+: ", "", lines[0].removeprefix("deltafleet compress: error: "))
-        return Outcome(model_type, arch, REFUSED, why, time.time() - t0)
-    delta_path = work / "delta" / "delta.safetensors"
+        return ArchResult(model_type, arch, REFUSED, why, time.time() - t0)
+    delta_path = work / "delta" / DELTA_FILE
     rc, err = run_cli(["merge", "--base", str(base), "--delta", str(delta_path), "--out", str(work / "merged"),
                        "--dtype", "float32"])
     assert rc == 0, f"{model_type}: merge exited {rc}:\n{err[-2000:]}"
@@ -213,7 +217,7 @@ def round_trip(model_type: str, work: Path, calibration: Path, tok) -> Outcome:
     assert moved > 1e-3, f"{model_type}: the merged model equals the base (max logit change {moved:.1e})"
     engine_tokens, merged_tokens = engine_greedy(base, delta_path, merged, tok)
     assert engine_tokens == merged_tokens, f"{model_type}: the engine generates {engine_tokens}, merged {merged_tokens}"
-    return Outcome(model_type, arch, SUPPORTED, f"served = merged within {diff:.0e}; engine greedy = merged",
+    return ArchResult(model_type, arch, SUPPORTED, f"served = merged within {diff:.0e}; engine greedy = merged",
                    time.time() - t0)
 
 
@@ -245,7 +249,7 @@ def engine_greedy(base: Path, delta_path: Path, merged, tok) -> tuple[list[int],
     return got, want[: want.index(eos)] if eos in want else want
 
 
-def sweep(model_types: list[str], root: Path) -> list[Outcome]:
+def sweep(model_types: list[str], root: Path) -> list[ArchResult]:
     from deltafleet.compress.progress import quiet_library_bars
     from deltafleet.toymodels import code_text
 
@@ -264,7 +268,7 @@ def sweep(model_types: list[str], root: Path) -> list[Outcome]:
             except Exception as e:  # noqa: BLE001 - reported per architecture; the test fails on it
                 import traceback
                 tb = traceback.extract_tb(e.__traceback__)[-1]
-                out.append(Outcome(mt, causal_lm_types()[mt], FAILED, f"{type(e).__name__}: {_line(e)[:200]} "
+                out.append(ArchResult(mt, causal_lm_types()[mt], FAILED, f"{type(e).__name__}: {_line(e)[:200]} "
                                    f"({Path(tb.filename).name}:{tb.lineno})"))
         print(f"{mt:28s} {out[-1].result:10s} {out[-1].seconds:5.1f}s  {out[-1].detail[:150]}", file=sys.stderr)
     return out
@@ -273,7 +277,7 @@ def sweep(model_types: list[str], root: Path) -> list[Outcome]:
 TABLE_HEADER = ["| architecture | model_type | result | why |", "|---|---|---|---|"]
 
 
-def markdown(outcomes: list[Outcome]) -> str:
+def markdown(outcomes: list[ArchResult]) -> str:
     rows = list(TABLE_HEADER)
     for o in outcomes:
         rows.append(f"| {o.architecture} | `{o.model_type}` | {o.result} | {o.detail.replace('|', '/')} |")

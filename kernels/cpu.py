@@ -4,19 +4,19 @@ Base: one `F.linear` for the whole batch. Deltas, all segments (grouping.py) in 
 
 * **native** (the default): `cpu_native.py`, a small C kernel compiled once per machine, reads
   the packed sign words in place and expands them in registers (one AVX-512 masked add per 16
-  weights, S·x = 2·B·x − Σx), up to 4 rows of a segment per pass over a tenant's bits. Nothing
-  is cached per tenant: the bank's packed stack (N·K/8 bytes) is all it reads.
+  weights, S·x = 2·B·x − Σx), up to 4 rows of a segment per pass over a slot's bits. Nothing
+  is cached per slot: the bank's packed stack (N·K/8 bytes) is all it reads.
 
-Without a C compiler (or DELTAFLEET_CPU_KERNEL=torch), per tenant segment, one of:
+Without a C compiler (or DELTAFLEET_CPU_KERNEL=torch), per slot segment, one of:
 
-* **byte LUT** (few rows, cold tenant): x·bᵀ with bits b ∈ {0,1} is a sum over the K/8
+* **byte LUT** (few rows, cold slot): x·bᵀ with bits b ∈ {0,1} is a sum over the K/8
   sign bytes of "sum of the x entries whose bits are set in this byte". Build that table
   per row, lut[p, v] = Σ_j bit_j(v)·x[8p + j]  ([K/8, 256], a small matmul), then gather
   it with the packed bytes and sum: N·K/8 gathers instead of unpacking N·K signs. Then
   x·sᵀ = 2·x·bᵀ − rowsum(x). (The T-MAC idea, in torch.)
 * **unpack + matmul** (many rows): expand the packed bytes to ±1 through a [256, 8] table
   (one gather, ~3× faster than shift-and-mask) and run one GEMM for the segment.
-* **cached signs** (hot tenants, optional `SignCache`): keep the unpacked ±1 matrix and
+* **cached signs** (hot slots, optional `SignCache`): keep the unpacked ±1 matrix and
   just run the GEMM. 32× (fp32) or 16× (bf16) the packed bytes, so it is bounded and LRU.
 
 Measured by bench/cpu_delta.py (results/cpu-delta-cpu.json; 2 shared cores, AVX-512, 1 torch
@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from . import cpu_native
-from .grouping import TenantGroups
+from .grouping import BASE_SLOT, SlotGroups
 
 LUT_MAX_ROWS = 4
 
@@ -78,10 +78,10 @@ def signed_dot_lut(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
 
 
 class SignCache:
-    """Unpacked ±1 sign matrices of hot (layer, tenant) pairs, LRU-bounded by bytes.
+    """Unpacked ±1 sign matrices of hot (layer, slot) pairs, LRU-bounded by bytes.
 
-    Keyed by the packed stack's storage, version counter, shape and tenant: writing a new
-    tenant into a stack in place bumps its version, so a stale entry can never be hit. An
+    Keyed by the packed stack's storage, version counter, shape and slot: writing a new
+    delta into a slot of a stack in place bumps its version, so a stale entry can never be hit. An
     entry holds a reference to its stack, so the storage cannot be freed and reused."""
 
     def __init__(self, max_bytes: int) -> None:
@@ -90,15 +90,15 @@ class SignCache:
         self.hits = self.misses = 0
         self._entries: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
 
-    def get(self, signs: torch.Tensor, tenant: int, dtype: torch.dtype) -> torch.Tensor:
-        key = (signs.data_ptr(), signs._version, tuple(signs.shape), tuple(signs.stride()), tenant, dtype)
+    def get(self, signs: torch.Tensor, slot: int, dtype: torch.dtype) -> torch.Tensor:
+        key = (signs.data_ptr(), signs._version, tuple(signs.shape), tuple(signs.stride()), slot, dtype)
         entry = self._entries.get(key)
         if entry is not None:
             self.hits += 1
             self._entries.move_to_end(key)
             return entry[1]
         self.misses += 1
-        dense = unpack_signs_fast(signs[tenant], dtype)
+        dense = unpack_signs_fast(signs[slot], dtype)
         size = dense.numel() * dense.element_size()
         if size <= self.max_bytes:
             while self.bytes + size > self.max_bytes:
@@ -118,7 +118,7 @@ def delta_linear_cpu(
     base_weight: torch.Tensor,
     signs: torch.Tensor,
     scales: torch.Tensor,
-    groups: TenantGroups,
+    groups: SlotGroups,
     sign_cache: SignCache | None = None,
 ) -> torch.Tensor:
     """y = x·Wᵀ + α_t·(x·sign(Δ_t)ᵀ) per row on CPU; fp32 accumulation, returned in x's dtype."""
@@ -138,18 +138,18 @@ def delta_linear_cpu(
         return y.to(x.dtype)
     # bf16 activations lose nothing to a bf16 sign GEMM (signs are exact); fp16/fp32 use fp32.
     gemm_dtype = torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32
-    for s, tenant in enumerate(groups.tenants):
-        if tenant < 0:
+    for s, slot in enumerate(groups.slots):
+        if slot == BASE_SLOT:
             continue
         rows = groups.rows_of(s).long()
         xs = x32.index_select(0, rows)
         if sign_cache is not None:
-            dense = sign_cache.get(signs, tenant, gemm_dtype)
+            dense = sign_cache.get(signs, slot, gemm_dtype)
             d = (xs.to(gemm_dtype) @ dense.t()).float()
         elif rows.numel() <= LUT_MAX_ROWS:
-            d = signed_dot_lut(xs, signs[tenant])
+            d = signed_dot_lut(xs, signs[slot])
         else:
-            d = (xs.to(gemm_dtype) @ unpack_signs_fast(signs[tenant], gemm_dtype).t()).float()
-        alpha = scales[tenant].float()
+            d = (xs.to(gemm_dtype) @ unpack_signs_fast(signs[slot], gemm_dtype).t()).float()
+        alpha = scales[slot].float()
         y.index_add_(0, rows, d * alpha)  # alpha: scalar, or [N] broadcast over rows
     return y.to(x.dtype)

@@ -1,13 +1,13 @@
 """The CPU delta GEMV straight from the packed bits: a small C kernel, compiled once per machine.
 
 Why C: every pure-torch formulation of x·sign(Δ)ᵀ either materializes the signs (fp32 ±1 is
-32× the packed bytes, and at serving shapes the step is bound by reading them: 16 tenants of
+32× the packed bytes, and at serving shapes the step is bound by reading them: 16 slots of
 a 256×256 layer are 4 MiB of fp32 signs against 128 KiB of bits) or runs one small op per
-tenant and row (gather/embedding_bag LUTs, int8 GEMMs that reorder their weights per call),
+slot and row (gather/embedding_bag LUTs, int8 GEMMs that reorder their weights per call),
 each slower than the cached fp32 GEMM it replaces (numbers: cpu.py). Expanding bits in
 registers, as the GPU kernels do, is what none of torch's CPU ops offers.
 
-The kernel, for every segment of rows (grouping.py) whose tenant t >= 0 and every output n:
+The kernel, for every segment of rows (grouping.py) whose slot t >= 0 (not BASE_SLOT) and every output n:
 
     y[m, n] += α_t[n] · (2·Σ_k bit[n, k]·x[m, k] − Σ_k x[m, k])       (S·x = 2·B·x − Σx)
 
@@ -17,7 +17,7 @@ load and 4 independent accumulators per row. With AVX2 only (most AMD CPUs befor
 byte becomes an 8-lane mask by a broadcast, an AND with the lanes' bits and a compare, built
 once per column and 8 weights and shared by the rows (an AND and an add per row). Elsewhere
 a plain C loop.
-fp32 accumulation throughout; the packed bits are read in place (nothing cached per tenant).
+fp32 accumulation throughout; the packed bits are read in place (nothing cached per slot).
 
 Compiled with the system C compiler (`cc`, -O3 -march=native) into a cache directory
 ($DELTAFLEET_CPU_KERNEL_DIR, else ~/.cache/deltafleet, else the temp dir) keyed by the source,
@@ -41,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-from .grouping import TenantGroups
+from .grouping import SlotGroups
 
 SOURCE = r"""
 #include <stdint.h>
@@ -148,19 +148,20 @@ static float bit_dot(const float *x, const int32_t *words, int64_t k) {
 }
 #endif
 
-/* y[m, :] += alpha_t * (x[m] . sign(D_t)^T) for every row m of every segment with tenant t >= 0.
+/* y[m, :] += alpha_t * (x[m] . sign(D_t)^T) for every row m of every segment with slot t >= 0
+   (a segment of slot -1, BASE_SLOT in Python, is the base alone: skipped).
    x [M, K] fp32 (row stride ldx), y [M, N] fp32 (row stride ldy), signs int32 words with
    strides (st, sn) and unit stride along K/32, scales with strides (sct, scn) (scn = 0: one per matrix),
-   order [M] / seg_start [S + 1] / seg_tenant [S] int32 as grouping.py builds them. K % 32 == 0. */
+   order [M] / seg_start [S + 1] / seg_slot [S] int32 as grouping.py builds them. K % 32 == 0. */
 void deltafleet_delta_accumulate(const float *x, int64_t ldx, int64_t k, int64_t n,
                                  const int32_t *signs, int64_t st, int64_t sn,
                                  const float *scales, int64_t sct, int64_t scn,
-                                 const int32_t *order, const int32_t *seg_start, const int32_t *seg_tenant,
+                                 const int32_t *order, const int32_t *seg_start, const int32_t *seg_slot,
                                  int64_t nseg, float *y, int64_t ldy) {
     for (int64_t s = 0; s < nseg; s++) {
-        int32_t t = seg_tenant[s];
-        if (t < 0) continue;
-        const int32_t *tw = signs + t * st;
+        int32_t t = seg_slot[s];
+        if (t < 0) continue;  /* BASE_SLOT */
+        const int32_t *sw = signs + t * st;  /* the slot's sign words */
         const float *alpha = scales + t * sct;
         int32_t a = seg_start[s], e = seg_start[s + 1];
         while (a < e) {
@@ -179,16 +180,16 @@ void deltafleet_delta_accumulate(const float *x, int64_t ldx, int64_t k, int64_t
             for (int64_t j = 0; j < n; j += NB) {
                 int nn = n - j < NB ? (int)(n - j) : NB;
                 float out[32];  /* [R][NB], row-major */
-                if (R == 4) tile_r4(xr, R, tw + j * sn, sn, nn, k, (float (*)[NB4])out);
-                else if (R == 2) tile_r2(xr, R, tw + j * sn, sn, nn, k, (float (*)[NB2])out);
-                else tile_r1(xr, R, tw + j * sn, sn, nn, k, (float (*)[NB1])out);
+                if (R == 4) tile_r4(xr, R, sw + j * sn, sn, nn, k, (float (*)[NB4])out);
+                else if (R == 2) tile_r2(xr, R, sw + j * sn, sn, nn, k, (float (*)[NB2])out);
+                else tile_r1(xr, R, sw + j * sn, sn, nn, k, (float (*)[NB1])out);
                 for (int r = 0; r < R; r++)
                     for (int q = 0; q < nn; q++) yr[r][j + q] += alpha[(j + q) * scn] * (2.0f * out[r * NB + q] - sum[r]);
             }
 #else
             for (int64_t j = 0; j < n; j++)
                 for (int r = 0; r < R; r++)
-                    yr[r][j] += alpha[j * scn] * (2.0f * bit_dot(xr[r], tw + j * sn, k) - sum[r]);
+                    yr[r][j] += alpha[j * scn] * (2.0f * bit_dot(xr[r], sw + j * sn, k) - sum[r]);
 #endif
             a += R;
         }
@@ -281,10 +282,10 @@ def load() -> ctypes.CDLL | None:
         return _lib
 
 
-def check_arguments(y: torch.Tensor, x: torch.Tensor, signs: torch.Tensor, scales: torch.Tensor, groups: TenantGroups) -> None:
+def check_arguments(y: torch.Tensor, x: torch.Tensor, signs: torch.Tensor, scales: torch.Tensor, groups: SlotGroups) -> None:
     """Everything the C code indexes with, checked first: it has no bounds checks of its own, so a
     wrong shape or grouping would read or write outside the tensors instead of raising. Shapes
-    are checked per call (attribute reads); the groups once per step (`TenantGroups.problem`)."""
+    are checked per call (attribute reads); the groups once per step (`SlotGroups.problem`)."""
     m, k = x.shape
     n = y.shape[1]
     if not (x.dtype == y.dtype == scales.dtype == torch.float32 and signs.dtype == torch.int32):
@@ -297,30 +298,30 @@ def check_arguments(y: torch.Tensor, x: torch.Tensor, signs: torch.Tensor, scale
         raise ValueError(f"cpu bit kernel: signs {tuple(signs.shape)} / scales {tuple(scales.shape)} do not fit x [{m}, {k}] -> y [{m}, {n}]")
     if scales.dim() == 2 and scales.shape[1] != n:
         raise ValueError(f"cpu bit kernel: per-row scales {tuple(scales.shape)} do not have N = {n} columns")
-    for t in (groups.order, groups.seg_start, groups.seg_tenant):
+    for t in (groups.order, groups.seg_start, groups.seg_slot):
         if t.dtype != torch.int32 or not t.is_contiguous() or t.device.type != "cpu":
-            raise ValueError("cpu bit kernel: the groups' order, seg_start and seg_tenant must be contiguous int32 CPU tensors")
+            raise ValueError("cpu bit kernel: the groups' order, seg_start and seg_slot must be contiguous int32 CPU tensors")
     if groups.num_rows != m:
         raise ValueError(f"cpu bit kernel: groups for {groups.num_rows} rows, x has {m}")
     if groups.problem is not None:
         raise ValueError(f"cpu bit kernel: {groups.problem}")
-    if groups.tenants and max(groups.tenants) >= signs.shape[0]:
-        raise ValueError(f"cpu bit kernel: a segment's tenant {max(groups.tenants)} is outside the stack of {signs.shape[0]}")
+    if groups.slots and max(groups.slots) >= signs.shape[0]:
+        raise ValueError(f"cpu bit kernel: a segment's slot {max(groups.slots)} is outside the stack of {signs.shape[0]}")
 
 
 def delta_accumulate(lib: ctypes.CDLL, y: torch.Tensor, x: torch.Tensor, signs: torch.Tensor, scales: torch.Tensor,
-                     groups: TenantGroups) -> None:
+                     groups: SlotGroups) -> None:
     """y [M, N] fp32 += α_t·(x·sign(Δ_t)ᵀ) per row, in place. x [M, K] fp32; both with unit inner stride;
     signs [T, N, K/32] int32 with unit stride along K/32; groups: grouping.py's segments of x's rows."""
     m, k = x.shape
     n = y.shape[1]
     check_arguments(y, x, signs, scales, groups)
-    order, seg_start, seg_tenant = groups.order, groups.seg_start, groups.seg_tenant
+    order, seg_start, seg_slot = groups.order, groups.seg_start, groups.seg_slot
     sct, scn = (scales.stride(0), scales.stride(1)) if scales.dim() == 2 else (scales.stride(0), 0)
     lib.deltafleet_delta_accumulate(
         x.data_ptr(), x.stride(0), k, n,
         signs.data_ptr(), signs.stride(0), signs.stride(1),
         scales.data_ptr(), sct, scn,
-        order.data_ptr(), seg_start.data_ptr(), seg_tenant.data_ptr(), seg_tenant.numel(),
+        order.data_ptr(), seg_start.data_ptr(), seg_slot.data_ptr(), seg_slot.numel(),
         y.data_ptr(), y.stride(0),
     )

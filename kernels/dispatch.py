@@ -1,6 +1,6 @@
 """`delta_linear`: the one entry point layers call. Picks the path for the device.
 
-    y[m] = x[m]·W_baseᵀ + scales[t]·(x[m]·sign(Δ_t)ᵀ),  t = tenant_of_row[m]  (-1: base only)
+    y[m] = x[m]·W_baseᵀ + scales[t]·(x[m]·sign(Δ_t)ᵀ),  t = slot_of_row[m]  (BASE_SLOT: base only)
 
 * CUDA: the `deltafleet::delta_linear` custom op (torch.library), so torch.compile and
   CUDA-graph capture see one opaque op with a fake (meta) implementation. Inside it:
@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from .cpu import SignCache, delta_linear_cpu
-from .grouping import TenantGroups, group_rows
+from .grouping import SlotGroups, group_rows
 from .validation import check_delta_linear_args, check_rows
 
 
@@ -36,23 +36,23 @@ def delta_linear(
     base_weight: torch.Tensor,
     signs: torch.Tensor,
     scales: torch.Tensor,
-    tenant_of_row: torch.Tensor,
+    slot_of_row: torch.Tensor,
     *,
-    groups: TenantGroups | None = None,
+    groups: SlotGroups | None = None,
     sign_cache: SignCache | None = None,
     backend: str | None = None,
 ) -> torch.Tensor:
     """[M, K] x -> [M, N] in x's dtype. Shapes and the packing layout: reference.py, packing.py."""
     m, _, _, t = check_delta_linear_args(x, base_weight, signs, scales)
-    check_rows(tenant_of_row, m, x.device)
+    check_rows(slot_of_row, m, x.device)
     if groups is not None:
         if groups.num_rows != m:
             raise ValueError(f"groups cover {groups.num_rows} rows but x has M={m}")
-        if groups.tenants and groups.tenants[-1] >= t:  # tenants are sorted; a kernel would read past the stack
-            raise ValueError(f"groups name tenant {groups.tenants[-1]}, but the signs stack has {t} tenants")
+        if groups.slots and groups.slots[-1] >= t:  # slots are sorted; a kernel would read past the stack
+            raise ValueError(f"groups name slot {groups.slots[-1]}, but the signs stack has {t} slots")
     backend = backend or ("triton" if x.is_cuda else "cpu")
     if backend == "cpu":
-        return delta_linear_cpu(x, base_weight, signs, scales, groups or group_rows(tenant_of_row, t), sign_cache)
+        return delta_linear_cpu(x, base_weight, signs, scales, groups or group_rows(slot_of_row, t), sign_cache)
     if backend != "triton":
         raise ValueError(f"backend must be 'cpu' or 'triton', got {backend!r}")
     if x.is_cuda and x.dtype == torch.float32:
@@ -60,7 +60,7 @@ def delta_linear(
             "fp32 activations on CUDA are not supported by the Triton delta kernels (fp32 tiles double "
             "the registers and bytes of the fp16/bf16 ones): run the model in float16 or bfloat16"
         )
-    return torch.ops.deltafleet.delta_linear(x, base_weight, signs, scales, tenant_of_row)
+    return torch.ops.deltafleet.delta_linear(x, base_weight, signs, scales, slot_of_row)
 
 
 @torch.library.custom_op("deltafleet::delta_linear", mutates_args=())

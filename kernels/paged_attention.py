@@ -1,22 +1,22 @@
-"""Paged attention: queries attend to K/V read in place from the paged pool, flash-attention style.
+"""Paged attention: queries attend to K/V read in place from the paged KV cache, flash-attention style.
 
     q        [b, Q, H, D]    the group's queries (b sequences, Q queries each, padding included)
-    k_pool   [P, KVH, D]     one layer's pool of flat positions (serving/paged_kv.py KVPool.k[layer])
-    v_pool   [P, KVH, D]
-    kv_index [b, L]          flat pool position of each context position of each sequence
+    k_cache  [P, KVH, D]     one layer's cache of flat positions (serving/paged_kv.py PagedKVCache.k[layer])
+    v_cache  [P, KVH, D]
+    kv_index [b, L]          flat cache position of each context position of each sequence
     q_pos    [b, Q]          position of each query in its sequence
     o        [b, Q, H, D]    in q's dtype
 
 Key position j of sequence i is seen by query (i, t) iff j <= q_pos[i, t] (and, with a sliding
 window w, q_pos[i, t] - j < w): the causal mask also keeps a query inside its own context, so
-kv_index past it may point anywhere valid (padding rows point at the pool's scratch block).
+kv_index past it may point anywhere valid (padding rows point at the cache's scratch block).
 
 * **One program per (sequence, KV head, block of query rows).** Its rows are the sequence's
   (query t, head g) pairs of that KV head's group, row = t * G + g (G = H / KVH), so a K/V
   tile is loaded once for all the query heads that share it (GQA; G = 1 is MHA) and a decode
   step (Q = 1) still fills the tl.dot M of 16 with G heads plus masked rows.
 * **Blocks read in place.** Each BLOCK_N tile of context positions loads its kv_index entries
-  and then the K/V rows at those pool positions: no gathered copy of the context.
+  and then the K/V rows at those cache positions: no gathered copy of the context.
 * **Online softmax** over the tiles (running max and sum in fp32, exp2 with log2(e) folded
   into the scale), fp32 accumulators, one rescale per tile; the output is cast once.
 * **Only the tiles a program's rows can see:** from the window's first tile (0 without a
@@ -86,7 +86,7 @@ def _paged_attention_kernel(
     for start in range(lo, hi, BLOCK_N):
         j = start + tl.arange(0, BLOCK_N)  # [BLOCK_N] context positions
         j_ok = j < hi
-        idx = tl.load(kv_index_ptr + seq * s_ib + j * s_il, mask=j_ok, other=0).to(tl.int64)  # [BLOCK_N] pool positions
+        idx = tl.load(kv_index_ptr + seq * s_ib + j * s_il, mask=j_ok, other=0).to(tl.int64)  # [BLOCK_N] cache positions
         kt = tl.load(k_ptr + idx[None, :] * s_kp + kvh * s_kh + d[:, None] * s_kd,
                      mask=j_ok[None, :], other=0.0).to(q.dtype)  # [D, BLOCK_N]
         v = tl.load(v_ptr + idx[:, None] * s_vp + kvh * s_vh + d[None, :] * s_vd,
@@ -115,19 +115,19 @@ def check_head_dim(d: int) -> None:
         raise ValueError(f"paged attention: head_dim {d} is not supported (a power of two >= 16)")
 
 
-def paged_attention_triton(q, k_pool, v_pool, kv_index, q_pos, scale, sliding_window=None,
+def paged_attention_triton(q, k_cache, v_cache, kv_index, q_pos, scale, sliding_window=None,
                            block_m=None, block_n=None):
-    """q [b, Q, H, D], k_pool/v_pool [P, KVH, D], kv_index [b, L], q_pos [b, Q] -> o [b, Q, H, D].
+    """q [b, Q, H, D], k_cache/v_cache [P, KVH, D], kv_index [b, L], q_pos [b, Q] -> o [b, Q, H, D].
 
     Shapes and the mask: module docstring. scale multiplies q·k (None: 1/sqrt(D)). The grid
     depends only on shapes, so the call replays in a CUDA graph with any kv_index/q_pos."""
     b, nq, h, d = q.shape
-    kvh = k_pool.shape[1]
+    kvh = k_cache.shape[1]
     check_head_dim(d)
     if h % kvh:
         raise ValueError(f"paged attention: {h} query heads are not a multiple of {kvh} KV heads")
-    if k_pool.shape[2] != d or v_pool.shape != k_pool.shape:
-        raise ValueError(f"paged attention: pools {tuple(k_pool.shape)}/{tuple(v_pool.shape)} do not fit head_dim {d}")
+    if k_cache.shape[2] != d or v_cache.shape != k_cache.shape:
+        raise ValueError(f"paged attention: caches {tuple(k_cache.shape)}/{tuple(v_cache.shape)} do not fit head_dim {d}")
     if kv_index.shape[0] != b or tuple(q_pos.shape) != (b, nq):
         raise ValueError(f"paged attention: kv_index {tuple(kv_index.shape)} / q_pos {tuple(q_pos.shape)} do not fit q {tuple(q.shape)}")
     g = h // kvh
@@ -138,9 +138,9 @@ def paged_attention_triton(q, k_pool, v_pool, kv_index, q_pos, scale, sliding_wi
     o = torch.empty((b, nq, h, d), dtype=q.dtype, device=q.device)
     grid = (b, kvh, triton.cdiv(nq * g, block_m))
     _paged_attention_kernel[grid](
-        o, q, k_pool, v_pool, kv_index, q_pos,
+        o, q, k_cache, v_cache, kv_index, q_pos,
         nq, length, scale * LOG2E, sliding_window or 0,
-        *o.stride(), *q.stride(), *k_pool.stride(), *v_pool.stride(), *kv_index.stride(), *q_pos.stride(),
+        *o.stride(), *q.stride(), *k_cache.stride(), *v_cache.stride(), *kv_index.stride(), *q_pos.stride(),
         G=g, D=d, HAS_WINDOW=sliding_window is not None, FP32=q.dtype == torch.float32 or (INTERPRETED and q.dtype == torch.bfloat16),
         BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4, num_stages=2,
     )

@@ -1,19 +1,20 @@
 """The definition of `delta_linear`, in plain fp32 torch. Every fast path is tested against it.
 
-For every row m of x, with t = tenant_of_row[m]:
+For every row m of x, with t = slot_of_row[m] (a slot: an index into the stacked deltas):
 
     y[m] = x[m] · W_baseᵀ + scales[t] · (x[m] · sign(Δ_t)ᵀ)        (t >= 0)
-    y[m] = x[m] · W_baseᵀ                                          (t == -1: the base itself)
+    y[m] = x[m] · W_baseᵀ                                          (t == BASE_SLOT == -1: the base itself)
 
-Shapes: x [M, K]; base_weight [N, K]; signs [T, N, K // 32] int32 (layout in packing.py);
-scales [T] (one per matrix, as in the paper) or [T, N] (one per output row);
-tenant_of_row [M] integer in [-1, T). Returns fp32 [M, N].
+Shapes: x [M, K]; base_weight [N, K]; signs [T, N, K // 32] int32 (layout in packing.py),
+T slots; scales [T] (one per matrix, as in the paper) or [T, N] (one per output row);
+slot_of_row [M] integer in [BASE_SLOT, T). Returns fp32 [M, N].
 """
 
 from __future__ import annotations
 
 import torch
 
+from .grouping import BASE_SLOT
 from .packing import unpack_signs
 
 
@@ -22,14 +23,14 @@ def delta_linear_reference(
     base_weight: torch.Tensor,
     signs: torch.Tensor,
     scales: torch.Tensor,
-    tenant_of_row: torch.Tensor,
+    slot_of_row: torch.Tensor,
 ) -> torch.Tensor:
     x32 = x.float()
     y = x32 @ base_weight.float().t()
-    for t in torch.unique(tenant_of_row).tolist():
-        if t < 0:
+    for t in torch.unique(slot_of_row).tolist():
+        if t == BASE_SLOT:
             continue
-        rows = tenant_of_row == t
+        rows = slot_of_row == t
         s = unpack_signs(signs[t], torch.float32)  # [N, K]
         y[rows] += (x32[rows] @ s.t()) * scales[t].float()
     return y

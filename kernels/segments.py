@@ -1,11 +1,11 @@
-"""Tenant-segment metadata built on the device, without a host sync (graph-safe).
+"""Slot-segment metadata built on the device, without a host sync (graph-safe).
 
 The prefill delta kernel (triton_delta.py) walks rows grouped by slot, Punica-SGMV style,
 in row tiles of BLOCK_M rows. `SegmentMeta.fill(slot_of_row)` computes, with device ops only
 (stable sort, cumsum, scatter, searchsorted — no torch.unique, no .item()/.tolist()):
 
     order     [M]    int32  row indices sorted by slot (ties keep batch order)
-    tile_slot [CAP]  int32  the slot of row tile i (-1: no work — base rows or past the end)
+    tile_slot [CAP]  int32  the slot of row tile i (BASE_SLOT = -1: no work — base rows or past the end)
     tile_lo   [CAP]  int32  tile i covers order[tile_lo[i] : tile_hi[i]] (<= BLOCK_M rows)
     tile_hi   [CAP]  int32
 
@@ -24,6 +24,8 @@ import weakref
 from typing import NamedTuple
 
 import torch
+
+from .grouping import BASE_SLOT
 
 
 def tile_cap(m: int, num_slots: int, block_m: int) -> int:
@@ -47,12 +49,12 @@ class SegmentMeta:
         self.max_rows, self.num_slots, self.block_m = max_rows, num_slots, block_m
         cap = tile_cap(max_rows, num_slots, block_m)
         self.order = torch.zeros(max_rows, dtype=torch.int32, device=device)
-        self.tile_slot = torch.full((cap,), -1, dtype=torch.int32, device=device)
+        self.tile_slot = torch.full((cap,), BASE_SLOT, dtype=torch.int32, device=device)
         self.tile_lo = torch.zeros(cap, dtype=torch.int32, device=device)
         self.tile_hi = torch.zeros(cap, dtype=torch.int32, device=device)
 
     def fill(self, slot_of_row: torch.Tensor) -> Segments:
-        """Write the metadata of `slot_of_row` [M] (values in [-1, num_slots)) in place; no host sync."""
+        """Write the metadata of `slot_of_row` [M] (values in [BASE_SLOT, num_slots)) in place; no host sync."""
         m, bm, dev = slot_of_row.shape[0], self.block_m, slot_of_row.device
         if not 0 < m <= self.max_rows:
             raise ValueError(f"{m} rows do not fit segment buffers for 1..{self.max_rows} rows")
@@ -67,9 +69,9 @@ class SegmentMeta:
         # Segment s spans sorted positions [seg_lo[s], seg_hi[s]); unused segments are empty (lo = hi = M).
         seg_lo = torch.full((m,), m, dtype=torch.int64, device=dev).scatter_reduce(0, seg, pos, "amin", include_self=False)
         seg_hi = torch.full((m,), m, dtype=torch.int64, device=dev).scatter_reduce(0, seg, pos + 1, "amax", include_self=False)
-        seg_slot = torch.full((m,), -1, dtype=torch.int64, device=dev).scatter(0, seg, keys)  # one value per segment
-        # Base-only segments (slot -1) get no tiles: the delta kernel has nothing to add there.
-        tiles = torch.where(seg_slot >= 0, (seg_hi - seg_lo + bm - 1) // bm, 0)  # [M]
+        seg_slot = torch.full((m,), BASE_SLOT, dtype=torch.int64, device=dev).scatter(0, seg, keys)  # one value per segment
+        # Base-only segments (BASE_SLOT) get no tiles: the delta kernel has nothing to add there.
+        tiles = torch.where(seg_slot != BASE_SLOT, (seg_hi - seg_lo + bm - 1) // bm, 0)  # [M]
         tile_end = torch.cumsum(tiles, 0)  # [M]
         i = torch.arange(cap, device=dev)  # [CAP]
         s = torch.searchsorted(tile_end, i, right=True).clamp_(max=m - 1)  # [CAP] segment of tile i
@@ -79,7 +81,7 @@ class SegmentMeta:
         hi = torch.minimum(lo + bm, seg_hi.index_select(0, s))
         out = Segments(self.order[:m], self.tile_slot[:cap], self.tile_lo[:cap], self.tile_hi[:cap], cap)
         out.order.copy_(order)
-        out.tile_slot.copy_(torch.where(valid, seg_slot.index_select(0, s), -1))
+        out.tile_slot.copy_(torch.where(valid, seg_slot.index_select(0, s), BASE_SLOT))
         out.tile_lo.copy_(torch.where(valid, lo, 0))
         out.tile_hi.copy_(torch.where(valid, hi, 0))
         return out

@@ -38,7 +38,7 @@ y = x·W_baseᵀ + α_t·(x·S_tᵀ) with S = ±1, split by what each part costs
 * **Split-K** when N / BLOCK_N alone cannot fill the GPU (launch_table.split_k_for): the K
   range is cut in SPLIT_K parts whose fp32 partials are added atomically into a zeroed
   fp32 output.
-* **Absent deltas skipped.** Rows with slot -1 (the base) or a zero per-matrix scale load
+* **Absent deltas skipped.** Rows with slot BASE_SLOT (-1: the base) or a zero per-matrix scale load
   no sign words (masked off); a program none of whose rows has a delta runs the base-only
   loop (tl.dot alone), so an all-base batch costs what a tensor-core GEMV costs.
 
@@ -281,7 +281,7 @@ def _decode_kernel(
     n_ok = offs_n < N
     rows = tl.minimum(offs_r, M - 1).to(tl.int64)  # clamped: x and W loads need no row/column masks
     cols = tl.minimum(offs_n, N - 1).to(tl.int64)
-    slot = tl.load(slot_ptr + offs_r, mask=m_ok, other=-1).to(tl.int64)  # [ROWS], -1 = the base
+    slot = tl.load(slot_ptr + offs_r, mask=m_ok, other=-1).to(tl.int64)  # [ROWS]; -1 = BASE_SLOT (grouping.py): the base
     slot_safe = tl.maximum(slot, 0)
     has = (slot >= 0)[:, None] & n_ok[None, :]  # [ROWS, BLOCK_N]
     if SCALE_PER_ROW:

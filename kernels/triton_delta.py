@@ -13,7 +13,7 @@ and per K step
 * feeds tl.dot with the gathered x rows (rows of one slot share the tile: Punica SGMV).
 
 Graph-safe: the grid is (CAP, N / BLOCK_N) with CAP from segments.tile_cap (host ints);
-tiles past the batch's real tile count read slot -1 and exit at once.
+tiles past the batch's real tile count read slot BASE_SLOT (-1) and exit at once.
 """
 
 # No `from __future__ import annotations`: the interpreter must see `tl.constexpr` objects, not strings.
@@ -35,7 +35,7 @@ def _prefill_delta_kernel(
     pid_t = tl.program_id(0)  # row tiles vary fastest: neighbouring programs share x tiles
     pid_n = tl.program_id(1)
     slot = tl.load(tile_slot_ptr + pid_t)
-    if slot < 0:  # base-only rows, or a tile past the end of this batch's map
+    if slot < 0:  # BASE_SLOT: base-only rows, or a tile past the end of this batch's map
         return
     lo = tl.load(tile_lo_ptr + pid_t)
     hi = tl.load(tile_hi_ptr + pid_t)

@@ -12,7 +12,7 @@ CUDA graph, so a decode step with a tenant's whole lm_head would run eagerly.
 
 * **Grid fixed by shapes.** Program (j, i) owns output columns tile j of the i-th group that
   has rows: the grid is (cdiv(N, BLOCK_N), min(E, M)) whatever the rows' mix (M rows fill at
-  most M groups; a GPU pool holds all n_slots entries, mostly idle in a decode step). Each
+  most M groups; on a GPU a slot stack holds all n_slots entries, mostly idle in a decode step). Each
   program finds its group from offs on the device (a cumsum over the E groups' sizes); one
   left without a group exits without reading W. So a CUDA graph captured with one mix
   replays with any other.

@@ -12,7 +12,7 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 def check_delta_linear_args(
     x: torch.Tensor, base_weight: torch.Tensor, signs: torch.Tensor, scales: torch.Tensor
 ) -> tuple[int, int, int, int]:
-    """Validate shapes, dtypes and devices; returns (M, N, K, T)."""
+    """Validate shapes, dtypes and devices; returns (M, N, K, T), T = slots in the stack."""
     if base_weight.dim() != 2:
         raise ValueError(f"base_weight must be 2-D [N, K], got shape {tuple(base_weight.shape)}")
     n, kw = base_weight.shape
@@ -50,8 +50,8 @@ def check_delta_args(x: torch.Tensor, signs: torch.Tensor, scales: torch.Tensor)
     return m, k, t
 
 
-def check_rows(tenant_of_row: torch.Tensor, m: int, device: torch.device) -> None:
-    if tenant_of_row.dim() != 1 or tenant_of_row.shape[0] != m:
-        raise ValueError(f"tenant_of_row must be [M={m}], got shape {tuple(tenant_of_row.shape)}")
-    if tenant_of_row.device != device:
-        raise ValueError(f"device mismatch: x is on {device} but tenant_of_row is on {tenant_of_row.device}")
+def check_rows(slot_of_row: torch.Tensor, m: int, device: torch.device) -> None:
+    if slot_of_row.dim() != 1 or slot_of_row.shape[0] != m:
+        raise ValueError(f"slot_of_row must be [M={m}], got shape {tuple(slot_of_row.shape)}")
+    if slot_of_row.device != device:
+        raise ValueError(f"device mismatch: x is on {device} but slot_of_row is on {slot_of_row.device}")

@@ -24,7 +24,10 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .config import BASE_ALIASES, TENANT_STATUS_ROUTE, AppArgs, ConfigError, key_digest, parse_args, parse_tenants, resolve_uri
+from .config import (
+    BASE_ALIASES, DEPLOYMENT, TENANT_STATUS_ROUTE, AppArgs, ConfigError, TenantLoadState, TenantStatesReport, key_digest,
+    parse_args, parse_tenants, resolve_uri,
+)
 from .engine import BASE_TENANT, BadRequest, Engine, EngineError, Event, UnknownTenant
 from .openai_api import (
     ChatRequest, CompletionRequest, chat_body, chat_prompt, completion_body, error_body, models_body, new_id, usage,
@@ -166,7 +169,7 @@ async def submitted(submit):
 MAX_ONGOING_REQUESTS = 2 * AppArgs.model_fields["max_batch_size"].default + AppArgs.model_fields["max_queue"].default
 
 
-@serve.deployment(name="DeltaServer", max_ongoing_requests=MAX_ONGOING_REQUESTS, health_check_period_s=10)
+@serve.deployment(name=DEPLOYMENT, max_ongoing_requests=MAX_ONGOING_REQUESTS, health_check_period_s=10)
 @serve.ingress(api)
 class DeltaServer:
     def __init__(self, args: dict) -> None:
@@ -176,14 +179,7 @@ class DeltaServer:
         from .metrics import PoolMetrics
 
         self.metrics = PoolMetrics(a.pool)
-        self.engine = Engine(
-            a.base_model, device=a.device, dtype=a.dtype, max_batch_size=a.max_batch_size, max_queue=a.max_queue,
-            gpu_bank_bytes=a.gpu_bank_bytes, cpu_bank_bytes=a.cpu_bank_bytes, load_timeout_s=a.load_timeout_s,
-            kv_cache_bytes=a.kv_cache_bytes, block_size=a.kv_block_size, max_step_tokens=a.max_step_tokens,
-            decode_mode=a.decode_mode, prefix_caching=a.prefix_caching, on_step=self.metrics.step,
-            queue_timeout_s=a.queue_timeout_s, max_queue_per_tenant=a.max_queue_per_tenant,
-            kv_growth_horizon=a.kv_growth_horizon,
-        )
+        self.engine = Engine.from_args(a, on_step=self.metrics.step)
         self.base_names = (a.pool, *BASE_ALIASES)
         self.uris: dict[str, str] = {}
         self.key_tenants: dict[str, frozenset[str]] = {}  # key digest -> the tenants it may call
@@ -257,17 +253,15 @@ class DeltaServer:
 
     @api.get(TENANT_STATUS_ROUTE)
     async def tenant_states(self, request: Request):
-        """Each tenant's load state on this replica (the operator's Served condition reads it):
-        {"replica": id, "tenants": {name: {"state": loading|ready|failed, "error": str|None}}}.
+        """Each tenant's load state on this replica as a TenantStatesReport (the operator's Served
+        condition reads it): {"replica": id, "tenants": {name: {"state": loading|ready|failed, "error": str|None}}}.
         With auth: keys only the pool status key reads it; any other caller gets an unknown route's 404."""
         if not self._may_read_states(request):
             return _no_such_route()
-        tenants = {}
-        for name in self.engine.bank.names():
-            t = self.engine.bank.status(name)
-            if t is not None:
-                tenants[name] = {"state": t.status, "error": t.error}
-        return {"replica": _replica_id(), "tenants": tenants}
+        bank = self.engine.bank
+        held = {name: t for name in bank.names() if (t := bank.status(name)) is not None}
+        tenants = {name: TenantLoadState(state=t.status, error=t.error) for name, t in held.items()}
+        return TenantStatesReport(replica=_replica_id(), tenants=tenants).model_dump(mode="json")
 
     @api.post("/v1/completions")
     async def completions(self, body: CompletionRequest, request: Request):

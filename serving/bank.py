@@ -7,7 +7,7 @@ scales are zero for modules its delta does not compress (zero contribution). Lin
 are a stack too, [n_slots + 1, N] with row 0 the base's and row s + 1 slot s's (the
 fine-tune's bias where the delta stores it, else the base's), gathered per row. Norm
 weights are stacks the same way. Embedding tables, output heads and 1-bit embeddings live in
-`SlotPool`s that grow with the slots using them (serving/slot_pool.py), gathered per row or
+`SlotStack`s that grow with the slots using them (serving/slot_stack.py), gathered per row or
 applied in one grouped GEMM. A delta storing whole parameters of any other kind of module
 is refused when read (there is no per-token path for it).
 n_slots = gpu_bank_bytes // (bytes of one slot's signs and scales), at least one, at most MAX_SLOTS.
@@ -38,8 +38,8 @@ from torch import nn
 from deltafleet.compress.format import Delta, DeltaError, DeltaMissing, check_against_model, load_delta
 from deltafleet.compress.linears import block_lists
 
-from .layers import DeltaLinear, embedding_supports_1bit, small_param_modules
-from .slot_pool import SlotPool
+from .layers import BatchedDeltaLinear, embedding_supports_1bit, small_param_modules
+from .slot_stack import SlotStack
 
 LOADING, READY, FAILED = "loading", "ready", "failed"
 MAX_SLOTS = 256
@@ -47,7 +47,9 @@ log = logging.getLogger("deltafleet.serving")
 
 
 @dataclass
-class Tenant:
+class BankEntry:
+    """One registered tenant's delta in the bank: its file, load state and device slot (if any)."""
+
     name: str
     path: Path
     status: str = LOADING
@@ -93,32 +95,22 @@ class DeltaBank:
         self.slot_bytes = sum(n * (k // 32) * 4 + n * 4 for n, k in linears.values())
         # Whole tensors count in the budget: each slot reserves room for the largest whole
         # tensors a delta may carry (its embedding table, head and 1-bit embeddings, in the
-        # slot pools, which grow only as tenants use them) and for its norm and bias rows.
+        # slot stacks, which grow only as tenants use them) and for its norm and bias rows.
         self.slot_whole_bytes = _whole_bytes_per_slot(model, linears, dtype)
         # The stack is allocated up front, so the budget is reserved; MAX_SLOTS keeps a large
         # budget over a tiny model from allocating thousands of slots nobody will fill.
         self.n_slots = min(MAX_SLOTS, max(1, gpu_bank_bytes // max(1, self.slot_bytes + self.slot_whole_bytes)))
-        self.stacks = {
-            name: (
-                torch.zeros(self.n_slots, n, k // 32, dtype=torch.int32, device=device),
-                torch.zeros(self.n_slots, n, dtype=torch.float32, device=device),
-            )
-            for name, (n, k) in linears.items()
-        }
+        self.stacks = _sign_stacks(linears, self.n_slots, device)  # {linear: (signs, scales)}
         self.base_biases = {name: model.get_submodule(name).bias for name in linears if model.get_submodule(name).bias is not None}
         self.bias_stacks = {  # [n_slots + 1, N]: row 0 the base's bias, row s + 1 slot s's
             name: b.detach().to(device, dtype).expand(self.n_slots + 1, -1).clone() for name, b in self.base_biases.items()
         }
         # Embeddings a delta may carry as 1-bit signs (the compress_embeddings option).
         self.embeddings = {name for name, m in model.named_modules() if embedding_supports_1bit(m) and m.embedding_dim % 32 == 0}
-        self.embed_pools = {  # 1-bit embedding deltas: signs [V, H // 32], per-row scales [V]
-            name: SlotPool({"signs": ((m.num_embeddings, m.embedding_dim // 32), torch.int32), "scales": ((m.num_embeddings,), torch.float32)},
-                           self.n_slots, device, _grow_mode(device))
-            for name, m in model.named_modules() if name in self.embeddings
-        }
-        # Embedding tables and linears' weights a delta stores whole (output heads): one pool per
+        self.embed_stacks = _embed_stacks(model, self.embeddings, self.n_slots, device)
+        # Embedding tables and linears' weights a delta stores whole (output heads): one stack per
         # tensor of the model, so tied modules share theirs.
-        self.whole_pools = _whole_pools(model, linears, self.n_slots, device, dtype)
+        self.whole_stacks = _whole_stacks(model, linears, self.n_slots, device, dtype)
         # Small modules' parameters (norms): stacks [n_slots + 1, *shape], row 0 the base's, row
         # s + 1 slot s's, gathered per row in one vectorized call (layers.add_whole_hook).
         self.param_stacks: dict[str, dict[str, torch.Tensor]] = {
@@ -129,10 +121,10 @@ class DeltaBank:
         self.slot_tenant: list[str | None] = [None] * self.n_slots
         # The registration a slot was filled for: a tenant re-registered under the same name
         # while its old slot is pinned is another object, so the old slot is freed on release.
-        self.slot_owner: list[Tenant | None] = [None] * self.n_slots
+        self.slot_owner: list[BankEntry | None] = [None] * self.n_slots
         self.slot_ready = [False] * self.n_slots
         self.slot_refs = [0] * self.n_slots
-        self.tenants: dict[str, Tenant] = {}
+        self.entries: dict[str, BankEntry] = {}  # tenant name -> its entry
         self.warm: OrderedDict[str, Delta] = OrderedDict()  # CPU tier, LRU order
         self.device_lru: OrderedDict[str, int] = OrderedDict()
         self.counters = {"device_hits": 0, "device_misses": 0, "cpu_hits": 0, "disk_loads": 0, "evictions": 0}
@@ -145,58 +137,58 @@ class DeltaBank:
     def register(self, name: str, path: Path) -> None:
         """Start loading (and verifying) a tenant in the background; a no-op if unchanged."""
         with self._lock:
-            old = self.tenants.get(name)
+            old = self.entries.get(name)
             if old is not None and old.path == Path(path) and old.status != FAILED:
                 return
             if old is not None:
                 self.unregister(name)
-            self.tenants[name] = Tenant(name, Path(path))
+            self.entries[name] = BankEntry(name, Path(path))
         self._loader.submit(self._verify_into_cpu, name)
 
     def unregister(self, name: str) -> None:
         with self._lock:
-            t = self.tenants.pop(name, None)
+            entry = self.entries.pop(name, None)
             self.warm.pop(name, None)
             self.device_lru.pop(name, None)
-            if t is not None and t.slot is not None and self.slot_refs[t.slot] == 0:
-                self._free_slot(t.slot)
+            if entry is not None and entry.slot is not None and self.slot_refs[entry.slot] == 0:
+                self._free_slot(entry.slot)
         self.on_change()
 
     def names(self) -> list[str]:
         with self._lock:
-            return sorted(self.tenants)
+            return sorted(self.entries)
 
-    def status(self, name: str) -> Tenant | None:
+    def status(self, name: str) -> BankEntry | None:
         with self._lock:
-            return self.tenants.get(name)
+            return self.entries.get(name)
 
     # ---- device slots (called by the decode loop) --------------------------------------
     def acquire(self, name: str) -> int | None:
         """The tenant's ready slot (pinned until `release`), or None while it is being brought in."""
         with self._lock:
-            t = self.tenants.get(name)
-            if t is None or t.status != READY:
+            entry = self.entries.get(name)
+            if entry is None or entry.status != READY:
                 return None
-            if t.slot is not None:
-                if not self.slot_ready[t.slot]:
+            if entry.slot is not None:
+                if not self.slot_ready[entry.slot]:
                     return None
-                self.slot_refs[t.slot] += 1
+                self.slot_refs[entry.slot] += 1
                 self.device_lru.move_to_end(name)
                 self.counters["device_hits"] += 1
-                return t.slot
-            if time.monotonic() < t.retry_at:  # its last device copy failed: not yet
+                return entry.slot
+            if time.monotonic() < entry.retry_at:  # its last device copy failed: not yet
                 return None
             slot = self._free_or_evictable_slot()
             if slot is None:
                 return None  # every slot is pinned by running sequences: wait for one to finish
             self.counters["device_misses"] += 1
-            self.slot_tenant[slot], self.slot_ready[slot], t.slot = name, False, slot
-            self.slot_owner[slot] = t
+            self.slot_tenant[slot], self.slot_ready[slot], entry.slot = name, False, slot
+            self.slot_owner[slot] = entry
             self._loader.submit(self._copy_to_slot, name, slot)
             return None
 
     def registration(self, slot: int) -> int:
-        """Which registration's delta fills this acquired slot (Tenant.registration)."""
+        """Which registration's delta fills this acquired slot (BankEntry.registration)."""
         with self._lock:
             return self.slot_owner[slot].registration
 
@@ -204,7 +196,7 @@ class DeltaBank:
         with self._lock:
             self.slot_refs[slot] -= 1
             owner = self.slot_owner[slot]
-            if self.slot_refs[slot] == 0 and (owner is None or self.tenants.get(owner.name) is not owner):
+            if self.slot_refs[slot] == 0 and (owner is None or self.entries.get(owner.name) is not owner):
                 self._free_slot(slot)  # removed or re-registered while its sequences ran
 
     # ---- figures ------------------------------------------------------------------------
@@ -215,22 +207,24 @@ class DeltaBank:
                 **self.counters,
                 "n_slots": self.n_slots,
                 "device_tenants": on_device,
-                "device_bytes": on_device * self.slot_bytes + self._pool_bytes(),
+                "device_bytes": on_device * self.slot_bytes + self._stack_bytes(),
                 "device_capacity_bytes": self.n_slots * (self.slot_bytes + self.slot_whole_bytes),
                 "cpu_tenants": len(self.warm),
                 "cpu_bytes": sum(d.nbytes() for d in self.warm.values()),
-                "tenants": {n: t.status for n, t in self.tenants.items()},
+                "tenants": {n: e.status for n, e in self.entries.items()},
             }
 
     def unallocated_bytes(self) -> int:
-        """Device bytes of the bank's declared budget not allocated yet (slot pools fill lazily):
+        """Device bytes of the bank's declared budget not allocated yet (slot stacks fill lazily):
         what the engine keeps free when it sizes its KV cache."""
-        pools = {id(p): p for p in [*self.whole_pools.values(), *self.embed_pools.values()]}
-        return sum(p.unallocated_bytes() for p in pools.values())
+        return sum(st.unallocated_bytes() for st in self.slot_stacks())
 
-    def _pool_bytes(self) -> int:
-        pools = {id(p): p for p in [*self.whole_pools.values(), *self.embed_pools.values()]}
-        return sum(p.nbytes() for p in pools.values())
+    def slot_stacks(self) -> list[SlotStack]:
+        """Every SlotStack once (tied modules share theirs)."""
+        return list({id(st): st for st in [*self.whole_stacks.values(), *self.embed_stacks.values()]}.values())
+
+    def _stack_bytes(self) -> int:
+        return sum(st.nbytes() for st in self.slot_stacks())
 
     def close(self) -> None:
         self._loader.shutdown(wait=False, cancel_futures=True)
@@ -245,7 +239,7 @@ class DeltaBank:
         for pname in delta.whole:
             module, _, short = pname.rpartition(".")
             if not ((module in self.bias_stacks and short == "bias") or module in self.param_stacks
-                    or (module in self.whole_pools and short == "weight")):
+                    or (module in self.whole_stacks and short == "weight")):
                 kind = type(self.model.get_submodule(module)).__name__ if module else "model"
                 raise DeltaError(f"{path}: stores {pname!r} whole, but this engine cannot apply a whole {kind} "
                                  f"parameter per tenant (supported: linear weights and biases, embeddings, norms)")
@@ -259,40 +253,40 @@ class DeltaBank:
 
     def _verify_into_cpu(self, name: str) -> None:
         with self._lock:
-            t = self.tenants.get(name)
-        if t is None:
+            entry = self.entries.get(name)
+        if entry is None:
             return
         try:
-            delta = self._read(t.path)
+            delta = self._read(entry.path)
         except DeltaMissing as e:  # not there (yet): as transient as an I/O error
-            self._retry_read(t, name, e)
+            self._retry_read(entry, name, e)
             return
         except (DeltaError, ValueError) as e:  # the file is read and wrong: retrying cannot help
             with self._lock:
-                if self.tenants.get(name) is t:
-                    t.status, t.error = FAILED, str(e)
+                if self.entries.get(name) is entry:
+                    entry.status, entry.error = FAILED, str(e)
             self.on_change()
             return
         except (OSError, RuntimeError) as e:  # may pass: stay LOADING, say why, try again later
-            self._retry_read(t, name, e)
+            self._retry_read(entry, name, e)
             return
         with self._lock:
-            if self.tenants.get(name) is not t:
+            if self.entries.get(name) is not entry:
                 return
             self._put_warm(name, delta)
-            t.status, t.error, t.attempts = READY, None, 0
+            entry.status, entry.error, entry.attempts = READY, None, 0
         self.on_change()
 
-    def _retry_read(self, t: Tenant, name: str, e: Exception) -> None:
+    def _retry_read(self, entry: BankEntry, name: str, e: Exception) -> None:
         with self._lock:
-            if self.tenants.get(name) is not t:
+            if self.entries.get(name) is not entry:
                 return
-            t.attempts += 1
-            delay = retry_delay(t.attempts)
-            t.error = f"{e} (read attempt {t.attempts}; retrying in {delay:.1f}s)"
-            if t.attempts >= READ_FAILS_BEFORE_FAILED:  # not a blip: say so, and keep trying
-                t.status = FAILED
-        log.warning("tenant %s: %s", name, t.error)
+            entry.attempts += 1
+            delay = retry_delay(entry.attempts)
+            entry.error = f"{e} (read attempt {entry.attempts}; retrying in {delay:.1f}s)"
+            if entry.attempts >= READ_FAILS_BEFORE_FAILED:  # not a blip: say so, and keep trying
+                entry.status = FAILED
+        log.warning("tenant %s: %s", name, entry.error)
         self._later(delay, self._verify_into_cpu, name)
         self.on_change()
 
@@ -318,54 +312,54 @@ class DeltaBank:
 
     def _copy_to_slot(self, name: str, slot: int) -> None:
         with self._lock:
-            t = self.tenants.get(name)
+            entry = self.entries.get(name)
             delta = self.warm.get(name)
             if delta is not None:
                 self.warm.move_to_end(name)
                 self.counters["cpu_hits"] += 1
         try:
-            if t is None:
+            if entry is None:
                 raise DeltaError(f"tenant {name!r} was removed")
             if delta is None:
-                delta = self._read(t.path)
+                delta = self._read(entry.path)
                 with self._lock:
                     self._put_warm(name, delta)
             self._fill_slot(slot, delta)
         except (DeltaError, ValueError) as e:
             with self._lock:
-                if t is not None and self.tenants.get(name) is t:
-                    t.status, t.error = FAILED, str(e)
-                if self.slot_owner[slot] is t:
+                if entry is not None and self.entries.get(name) is entry:
+                    entry.status, entry.error = FAILED, str(e)
+                if self.slot_owner[slot] is entry:
                     self._free_slot(slot)
             self.on_change()
             return
         except (OSError, RuntimeError) as e:  # e.g. CUDA OOM, a re-read failing: copied again later
             with self._lock:
-                if self.slot_owner[slot] is t:
+                if self.slot_owner[slot] is entry:
                     self._free_slot(slot)
-                if t is not None and self.tenants.get(name) is t:
-                    t.attempts += 1
-                    delay = retry_delay(t.attempts)
-                    t.retry_at = time.monotonic() + delay
-                    t.error = f"device copy failed (attempt {t.attempts}), retrying in {delay:.1f}s: {e}"
-                    log.warning("tenant %s: %s", name, t.error)
+                if entry is not None and self.entries.get(name) is entry:
+                    entry.attempts += 1
+                    delay = retry_delay(entry.attempts)
+                    entry.retry_at = time.monotonic() + delay
+                    entry.error = f"device copy failed (attempt {entry.attempts}), retrying in {delay:.1f}s: {e}"
+                    log.warning("tenant %s: %s", name, entry.error)
             self.on_change()
             return
         with self._lock:
-            if self.slot_owner[slot] is not t:
+            if self.slot_owner[slot] is not entry:
                 return  # the slot was taken back (tenant removed or re-registered) while we copied
-            if self.tenants.get(name) is not t:
+            if self.entries.get(name) is not entry:
                 self._free_slot(slot)
                 return
             self.slot_overrides[slot] = {n.rpartition(".")[0] for n in delta.whole} & set(self.param_stacks)
             self.slot_ready[slot] = True
             self.device_lru[name] = slot
-            t.attempts, t.error = 0, None
+            entry.attempts, entry.error = 0, None
         self.on_change()
 
     @torch.inference_mode()
     def _fill_slot(self, slot: int, delta: Delta) -> None:
-        """Copy a delta into a slot's stacks and pools (`_read` checked every tensor has one)."""
+        """Copy a delta into a slot's stacks and slot stacks (`_read` checked every tensor has one)."""
         stream = torch.cuda.stream(self._copy_stream) if self._copy_stream is not None else contextlib.nullcontext()
         with stream:
             for name, (signs, scales) in self.stacks.items():
@@ -381,17 +375,17 @@ class DeltaBank:
                     stack[slot + 1].copy_(delta.whole.get(f"{name}.{pname}", stack[0]), non_blocking=True)
         if self._copy_stream is not None:
             self._copy_stream.synchronize()  # the slot is used only once its bytes have landed
-        # Pools: the delta's tensor, or none (the base's). Tied modules share a pool: filled once.
-        for pool, tensor in {id(p): (p, delta.whole.get(f"{m}.weight")) for m, p in self.whole_pools.items()}.values():
+        # Slot stacks: the delta's tensor, or none (the base's). Tied modules share one: filled once.
+        for stack, tensor in {id(st): (st, delta.whole.get(f"{m}.weight")) for m, st in self.whole_stacks.items()}.values():
             if tensor is not None:
-                pool.put(slot, {"weight": tensor}, self._copy_stream)
+                stack.put(slot, {"weight": tensor}, self._copy_stream)
             else:
-                pool.drop(slot)
-        for name, pool in self.embed_pools.items():
+                stack.drop(slot)
+        for name, stack in self.embed_stacks.items():
             if name in delta.signs:
-                pool.put(slot, {"signs": delta.signs[name], "scales": delta.scales[name].float()}, self._copy_stream)
+                stack.put(slot, {"signs": delta.signs[name], "scales": delta.scales[name].float()}, self._copy_stream)
             else:
-                pool.drop(slot)
+                stack.drop(slot)
 
     def _free_or_evictable_slot(self) -> int | None:
         for s in range(self.n_slots):
@@ -409,13 +403,13 @@ class DeltaBank:
         if name is not None:
             if self.device_lru.get(name) == slot:  # a re-registered tenant may hold another slot
                 self.device_lru.pop(name)
-            t = self.tenants.get(name)
-            if t is not None and t.slot == slot:
-                t.slot = None
+            entry = self.entries.get(name)
+            if entry is not None and entry.slot == slot:
+                entry.slot = None
         self.slot_tenant[slot], self.slot_ready[slot], self.slot_owner[slot] = None, False, None
         self.slot_overrides[slot] = set()
-        for pool in [*self.whole_pools.values(), *self.embed_pools.values()]:
-            pool.drop(slot)
+        for stack in self.slot_stacks():
+            stack.drop(slot)
 
 
 def _whole_linears(model: nn.Module, linears: dict[str, tuple[int, int]]) -> set[str]:
@@ -423,7 +417,7 @@ def _whole_linears(model: nn.Module, linears: dict[str, tuple[int, int]]) -> set
     output head; BERT-style heads' transforms) — compress gives every linear inside the blocks
     a 1-bit delta. A model whose blocks cannot be found serves its output head only."""
     try:
-        prefixes = tuple(f"{name}." for name in block_lists(model, (nn.Linear, DeltaLinear)))
+        prefixes = tuple(f"{name}." for name in block_lists(model, (nn.Linear, BatchedDeltaLinear)))
     except ValueError:
         head = model.get_output_embeddings()
         return {name for name, m in model.named_modules() if m is head and name in linears}
@@ -450,20 +444,39 @@ def _whole_bytes_per_slot(model: nn.Module, linears: dict[str, tuple[int, int]],
     return total
 
 
-def _whole_pools(model: nn.Module, linears: dict[str, tuple[int, int]], n_slots: int, device: torch.device,
-                 dtype: torch.dtype) -> dict[str, SlotPool]:
-    """A pool per weight of the linears outside the blocks (output heads) and of servable
+def _sign_stacks(linears: dict[str, tuple[int, int]], n_slots: int,
+                 device: torch.device) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per delta-aware linear [N, K]: signs [n_slots, N, K // 32] int32 and scales [n_slots, N] float32."""
+    return {
+        name: (torch.zeros(n_slots, n, k // 32, dtype=torch.int32, device=device),
+               torch.zeros(n_slots, n, dtype=torch.float32, device=device))
+        for name, (n, k) in linears.items()
+    }
+
+
+def _embed_stacks(model: nn.Module, embeddings: set[str], n_slots: int, device: torch.device) -> dict[str, SlotStack]:
+    """A slot stack per embedding a delta may carry at 1 bit: signs [V, H // 32], per-row scales [V]."""
+    return {
+        name: SlotStack({"signs": ((m.num_embeddings, m.embedding_dim // 32), torch.int32),
+                         "scales": ((m.num_embeddings,), torch.float32)}, n_slots, device, _grow_mode(device))
+        for name, m in model.named_modules() if name in embeddings
+    }
+
+
+def _whole_stacks(model: nn.Module, linears: dict[str, tuple[int, int]], n_slots: int, device: torch.device,
+                  dtype: torch.dtype) -> dict[str, SlotStack]:
+    """A slot stack per weight of the linears outside the blocks (output heads) and of servable
     embeddings, shared by tied modules."""
-    by_tensor: dict[int, SlotPool] = {}
-    pools = {}
+    by_tensor: dict[int, SlotStack] = {}
+    stacks = {}
     heads = _whole_linears(model, linears)
     for name, m in model.named_modules():
         if name in heads or isinstance(m, nn.Embedding):  # any table: ids (embeddings) or positions
             w = m.weight
             if id(w) not in by_tensor:
-                by_tensor[id(w)] = SlotPool({"weight": (tuple(w.shape), dtype)}, n_slots, device, _grow_mode(device))
-            pools[name] = by_tensor[id(w)]
-    return pools
+                by_tensor[id(w)] = SlotStack({"weight": (tuple(w.shape), dtype)}, n_slots, device, _grow_mode(device))
+            stacks[name] = by_tensor[id(w)]
+    return stacks
 
 
 def _grow_mode(device: torch.device) -> str:

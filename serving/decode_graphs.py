@@ -4,15 +4,15 @@ A decode-only step (every row adds one token and samples the next) runs at a buc
 shape: B rows (the batch padded up to 1, 2, 4, 8, …) × L context positions (the longest
 context padded up to a power of two of KV blocks). Everything the forward reads lives in
 buffers allocated once per bucket and refilled in place — token ids, positions, the
-row → slot map, the KV write and read indices (paged_kv.DecodeLayout), per-row sampling
+`slot_of_row`, the KV write and read indices (paged_kv.DecodeLayout), per-row sampling
 parameters — and every op runs whatever the tenant mix (layers.BatchContext.set_static),
 sampling included (sampling.sample: no host sync). So on CUDA the step is warmed up once,
 captured into a graph, and each later step of the bucket is one `replay()`: the ~2,000
 kernel launches of a 32-layer step become one, and the host only fills buffers.
 
 A graph holds raw addresses. Every per-tenant path the bank has room for runs in it
-(`reserve_pools` allocates every slot pool at start; every stacked norm reruns per row), so
-tenants arriving or leaving change only buffer contents; it is recaptured only if a pool's
+(`reserve_stacks` allocates every slot stack at start; every stacked norm reruns per row), so
+tenants arriving or leaving change only buffer contents; it is recaptured only if a slot stack's
 tensors move (or, for OPT's learned position tables, when the tenants holding one change),
 and keeps the tensors it captured alive until then. Every input of a step reaches the device
 in one asynchronous copy from a pinned buffer (`staging`). On CPU, and with `graphs=False`, the
@@ -29,14 +29,16 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from deltafleet.kernels import BASE_SLOT
+
 from .layers import BatchContext
-from .paged_kv import DecodeLayout, KVPool, PagedContext
+from .paged_kv import DecodeLayout, PagedContext, PagedKVCache
 from .sampling import SamplingParams, sample
 from .staging import Pack, Staging
 
 log = logging.getLogger("deltafleet.serving")
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-FIELDS = ("input_ids", "slots", "temperature", "top_p", "top_k", "seed", "position", "previous")  # staged, in order
+FIELDS = ("input_ids", "slot_of_row", "temperature", "top_p", "top_k", "seed", "position", "previous")  # staged, in order
 
 
 def row_bucket(n: int) -> int:
@@ -49,13 +51,13 @@ def block_bucket(n: int, most: int) -> int:
     return min(1 << max(0, n - 1).bit_length(), most)
 
 
-def reserve_pools(bank) -> None:
-    """Allocate every slot pool of the bank whole (n_slots entries, zeroed), once, before the
-    first capture: a fixed-shape step runs every allocated pool (BatchContext.uses), so its
-    graphs then never change as tenants arrive, leave or fill a pool. On a GPU the memory plan
-    already counts these bytes (pools there allocate whole at their first entry anyway)."""
-    for pool in {id(p): p for p in [*bank.whole_pools.values(), *bank.embed_pools.values()]}.values():
-        pool.reserve()
+def reserve_stacks(bank) -> None:
+    """Allocate every slot stack of the bank whole (n_slots entries, zeroed), once, before the
+    first capture: a fixed-shape step runs every allocated stack (BatchContext.uses), so its
+    graphs then never change as tenants arrive, leave or fill a stack. On a GPU the memory plan
+    already counts these bytes (stacks there allocate whole at their first entry anyway)."""
+    for stack in bank.slot_stacks():
+        stack.reserve()
 
 
 @dataclass
@@ -65,7 +67,7 @@ class DecodeRow:
     blocks: list[int]  # its KV block table
     cached: int  # tokens whose K/V are already in the cache; the new token goes at this position
     token: int  # the token added this step
-    slot: int  # its bank slot, -1 = the base
+    slot: int  # its bank slot, BASE_SLOT = the base
     params: SamplingParams
     seed: int  # int64
     previous: int = -1  # >= 0: `token` is still on the device, row `previous` of the previous step's output
@@ -78,7 +80,7 @@ class Bucket:
 
     layout: DecodeLayout
     input_ids: torch.Tensor  # [1, B]
-    slots: torch.Tensor  # [B] slot per row, -1 = the base (padding rows too)
+    slot_of_row: torch.Tensor  # [B] slot per row, BASE_SLOT = the base (padding rows too)
     temperature: torch.Tensor  # [B] float32
     top_p: torch.Tensor  # [B] float32
     top_k: torch.Tensor  # [B] int64
@@ -95,7 +97,7 @@ class Bucket:
 
 
 class DecodeGraphs:
-    def __init__(self, model: nn.Module, ctx: BatchContext, paged: PagedContext, kv: KVPool,
+    def __init__(self, model: nn.Module, ctx: BatchContext, paged: PagedContext, kv: PagedKVCache,
                  device: torch.device, max_blocks_per_row: int, graphs: bool) -> None:
         self.model, self.ctx, self.paged, self.kv, self.device = model, ctx, paged, kv, device
         self.max_blocks = max_blocks_per_row
@@ -104,7 +106,7 @@ class DecodeGraphs:
         self.captures = 0  # graphs captured so far (a metric; recaptures included)
         self.capture_error: str | None = None  # the last failed capture (its bucket runs eagerly)
         self.capture_failures = 0
-        self._pool = torch.cuda.graph_pool_handle() if self.graphs else None  # one memory pool for every graph
+        self._graph_memory = torch.cuda.graph_pool_handle() if self.graphs else None  # torch's graph memory, shared by all
 
     def run(self, rows: list[DecodeRow], previous_ids: torch.Tensor | None = None) -> torch.Tensor:
         """The next token of each row: [len(rows)] int64 on the device, not waited for.
@@ -130,7 +132,7 @@ class DecodeGraphs:
 
     def _run(self, b: Bucket) -> torch.Tensor:
         """The bucket's step over its filled buffers: replayed, captured first, or eager."""
-        self.ctx.set_static(b.slots)
+        self.ctx.set_static(b.slot_of_row)
         self.paged.layout = b.layout.step_layout()
         try:
             signature = self.ctx.static_signature() if self.graphs else None
@@ -141,10 +143,10 @@ class DecodeGraphs:
                     b.failed = None
                 except Exception as e:  # this bucket serves on eagerly (slower, still correct); the others keep theirs
                     b.failed, b.graph, replay = signature, None, False
-                    self.capture_error = f"{tuple(b.slots.shape)} rows: {type(e).__name__}: {e}"  # the last one
+                    self.capture_error = f"{tuple(b.slot_of_row.shape)} rows: {type(e).__name__}: {e}"  # the last one
                     self.capture_failures += 1
                     log.exception("CUDA graph capture failed for %d rows; that bucket runs eagerly until the bank's "
-                                  "paths change", b.slots.shape[0])
+                                  "paths change", b.slot_of_row.shape[0])
                     self.paged.layout = b.layout.step_layout()  # a fresh mask cache for the eager run
             if replay:
                 b.graph.replay()
@@ -171,7 +173,7 @@ class DecodeGraphs:
     def _fill(self, b: Bucket, rows: list[DecodeRow]) -> None:
         """Write this step's rows into the bucket's buffers with one host -> device copy (no wait);
         padding rows are the base, greedy, at the scratch block."""
-        self._pack(b.layout, b.slots.shape[0], rows).send(b.staging, self.device, dst=b.staged)
+        self._pack(b.layout, b.slot_of_row.shape[0], rows).send(b.staging, self.device, dst=b.staged)
 
     @staticmethod
     def _pack(layout: DecodeLayout, size: int, rows: list[DecodeRow]) -> Pack:
@@ -179,7 +181,7 @@ class DecodeGraphs:
         pad = size - len(rows)
         pack = Pack()
         pack.add([[r.token for r in rows] + [0] * pad], torch.int64)  # input_ids [1, B]
-        pack.add([r.slot for r in rows] + [-1] * pad, torch.int64)  # slots
+        pack.add([r.slot for r in rows] + [BASE_SLOT] * pad, torch.int64)  # slot_of_row
         pack.add([r.params.temperature for r in rows] + [0.0] * pad, torch.float32)
         pack.add([r.params.top_p for r in rows] + [1.0] * pad, torch.float32)
         pack.add([r.params.top_k for r in rows] + [0] * pad, torch.int64)
@@ -199,7 +201,7 @@ class DecodeGraphs:
     def _capture(self, b: Bucket, signature: tuple) -> None:
         """Warm up on a side stream (Triton compiles, lazy state settles), then capture."""
         if b.graph is not None:
-            log.info("decode graph %s: the bank's paths changed, recapturing", tuple(b.slots.shape))
+            log.info("decode graph %s: the bank's paths changed, recapturing", tuple(b.slot_of_row.shape))
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
@@ -209,11 +211,10 @@ class DecodeGraphs:
         self.paged.layout = b.layout.step_layout()  # a fresh mask cache: the capture must compute the mask itself
         # thread_local: the bank's loader thread keeps copying tenants (and syncing its copy
         # stream) meanwhile; the default "global" mode would make those calls fail the capture.
-        with torch.cuda.graph(graph, pool=self._pool, stream=stream, capture_error_mode="thread_local"):
+        with torch.cuda.graph(graph, pool=self._graph_memory, stream=stream, capture_error_mode="thread_local"):
             self._forward(b)
         b.graph, b.signature = graph, signature
-        b.keepalive = [t for pools in (self.ctx.bank.whole_pools, self.ctx.bank.embed_pools)
-                       for p in pools.values() for t in p.entries.values()]
+        b.keepalive = [t for stack in self.ctx.bank.slot_stacks() for t in stack.entries.values()]
         self.captures += 1
-        log.info("decode graph captured: %d rows x %d context positions", b.slots.shape[0],
+        log.info("decode graph captured: %d rows x %d context positions", b.slot_of_row.shape[0],
                  b.layout.kv_index.shape[1])

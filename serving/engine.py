@@ -5,7 +5,7 @@ device (up to `max_batch_size` sequences), plan the step (serving/scheduler.py: 
 first, then prefill chunks, within a token budget and the free KV blocks, preempting the
 youngest sequence when blocks run out), run ONE forward pass over all scheduled tokens
 packed into one row — rows of different tenants, one kernel launch per linear — with K/V in
-a paged pool (serving/paged_kv.py), sample where a sequence reached its last token, hand the
+a paged KV cache (serving/paged_kv.py), sample where a sequence reached its last token, hand the
 new tokens to the output thread (serving/output.py: detokenization, stop strings,
 streaming), drop rows that finished or were cancelled.
 Requests wait in a bounded queue; a request whose tenant is still loading waits up to
@@ -19,9 +19,21 @@ one step late: when the next step decodes the same rows, it is launched first (i
 tokens copied on the device from this step's output) and this step's tokens are read,
 checked and handed to the output thread while the device runs it.
 
-A packed step's inputs (token ids, slots, the KV layout, sampling settings) are written on the
+A packed step's inputs (token ids, slot_of_row, the KV layout, sampling settings) are written on the
 host and sent in one asynchronous copy (serving/staging.py). Full KV blocks are cached per
 tenant (serving/paged_kv.py); a new sequence, or one preempted, takes its cached blocks back.
+
+From HTTP to the kernel, one name per link of the chain:
+
+    request `model` -> tenant (str; BASE_TENANT = None: the base model itself)
+    tenant -> slot (int): `DeltaBank.acquire(tenant)` pins the slot holding the tenant's delta
+              (`Sequence.slot`; BASE_SLOT = -1 for the base)
+    step   -> `slot_of_row` [rows]: each packed row's (token's) slot, staged with the step's
+              inputs (`BatchContext.set_packed` / `set_static`) and passed as is to
+              `delta_linear(x, W, signs, scales, slot_of_row)`; signs/scales are stacks over slots.
+
+`Engine.from_args(AppArgs)` builds an engine from a pool's `args`: a serving knob added to
+AppArgs under the name of an Engine parameter reaches the engine with no other change.
 """
 
 from __future__ import annotations
@@ -39,12 +51,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from deltafleet.kernels import BASE_SLOT
+
 from .bank import FAILED, READY
-from .config import DECODE_MODES
-from .decode_graphs import DecodeGraphs, DecodeRow, reserve_pools
+from .config import DECODE_MODES, AppArgs
+from .decode_graphs import DecodeGraphs, DecodeRow, reserve_stacks
 from .detokenize import IncrementalText
 from .output import Emission, End, Event, OutputThread, Token
-from .paged_kv import KVPool, PagedContext, StepLayout, attach
+from .paged_kv import PagedContext, PagedKVCache, StepLayout, attach
 from .sampling import SamplingParams, as_int64, next_tokens, stage_sampling
 from .scheduler import SeqView, admission_order, blocks_to_finish, plan_step
 from .served import build_served_model
@@ -52,6 +67,9 @@ from .staging import Pack, Staging
 
 log = logging.getLogger("deltafleet.serving")
 BASE_TENANT = None  # the tenant value meaning "the base model itself"
+# AppArgs fields that configure the Ray application, not the engine (every other field is an
+# Engine parameter of the same name: `Engine.from_args`).
+APP_ONLY_ARGS = frozenset({"pool", "store_root", "max_request_bytes", "auth"})
 # Admission reserves KV blocks for up to this many more tokens of each admitted sequence, so
 # sequences admitted together can decode that far without preempting each other.
 KV_GROWTH_HORIZON = 256
@@ -141,14 +159,14 @@ class Sequence:
     params: SamplingParams
     stream: RequestStream
     created: float = field(default_factory=time.monotonic)
-    slot: int = -1
+    slot: int = BASE_SLOT  # its bank slot while running (acquired at admission)
     seed: int = 0  # int64; with the position, it decides every draw (sampling.sample)
     out_ids: list[int] = field(default_factory=list)
     out: Emission | None = None  # the output thread's side: detokenizer, text streamed so far
     first_token_at: float | None = None
     computed: int = 0  # tokens (prompt + generated) whose K/V are in the cache
     pending: int = 0  # its newest tokens still on the device: outputs of launched steps not yet read back
-    blocks: list[int] = field(default_factory=list)  # KV pool blocks, in position order
+    blocks: list[int] = field(default_factory=list)  # KV cache blocks, in position order
     prefix_root: bytes = b""  # the prefix cache's key for this sequence's model: the base, or its tenant's registration
     block_keys: list[bytes] = field(default_factory=list)  # content keys of its full blocks, as far as computed
     remembered: int = 0  # its first blocks that are in the prefix cache
@@ -187,7 +205,7 @@ class Engine:
         max_queue_per_tenant: int | None = None,
         kv_growth_horizon: int = KV_GROWTH_HORIZON,
         kv_cache_bytes: int | None = None,
-        block_size: int = 16,
+        kv_block_size: int = 16,
         max_step_tokens: int = 512,
         decode_mode: str = "auto",
         prefix_caching: bool = True,
@@ -201,31 +219,19 @@ class Engine:
         self.fingerprint = served.fingerprint
         self.max_batch_size, self.max_queue, self.load_timeout_s = max_batch_size, max_queue, load_timeout_s
         self.max_queue_per_tenant = max_queue_per_tenant or max(1, max_queue // 2)
-        self.queue_timeout_s = queue_timeout_s
+        self.queue_timeout_s, self.prefix_caching = queue_timeout_s, prefix_caching
         self.kv_growth_horizon = kv_growth_horizon  # tokens of growth admission reserves per sequence
         self.max_step_tokens = max_step_tokens  # decode rows + prefill chunks per step
-        self.prefix_caching = prefix_caching
         self.on_step = on_step  # called on the decode thread after every step
-        eos = self.model.generation_config.eos_token_id
-        self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-        if self.tokenizer.eos_token_id is not None:
-            self.eos_ids.add(self.tokenizer.eos_token_id)
+        self.eos_ids = self._eos_ids()
         self.max_len = getattr(self.model.config, "max_position_embeddings", None) or 1 << 30
         self.vocab_size = self.model.get_input_embeddings().num_embeddings
-        self.kv = self._make_kv_pool(kv_cache_bytes, block_size)
+        self.kv = self._make_kv_cache(kv_cache_bytes, kv_block_size)
         self.paged = PagedContext(self.kv)
         if attach(self.model, self.paged) == 0:
             raise ValueError(f"{base_model}: no attention modules found for the paged KV cache")
-        if decode_mode == "auto":
-            decode_mode = "graphs" if self.device.type == "cuda" else "dynamic"
-        self.decode_mode = decode_mode
-        self.decoder = None if decode_mode == "dynamic" else DecodeGraphs(
-            self.model, self.ctx, self.paged, self.kv, self.device, self.kv.blocks_for(min(self.max_len, self.kv.n_blocks * block_size)),
-            graphs=decode_mode == "graphs")
-        if self.decoder is not None:
-            reserve_pools(self.bank)  # every pool allocated before capture: tenants then change contents only
-            with torch.inference_mode():
-                self.decoder.warm_up(max_batch_size)  # kernels compiled, graphs captured: before any request
+        self.decode_mode = decode_mode if decode_mode != "auto" else "graphs" if self.device.type == "cuda" else "dynamic"
+        self.decoder = self._make_decoder()
         self.staging = Staging(self.device)  # a packed step's inputs: one pinned copy per step
         self.pending: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -246,15 +252,40 @@ class Engine:
         self._thread = threading.Thread(target=self._loop, name="deltafleet-decode", daemon=True)
         self._thread.start()
 
-    def _make_kv_pool(self, kv_cache_bytes: int | None, block_size: int) -> KVPool:
-        """Size the pool from what the device has left after the base and the bank (GPU), or
+    @classmethod
+    def from_args(cls, args: AppArgs, **extra) -> Engine:
+        """The engine a pool's `args` describe: every AppArgs field but APP_ONLY_ARGS is the Engine
+        parameter of the same name. `extra`: what AppArgs does not hold (e.g. on_step)."""
+        return cls(**{k: v for k, v in args.model_dump().items() if k not in APP_ONLY_ARGS}, **extra)
+
+    def _eos_ids(self) -> set[int]:
+        eos = self.model.generation_config.eos_token_id
+        ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        return ids
+
+    def _make_decoder(self) -> DecodeGraphs | None:
+        """The fixed-shape decode steps (none in the "dynamic" mode), warmed up before any request."""
+        if self.decode_mode == "dynamic":
+            return None
+        max_blocks = self.kv.blocks_for(min(self.max_len, self.kv.n_blocks * self.kv.block_size))
+        decoder = DecodeGraphs(self.model, self.ctx, self.paged, self.kv, self.device, max_blocks,
+                               graphs=self.decode_mode == "graphs")
+        reserve_stacks(self.bank)  # every slot stack allocated before capture: tenants then change contents only
+        with torch.inference_mode():
+            decoder.warm_up(self.max_batch_size)  # kernels compiled, graphs captured: before any request
+        return decoder
+
+    def _make_kv_cache(self, kv_cache_bytes: int | None, block_size: int) -> PagedKVCache:
+        """Size the cache from what the device has left after the base and the bank (GPU), or
         1 GiB (CPU), unless given; at least one sequence of the full context must fit."""
         cfg = self.model.config
         layers, kv_heads = cfg.num_hidden_layers, getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
         if getattr(cfg, "multi_query", False):  # GPTBigCode (StarCoder 1): one K/V head, no num_key_value_heads
             kv_heads = 1
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        per_block = KVPool.bytes_per_block(layers, block_size, kv_heads, head_dim, self.dtype)
+        per_block = PagedKVCache.bytes_per_block(layers, block_size, kv_heads, head_dim, self.dtype)
         if kv_cache_bytes is None:
             if self.device.type == "cuda":
                 free, _ = torch.cuda.mem_get_info(self.device)
@@ -266,7 +297,7 @@ class Engine:
             raise ValueError(f"kv_cache_bytes={kv_cache_bytes} holds no KV block ({per_block} bytes each)")
         n_blocks = min(n_blocks, self.max_batch_size * -(-self.max_len // block_size))  # never more than the batch can use
         log.info("KV cache: %d blocks of %d tokens (%.1f MiB)", n_blocks, block_size, n_blocks * per_block / 2**20)
-        return KVPool(layers, n_blocks, block_size, kv_heads, head_dim, self.dtype, self.device)
+        return PagedKVCache(layers, n_blocks, block_size, kv_heads, head_dim, self.dtype, self.device)
 
     # ---- tenant set ---------------------------------------------------------------------
     def set_tenants(self, tenants: dict[str, Path]) -> None:
@@ -425,7 +456,7 @@ class Engine:
 
     def _admit(self, waiting: list[Sequence]) -> None:
         """Queued requests -> batch rows: in fair-share order across tenants (scheduler.admission_order),
-        and only while the KV pool holds what the admitted sequences may grow to (up to
+        and only while the KV cache holds what the admitted sequences may grow to (up to
         KV_GROWTH_HORIZON tokens each): new work waits rather than preempting running work."""
         now = time.monotonic()
         rows: dict = {}
@@ -448,7 +479,7 @@ class Engine:
                 elif t.status != READY and now - seq.created > self.load_timeout_s:
                     error = TenantUnavailable(f"model {seq.tenant!r} did not become ready within {self.load_timeout_s:.0f}s")
             if error is None and now - seq.created > self.queue_timeout_s:
-                error = Overloaded(f"waited {now - seq.created:.0f}s for a batch slot: the pool is saturated; retry later")
+                error = Overloaded(f"waited {now - seq.created:.0f}s for a batch row: the pool is saturated; retry later")
             if error is not None:
                 self._dequeue(seq)
                 _end_here(seq, Event("", [], "cancelled") if error == "cancelled" else Event("", [], error=error))
@@ -478,7 +509,7 @@ class Engine:
     # ---- prefix cache -----------------------------------------------------------------------
     def _reuse_prefix(self, seq: Sequence) -> None:
         """Start a new sequence from the cached blocks of its prompt's longest cached prefix.
-        Keyed by the delta in its slot (Tenant.registration), never by tokens alone."""
+        Keyed by the delta in its slot (BankEntry.registration), never by tokens alone."""
         seq.prefix_root = b"base" if seq.tenant is BASE_TENANT else b"tenant:%d" % self.bank.registration(seq.slot)
         self._take_cached(seq, len(seq.prompt_ids))  # the prompt's last token is always computed: it gives the first token
 
@@ -502,7 +533,7 @@ class Engine:
         while len(seq.block_keys) < n:
             i = len(seq.block_keys)
             previous = seq.block_keys[-1] if seq.block_keys else seq.prefix_root
-            seq.block_keys.append(KVPool.block_key(previous, [seq.token(j) for j in range(i * bs, (i + 1) * bs)]))
+            seq.block_keys.append(PagedKVCache.block_key(previous, [seq.token(j) for j in range(i * bs, (i + 1) * bs)]))
         return seq.block_keys[:n]
 
     def _remember(self, batch: list[tuple[Sequence, int]]) -> None:
@@ -666,15 +697,15 @@ class Engine:
         """One forward pass over the batch's chunks, packed into one row; the sampled tokens."""
         for s, n in batch:
             s.blocks += self.kv.allocate(self.kv.blocks_for(s.computed + n) - len(s.blocks))
-        ids, slots, kept, sampled = [], [], [], []
+        ids, slot_of_row, kept, sampled = [], [], [], []
         for s, n in batch:
             ids += [s.token(i) for i in range(s.computed, s.computed + n)]
-            slots += [s.slot] * n
+            slot_of_row += [s.slot] * n
             if s.computed + n == s.n_tokens:  # its last token is in this chunk: sample the next one
                 kept.append(len(ids) - 1)
                 sampled.append(s)
         keep = kept or [len(ids) - 1]  # every chunk mid-prompt: one position's logits, unused
-        input_ids, keep_index, sampling = self._stage(batch, ids, slots, keep, sampled)
+        input_ids, keep_index, sampling = self._stage(batch, ids, slot_of_row, keep, sampled)
         try:
             out = self.model(input_ids=input_ids, position_ids=self.paged.layout.positions,  # [1, T], [1, T]
                              logits_to_keep=keep_index, use_cache=False)
@@ -691,22 +722,22 @@ class Engine:
                              [s.n_tokens for s in sampled], [s.out_ids for s in sampled], sampling)
         return list(zip(sampled, chosen))
 
-    def _stage(self, batch: list[tuple[Sequence, int]], ids: list[int], slots: list[int], keep: list[int],
+    def _stage(self, batch: list[tuple[Sequence, int]], ids: list[int], slot_of_row: list[int], keep: list[int],
                sampled: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor, tuple | None]:
-        """Set the packed step's layout and slot maps; its input ids [1, T], kept positions [K] and
+        """Set the packed step's layout and `slot_of_row`; its input ids [1, T], kept positions [K] and
         (if some row samples) `sample`'s tensors: every one written on the host and sent in ONE
         asynchronous copy (pinned on CUDA), so preparing the step never waits for the device."""
         pack = Pack()
         make_layout = StepLayout.stage([(s.blocks, s.computed, n) for s, n in batch], self.kv.block_size, pack)
         k_ids, k_keep = pack.add([ids], torch.int64), pack.add(keep, torch.int64)
-        k_slots = pack.add(slots, torch.int64), pack.add([slots[i] for i in keep], torch.int64)
+        k_slot_of_row = pack.add(slot_of_row, torch.int64), pack.add([slot_of_row[i] for i in keep], torch.int64)
         k_sampling = None
         if any(s.params.temperature != 0 for s in sampled):
             k_sampling = stage_sampling(pack, [s.params for s in sampled], [s.seed for s in sampled],
                                         [s.n_tokens for s in sampled])
         _, views = pack.send(self.staging, self.device)  # the step's one host -> device copy
         self.paged.layout = make_layout(views)
-        self.ctx.set_packed(slots, keep, self.device, staged=tuple(views[k] for k in k_slots))
+        self.ctx.set_packed(slot_of_row, keep, self.device, staged=tuple(views[k] for k in k_slot_of_row))
         return views[k_ids], views[k_keep], k_sampling and tuple(views[k] for k in k_sampling)
 
     def _take(self, seq: Sequence, token: int) -> Token | End:
@@ -731,9 +762,9 @@ class Engine:
         gone = {id(s) for s in seqs}
         for s in seqs:
             self.kv.release(s.blocks)
-            if s.slot >= 0:
+            if s.slot != BASE_SLOT:
                 self.bank.release(s.slot)
-                s.slot = -1
+                s.slot = BASE_SLOT
         self.running = [s for s in self.running if id(s) not in gone]
 
     def _fail_all(self, error: EngineError) -> None:
@@ -758,7 +789,7 @@ KV_SHARE = 0.8  # of what is free once the base and the bank's whole budget are 
 
 def kv_budget(free_bytes: int, bank_unallocated_bytes: int) -> int:
     """KV cache bytes on a GPU: a share of the memory left after the bank's declared budget,
-    including the slot pools' tables not allocated yet (they take it later, in one piece)."""
+    including the slot stacks' tables not allocated yet (they take it later, in one piece)."""
     return max(0, int((free_bytes - bank_unallocated_bytes) * KV_SHARE))
 
 

@@ -1,15 +1,15 @@
 """How one batch applies many tenants' deltas: a delta-aware linear and per-row whole tensors.
 
-Every nn.Linear of the base (in_features a multiple of 32) is swapped for `DeltaLinear`,
-which calls the batched kernel with the batch's row -> slot map, so all tenants in a batch
+Every nn.Linear of the base (in_features a multiple of 32) is swapped for `BatchedDeltaLinear`,
+which calls the batched kernel with the step's `slot_of_row`, so all tenants in a batch
 share one launch per layer, and adds each row's bias from the bank's bias stack (the
 fine-tune's bias where its delta stores one: served = merged, 1-bit term included). A
 tenant that stores the whole matrix (an output head) gets its rows from one grouped GEMM
-over the rows sorted by pool entry (`_whole_rows`).
+over the rows sorted by slot-stack entry (`_whole_rows`).
 Norm weights come from the bank's per-slot stacks too: when a tenant in the batch changes
 a norm, a forward hook reruns the module once over all rows with each row's weights
 (torch.func.vmap over functional_call: the module's own code, no Python loop over slots).
-Embeddings gather each token's row from the pool of its tenant's table, and add a 1-bit
+Embeddings gather each token's row from its tenant's table in a slot stack, and add a 1-bit
 embedding delta's α·sign(Δ) rows the same way (`add_embedding_hook`); a table that computes its
 own indices (OPT's learned positions) is rerun per tenant in the batch (`add_table_hook`). Only modules of no
 other kind (none in the supported families) fall back to recomputing each slot's rows.
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deltafleet.compress.support import reruns_per_token
-from deltafleet.kernels import SignCache, TenantGroups, delta_linear, group_rows
+from deltafleet.kernels import BASE_SLOT, SignCache, SlotGroups, delta_linear, group_rows
 from deltafleet.kernels.segments import forget_fills
 from deltafleet.kernels.packing import unpack_signs
 
@@ -38,7 +38,7 @@ CPU_SIGN_CACHE_BYTES = 1 << 30
 
 
 class BatchContext:
-    """Which bank slot each row of the current forward uses (-1 = the base).
+    """Which bank slot each row of the current forward uses (`slot_of_row`; BASE_SLOT = the base).
 
     Two layouts: batch-first sequences (`set`: inputs [B, S], a slot per sequence; the
     teacher-forced scorer) and a packed engine step (`set_packed`: inputs [1, T] holding every
@@ -51,8 +51,8 @@ class BatchContext:
         self.sign_cache = sign_cache
         self.slots: list[int] = []  # distinct non-negative slots in the batch
         self._slot_of_seq: torch.Tensor | None = None  # [B] (batch-first layout)
-        self._row_slots: dict[int, torch.Tensor] = {}  # row count -> [m] slot of each row
-        self._rows: dict[int, tuple[torch.Tensor, TenantGroups]] = {}
+        self._slot_of_row: dict[int, torch.Tensor] = {}  # row count m -> [m] slot of each row
+        self._grouped: dict[int, tuple[torch.Tensor, SlotGroups | None]] = {}
         self.static = False  # a fixed-shape step (set_static): every path the bank has room for runs
         self.tables: set[str] = set()  # modules `add_table_hook` reruns once per tenant holding a table
 
@@ -60,52 +60,53 @@ class BatchContext:
         forget_fills()  # a new step: the kernels' segment metadata is rebuilt once, then shared
         self.static = False
         self._slot_of_seq = torch.tensor(slot_of_seq, dtype=torch.int64, device=device)
-        self.slots = sorted({s for s in slot_of_seq if s >= 0})
-        self._row_slots, self._rows = {}, {}
+        self.slots = sorted({s for s in slot_of_seq if s != BASE_SLOT})
+        self._slot_of_row, self._grouped = {}, {}
 
-    def set_packed(self, slot_of_token: list[int], kept: list[int], device: torch.device,
+    def set_packed(self, slot_of_row: list[int], kept: list[int], device: torch.device,
                    staged: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
-        """slot_of_token [T]: each packed token's slot; kept: the packed indices whose logits are computed.
-        staged: (slot of each token [T], slot of each kept token [K]) already on the device, sent
-        with the step's other inputs in one copy; without it they are sent here (one copy)."""
+        """slot_of_row [T]: the slot of each packed row (one new token each); kept: the packed
+        indices whose logits are computed. staged: (slot of each row [T], slot of each kept row
+        [K]) already on the device, sent with the step's other inputs in one copy; without it
+        they are sent here (one copy)."""
         forget_fills()  # a new step: the kernels' segment metadata is rebuilt once, then shared
         self.static = False
         if staged is None:
             pack = Pack()
-            pack.add(slot_of_token, torch.int64)
-            pack.add([slot_of_token[i] for i in kept], torch.int64)
+            pack.add(slot_of_row, torch.int64)
+            pack.add([slot_of_row[i] for i in kept], torch.int64)
             staged = tuple(pack.send(None, device)[1])
-        tok, kept_tok = staged  # [T], [K]
+        every, kept_only = staged  # [T], [K]
         self._slot_of_seq = None
-        self.slots = sorted({s for s in slot_of_token if s >= 0})
+        self.slots = sorted({s for s in slot_of_row if s != BASE_SLOT})
         # T == K only when every token is kept, and then both maps are the same.
-        self._row_slots = {len(slot_of_token): tok, len(kept): kept_tok}
-        self._rows = {}
-        if tok.device.type == "cpu":  # the CPU kernel's host-side grouping, before the forward
-            for m in self._row_slots:
-                self.rows(m)
+        self._slot_of_row = {len(slot_of_row): every, len(kept): kept_only}
+        self._grouped = {}
+        if every.device.type == "cpu":  # the CPU kernel's host-side grouping, before the forward
+            for m in self._slot_of_row:
+                self.grouped_rows(m)
 
     def set_static(self, slot_of_row: torch.Tensor) -> None:
         """A fixed-shape decode step: slot_of_row [B] (one token per row, every logit kept) is a
         device buffer refilled in place. Every slot counts as in the batch, and every per-tenant
         path the bank has room for runs whatever the tenants (`uses`, `overrides`): each allocated
-        slot pool (base rows and rows without an entry keep their base result) and each stacked
+        slot stack (base rows and rows without an entry keep their base result) and each stacked
         norm (base rows take the base's row of each stack). So the ops, and a CUDA graph captured
         over them, depend neither on the rows' slots nor on which tenants are loaded."""
         forget_fills()  # a new step: the kernels' segment metadata is rebuilt once, then shared
         self.static = True
         self._slot_of_seq = None
         self.slots = list(range(self.bank.n_slots))
-        self._row_slots = {slot_of_row.shape[0]: slot_of_row}
-        self._rows = {}
+        self._slot_of_row = {slot_of_row.shape[0]: slot_of_row}
+        self._grouped = {}
         if slot_of_row.device.type == "cpu":  # the CPU kernel's host-side grouping, before the forward
-            self.rows(slot_of_row.shape[0])
+            self.grouped_rows(slot_of_row.shape[0])
 
-    def uses(self, pool) -> bool:
-        """Whether this step runs a slot pool's per-row path: a fixed-shape step whenever the pool
-        is allocated (its ops must not depend on which tenants hold entries), else only when a
-        row's tenant holds an entry."""
-        return pool.capacity > 0 if self.static else pool.in_batch(self.slots)
+    def uses(self, stack) -> bool:
+        """Whether this step runs a slot stack's per-row path: a fixed-shape step whenever the
+        stack is allocated (its ops must not depend on which tenants hold entries), else only
+        when a row's tenant holds an entry."""
+        return stack.capacity > 0 if self.static else stack.in_batch(self.slots)
 
     def overrides(self, name: str) -> bool:
         """Whether this step reruns a stacked module (a norm) with per-row parameters: a
@@ -113,37 +114,39 @@ class BatchContext:
         return self.static or any(name in self.bank.slot_overrides[s] for s in self.slots)
 
     def static_signature(self) -> tuple:
-        """What a fixed-shape step's ops depend on: the slot pools allocated and the tensors they
-        read (a growth replaces them; engines that decode at fixed shapes allocate every pool
-        once, at start: `reserve_pools`), and the slots of the tables rerun once per tenant
+        """What a fixed-shape step's ops depend on: the slot stacks allocated and the tensors they
+        read (a growth replaces them; engines that decode at fixed shapes allocate every stack
+        once, at start: `reserve_stacks`), and the slots of the tables rerun once per tenant
         (`add_table_hook`, OPT's learned positions). Tenants arriving or leaving change neither."""
         bank = self.bank
-        pools = tuple((kind, name, tuple(t.data_ptr() for t in pool.entries.values()))
-                      for kind, pools in (("whole", bank.whole_pools), ("embed", bank.embed_pools))
-                      for name, pool in sorted(pools.items()) if pool.capacity > 0)
-        tables = tuple((name, tuple(sorted(bank.whole_pools[name].slots))) for name in sorted(self.tables))
-        return pools, tables
+        stacks = tuple((kind, name, tuple(t.data_ptr() for t in stack.entries.values()))
+                       for kind, by_name in (("whole", bank.whole_stacks), ("embed", bank.embed_stacks))
+                       for name, stack in sorted(by_name.items()) if stack.capacity > 0)
+        tables = tuple((name, tuple(sorted(bank.whole_stacks[name].slots))) for name in sorted(self.tables))
+        return stacks, tables
 
-    def row_slots(self, m: int) -> torch.Tensor:
+    def slot_of_row(self, m: int) -> torch.Tensor:
         """[m] slot of each of m flattened rows ([B, S, ...] -> B*S rows, batch first)."""
-        if m not in self._row_slots:
+        if m not in self._slot_of_row:
             if self._slot_of_seq is None:
-                raise RuntimeError(f"packed step: no slot map for {m} rows")
+                raise RuntimeError(f"packed step: no slot_of_row for {m} rows")
             b = self._slot_of_seq.shape[0]
-            self._row_slots[m] = self._slot_of_seq.repeat_interleave(m // b)
-        return self._row_slots[m]
+            self._slot_of_row[m] = self._slot_of_seq.repeat_interleave(m // b)
+        return self._slot_of_row[m]
 
-    def rows(self, m: int) -> tuple[torch.Tensor, TenantGroups | None]:
+    def grouped_rows(self, m: int) -> tuple[torch.Tensor, SlotGroups | None]:
         """Slot of each of m flattened rows, and (CPU only) their grouping. On CUDA the kernels
         read each row's slot on the device: grouping there would cost a host sync per step."""
-        if m not in self._rows:
-            rows = self.row_slots(m)
-            self._rows[m] = (rows, group_rows(rows, self.bank.n_slots) if rows.device.type == "cpu" else None)
-        return self._rows[m]
+        if m not in self._grouped:
+            slot_of_row = self.slot_of_row(m)
+            groups = group_rows(slot_of_row, self.bank.n_slots) if slot_of_row.device.type == "cpu" else None
+            self._grouped[m] = (slot_of_row, groups)
+        return self._grouped[m]
 
 
-class DeltaLinear(nn.Module):
-    """y = x·Wᵀ + α_t·(x·sign(Δ_t)ᵀ) (+ bias) for each row's tenant t, via `delta_linear`."""
+class BatchedDeltaLinear(nn.Module):
+    """y = x·Wᵀ + α_t·(x·sign(Δ_t)ᵀ) (+ bias) for each row's slot t: many tenants' deltas in one
+    batch, one `delta_linear` call. (compress/apply.py's DeltaLinear applies one delta.)"""
 
     def __init__(self, base: nn.Linear, name: str, ctx: BatchContext) -> None:
         super().__init__()
@@ -159,15 +162,16 @@ class DeltaLinear(nn.Module):
             return F.linear(x, self.weight, self.bias)
         x2 = x.reshape(-1, x.shape[-1])
         signs, scales = ctx.bank.stacks[self.name]
-        rows, groups = ctx.rows(x2.shape[0])
-        y = delta_linear(x2, self.weight, signs, scales, rows, groups=groups, sign_cache=ctx.sign_cache)  # [M, N]
+        slot_of_row, groups = ctx.grouped_rows(x2.shape[0])
+        y = delta_linear(x2, self.weight, signs, scales, slot_of_row, groups=groups, sign_cache=ctx.sign_cache)  # [M, N]
         bias = None
         if self.bias is not None:
-            bias = ctx.bank.bias_stacks[self.name].index_select(0, (rows + 1).long())  # [M, N]; stack row 0 = the base's
+            stack_row = (slot_of_row + 1).long()  # [M]; stack row 0 (BASE_SLOT + 1) = the base's
+            bias = ctx.bank.bias_stacks[self.name].index_select(0, stack_row)  # [M, N]
             y = y + bias
-        pool = ctx.bank.whole_pools.get(self.name)
-        if pool is not None and ctx.uses(pool):  # a tenant that stores this whole matrix
-            y = _whole_rows(x2, y, pool, rows, bias)
+        stack = ctx.bank.whole_stacks.get(self.name)
+        if stack is not None and ctx.uses(stack):  # a tenant that stores this whole matrix
+            y = _whole_rows(x2, y, stack, slot_of_row, bias)
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
@@ -185,14 +189,15 @@ def whole_rows_path(device_type: str) -> str:
     return "triton" if device_type == "cuda" else "torch"
 
 
-def _whole_rows(x: torch.Tensor, y: torch.Tensor, pool, rows: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def _whole_rows(x: torch.Tensor, y: torch.Tensor, stack, slot_of_row: torch.Tensor,
+                bias: torch.Tensor | None) -> torch.Tensor:
     """y with the rows of tenants that store this matrix whole replaced by x·W_tᵀ (+ b_t).
 
-    x [M, K], y [M, N], rows [M] (slot of each row, -1 = the base). One grouped GEMM over the
-    rows sorted by pool entry: each tenant's matrix is read once, however many rows it has.
+    x [M, K], y [M, N], slot_of_row [M] (BASE_SLOT = the base). One grouped GEMM over the rows
+    sorted by slot-stack entry: each tenant's matrix is read once, however many rows it has.
     Rows without an entry sort first and fall in entry 0's group; their results are dropped."""
-    weight = pool.entries["weight"]  # [E, N, K], read once: a concurrent growth swaps in a new tensor
-    entry = pool.entry_of_slot.index_select(0, rows.long() + 1)  # [M], -1 = no whole matrix
+    weight = stack.entries["weight"]  # [E, N, K], read once: a concurrent growth swaps in a new tensor
+    entry = stack.entry_of_slot.index_select(0, slot_of_row.long() + 1)  # [M], NO_ENTRY (-1) = no whole matrix
     order = torch.argsort(entry, stable=True)  # [M]
     counts = torch.zeros(weight.shape[0] + 1, dtype=torch.int64, device=x.device)
     counts.index_add_(0, entry + 1, torch.ones_like(entry))  # [E + 1], bucket 0 = rows without one
@@ -211,27 +216,27 @@ def _whole_rows(x: torch.Tensor, y: torch.Tensor, pool, rows: torch.Tensor, bias
 
 
 def add_embedding_hook(module: nn.Embedding, name: str, ctx: BatchContext) -> None:
-    """Each token's embedding from its tenant's table: the pool entry of a tenant that stores
+    """Each token's embedding from its tenant's table: the slot-stack entry of a tenant that stores
     the table whole, else the base's, plus α·sign(Δ) of a 1-bit embedding delta."""
 
     def hook(mod, args, output):
         if not ctx.slots:
             return None
         ids = args[0]  # [B, S]
-        slot = ctx.row_slots(ids.numel()).view_as(ids) + 1  # [B, S]; 0 = the base
+        stack_row = ctx.slot_of_row(ids.numel()).view_as(ids) + 1  # [B, S]; 0 (BASE_SLOT + 1) = the base
         vocab, scale = mod.num_embeddings, getattr(mod, "embed_scale", None)
-        pool = ctx.bank.whole_pools[name]
-        if ctx.uses(pool):
-            table = pool.entries["weight"]  # [E, V, H]
-            entry = pool.entry_of_slot[slot]  # [B, S], -1 = the base's table
+        stack = ctx.bank.whole_stacks[name]
+        if ctx.uses(stack):
+            table = stack.entries["weight"]  # [E, V, H]
+            entry = stack.entry_of_slot[stack_row]  # [B, S], NO_ENTRY (-1) = the base's table
             rows = F.embedding(entry.clamp(min=0) * vocab + ids, table.view(-1, table.shape[-1]))  # [B, S, H]
             if scale is not None:
                 rows = rows * scale.to(rows.dtype)
             output = torch.where((entry >= 0)[..., None], rows.to(output.dtype), output)
-        one_bit = ctx.bank.embed_pools.get(name)
+        one_bit = ctx.bank.embed_stacks.get(name)
         if one_bit is not None and ctx.uses(one_bit):
             signs, alphas = one_bit.entries["signs"], one_bit.entries["scales"]  # [E, V, H // 32], [E, V]
-            entry = one_bit.entry_of_slot[slot]  # [B, S]
+            entry = one_bit.entry_of_slot[stack_row]  # [B, S]
             flat = (entry.clamp(min=0) * vocab + ids).reshape(-1)  # [B*S]
             packed = signs.view(-1, signs.shape[-1]).index_select(0, flat)  # [B*S, H // 32]
             alpha = alphas.view(-1).index_select(0, flat) * (entry.reshape(-1) >= 0)  # [B*S], 0 = no delta
@@ -253,18 +258,18 @@ def add_table_hook(module: nn.Embedding, name: str, ctx: BatchContext) -> None:
     ctx.tables.add(name)  # its ops follow the tenants holding a table: part of the static signature
 
     def hook(mod, args, kwargs, output):
-        pool = ctx.bank.whole_pools[name]
-        if busy[0] or not ctx.slots or not pool.in_batch(ctx.slots):
+        stack = ctx.bank.whole_stacks[name]
+        if busy[0] or not ctx.slots or not stack.in_batch(ctx.slots):
             return None
         lead = output.shape[:-1]  # [B, S] or [1, T]: one row of the table per token
-        slot = ctx.row_slots(math.prod(lead)).view(lead)  # [B, S]
-        table = pool.entries["weight"]  # [E, V, H]
+        slot_of_row = ctx.slot_of_row(math.prod(lead)).view(lead)  # [B, S]
+        table = stack.entries["weight"]  # [E, V, H]
         busy[0] = True
         try:
             for s in ctx.slots:
-                if s in pool.slots:
-                    y = torch.func.functional_call(mod, {"weight": table[pool.slot_of_entry.index(s)]}, args, kwargs)
-                    output = torch.where((slot == s)[..., None], y.to(output.dtype), output)
+                if s in stack.slots:
+                    y = torch.func.functional_call(mod, {"weight": table[stack.slot_of_entry.index(s)]}, args, kwargs)
+                    output = torch.where((slot_of_row == s)[..., None], y.to(output.dtype), output)
         finally:
             busy[0] = False
         return output
@@ -314,8 +319,8 @@ def add_norm_hook(module: nn.Module, name: str, ctx: BatchContext, heads_first: 
         if heads_first:  # a per-head norm after the head transpose (Gemma 3's q/k norms): [B, H, S, D]
             x = x.transpose(1, 2)  # [B, S, H, D]
         m = x.shape[0] * x.shape[1]  # tokens
-        sel = ctx.row_slots(m) + 1  # [m]; stack row 0 is the base's
-        params = {p: t.index_select(0, sel) for p, t in ctx.bank.param_stacks[name].items()}  # [m, *shape]
+        stack_row = ctx.slot_of_row(m) + 1  # [m]; stack row 0 (BASE_SLOT + 1) is the base's
+        params = {p: t.index_select(0, stack_row) for p, t in ctx.bank.param_stacks[name].items()}  # [m, *shape]
         shape = (output.transpose(1, 2) if heads_first else output).shape
         if not broadcasts:
             want = by_vmap(mod, params, x, m).reshape(shape)
@@ -364,7 +369,7 @@ def heads_first_modules(model: nn.Module, names: set[str]) -> set[str]:
 
 
 def patch_model(model: nn.Module, ctx: BatchContext, small_modules: set[str]) -> dict[str, tuple[int, int]]:
-    """Swap linears for DeltaLinear, hook embeddings and the small modules (norms) whose
+    """Swap linears for BatchedDeltaLinear, hook embeddings and the small modules (norms) whose
     parameters the bank stacks per slot. A delta that stores whole parameters of any other
     module is refused by the bank (there is no per-token path for it).
 
@@ -375,7 +380,7 @@ def patch_model(model: nn.Module, ctx: BatchContext, small_modules: set[str]) ->
         if isinstance(mod, nn.Linear) and mod.in_features % 32 == 0:
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, DeltaLinear(mod, name, ctx))
+            setattr(parent, child, BatchedDeltaLinear(mod, name, ctx))
             linears[name] = (mod.out_features, mod.in_features)
         elif embedding_supports_1bit(mod):
             add_embedding_hook(mod, name, ctx)
@@ -395,7 +400,7 @@ def small_param_modules(model: nn.Module, linears: set[str] = frozenset()) -> di
     out = {}
     for name, mod in model.named_modules():
         params = dict(mod.named_parameters(recurse=False))
-        if not params or name in linears or isinstance(mod, (nn.Embedding, DeltaLinear)):
+        if not params or name in linears or isinstance(mod, (nn.Embedding, BatchedDeltaLinear)):
             continue
         if isinstance(mod, nn.Linear) and mod.in_features % 32 == 0:
             continue

@@ -1,6 +1,6 @@
-"""Paged KV cache: a pool of fixed-size blocks, and attention over it for a packed step.
+"""Paged KV cache: fixed-size blocks of K/V, and attention over them for a packed step.
 
-The pool holds every layer's keys and values in blocks of `block_size` token positions,
+The cache (`PagedKVCache`) holds every layer's keys and values in blocks of `block_size` token positions,
 
     k, v  [layers, n_blocks * block_size, kv_heads, head_dim]   (a position's flat index is
                                                                  block * block_size + offset)
@@ -18,11 +18,11 @@ the slot (engine: `prefix_root`), so one tenant's K/V is never served to another
 the same tenant after its delta changed; transformers' continuous batching hashes tokens
 only, which would. A sequence admitted with a prompt whose first blocks are cached takes
 them (reference counted) instead of computing them. A cached block no sequence holds stays
-in the pool until a new block is needed: the least recently released goes first.
+in the cache until a new block is needed: the least recently released goes first.
 
 Attention runs through transformers' attention interface (`ATTENTION = "deltafleet_paged"`):
 the model's own layers compute q/k/v and RoPE; `paged_attention` writes the new K/V into
-the pool and attends each group with a causal (and sliding-window) mask. On CUDA a Triton
+the cache and attends each group with a causal (and sliding-window) mask. On CUDA a Triton
 kernel of ours (kernels/paged_attention.py) reads the K/V blocks in place through kv_index
 (flash-attention style, one launch per group). On CPU each sequence's context is gathered
 into a padded [B, kv_heads, L, head_dim] and `scaled_dot_product_attention` runs on it: a
@@ -51,7 +51,7 @@ from .staging import Pack
 ATTENTION = "deltafleet_paged"
 
 
-class KVPool:
+class PagedKVCache:
     def __init__(self, n_layers: int, n_blocks: int, block_size: int, kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device) -> None:
         self.n_blocks, self.block_size = n_blocks, block_size
@@ -86,7 +86,7 @@ class KVPool:
 
     def allocate(self, n: int) -> list[int]:
         if n > self.num_free:
-            raise RuntimeError(f"KV pool: {n} blocks asked, {self.num_free} free")  # the scheduler checks first
+            raise RuntimeError(f"KV cache: {n} blocks asked, {self.num_free} free")  # the scheduler checks first
         out = []
         for _ in range(n):
             if self._free:
@@ -152,7 +152,7 @@ class AttnGroup:
     valid: torch.Tensor | None  # [b * Q] bool: real queries (None: all are, as in a fixed-shape decode step)
     tokens: torch.Tensor  # [n] packed indices of the real queries, in the order `valid` selects them
     q_pos: torch.Tensor  # [b, Q] position of each query (padding -> 0, it attends to position 0)
-    kv_index: torch.Tensor  # [b, L] flat pool position of each context position (padding -> a real one, masked)
+    kv_index: torch.Tensor  # [b, L] flat cache position of each context position (padding -> a real one, masked)
     _masks: dict
     valid_rows: torch.Tensor | None = None  # [n] positions of the real queries in [b * Q] (built on the host)
 
@@ -172,7 +172,7 @@ class AttnGroup:
 class StepLayout:
     """Where a packed step's T new tokens go, and the attention groups that read them."""
 
-    write_index: torch.Tensor  # [T] flat pool position of each new token's K/V
+    write_index: torch.Tensor  # [T] flat cache position of each new token's K/V
     positions: torch.Tensor  # [1, T] position ids of the packed tokens
     groups: list[AttnGroup]
 
@@ -238,12 +238,12 @@ class DecodeLayout:
     refilled in place every step, so a CUDA graph captured over them replays any later step
     of the same bucket: nothing in it depends on a host value.
 
-    Padding rows write their K/V into the pool's scratch block and attend only to it."""
+    Padding rows write their K/V into the cache's scratch block and attend only to it."""
 
-    def __init__(self, rows: int, blocks: int, pool: KVPool, device: torch.device) -> None:
-        self.rows, self.blocks, self.block_size = rows, blocks, pool.block_size
-        self.scratch = pool.scratch_block * pool.block_size  # flat position of the scratch block's first slot
-        length = blocks * pool.block_size
+    def __init__(self, rows: int, blocks: int, cache: PagedKVCache, device: torch.device) -> None:
+        self.rows, self.blocks, self.block_size = rows, blocks, cache.block_size
+        self.scratch = cache.scratch_block * cache.block_size  # flat position of the scratch block's first position
+        length = blocks * cache.block_size
         # Zeros until `bind` points them into the decoder's staged buffer (one copy per step fills them all).
         self.write_index = torch.zeros(rows, dtype=torch.int64, device=device)  # [B]
         self.positions = torch.zeros(1, rows, dtype=torch.int64, device=device)  # [1, B]
@@ -282,10 +282,10 @@ class DecodeLayout:
 
 
 class PagedContext:
-    """What the attention modules of one served model read: the pool and the current step."""
+    """What the attention modules of one served model read: the KV cache and the current step."""
 
-    def __init__(self, pool: KVPool) -> None:
-        self.pool = pool
+    def __init__(self, cache: PagedKVCache) -> None:
+        self.cache = cache
         self.layout: StepLayout | None = None
 
 
@@ -294,16 +294,16 @@ def paged_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, v
                     sliding_window: int | None = None, softcap: float | None = None, **kwargs):
     """query [1, H, T, D], key/value [1, KVH, T, D] of the packed new tokens -> ([1, T, H, D], None).
 
-    CUDA: the Triton paged kernel reads each group's K/V in place from the pool. CPU (and a
+    CUDA: the Triton paged kernel reads each group's K/V in place from the cache. CPU (and a
     head_dim the kernel does not take): gather + SDPA (module docstring)."""
     ctx: PagedContext = module.deltafleet_paged
-    pool, lay, layer = ctx.pool, ctx.layout, module.layer_idx
+    cache, lay, layer = ctx.cache, ctx.layout, module.layer_idx
     if lay is None:
         raise RuntimeError("paged attention called outside an engine step (this model is the engine's)")
     if softcap is not None:
         raise NotImplementedError("attention logit soft-capping is not supported by the paged engine")
-    pool.k[layer].index_copy_(0, lay.write_index, key[0].transpose(0, 1).to(pool.k.dtype))  # [T, KVH, D]
-    pool.v[layer].index_copy_(0, lay.write_index, value[0].transpose(0, 1).to(pool.v.dtype))
+    cache.k[layer].index_copy_(0, lay.write_index, key[0].transpose(0, 1).to(cache.k.dtype))  # [T, KVH, D]
+    cache.v[layer].index_copy_(0, lay.write_index, value[0].transpose(0, 1).to(cache.v.dtype))
     _, h, t, d = query.shape
     kvh = key.shape[1]
     q_all = query[0].transpose(0, 1)  # [T, H, D]
@@ -316,11 +316,11 @@ def paged_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, v
         if fused:
             from deltafleet.kernels.paged_attention import paged_attention_triton  # imports Triton on first use
 
-            o = paged_attention_triton(q, pool.k[layer], pool.v[layer], g.kv_index, g.q_pos, scaling,
+            o = paged_attention_triton(q, cache.k[layer], cache.v[layer], g.kv_index, g.q_pos, scaling,
                                        sliding_window)  # [b, Q, H, D]
         else:
-            k = pool.k[layer].index_select(0, g.kv_index.reshape(-1)).view(b, l, kvh, d).transpose(1, 2)  # [b, KVH, L, D]
-            v = pool.v[layer].index_select(0, g.kv_index.reshape(-1)).view(b, l, kvh, d).transpose(1, 2)
+            k = cache.k[layer].index_select(0, g.kv_index.reshape(-1)).view(b, l, kvh, d).transpose(1, 2)  # [b, KVH, L, D]
+            v = cache.v[layer].index_select(0, g.kv_index.reshape(-1)).view(b, l, kvh, d).transpose(1, 2)
             o = F.scaled_dot_product_attention(q.transpose(1, 2), k.to(q.dtype), v.to(q.dtype), attn_mask=g.mask(sliding_window),
                                                scale=scaling, enable_gqa=kvh != h).transpose(1, 2)  # [b, Q, H, D]
         o = o.reshape(-1, h, d)  # [b * Q, H, D]
@@ -333,7 +333,7 @@ AttentionInterface.register(ATTENTION, paged_attention)
 
 
 def attach(model: nn.Module, ctx: PagedContext) -> int:
-    """Point every attention module of the model at the pool; returns how many were found."""
+    """Point every attention module of the model at the paged KV cache; returns how many were found."""
     found = attention_modules(model)
     for mod in found:
         mod.deltafleet_paged = ctx

@@ -10,7 +10,7 @@ back whichever of its blocks the prefix cache still holds — and sampling resum
 stopped: recompute, not swap (vLLM's default).
 
 Order of service, oldest sequence first (first come, first served):
-1. decode rows, one token each. When the pool has no block for one, the youngest sequence
+1. decode rows, one token each. When the KV cache has no block for one, the youngest sequence
    holding blocks is preempted (repeatedly) — never an older one;
 2. prefill chunks with what is left of the token budget and of the free blocks, so several
    requests prefill together and decode never waits for a whole long prompt.

@@ -1,6 +1,6 @@
 """A step's host-decided inputs reach the device in ONE copy.
 
-Token ids, positions, KV indices, slot maps and sampling parameters are decided on the host.
+Token ids, positions, KV indices, `slot_of_row` and sampling parameters are decided on the host.
 Sent one `torch.tensor(..., device=...)` at a time they cost a blocking copy each (15-20 per
 mixed step), and a pageable source makes even `non_blocking=True` wait. Here a step writes
 every field with numpy into one host byte buffer (`Pack`), sends it with a single

@@ -8,7 +8,7 @@ import torch
 
 from kernel_cases import MIXES, problem, tenant_rows
 
-from deltafleet.kernels import SignCache, delta_linear, delta_linear_reference, group_rows, unpack_signs
+from deltafleet.kernels import BASE_SLOT, SignCache, delta_linear, delta_linear_reference, group_rows, unpack_signs
 from deltafleet.kernels import cpu, cpu_native
 from deltafleet.kernels.cpu import signed_dot_lut, unpack_signs_fast
 
@@ -86,7 +86,7 @@ def test_groups_built_for_a_bigger_stack_are_refused():
     gen = torch.Generator().manual_seed(3)
     x, w, signs, scales = problem(2, 3, N, K, torch.float32, False, gen)
     rows = torch.tensor([0, 3, 1])
-    with pytest.raises(ValueError, match="groups name tenant 3, but the signs stack has 2 tenants"):
+    with pytest.raises(ValueError, match="groups name slot 3, but the signs stack has 2 slots"):
         delta_linear(x, w, signs, scales, torch.tensor([0, 1, 1]), groups=group_rows(rows, 4))
 
 
@@ -182,7 +182,7 @@ def test_native_kernel_can_be_switched_off(monkeypatch):
 
 def test_grouping_is_a_stable_sort_into_segments():
     g = group_rows(torch.tensor([2, -1, 0, 2, 0, -1]), 3)
-    assert g.tenants == (-1, 0, 2)
+    assert g.slots == (-1, 0, 2)
     assert g.starts == (0, 2, 4, 6)
     assert g.order.tolist() == [1, 5, 2, 4, 0, 3]
     assert g.max_rows == 2 and g.num_segments == 3
@@ -191,10 +191,10 @@ def test_grouping_is_a_stable_sort_into_segments():
 @pytest.mark.parametrize(
     "change, error, match",
     [
-        (dict(tenant_of_row=torch.tensor([0, 3, 0])), IndexError, r"tenant 3, outside \[-1, 3\)"),
-        (dict(tenant_of_row=torch.tensor([0, -2, 0])), IndexError, r"tenant -2, outside \[-1, 3\)"),
-        (dict(tenant_of_row=torch.tensor([0.0, 1.0, 0.0])), TypeError, "integer tensor"),
-        (dict(tenant_of_row=torch.tensor([0, 1])), ValueError, r"tenant_of_row must be \[M=3\]"),
+        (dict(slot_of_row=torch.tensor([0, 3, 0])), IndexError, r"slot 3, outside \[-1, 3\)"),
+        (dict(slot_of_row=torch.tensor([0, -2, 0])), IndexError, r"slot -2, outside \[-1, 3\)"),
+        (dict(slot_of_row=torch.tensor([0.0, 1.0, 0.0])), TypeError, "integer tensor"),
+        (dict(slot_of_row=torch.tensor([0, 1])), ValueError, r"slot_of_row must be \[M=3\]"),
         (dict(x=torch.randn(3, 40), base_weight=torch.randn(8, 40)), ValueError, "K=40 is not a multiple of 32"),
         (dict(base_weight=torch.randn(8, 64).half()), TypeError, "dtype mismatch: x is torch.float32 but base_weight is torch.float16"),
         (dict(x=torch.randn(3, 64).double(), base_weight=torch.randn(8, 64).double()), TypeError, "float16, bfloat16 or float32"),
@@ -212,7 +212,7 @@ def test_bad_arguments_get_one_clear_error(change, error, match):
         base_weight=torch.randn(8, 64),
         signs=torch.zeros(3, 8, 2, dtype=torch.int32),
         scales=torch.ones(3),
-        tenant_of_row=torch.tensor([0, 1, -1]),
+        slot_of_row=torch.tensor([0, 1, BASE_SLOT]),
     )
     args.update(change)
     with pytest.raises(error, match=match):
@@ -221,7 +221,7 @@ def test_bad_arguments_get_one_clear_error(change, error, match):
 
 @pytest.mark.parametrize("broken, match", [
     ("row", "row index in order is outside"),
-    ("tenant", "outside the stack of 2"),
+    ("slot", "outside the stack of 2"),
     ("starts", "do not split 4 rows"),
     ("rows", "groups for 3 rows, x has 4"),
     ("signs", "do not fit"),
@@ -242,8 +242,8 @@ def test_the_c_kernel_refuses_what_would_make_it_read_or_write_out_of_bounds(bro
         order = g.order.clone()
         order[0] = x.shape[0]  # one past the last row
         g = replace(g, order=order)
-    elif broken == "tenant":
-        g = replace(g, seg_tenant=torch.tensor([*g.tenants[:-1], 2], dtype=torch.int32), tenants=(*g.tenants[:-1], 2))
+    elif broken == "slot":
+        g = replace(g, seg_slot=torch.tensor([*g.slots[:-1], 2], dtype=torch.int32), slots=(*g.slots[:-1], 2))
     elif broken == "starts":
         g = replace(g, seg_start=torch.tensor([0, 1, 5, 4], dtype=torch.int32), starts=(0, 1, 5, 4))
     elif broken == "rows":

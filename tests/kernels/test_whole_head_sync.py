@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from deltafleet.kernels import triton_grouped
 from deltafleet.serving import layers
-from deltafleet.serving.slot_pool import SlotPool
+from deltafleet.serving.slot_stack import SlotStack
 from kernel_cases import TOL
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "serving"))  # the serving tests' CUDA-graph checks
@@ -29,14 +29,14 @@ FIRST_MIX = [3, -1, 1, 3, 0, 1]  # slots 1 and 3 store the matrix whole; 0 and -
 SECOND_MIX = [1, 1, 1, 0, 3, -1]
 
 
-def whole_pool(dtype, device, n=N, k=K):
-    """A pool with whole matrices [n, k] for slots 1 and 3; returns it and its matrices by slot."""
+def whole_stack(dtype, device, n=N, k=K):
+    """A slot stack with whole matrices [n, k] for slots 1 and 3; returns it and its matrices by slot."""
     gen = torch.Generator().manual_seed(0)
-    pool = SlotPool({"weight": ((n, k), dtype)}, SLOTS, torch.device(device))
+    stack = SlotStack({"weight": ((n, k), dtype)}, SLOTS, torch.device(device))
     mats = {s: torch.randn(n, k, generator=gen).to(dtype).to(device) for s in (1, 3)}  # [n, k] each
     for s, w in mats.items():
-        pool.put(s, {"weight": w})
-    return pool, mats
+        stack.put(s, {"weight": w})
+    return stack, mats
 
 
 def step(mix, dtype, device, n=N, k=K):
@@ -75,10 +75,10 @@ def test_torch_grouped_mm_off_bf16_is_a_sync_under_cuda_rules(dtype):
 def test_fp16_whole_rows_as_cuda_computes_them_read_nothing_on_the_host(monkeypatch):
     cuda_path = layers.whole_rows_path("cuda")
     monkeypatch.setattr(layers, "whole_rows_path", lambda device_type: cuda_path)
-    pool, mats = whole_pool(torch.float16, "cpu")
+    stack, mats = whole_stack(torch.float16, "cpu")
     x, y, rows = step(FIRST_MIX, torch.float16, "cpu")
     with triton_launch_as_one_op(triton_grouped), NoHostSync(cuda_rules=True):
-        out = layers._whole_rows(x, y, pool, rows, None)  # [M, N]
+        out = layers._whole_rows(x, y, stack, rows, None)  # [M, N]
     ref = expected(x, y, rows, mats)
     assert out.dtype == torch.float16
     err = (out.float() - ref).abs().max().item()
@@ -88,12 +88,12 @@ def test_fp16_whole_rows_as_cuda_computes_them_read_nothing_on_the_host(monkeypa
 
 
 def test_the_cuda_path_matches_torch_grouped_mm_in_fp32_with_a_bias(monkeypatch):
-    pool, _ = whole_pool(torch.float32, "cpu")
+    stack, _ = whole_stack(torch.float32, "cpu")
     x, y, rows = step(FIRST_MIX, torch.float32, "cpu")
     bias = torch.randn(len(FIRST_MIX), N)  # [M, N]: each row's tenant's bias
-    torch_out = layers._whole_rows(x, y, pool, rows, bias)  # [M, N], F.grouped_mm on CPU
+    torch_out = layers._whole_rows(x, y, stack, rows, bias)  # [M, N], F.grouped_mm on CPU
     monkeypatch.setattr(layers, "whole_rows_path", lambda device_type: "triton")
-    triton_out = layers._whole_rows(x, y, pool, rows, bias)  # [M, N]
+    triton_out = layers._whole_rows(x, y, stack, rows, bias)  # [M, N]
     err = (triton_out - torch_out).abs().max().item()
     assert err <= TOL[torch.float32] * torch_out.abs().max().item(), f"max error {err}"
 
@@ -101,13 +101,13 @@ def test_the_cuda_path_matches_torch_grouped_mm_in_fp32_with_a_bias(monkeypatch)
 def test_the_cuda_path_runs_the_same_ops_for_any_row_to_entry_mix(monkeypatch):
     """A CUDA graph replays what it captured: two mixes of one size must trace the same ops."""
     monkeypatch.setattr(layers, "whole_rows_path", lambda device_type: "triton")
-    pool, _ = whole_pool(torch.float16, "cpu")
+    stack, _ = whole_stack(torch.float16, "cpu")
     traces = []
     for mix in (FIRST_MIX, SECOND_MIX):
         x, y, rows = step(mix, torch.float16, "cpu")
         trace = OpTrace()
         with triton_launch_as_one_op(triton_grouped, trace), trace:
-            layers._whole_rows(x, y, pool, rows, None)
+            layers._whole_rows(x, y, stack, rows, None)
         traces.append(trace.ops)
     assert traces[0] == traces[1]
     assert any("triton_grouped._launch" in op for op, _ in traces[0])
@@ -118,25 +118,25 @@ def test_the_cuda_path_runs_the_same_ops_for_any_row_to_entry_mix(monkeypatch):
 def test_a_cuda_graph_of_whole_rows_replays_another_mix_as_eager(dtype):
     """Capture with one row -> entry mix, replay with another: equals eager, and the reference."""
     n, k = 5000, 4096  # a real hidden size; N not a multiple of BLOCK_N
-    pool, mats = whole_pool(dtype, "cuda", n, k)
+    stack, mats = whole_stack(dtype, "cuda", n, k)
     x, y, _ = step(FIRST_MIX, dtype, "cuda", n, k)
     rows = torch.tensor(FIRST_MIX, dtype=torch.int64, device="cuda")  # the static input buffer
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        layers._whole_rows(x, y, pool, rows, None)  # warm-up compiles the kernel outside the capture
+        layers._whole_rows(x, y, stack, rows, None)  # warm-up compiles the kernel outside the capture
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     torch.cuda.set_sync_debug_mode("error")  # any host sync during capture raises
     try:
         with torch.cuda.graph(graph):
-            out = layers._whole_rows(x, y, pool, rows, None)  # [M, N]
+            out = layers._whole_rows(x, y, stack, rows, None)  # [M, N]
     finally:
         torch.cuda.set_sync_debug_mode("default")
     for mix in (SECOND_MIX, FIRST_MIX):
         rows.copy_(torch.tensor(mix, device="cuda"))
         graph.replay()
-        eager = layers._whole_rows(x, y, pool, rows, None)
+        eager = layers._whole_rows(x, y, stack, rows, None)
         torch.testing.assert_close(out, eager, rtol=0, atol=0)
         ref = expected(x, y, rows, mats)
         err = (out.float() - ref).abs().max().item()

@@ -97,7 +97,7 @@ class OpTrace(TorchDispatchMode):
 def cpu_kernel_as_one_op(trace: OpTrace | None = None):
     """Treat the CPU bit kernel as what CUDA runs in its place: one opaque op over tensors.
 
-    Its host-side grouping (TenantGroups) exists only on CPU, where nothing is captured; on
+    Its host-side grouping (SlotGroups) exists only on CPU, where nothing is captured; on
     CUDA the custom op reads each row's slot on the device. Inside this context the CPU
     kernel runs outside the dispatch modes, recorded (if `trace`) as one op with its shapes."""
     from deltafleet.kernels import dispatch

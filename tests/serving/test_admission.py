@@ -168,7 +168,7 @@ def test_one_tenant_cannot_fill_the_queue_and_a_slot_wait_says_so(toy):
             eng.submit(a, "def add(a, b):", long)
         waiting_b = eng.submit(b, "def add(a, b):", GREEDY)  # B still has room in the queue
         events = list(waiting_b)
-        assert isinstance(events[-1].error, Overloaded) and "for a batch slot" in str(events[-1].error)
+        assert isinstance(events[-1].error, Overloaded) and "for a batch row" in str(events[-1].error)
         assert "ready" not in str(events[-1].error)
         for s in streams:
             s.cancel()
@@ -181,11 +181,11 @@ def test_tight_kv_admits_what_fits_instead_of_recomputing_prefills(toy, blocks):
     """The issue's scenario: 8 requests of 16-18 prompt tokens and 20 output tokens, blocks of
     4 positions. Admitted by batch size alone, the engine computed 4.1x (12 blocks) and 3.1x
     (24 blocks) the prompt tokens in prefill. Target: at most 1.25x."""
-    from deltafleet.serving.paged_kv import KVPool
+    from deltafleet.serving.paged_kv import PagedKVCache
 
     steps = []
-    eng = Engine(str(toy.base_dir), device="cpu", dtype="float32", max_batch_size=8, block_size=4,
-                 kv_cache_bytes=blocks * KVPool.bytes_per_block(2, 4, 2, 16, torch.float32), on_step=steps.append)
+    eng = Engine(str(toy.base_dir), device="cpu", dtype="float32", max_batch_size=8, kv_block_size=4,
+                 kv_cache_bytes=blocks * PagedKVCache.bytes_per_block(2, 4, 2, 16, torch.float32), on_step=steps.append)
     rng = random.Random(1)
     prompts = [[rng.randrange(3, 256) for _ in range(rng.randint(16, 18))] for _ in range(8)]
     try:
@@ -201,11 +201,11 @@ def test_tight_kv_admits_what_fits_instead_of_recomputing_prefills(toy, blocks):
 def _eight_requests(base_dir, blocks: int, horizon: int, prefix_caching: bool):
     """The scenario above (8 prompts of 16-18 tokens, 20 output tokens, blocks of 4 positions):
     (token ids of each request, prefill tokens computed, engine counters)."""
-    from deltafleet.serving.paged_kv import KVPool
+    from deltafleet.serving.paged_kv import PagedKVCache
 
     steps = []
-    eng = Engine(str(base_dir), device="cpu", dtype="float32", max_batch_size=8, block_size=4, kv_growth_horizon=horizon,
-                 prefix_caching=prefix_caching, kv_cache_bytes=blocks * KVPool.bytes_per_block(2, 4, 2, 16, torch.float32),
+    eng = Engine(str(base_dir), device="cpu", dtype="float32", max_batch_size=8, kv_block_size=4, kv_growth_horizon=horizon,
+                 prefix_caching=prefix_caching, kv_cache_bytes=blocks * PagedKVCache.bytes_per_block(2, 4, 2, 16, torch.float32),
                  on_step=steps.append)
     rng = random.Random(1)
     prompts = [[rng.randrange(3, 256) for _ in range(rng.randint(16, 18))] for _ in range(8)]

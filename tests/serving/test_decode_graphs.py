@@ -42,7 +42,7 @@ def test_every_row_bucket_runs_once_before_the_first_request(engine):
 
 
 def rows_for(engine, tenants: list[str | None], params=GREEDY) -> list[DecodeRow]:
-    """Decode rows over blocks borrowed from the engine's pool (released by the caller): each
+    """Decode rows over blocks borrowed from the engine's KV cache (released by the caller): each
     row's context (its prompt) is already cached, as after a prefill."""
     rows = []
     for i, t in enumerate(tenants):
@@ -76,7 +76,7 @@ def prepared(engine, rows) -> tuple[DecodeGraphs, object]:
     key = (row_bucket(len(rows)), block_bucket(max(len(r.blocks) for r in rows), dec.max_blocks))
     b = dec.buckets.get(key) or dec._new_bucket(*key)
     dec._fill(b, rows)
-    engine.ctx.set_static(b.slots)
+    engine.ctx.set_static(b.slot_of_row)
     engine.paged.layout = b.layout.step_layout()
     return dec, b
 
@@ -158,23 +158,23 @@ def test_the_step_runs_the_same_ops_for_every_tenant_mix(engine):
 
 def test_tenants_arriving_and_leaving_never_change_the_signature(toy):
     """Graphs are captured at start, before any tenant: the first tenant with a whole lm_head
-    (and a norm), a second one in the same pool, and a tenant leaving change only buffer
+    (and a norm), a second one in the same slot stack, and a tenant leaving change only buffer
     contents, never the static signature (before, each one recaptured every bucket)."""
     eng = Engine(str(toy.base_dir), device="cpu", dtype="float32", max_batch_size=8, decode_mode="static")
     dynamic = Engine(str(toy.base_dir), device="cpu", dtype="float32", max_batch_size=8, decode_mode="dynamic")
-    head = eng.bank.whole_pools["lm_head"]
+    head = eng.bank.whole_stacks["lm_head"]
     try:
         at_start = eng.ctx.static_signature()
         arrivals = [("team-b/gamma", toy.deltas["team-b/gamma"]),  # 1-bit linears only
                     ("team-a/beta", toy.deltas["team-a/beta"]),  # the first whole lm_head, and a norm
-                    ("team-a/beta-2", toy.deltas["team-a/beta"])]  # a second whole lm_head in the same pool
+                    ("team-a/beta-2", toy.deltas["team-a/beta"])]  # a second whole lm_head in the same slot stack
         for name, path in arrivals:
             eng.add_tenant(name, path)
             dynamic.add_tenant(name, path)
             eng.wait_ready()
             eng.bank.release(acquire(eng, name))
             assert eng.ctx.static_signature() == at_start, f"{name} arriving changed the signature"
-        assert len(head.slots) == 2  # both whole heads are really in the pool
+        assert len(head.slots) == 2  # both whole heads are really in the slot stack
         eng.remove_tenant("team-a/beta")
         assert len(head.slots) == 1
         assert eng.ctx.static_signature() == at_start, "a tenant leaving changed the signature"
@@ -273,11 +273,11 @@ def test_a_capture_that_fails_for_one_bucket_leaves_the_other_buckets_graphed(en
             self.b = b
 
         def replay(self):
-            replays.append(self.b.slots.shape[0])
+            replays.append(self.b.slot_of_row.shape[0])
             dec._forward(self.b)
 
     def capture(b, signature):
-        if b.slots.shape[0] == 2:
+        if b.slot_of_row.shape[0] == 2:
             raise RuntimeError("operation not permitted when stream is capturing")
         b.graph, b.signature = Replayed(b), signature
 

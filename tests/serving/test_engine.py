@@ -202,17 +202,17 @@ def test_without_max_tokens_a_request_may_use_the_context_the_prompt_leaves(engi
 @pytest.mark.parametrize("kv_blocks,step_tokens", [(64, 3), (9, 512), (9, 5)], ids=["chunked-prefill", "preemption", "both"])
 def test_outputs_equal_the_merged_models_with_chunked_prefill_and_preemption_under_load(toy, expected, kv_blocks, step_tokens,
                                                                                       decode_mode):
-    """A tiny KV pool (9 blocks of 4 positions: 36 tokens for 16 requests of ~30) forces
+    """A tiny KV cache (9 blocks of 4 positions: 36 tokens for 16 requests of ~30) forces
     preemption by recompute; a 3-token step budget forces every prompt through several
     prefill chunks beside decode rows. Each request is sent twice, so later ones may start
     from blocks the prefix cache kept (shared blocks, evicted ones). Every request still gets
     exactly its merged model's greedy tokens."""
-    from deltafleet.serving.paged_kv import KVPool
+    from deltafleet.serving.paged_kv import PagedKVCache
 
     cfg = (2, 4, 2, 16)  # layers, block size, kv heads, head dim of the toy base
-    eng = Engine(str(toy.base_dir), device="cpu", dtype="float32", max_batch_size=8, block_size=4,
-                 kv_cache_bytes=kv_blocks * KVPool.bytes_per_block(*cfg, torch.float32), max_step_tokens=step_tokens,
-                 decode_mode=decode_mode, kv_growth_horizon=0)  # admit by prompt alone: the pool must run out
+    eng = Engine(str(toy.base_dir), device="cpu", dtype="float32", max_batch_size=8, kv_block_size=4,
+                 kv_cache_bytes=kv_blocks * PagedKVCache.bytes_per_block(*cfg, torch.float32), max_step_tokens=step_tokens,
+                 decode_mode=decode_mode, kv_growth_horizon=0)  # admit by prompt alone: the KV cache must run out
     try:
         assert eng.kv.n_blocks == kv_blocks
         eng.set_tenants(toy.deltas)
@@ -223,7 +223,7 @@ def test_outputs_equal_the_merged_models_with_chunked_prefill_and_preemption_und
             assert [t for ev in stream for t in ev.token_ids] == expected[job], job
         stats = eng.stats()
         if kv_blocks < 16:
-            assert stats["preemptions"] > 0, "the pool was meant to run out"
+            assert stats["preemptions"] > 0, "the KV cache was meant to run out"
         assert stats["kv_blocks_free"] == kv_blocks  # every block came back
         assert eng.bank.slot_refs == [0] * eng.bank.n_slots
     finally:
@@ -231,10 +231,10 @@ def test_outputs_equal_the_merged_models_with_chunked_prefill_and_preemption_und
 
 
 def test_a_request_larger_than_the_kv_cache_is_refused_before_any_work(toy):
-    from deltafleet.serving.paged_kv import KVPool
+    from deltafleet.serving.paged_kv import PagedKVCache
 
-    eng = Engine(str(toy.base_dir), device="cpu", dtype="float32", block_size=4,
-                 kv_cache_bytes=4 * KVPool.bytes_per_block(2, 4, 2, 16, torch.float32))
+    eng = Engine(str(toy.base_dir), device="cpu", dtype="float32", kv_block_size=4,
+                 kv_cache_bytes=4 * PagedKVCache.bytes_per_block(2, 4, 2, 16, torch.float32))
     try:
         with pytest.raises(BadRequest, match="exceeds this replica's KV cache of 16 tokens"):
             eng.submit(None, PROMPTS[0], SamplingParams(max_tokens=20, temperature=0))

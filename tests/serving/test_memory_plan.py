@@ -1,35 +1,35 @@
 """GPU memory planned, not taken (issue: the engine under pressure, point 6): the KV cache is
-sized after the bank's whole declared budget — its slot pools' tables included, which fill
-lazily — and a pool on a GPU is allocated once, in full, so growing never needs old + new."""
+sized after the bank's whole declared budget — its slot stacks' tables included, which fill
+lazily — and a slot stack on a GPU is allocated once, in full, so growing never needs old + new."""
 
 from __future__ import annotations
 
 import torch
 
 from deltafleet.serving.engine import KV_SHARE, kv_budget
-from deltafleet.serving.slot_pool import SlotPool
+from deltafleet.serving.slot_stack import SlotStack
 
 GiB = 1 << 30
 
 
-def test_a_full_pool_allocates_every_entry_once_and_never_moves():
-    pool = SlotPool({"weight": ((4, 8), torch.float16)}, n_slots=6, device=torch.device("cpu"), grow="full")
-    assert pool.unallocated_bytes() == 6 * 4 * 8 * 2
-    pool.put(0, {"weight": torch.ones(4, 8)})
-    ptr = pool.entries["weight"].data_ptr()
-    assert pool.capacity == 6 and pool.unallocated_bytes() == 0
+def test_a_full_slot_stack_allocates_every_entry_once_and_never_moves():
+    stack = SlotStack({"weight": ((4, 8), torch.float16)}, n_slots=6, device=torch.device("cpu"), grow="full")
+    assert stack.unallocated_bytes() == 6 * 4 * 8 * 2
+    stack.put(0, {"weight": torch.ones(4, 8)})
+    ptr = stack.entries["weight"].data_ptr()
+    assert stack.capacity == 6 and stack.unallocated_bytes() == 0
     for slot in range(1, 6):
-        pool.put(slot, {"weight": torch.full((4, 8), float(slot))})
-    assert pool.entries["weight"].data_ptr() == ptr  # no growth step, no transient copy
-    assert torch.equal(pool.entries["weight"][pool.entry_of_slot[4 + 1]], torch.full((4, 8), 4.0, dtype=torch.float16))
+        stack.put(slot, {"weight": torch.full((4, 8), float(slot))})
+    assert stack.entries["weight"].data_ptr() == ptr  # no growth step, no transient copy
+    assert torch.equal(stack.entries["weight"][stack.entry_of_slot[4 + 1]], torch.full((4, 8), 4.0, dtype=torch.float16))
 
 
-def test_a_doubling_pool_follows_its_tenants():
-    pool = SlotPool({"weight": ((2,), torch.float32)}, n_slots=8, device=torch.device("cpu"))
+def test_a_doubling_slot_stack_follows_its_tenants():
+    stack = SlotStack({"weight": ((2,), torch.float32)}, n_slots=8, device=torch.device("cpu"))
     caps = []
     for slot in range(5):
-        pool.put(slot, {"weight": torch.ones(2)})
-        caps.append(pool.capacity)
+        stack.put(slot, {"weight": torch.ones(2)})
+        caps.append(stack.capacity)
     assert caps == [1, 2, 4, 4, 8]
 
 
@@ -59,7 +59,7 @@ def test_the_kv_plan_at_7b_leaves_room_for_every_table_the_bank_may_hold():
         kv = kv_budget(free, bank.unallocated_bytes())
         left = free - kv - bank.unallocated_bytes()  # once every slot holds its tables: activations
         assert left >= (1 - KV_SHARE) * (free - bank.unallocated_bytes()) > 8 * GiB
-        # before: 80% of `free`, and the pools' last doubling (8 -> 12 entries) held the old 8 too
+        # before: 80% of `free`, and the stacks' last doubling (8 -> 12 entries) held the old 8 too
         old_kv = int(free * 0.8)
         transient = 8 * (2 * table + one_bit_embedding)
         assert free - old_kv - bank.unallocated_bytes() - transient < 2 * GiB

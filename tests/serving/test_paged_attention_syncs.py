@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from deltafleet.serving.paged_kv import KVPool, PagedContext, StepLayout, paged_attention
+from deltafleet.serving.paged_kv import PagedKVCache, PagedContext, StepLayout, paged_attention
 from graph_safety import NoHostSync
 
 BS, H, D = 4, 2, 8
@@ -17,15 +17,15 @@ BS, H, D = 4, 2, 8
 
 def test_a_mixed_step_attends_without_host_syncs_and_matches_sdpa_over_each_sequence():
     torch.manual_seed(0)
-    pool = KVPool(1, 16, BS, H, D, torch.float32, torch.device("cpu"))
+    cache = PagedKVCache(1, 16, BS, H, D, torch.float32, torch.device("cpu"))
     # sequence A: 5 tokens cached, decodes 1; sequence B: a fresh prompt of 6 tokens, prefilled at once
     ctx_a = (torch.randn(5, H, D), torch.randn(5, H, D))
     blocks_a, blocks_b = [0, 1], [2, 3]
     for i in range(5):
         pos = blocks_a[i // BS] * BS + i % BS
-        pool.k[0, pos], pool.v[0, pos] = ctx_a[0][i], ctx_a[1][i]
+        cache.k[0, pos], cache.v[0, pos] = ctx_a[0][i], ctx_a[1][i]
     layout = StepLayout.build([(blocks_a, 5, 1), (blocks_b, 0, 6)], BS, torch.device("cpu"))
-    module = SimpleNamespace(layer_idx=0, deltafleet_paged=PagedContext(pool))
+    module = SimpleNamespace(layer_idx=0, deltafleet_paged=PagedContext(cache))
     module.deltafleet_paged.layout = layout
     q, k, v = (torch.randn(1, H, 7, D) for _ in range(3))  # the 7 packed new tokens: A's 1, then B's 6
     with NoHostSync():

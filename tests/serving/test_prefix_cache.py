@@ -1,5 +1,5 @@
 """Prefix caching: a prompt prefix's K/V is computed once per tenant registration and reused,
-and never across tenants (the KV pool's bookkeeping alone, then the engine end to end)."""
+and never across tenants (the KV cache's bookkeeping alone, then the engine end to end)."""
 
 from __future__ import annotations
 
@@ -9,28 +9,28 @@ import pytest
 import torch
 
 from deltafleet.serving.engine import Engine
-from deltafleet.serving.paged_kv import KVPool
+from deltafleet.serving.paged_kv import PagedKVCache
 from deltafleet.serving.sampling import SamplingParams
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0)
 ALPHA, BETA = "team-a/alpha", "team-a/beta"
 
 
-def pool(n_blocks: int = 4) -> KVPool:
-    return KVPool(n_layers=1, n_blocks=n_blocks, block_size=2, kv_heads=1, head_dim=2, dtype=torch.float32, device=torch.device("cpu"))
+def kv_cache(n_blocks: int = 4) -> PagedKVCache:
+    return PagedKVCache(n_layers=1, n_blocks=n_blocks, block_size=2, kv_heads=1, head_dim=2, dtype=torch.float32, device=torch.device("cpu"))
 
 
 def keys(root: bytes, tokens: list[int], block_size: int = 2) -> list[bytes]:
     out, previous = [], root
     for i in range(0, len(tokens) - len(tokens) % block_size, block_size):
-        previous = KVPool.block_key(previous, tokens[i : i + block_size])
+        previous = PagedKVCache.block_key(previous, tokens[i : i + block_size])
         out.append(previous)
     return out
 
 
-# ---- the pool's bookkeeping (pure logic) ------------------------------------------------
+# ---- the cache's bookkeeping (pure logic) ------------------------------------------------
 def test_a_remembered_block_is_taken_by_the_next_sequence_with_the_same_prefix():
-    kv = pool()
+    kv = kv_cache()
     first = kv.allocate(2)
     for b, k in zip(first, keys(b"tenant:1", [5, 6, 7, 8])):
         kv.remember(b, k)
@@ -42,7 +42,7 @@ def test_a_remembered_block_is_taken_by_the_next_sequence_with_the_same_prefix()
 
 
 def test_the_same_tokens_under_another_tenant_or_after_another_prefix_take_nothing():
-    kv = pool()
+    kv = kv_cache()
     blocks = kv.allocate(2)
     for b, k in zip(blocks, keys(b"tenant:1", [5, 6, 7, 8])):
         kv.remember(b, k)
@@ -52,7 +52,7 @@ def test_the_same_tokens_under_another_tenant_or_after_another_prefix_take_nothi
 
 
 def test_a_cached_block_no_one_holds_counts_as_free_and_is_reused_least_recently_released_first():
-    kv = pool(n_blocks=3)
+    kv = kv_cache(n_blocks=3)
     a, b = kv.allocate(1), kv.allocate(1)
     ka, kb = keys(b"base", [1, 2]), keys(b"base", [3, 4])
     kv.remember(a[0], ka[0])
@@ -72,7 +72,7 @@ def test_a_cached_block_no_one_holds_counts_as_free_and_is_reused_least_recently
 # ---- the engine ---------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def engine(toy):
-    eng = Engine(str(toy.base_dir), device="cpu", dtype="float32", max_batch_size=4, block_size=4, decode_mode="dynamic")
+    eng = Engine(str(toy.base_dir), device="cpu", dtype="float32", max_batch_size=4, kv_block_size=4, decode_mode="dynamic")
     eng.set_tenants({n: toy.deltas[n] for n in (ALPHA, BETA)})
     assert eng.wait_ready() == {ALPHA: "ready", BETA: "ready"}
     yield eng
@@ -134,7 +134,7 @@ def test_a_tenant_re_registered_with_another_delta_does_not_reuse_the_old_ones_p
 
 
 def test_prefix_caching_can_be_turned_off(toy, prompt):
-    eng = Engine(str(toy.base_dir), device="cpu", dtype="float32", block_size=4, prefix_caching=False)
+    eng = Engine(str(toy.base_dir), device="cpu", dtype="float32", kv_block_size=4, prefix_caching=False)
     try:
         a = eng.generate(None, prompt, GREEDY).token_ids
         assert eng.generate(None, prompt, GREEDY).token_ids == a

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlparse
 
@@ -14,16 +13,11 @@ ray = pytest.importorskip("ray")
 from ray import serve  # noqa: E402
 
 from deltafleet.serving.cli import deploy  # noqa: E402
-from deltafleet.serving.config import key_digest  # noqa: E402
+from deltafleet.serving.config import key_digest, serve_application  # noqa: E402
+from ports import free_port  # noqa: E402
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 POOL = "toy"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _deploy(toy, tenants: list[str], port: int, keys: dict[str, list[str]] | None = None, status_key: str | None = None,
@@ -39,16 +33,12 @@ def _deploy(toy, tenants: list[str], port: int, keys: dict[str, list[str]] | Non
                                for n, uri in all_uris.items()}}
     if status_key is not None:
         user_config["status_key_sha256"] = key_digest(status_key)
-    config = {"applications": [{
-        "name": POOL, "route_prefix": f"/{POOL}", "import_path": "deltafleet.serving.app:build_app", "args": args,
-        "deployments": [{"name": "DeltaServer", "ray_actor_options": {"num_cpus": 0}, "user_config": user_config}],
-    }]}
-    deploy(config, port=port)
+    deploy({"applications": [serve_application(args, user_config, ray_actor_options={"num_cpus": 0})]}, port=port)
 
 
 @pytest.fixture(scope="module")
 def url(toy):
-    port = _free_port()
+    port = free_port()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, namespace="deltafleet-test")
     try:
         _deploy(toy, ["team-a/alpha", "team-a/beta"], port)
@@ -137,6 +127,13 @@ def test_tenant_states_are_open_on_a_pool_without_keys(url):
     body = r.json()
     assert body["tenants"] == {"team-a/alpha": {"state": "ready", "error": None}, "team-a/beta": {"state": "ready", "error": None}}
     assert body["replica"]
+    # the real route's body is what the operator's parser accepts (one model on both sides)
+    from deltafleet.operator.backend import TenantState
+    from deltafleet.operator.replica_status import parse_report
+
+    report = parse_report(body, url)
+    assert report.error == "" and report.replica == body["replica"]
+    assert report.tenants == {"team-a/alpha": TenantState("ready"), "team-a/beta": TenantState("ready")}
 
 
 def _error(r: httpx.Response, status: int) -> dict:

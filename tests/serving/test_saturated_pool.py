@@ -98,7 +98,7 @@ def test_a_saturated_pool_answers_each_case_with_its_status_and_an_openai_error(
             _error(await _post(client, "team-a/alpha", n=2), 400, "invalid_request_error", "n:", param="n")
             engine.queue_timeout_s = 0  # the queued four have waited long enough: told at the next admission
             for response in await asyncio.gather(*queued):
-                _error(response, 429, "overloaded", "for a batch slot")
+                _error(response, 429, "overloaded", "for a batch row")
             hold.cancel()
             engine.device_error = "CUDAError: CUDA error: an illegal memory access was encountered"
             _error(await _post(client, POOL), 503, "engine_unavailable", "cannot serve")

@@ -107,7 +107,7 @@ def test_served_eval_loss_equals_the_merged_checkpoint(case):
 def _perturbed(delta_path, out_path, seed: int):
     """Another tenant of the same base: the delta's whole tensors moved by noise, so its
     embedding table / head / norms differ from the first tenant's (a row served from the
-    wrong pool entry or stack row would show)."""
+    wrong slot-stack entry or stack row would show)."""
     from deltafleet.compress.format import save_delta
 
     delta = load_delta(delta_path)
@@ -142,21 +142,21 @@ def test_a_batch_mixing_tenants_and_the_base_serves_each_row_as_its_own_merged_c
             torch.testing.assert_close(got[i], want, rtol=1e-4, atol=1e-4, msg=lambda m: f"{family} row {i} ({r}): {m}")
         # the tenants really differ from each other and from the base
         assert (refs["a"](input_ids=ids[:1]).logits - refs["b"](input_ids=ids[:1]).logits).abs().max() > 1e-2
-    # the large whole tensors came from the pools (one entry per tenant), not per-slot tensors
-    pool = served.bank.whole_pools[EMBEDDINGS[family]]
-    assert {slots["a"], slots["b"]} <= pool.slots
+    # the large whole tensors came from the slot stacks (one entry per tenant), not per-slot tensors
+    stack = served.bank.whole_stacks[EMBEDDINGS[family]]
+    assert {slots["a"], slots["b"]} <= stack.slots
     if "e" in deltas:
-        assert served.bank.embed_pools[EMBEDDINGS[family]].slots == {slots["e"]}
+        assert served.bank.embed_stacks[EMBEDDINGS[family]].slots == {slots["e"]}
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_every_module_of_a_supported_family_is_served_without_a_loop_over_slots(family):
-    from deltafleet.serving.layers import DeltaLinear, embedding_supports_1bit
+    from deltafleet.serving.layers import BatchedDeltaLinear, embedding_supports_1bit
 
     served = build_served_model(str(toy_pair(family)[0]), device="cpu", dtype="float32")
     for name, mod in served.model.named_modules():
-        if isinstance(mod, DeltaLinear) or embedding_supports_1bit(mod) or not any(True for _ in mod.parameters(recurse=False)):
+        if isinstance(mod, BatchedDeltaLinear) or embedding_supports_1bit(mod) or not any(True for _ in mod.parameters(recurse=False)):
             continue
         assert name in served.bank.param_stacks, f"{family}: {name} ({type(mod).__name__}) would be served per slot"
-    if family == "gemma":  # tied: the table and the head share one pool
-        assert served.bank.whole_pools["model.embed_tokens"] is served.bank.whole_pools["lm_head"]
+    if family == "gemma":  # tied: the table and the head share one slot stack
+        assert served.bank.whole_stacks["model.embed_tokens"] is served.bank.whole_stacks["lm_head"]
