@@ -119,6 +119,20 @@ def check_output_dir(out_dir: Path, flag: str = "--out") -> None:
             return
 
 
+def open_inputs(base: str, finetuned: str, out_dir: Path, base_store) -> tuple[Checkpoint, Checkpoint]:
+    """Every check that needs no weights, before any slow work: the output folders, the two
+    checkpoints found, distinct, compatible and of a supported architecture."""
+    check_output_dir(out_dir)
+    if base_store is not None:
+        check_output_dir(Path(base_store), "--base-store")
+    base_ck, ft_ck = Checkpoint(base, "base"), Checkpoint(finetuned, "fine-tune")
+    if base_ck.dir.resolve() == ft_ck.dir.resolve():
+        raise InputError(f"--base and --finetuned are the same model ({base_ck.dir}): there is no delta to compress")
+    check_compatible(base_ck, ft_ck)
+    check_supported(base_ck)
+    return base_ck, ft_ck
+
+
 def compress(base: str, finetuned: str, out_dir: str | os.PathLike, settings: CompressSettings | None = None,
              base_store: str | os.PathLike | None = None) -> CompressResult:
     """Compress `finetuned` against `base` into out_dir; with `base_store`, a Hub base's snapshot
@@ -127,17 +141,10 @@ def compress(base: str, finetuned: str, out_dir: str | os.PathLike, settings: Co
     settings.validate()
     t0 = time.time()
     out_dir = Path(out_dir)
-    check_output_dir(out_dir)
-    if base_store is not None:
-        check_output_dir(Path(base_store), "--base-store")
+    base_ck, ft_ck = open_inputs(base, finetuned, out_dir, base_store)
     device = settings.resolved_device()
     dtype = settings.resolved_dtype(device)
     torch.manual_seed(settings.seed)
-    base_ck, ft_ck = Checkpoint(base, "base"), Checkpoint(finetuned, "fine-tune")
-    if base_ck.dir.resolve() == ft_ck.dir.resolve():
-        raise InputError(f"--base and --finetuned are the same model ({base_ck.dir}): there is no delta to compress")
-    check_compatible(base_ck, ft_ck)
-    check_supported(base_ck)
     tokenizer = load_tokenizer(ft_ck.dir, base_ck.dir)
     texts = read_windows(settings, tokenizer)
 
@@ -154,42 +161,19 @@ def compress(base: str, finetuned: str, out_dir: str | os.PathLike, settings: Co
     wrappers = attach_delta(student, delta)
     initial = evaluate(student, teacher, held_out, settings.batch_size)
     if settings.steps:
-        history = distill_scales(student, teacher, [w.scale for w in wrappers.values()], cal, settings.steps,
-                                 settings.lr, settings.batch_size, settings.loss, settings.seed)
-        skipped = sum(1 for v in history if v != v)
-        if skipped:
-            log(f"warning: stage 2 skipped {skipped} of {len(history)} steps whose loss or gradient was not finite")
+        stage2(student, teacher, wrappers, cal, settings)
     final = evaluate(student, teacher, held_out, settings.batch_size)
     delta.scales = read_scales(wrappers)
     set_enabled(wrappers, True)
     del student, teacher
 
-    fidelity = Fidelity(
-        loss_base=base_stats.loss,
-        loss_finetuned=base_stats.teacher_loss,
-        loss_initial=initial.loss,
-        loss_delta=final.loss,
-        retained_improvement=retained(base_stats.loss, base_stats.teacher_loss, final.loss),
-        retained_improvement_initial=retained(base_stats.loss, base_stats.teacher_loss, initial.loss),
-        kl=final.kl,
-        kl_initial=initial.kl,
-        eval_tokens=final.tokens,
-        top1_agreement_base=base_stats.top1_agreement,
-        top1_agreement=final.top1_agreement,
-    )
+    fidelity = fidelity_of(base_stats, initial, final)
     if base_stats.loss <= base_stats.teacher_loss:
         log("warning: the fine-tune is no better than the base on the eval text; retained improvement reads 0")
     finetuned_bytes = ft_ck.nbytes()
     delta.settings = {**dataclasses.asdict(settings), "dtype_used": str(dtype).removeprefix("torch."), "device_used": str(device)}
     delta.fidelity = fidelity.model_dump()
-    delta.sizes = {
-        "tensor_bytes": delta.nbytes(),
-        "sign_bytes": sum(t.numel() * 4 for t in delta.signs.values()),
-        "whole_bytes": sum(t.numel() * t.element_size() for t in delta.whole.values()),
-        "compressed_matrices": len(delta.signs),
-        "whole_params": len(delta.whole),
-        "finetuned_bytes": finetuned_bytes,
-    }
+    delta.sizes = sizes_of(delta, finetuned_bytes)
     path = save_delta(delta, out_dir / DELTA_FILE)
     delta_bytes = path.stat().st_size
     snapshot = None
@@ -211,3 +195,41 @@ def compress(base: str, finetuned: str, out_dir: str | os.PathLike, settings: Co
     log(f"done in {result.seconds:.0f}s: retained {fidelity.retained_improvement:.1%} "
         f"(stage 1 {fidelity.retained_improvement_initial:.1%}), ratio {result.sizes.compression_ratio:.1f}x")
     return result
+
+
+def stage2(student, teacher, wrappers: dict, cal: list, settings: CompressSettings) -> None:
+    """Scale distillation: train only the scales to match the fine-tune's logits."""
+    history = distill_scales(student, teacher, [w.scale for w in wrappers.values()], cal, settings.steps,
+                             settings.lr, settings.batch_size, settings.loss, settings.seed)
+    skipped = sum(1 for v in history if v != v)
+    if skipped:
+        log(f"warning: stage 2 skipped {skipped} of {len(history)} steps whose loss or gradient was not finite")
+
+
+def fidelity_of(base_stats, initial, final) -> Fidelity:
+    """The result's fidelity figures from the three evaluations (base, after stage 1, after stage 2)."""
+    return Fidelity(
+        loss_base=base_stats.loss,
+        loss_finetuned=base_stats.teacher_loss,
+        loss_initial=initial.loss,
+        loss_delta=final.loss,
+        retained_improvement=retained(base_stats.loss, base_stats.teacher_loss, final.loss),
+        retained_improvement_initial=retained(base_stats.loss, base_stats.teacher_loss, initial.loss),
+        kl=final.kl,
+        kl_initial=initial.kl,
+        eval_tokens=final.tokens,
+        top1_agreement_base=base_stats.top1_agreement,
+        top1_agreement=final.top1_agreement,
+    )
+
+
+def sizes_of(delta, finetuned_bytes: int) -> dict:
+    """The delta file's byte counts (its __metadata__)."""
+    return {
+        "tensor_bytes": delta.nbytes(),
+        "sign_bytes": sum(t.numel() * 4 for t in delta.signs.values()),
+        "whole_bytes": sum(t.numel() * t.element_size() for t in delta.whole.values()),
+        "compressed_matrices": len(delta.signs),
+        "whole_params": len(delta.whole),
+        "finetuned_bytes": finetuned_bytes,
+    }
