@@ -8,6 +8,7 @@ Everything here is pure: the handlers decide, these functions only compute the n
 from __future__ import annotations
 
 from dataclasses import dataclass
+import time
 from datetime import datetime, timezone
 
 from deltafleet.operator.api import Phase
@@ -93,7 +94,7 @@ def iso(timestamp: float) -> str:
 
 
 def now_iso() -> str:
-    return datetime.now(timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+    return iso(time.time())
 
 
 def get_condition(conditions: list[dict] | None, type_: str) -> dict | None:

@@ -10,7 +10,7 @@ cert-manager's controllers.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timezone
+from datetime import datetime
 
 from typing import NamedTuple
 
@@ -18,7 +18,7 @@ from deltafleet.operator import api
 from deltafleet.operator import compression as comp
 from deltafleet.operator import serveconfig as sc
 from deltafleet.operator.backend import DEPLOY_FAILED, RUNNING, AppStatus, ReplicaReport
-from deltafleet.operator.conditions import FALSE, TRUE, Reason
+from deltafleet.operator.conditions import FALSE, TRUE, Reason, iso
 from deltafleet.operator.jobs import JobState, Outcome
 from deltafleet.operator.settings import Settings
 
@@ -145,7 +145,7 @@ def decide_compression(ref: Ref, attempts: list[Attempt] | tuple[Attempt, ...], 
     if failures:
         due = parse_time(failures[-1].outcome.finished_at) + comp.retry_delay(len(failures), retry.base_s, retry.max_s)
         if now < due:
-            when = datetime.fromtimestamp(due, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+            when = iso(due)
             return Decision(FALSE, Reason.JOB_FAILED_RETRYING, f"{failed}; next attempt after {when}", fields)
     # The next attempt keeps the generation the first one was made for (a serving-only change
     # since then must not rename the attempts of this input).

@@ -10,6 +10,7 @@ test passes fakes (tests/operator/fakes.py).
 from __future__ import annotations
 
 import base64
+import copy
 import json
 import time
 from dataclasses import dataclass, field, replace
@@ -147,7 +148,7 @@ def gather(raw: dict, *, kube: Kube, pools: "PoolStatuses", serving: ServingStat
            now: float) -> Observed:
     """Everything plan.decide needs about this FineTune, read once."""
     meta = meta_of(raw)
-    status = json.loads(json.dumps(raw.get("status") or {}))
+    status = copy.deepcopy(raw.get("status") or {})
     ft, problems, by_policy = parse(raw, settings)
     if problems:  # nothing runs that the schema, the code or the policy refuses: nothing more to read
         return Observed(now, meta, status, ft, problems, by_policy)
