@@ -167,30 +167,45 @@ def load_delta(
     return delta.to(device) if str(device) != "cpu" else delta
 
 
-def check_against_model(delta: Delta, model: torch.nn.Module) -> None:
+@dataclass(frozen=True)
+class ModelShapes:
+    """The shapes a delta is checked against: each module's weight (for its signs) and each
+    parameter (for whole tensors), taken once. A serving replica takes them when it starts:
+    read live, a parameter swapped by a per-token hook (torch.func.functional_call) mid-step
+    would show the stack's shape and fail a good delta."""
+
+    weights: dict[str, tuple[int, ...]]
+    params: dict[str, tuple[int, ...]]
+
+    @classmethod
+    def of(cls, model: torch.nn.Module) -> ModelShapes:
+        weights = {name: tuple(w.shape) for name, mod in model.named_modules()
+                   if isinstance(w := getattr(mod, "weight", None), torch.Tensor)}
+        return cls(weights, {name: tuple(p.shape) for name, p in model.named_parameters()})
+
+
+def check_against_model(delta: Delta, model: torch.nn.Module | ModelShapes) -> None:
     """Refuse a delta whose tensors do not fit this model's modules and parameters."""
+    shapes = model if isinstance(model, ModelShapes) else ModelShapes.of(model)
     where = delta.path or "delta"
-    modules = dict(model.named_modules())
-    params = dict(model.named_parameters())
     for name, packed in delta.signs.items():
-        mod = modules.get(name)
-        weight = getattr(mod, "weight", None)
+        weight = shapes.weights.get(name)
         if weight is None:
             raise DeltaError(f"{where}: compressed module {name!r} does not exist in the base model")
-        n, k = weight.shape
+        n, k = weight
         if tuple(packed.shape) != (n, k // 32) or k % 32:
             raise DeltaError(
-                f"{where}: {name}.sign has shape {tuple(packed.shape)}, base weight {tuple(weight.shape)} "
+                f"{where}: {name}.sign has shape {tuple(packed.shape)}, base weight {weight} "
                 f"needs ({n}, {k // 32})"
             )
         if delta.scales[name].dim() == 1 and delta.scales[name].shape[0] != n:
             raise DeltaError(f"{where}: {name}.scale has {delta.scales[name].shape[0]} rows, base weight has {n}")
     for name, t in delta.whole.items():
-        p = params.get(name)
-        if p is None:
+        shape = shapes.params.get(name)
+        if shape is None:
             raise DeltaError(f"{where}: parameter {name!r} does not exist in the base model")
-        if tuple(p.shape) != tuple(t.shape):
-            raise DeltaError(f"{where}: {name} has shape {tuple(t.shape)}, the base has {tuple(p.shape)}")
+        if shape != tuple(t.shape):
+            raise DeltaError(f"{where}: {name} has shape {tuple(t.shape)}, the base has {shape}")
 
 
 def _check_structure(path: Path, delta: Delta) -> None:

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from deltafleet.compress.format import Delta, DeltaError, DeltaMissing, check_against_model, load_delta
+from deltafleet.compress.format import Delta, DeltaError, DeltaMissing, ModelShapes, check_against_model, load_delta
 from deltafleet.compress.linears import block_lists
 
 from .layers import BatchedDeltaLinear, embedding_supports_1bit, small_param_modules
@@ -43,6 +43,7 @@ from .slot_stack import SlotStack
 
 LOADING, READY, FAILED = "loading", "ready", "failed"
 MAX_SLOTS = 256
+MAX_HELD = 4096  # tenants a replica holds at most by default (placement: routed)
 log = logging.getLogger("deltafleet.serving")
 
 
@@ -90,6 +91,7 @@ class DeltaBank:
         on_change: Callable[[], None] = lambda: None,
     ) -> None:
         self.model, self.fingerprint, self.device, self.dtype = model, fingerprint, device, dtype
+        self.shapes = ModelShapes.of(model)  # now, before any step swaps a parameter for a per-token stack
         self.cpu_bank_bytes = cpu_bank_bytes
         self.on_change = on_change
         self.slot_bytes = sum(n * (k // 32) * 4 + n * 4 for n, k in linears.values())
@@ -214,6 +216,11 @@ class DeltaBank:
                 "tenants": {n: e.status for n, e in self.entries.items()},
             }
 
+    def capacity(self) -> int:
+        """Tenants this bank holds without re-reading one from disk: its device slots, or as many
+        deltas of signs and scales as the host tier fits if that is more (MAX_HELD at most)."""
+        return min(MAX_HELD, max(self.n_slots, self.cpu_bank_bytes // max(1, self.slot_bytes)))
+
     def unallocated_bytes(self) -> int:
         """Device bytes of the bank's declared budget not allocated yet (slot stacks fill lazily):
         what the engine keeps free when it sizes its KV cache."""
@@ -232,7 +239,7 @@ class DeltaBank:
     # ---- background work ---------------------------------------------------------------
     def _read(self, path: Path) -> Delta:
         delta = load_delta(path, expected_fingerprint=self.fingerprint)
-        check_against_model(delta, self.model)
+        check_against_model(delta, self.shapes)
         missing = sorted(set(delta.signs) - set(self.stacks) - self.embeddings)
         if missing:
             raise DeltaError(f"{path}: compressed module {missing[0]!r} is not a linear or embedding this engine applies 1-bit deltas to")
