@@ -424,11 +424,11 @@ def decode_step_bytes(base: LlamaForCausalLM, p: dict, tenants: float, kv_tokens
     return weights + tenants * per_tenant + kv_tokens * kv_per_token
 
 
-def tenants_that_fit_7b(device_bytes: float) -> dict:
-    """7B-sized tenants beside a Llama-2-7B base (fp16) with KV for batch 64 x 2k tokens."""
+def tenants_that_fit_7b(device_bytes: float, batch: int = 64) -> dict:
+    """7B-sized tenants beside a Llama-2-7B base (fp16) with KV for `batch` x 2k tokens."""
     base = LLAMA2_7B["params"] * 2
     delta = LLAMA2_7B["linear_params"] / 8 + 2 * LLAMA2_7B["vocab"] * LLAMA2_7B["hidden"] * 2  # + whole embed, lm_head
-    kv = 2 * LLAMA2_7B["layers"] * LLAMA2_7B["hidden"] * 2 * 64 * 2048
+    kv = 2 * LLAMA2_7B["layers"] * LLAMA2_7B["hidden"] * 2 * batch * 2048
     return {"device_bytes": device_bytes, "base_bytes": base, "delta_bytes": delta, "kv_bytes": kv,
             "tenants": max(0, int((device_bytes - base - kv) // delta))}
 

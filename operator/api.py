@@ -490,6 +490,8 @@ class FineTuneStatus(_Model):
     pool: str | None = Field(None, description="The pool (Ray Serve application) serving this FineTune.", max_length=POOL_NAME_MAX_LENGTH)
     model_name: str | None = Field(None, description="Model name to send in OpenAI requests.", max_length=253)
     endpoint: str | None = Field(None, description="OpenAI-compatible base URL of the pool, e.g. http://<host>:8000/<pool>/v1.", max_length=2048)
+    replicas: int | None = Field(None, description="Replicas of the pool holding this FineTune's delta now (a pool loads "
+                                 "a tenant on the replicas its requests are routed to).", ge=0)
     job: str | None = Field(None, description="Name of the current (or last) compression Job.", max_length=253)
     retries: int | None = Field(None, description="Failed compression attempts of this generation so far.", ge=0)
 

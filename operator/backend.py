@@ -19,10 +19,11 @@ class BackendError(RuntimeError):
 
 @dataclass(frozen=True)
 class TenantState:
-    """One tenant's delta on a replica, as its tenant-status route reports it."""
+    """One tenant of a pool, as its tenant-status route reports it."""
 
-    state: str  # serving.config.TENANT_STATES: loading, ready, failed
+    state: str  # serving.config.TENANT_STATES: loading, ready (its delta loads), failed
     error: str = ""  # why it failed (the replica's own message)
+    replicas: int = 0  # engine replicas holding it now (placement: routed loads it where it is asked for)
 
 
 @dataclass(frozen=True)
@@ -32,7 +33,8 @@ class ReplicaReport:
 
     tenants: dict[str, TenantState] | None
     error: str = ""
-    replica: str = ""  # the replica that answered (one of the pool's, chosen by Serve's router)
+    replica: str = ""  # the ingress replica that answered (one of the pool's, chosen by Serve's router)
+    replicas: int = 0  # the pool's live engine replicas
 
 
 @dataclass(frozen=True)

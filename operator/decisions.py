@@ -168,17 +168,20 @@ def decide_gate(delta: api.DeltaStatus, min_fidelity: float) -> Decision:
     return Decision(FALSE, Reason.FIDELITY_BELOW_THRESHOLD, f"{figures} is below minFidelity {min_fidelity}: not served")
 
 
+NOT_SERVED = {"endpoint": None, "replicas": None}
+
+
 def decide_serving(asks: ServedAs, seen: PoolView) -> Decision:
     """The Served condition: Served=True only when the pool's application runs and (once
     RUNNING) a replica's report has the tenant ready."""
     if seen.error is not None:
-        return Decision(FALSE, Reason.BACKEND_UNAVAILABLE, seen.error, {"endpoint": None})
+        return Decision(FALSE, Reason.BACKEND_UNAVAILABLE, seen.error, NOT_SERVED)
     if asks.keys_problem is not None:
-        return Decision(FALSE, Reason.API_KEYS_MISSING, asks.keys_problem, {"endpoint": None})
+        return Decision(FALSE, Reason.API_KEYS_MISSING, asks.keys_problem, NOT_SERVED)
     if asks.model is None:
-        return Decision(FALSE, Reason.WAITING_FOR_DELTA, f"not served: {asks.not_served_because}", {"endpoint": None})
+        return Decision(FALSE, Reason.WAITING_FOR_DELTA, f"not served: {asks.not_served_because}", NOT_SERVED)
     if seen.conflict is not None:
-        return Decision(FALSE, Reason.POOL_BASE_CONFLICT, seen.conflict, {"endpoint": None})
+        return Decision(FALSE, Reason.POOL_BASE_CONFLICT, seen.conflict, NOT_SERVED)
     return _application(asks.model, asks.pool, seen.app, seen.digest, asks.endpoint_base)
 
 
@@ -195,24 +198,24 @@ def _application(model: str, pool: str, app: AppStatus | None, digest: str | Non
 
 
 def _tenant_on_replica(model: str, pool: str, report: ReplicaReport | None, endpoint: str) -> Decision:
-    """A RUNNING application serves the tenant only if its replica has the delta loaded: a
-    replica that could not load it answers 503 for it, whatever the application's status."""
+    """A RUNNING application serves the tenant only once its delta has loaded on a replica
+    (by traffic or the pool's load check): one that cannot be loaded would answer 503."""
     if report is None or report.tenants is None:
         why = report.error if report is not None else "not read yet"
         return Decision(FALSE, Reason.REPLICA_STATUS_UNAVAILABLE,
                         f"application {pool!r} is RUNNING but its replicas' tenant states cannot be read: {why}")
-    on = f" on replica {report.replica}" if report.replica else ""
     t = report.tenants.get(model)
     if t is None:
-        return Decision(FALSE, Reason.TENANT_LOADING, f"application {pool!r} is RUNNING; its replica{on} has not taken "
+        return Decision(FALSE, Reason.TENANT_LOADING, f"application {pool!r} is RUNNING; it has not taken "
                         f"model {model!r} yet (the config update is on its way)")
+    held = {"replicas": t.replicas}
     if t.state == "ready":
-        return Decision(TRUE, Reason.APPLICATION_RUNNING, f"model {model!r} served by application {pool!r} at {endpoint}",
-                        {"endpoint": endpoint})
+        return Decision(TRUE, Reason.APPLICATION_RUNNING, f"model {model!r} served by application {pool!r} at {endpoint} "
+                        f"(held by {t.replicas} of {report.replicas} replicas now)", {"endpoint": endpoint, **held})
     if t.state == "failed":
         return Decision(FALSE, Reason.TENANT_LOAD_FAILED,
-                        f"model {model!r} failed to load{on} of application {pool!r}: {t.error.strip()[:700]}")
-    return Decision(FALSE, Reason.TENANT_LOADING, f"model {model!r} is loading{on} of application {pool!r}")
+                        f"model {model!r} failed to load in application {pool!r}: {t.error.strip()[:700]}", held)
+    return Decision(FALSE, Reason.TENANT_LOADING, f"model {model!r} is loading in application {pool!r}", held)
 
 
 # ---------------------------------------------------------------- the tenant

@@ -23,7 +23,7 @@ from deltafleet.operator.decisions import (Decision, PoolView, Ref, RetryPolicy,
 from deltafleet.operator.observe import Meta, Observed
 from deltafleet.operator.settings import Settings
 
-PER_INPUT = ("delta", "job", "retries", "endpoint")  # status that describes one compression input
+PER_INPUT = ("delta", "job", "retries", "endpoint", "replicas")  # status that describes one compression input
 
 
 @dataclass(frozen=True)
@@ -111,7 +111,7 @@ def _new_input(observed: Observed) -> tuple[dict, api.FineTune, dict | None]:
     old = observed.status
     forget = {k: None for k in PER_INPUT} if any(old.get(k) is not None for k in PER_INPUT) else None
     baseline = {k: v for k, v in old.items() if k not in PER_INPUT}
-    status = observed.ft.status.model_copy(update={"delta": None, "job": None, "retries": None, "endpoint": None})
+    status = observed.ft.status.model_copy(update=dict.fromkeys(PER_INPUT))
     return baseline, observed.ft.model_copy(update={"status": status}), forget
 
 

@@ -23,7 +23,7 @@ from dataclasses import replace
 from deltafleet.operator.backend import RUNNING, AppStatus, BackendError, ReplicaReport, TenantState
 from deltafleet.operator.settings import Settings
 from deltafleet.serving.config import (
-    DEPLOYMENT, TENANT_STATUS_ROUTE, ConfigError, TenantsConfig, key_digest, parse_tenant_states,
+    TENANT_SET_DEPLOYMENTS, TENANT_STATUS_ROUTE, ConfigError, TenantsConfig, key_digest, parse_tenant_states,
 )
 
 TIMEOUT_S = 5.0
@@ -54,7 +54,7 @@ def with_status_key(config: dict, key: str | None) -> dict:
     for app in config.get("applications") or []:
         deployments = []
         for dep in app.get("deployments") or []:
-            if dep.get("name") == DEPLOYMENT:
+            if dep.get("name") in TENANT_SET_DEPLOYMENTS:
                 user_config = TenantsConfig.model_validate({**(dep.get("user_config") or {}), "status_key_sha256": digest})
                 dep = {**dep, "user_config": user_config.model_dump(exclude_defaults=True)}
             deployments.append(dep)
@@ -89,8 +89,8 @@ def parse_report(body: object, where: str) -> ReplicaReport:
         report = parse_tenant_states(body)
     except ConfigError as e:
         return ReplicaReport(None, f"GET {where}: {e}")
-    tenants = {name: TenantState(t.state, t.error or "") for name, t in report.tenants.items()}
-    return ReplicaReport(tenants, replica=report.replica)
+    tenants = {name: TenantState(t.state, t.error or "", len(t.replicas)) for name, t in report.tenants.items()}
+    return ReplicaReport(tenants, replica=report.replica, replicas=len(report.replicas))
 
 
 def attach_reports(statuses: dict[str, AppStatus], settings: Settings) -> dict[str, AppStatus]:

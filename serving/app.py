@@ -1,11 +1,14 @@
-"""The Ray Serve application of one pool: an OpenAI-compatible API over one Engine per replica.
+"""The Ray Serve application of one pool: the Ingress (an OpenAI-compatible API) over the
+DeltaServer engine replicas (serving/replica.py) and the TenantDirectory (serving/directory.py).
 
     import_path: deltafleet.serving.app:build_app      args: see serving/config.py (AppArgs)
 
-The tenant travels in the request body (`model`), never as Serve's multiplexed model id
-(batching by that id would split the cross-tenant batches this engine exists for).
-`reconfigure(user_config)` diffs the tenant set; Serve calls it on every config update
-without restarting the replica. The engine's decode loop runs in its own thread.
+The ingress checks the key and the body, then calls an engine replica through a handle with
+`multiplexed_model_id` = the tenant (placement: routed), so Serve routes it to a replica that
+holds the tenant; the engine's Events stream back through the handle. Serve's multiplexing
+only routes: an engine replica still batches every tenant it holds in one step (it uses no
+`@serve.batch`, which would split batches by that id). `reconfigure(user_config)` gives each
+deployment the new tenant set without restarting a replica.
 """
 
 # No `from __future__ import annotations`: serve.ingress (Ray 2.60) rebuilds the routes
@@ -22,17 +25,18 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
+from ray.serve.exceptions import BackPressureError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .config import (
-    BASE_ALIASES, DEPLOYMENT, TENANT_STATUS_ROUTE, AppArgs, ConfigError, TenantLoadState, TenantStatesReport, key_digest,
-    parse_args, parse_tenants, resolve_uri,
+    BASE_ALIASES, INGRESS, INGRESS_MAX_ONGOING, TENANT_STATUS_ROUTE, ConfigError, key_digest, parse_args, parse_tenants,
 )
-from .engine import BASE_TENANT, BadRequest, Engine, EngineError, Event, UnknownTenant
+from .directory import TenantDirectory
+from .engine import BASE_TENANT, BadRequest, EngineError, EngineStopped, Event, Overloaded, UnknownTenant
 from .openai_api import (
-    ChatRequest, CompletionRequest, chat_body, chat_prompt, completion_body, error_body, models_body, new_id, usage,
-    usage_chunk,
+    ChatRequest, CompletionRequest, chat_body, completion_body, error_body, models_body, new_id, usage, usage_chunk,
 )
+from .replica import DeltaServer, replica_id
 
 api = FastAPI(title="deltafleet pool")
 
@@ -133,13 +137,6 @@ def _no_such_route() -> JSONResponse:
     return JSONResponse(error_body("Not Found", "not_found_error", 404), status_code=404)
 
 
-def _replica_id() -> str:
-    try:
-        return serve.get_replica_context().replica_id.unique_id
-    except Exception:  # noqa: BLE001 -- outside a replica (unit use): the process is the replica
-        return f"pid-{os.getpid()}"
-
-
 def _authorization(request: Request) -> str:
     """The request's one Authorization header ("" when none). Two are refused: which key the
     caller meant is ambiguous, and a proxy that adds one must not decide whose key counts."""
@@ -149,52 +146,52 @@ def _authorization(request: Request) -> str:
     return values[0] if values else ""
 
 
-async def submitted(submit):
-    """`submit(abandoned)` (tokenize + queue, on a worker thread) awaited so that a client who
-    leaves meanwhile never gets its request run: the thread cannot be stopped, so the engine
-    checks `abandoned()` after tokenizing, before queueing."""
-    gone = threading.Event()
-    fut = asyncio.ensure_future(asyncio.to_thread(submit, gone.is_set))
+class EngineUnreachable(EngineError):
+    """No engine replica answered the handle call (one died mid-request, Serve's queue is full)."""
+
+    status, type = 503, "engine_unavailable"
+
+
+async def _next(stream) -> Event | None:
+    """The next Event of an engine call (None at its end); a call that fails in Ray (a replica
+    gone, Serve's queue full) is an Event with a 503 error, so the client gets OpenAI's shape."""
     try:
-        return await asyncio.shield(fut)
+        return await stream.__anext__()
+    except StopAsyncIteration:
+        return None
     except asyncio.CancelledError:
-        gone.set()
-        fut.add_done_callback(lambda f: f.result().cancel() if not f.cancelled() and f.exception() is None else None)
         raise
+    except BackPressureError:  # every engine replica full and Serve's queue for them too
+        return Event("", [], error=Overloaded("the pool is at capacity (every replica and the queue in front of them "
+                                              "are full); retry later"))
+    except Exception as e:  # noqa: BLE001 -- RayActorError, a replica gone, ...: said, never a bare 500
+        return Event("", [], error=EngineUnreachable(f"no engine replica could serve this request: {type(e).__name__}: {e}"[:500]))
 
 
-# Serve's own per-replica limit, when the serve config sets none: above what the engine runs
-# and queues at its defaults (a batch + max_queue, and a batch of slack), so that the engine's
-# OpenAI-shaped 429 comes first, never Serve's own rejection.
-MAX_ONGOING_REQUESTS = 2 * AppArgs.model_fields["max_batch_size"].default + AppArgs.model_fields["max_queue"].default
-
-
-@serve.deployment(name=DEPLOYMENT, max_ongoing_requests=MAX_ONGOING_REQUESTS, health_check_period_s=10)
+@serve.deployment(name=INGRESS, max_ongoing_requests=INGRESS_MAX_ONGOING)
 @serve.ingress(api)
-class DeltaServer:
-    def __init__(self, args: dict) -> None:
+class Ingress:
+    def __init__(self, args: dict, engine, directory) -> None:
         self.args = parse_args(args)
         a = self.args
         api.state.max_request_bytes = a.max_request_bytes
         from .metrics import PoolMetrics
 
         self.metrics = PoolMetrics(a.pool)
-        self.engine = Engine.from_args(a, on_step=self.metrics.step)
+        self.engine, self.directory = engine, directory  # handles: the DeltaServer and TenantDirectory deployments
         self.base_names = (a.pool, *BASE_ALIASES)
-        self.uris: dict[str, str] = {}
+        self.tenants: frozenset[str] = frozenset()
         self.key_tenants: dict[str, frozenset[str]] = {}  # key digest -> the tenants it may call
         self.status_key_sha256: str | None = None  # who may read the tenant states (auth: keys)
 
     def reconfigure(self, user_config: dict) -> None:
-        """Apply a new tenant set: load new ones in the background, unload removed ones."""
+        """The pool's tenant set and who may call each (the engine replicas load the deltas)."""
         cfg = parse_tenants(user_config, pool=self.args.pool)
-        paths = {name: resolve_uri(spec.uri, self.args.store_root) for name, spec in cfg.tenants.items()}
-        self.engine.set_tenants(paths)
-        self.uris = {name: spec.uri for name, spec in cfg.tenants.items()}
         keys: dict[str, set[str]] = {}
         for name, spec in cfg.tenants.items():
             for digest in spec.key_sha256:
                 keys.setdefault(digest, set()).add(name)
+        self.tenants = frozenset(cfg.tenants)
         self.key_tenants = {d: frozenset(names) for d, names in keys.items()}  # swapped whole: requests see old or new
         self.status_key_sha256 = cfg.status_key_sha256
 
@@ -223,14 +220,9 @@ class DeltaServer:
         return bool(want) and scheme.lower() == "bearer" and bool(key.strip()) and hmac.compare_digest(key_digest(key.strip()), want)
 
     def _may_call(self, allowed: frozenset[str] | None, model: str) -> bool:
-        return allowed is None or model in self.base_names or model in allowed
-
-    def check_health(self) -> None:
-        """Ray replaces a replica whose health check raises."""
-        problem = self.engine.problem()  # a dead thread, an unexpected loop error, a sticky device error
-        if problem:
-            raise RuntimeError(problem)
-        self.metrics.bank(self.engine.bank.stats())
+        if model in self.base_names:
+            return True
+        return model in self.tenants and (allowed is None or model in allowed)
 
     # ---- API ---------------------------------------------------------------------------
     @api.get("/v1/models")
@@ -240,43 +232,43 @@ class DeltaServer:
         except Unauthorized as e:
             return _error(e)
         names = [(n, "deltafleet-base") for n in self.base_names]
-        names += [(n, n.split("/")[0] if "/" in n else "deltafleet") for n in self.engine.bank.names() if self._may_call(allowed, n)]
+        names += [(n, n.split("/")[0] if "/" in n else "deltafleet") for n in sorted(self.tenants) if self._may_call(allowed, n)]
         return models_body(names)
 
     @api.get("/debug/replica")
     async def replica(self):
-        """Process id (tests check it survives reconfigure), tenant states and engine figures.
-        Only on pools without API keys: it names every tenant."""
+        """One engine replica's process id (tests check it survives reconfigure), tenants and
+        figures. Only on pools without API keys: it names every tenant."""
         if self.args.auth != "none":
             return _no_such_route()
-        return {"pid": os.getpid(), "pool": self.args.pool, "uris": self.uris, **self.engine.stats()}
+        return await self.engine.debug.remote()
 
     @api.get(TENANT_STATUS_ROUTE)
     async def tenant_states(self, request: Request):
-        """Each tenant's load state on this replica as a TenantStatesReport (the operator's Served
-        condition reads it): {"replica": id, "tenants": {name: {"state": loading|ready|failed, "error": str|None}}}.
+        """Every tenant's state in the pool as a TenantStatesReport (the operator's Served
+        condition reads it): {"replica", "replicas", "tenants": {name: {"state", "error", "replicas"}}}.
         With auth: keys only the pool status key reads it; any other caller gets an unknown route's 404."""
         if not self._may_read_states(request):
             return _no_such_route()
-        bank = self.engine.bank
-        held = {name: t for name in bank.names() if (t := bank.status(name)) is not None}
-        tenants = {name: TenantLoadState(state=t.status, error=t.error) for name, t in held.items()}
-        return TenantStatesReport(replica=_replica_id(), tenants=tenants).model_dump(mode="json")
+        return await self.directory.states.remote(replica_id())
 
     @api.post("/v1/completions")
     async def completions(self, body: CompletionRequest, request: Request):
-        return await self._serve(body, body.prompt, completion_body, "cmpl", request, default_max_tokens=16)
+        return await self._serve(body, completion_body, "cmpl", request)
 
     @api.post("/v1/chat/completions")
     async def chat_completions(self, body: ChatRequest, request: Request):
-        # OpenAI's chat default: generate until the model stops or the context is full
-        return await self._serve(body, lambda: chat_prompt(self.engine.tokenizer, body.messages), chat_body, "chatcmpl", request,
-                                 default_max_tokens=None)
+        return await self._serve(body, chat_body, "chatcmpl", request)
 
     # ---- one request --------------------------------------------------------------------
-    async def _serve(self, body, prompt, shape, prefix: str, request: Request, default_max_tokens: int | None):
-        """prompt: text, token ids, or a function making them (a chat template): tokenizing runs
-        in a worker thread, so a huge prompt never stalls the event loop other tenants share."""
+    def _call(self, tenant: str | None, body):
+        """The engine call: routed to a replica holding the tenant (placement: routed)."""
+        options = {"stream": True}
+        if tenant is not BASE_TENANT and self.args.placement == "routed":
+            options["multiplexed_model_id"] = tenant
+        return self.engine.options(**options).generate.remote(tenant, body)
+
+    async def _serve(self, body, shape, prefix: str, request: Request):
         t0 = time.monotonic()
         try:
             allowed = self._caller(request)
@@ -287,32 +279,22 @@ class DeltaServer:
             self._record("<unknown>", UnknownTenant.type, 0, 0, t0, None)
             return _error(UnknownTenant(f"model {body.model!r} is not served by this pool"))
         tenant = BASE_TENANT if body.model in self.base_names else body.model
-        loop = asyncio.get_running_loop()
-
-        def submit(abandoned):
-            return self.engine.submit(tenant, prompt() if callable(prompt) else prompt, body.sampling(default_max_tokens),
-                                      loop=loop, abandoned=abandoned)
-
+        stream = self._call(tenant, body)
         try:
-            stream = await submitted(submit)
-        except EngineError as e:  # unknown names are not recorded as a tag (unbounded cardinality)
-            self._record("<unknown>" if e.status == 404 else body.model, e.type, 0, 0, t0, None)
-            return _error(e)
-        events = stream.__aiter__()
-        try:
-            first = await events.__anext__()  # errors before the first token get a proper HTTP status
+            first = await _next(stream)  # errors before the first token get a proper HTTP status
         except BaseException:  # the client left (the handler is cancelled): stop the work too
             stream.cancel()
             raise
         ttft = time.monotonic() - t0
-        if first.error:
-            self._record(body.model, first.error.type, 0, 0, t0, None)
-            return _error(first.error)
+        if first is None or first.error:
+            error = first.error if first is not None else EngineUnreachable("the engine replica ended the request without an answer")
+            self._record("<unknown>" if error.status == 404 else body.model, error.type, 0, 0, t0, None)
+            return _error(error)
         rid = new_id(prefix)
         if not body.stream:
             text, last = [first.text], first
             try:
-                async for ev in events:
+                while (ev := await _next(stream)) is not None:
                     if ev.error:  # failed mid-generation: counted as that error, not lost from the metrics
                         self._record(body.model, ev.error.type, last.prompt_tokens, last.completion_tokens, t0, ttft)
                         return _error(ev.error)
@@ -322,14 +304,14 @@ class DeltaServer:
                 stream.cancel()  # a no-op when finished; frees the row when the client went away
             self._record(body.model, "ok", last.prompt_tokens, last.completion_tokens, t0, ttft)
             return shape(rid, body.model, "".join(text), last.finish_reason, usage(last.prompt_tokens, last.completion_tokens))
-        return StreamingResponse(self._sse(stream, events, first, rid, body, shape, t0, ttft), media_type="text/event-stream")
+        return StreamingResponse(self._sse(stream, first, rid, body, shape, t0, ttft), media_type="text/event-stream")
 
-    async def _sse(self, stream, events, first: Event, rid, body, shape, t0, ttft):
+    async def _sse(self, stream, first: Event, rid, body, shape, t0, ttft):
         chat, last = shape is chat_body, first
         try:
             kw = {"first": True} if chat else {}
             yield _data(shape(rid, body.model, first.text, first.finish_reason, None, chunk=True, **kw))
-            async for ev in events:
+            while (ev := await _next(stream)) is not None:
                 if ev.error:  # the stream ends with the error event: no [DONE], not counted as ok
                     yield _data(error_body(str(ev.error), ev.error.type, ev.error.status))
                     self._record(body.model, ev.error.type, last.prompt_tokens, last.completion_tokens, t0, ttft)
@@ -342,15 +324,10 @@ class DeltaServer:
             yield "data: [DONE]\n\n"
             self._record(body.model, "ok", last.prompt_tokens, last.completion_tokens, t0, ttft)
         finally:
-            stream.cancel()  # client disconnected mid-stream: the engine drops the row next step
+            stream.cancel()  # client disconnected mid-stream: the engine replica drops the row next step
 
     def _record(self, model: str, outcome: str, prompt: int, completion: int, t0: float, ttft: float | None) -> None:
         self.metrics.request(model, outcome, prompt, completion, time.monotonic() - t0, ttft)
-
-    def __del__(self):
-        engine = getattr(self, "engine", None)
-        if engine is not None:
-            engine.close()
 
 
 def build_app(args: dict) -> serve.Application:
@@ -359,7 +336,8 @@ def build_app(args: dict) -> serve.Application:
         parse_args(dict(args))
     except ConfigError as e:
         raise ValueError(f"deltafleet pool args: {e}") from None
-    return DeltaServer.bind(dict(args))
+    engine = DeltaServer.bind(dict(args))
+    return Ingress.bind(dict(args), engine, TenantDirectory.bind(dict(args), engine))
 
 
-__all__ = ["DeltaServer", "build_app", "BadRequest", "ConfigError"]
+__all__ = ["DeltaServer", "Ingress", "TenantDirectory", "build_app", "BadRequest", "ConfigError", "EngineStopped"]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from .config import DEPLOYMENT, IMPORT_PATH, ConfigError, parse_args, parse_tenants
+from .config import DEPLOYMENT, IMPORT_PATH, ConfigError, check_tenant_sets, parse_args, parse_tenants
 
 
 def load_config(path: str | Path) -> dict:
@@ -46,6 +46,7 @@ def validate(raw: dict, where: str = "config") -> None:
             for dep in app.get("deployments") or []:
                 if dep.get("name") == DEPLOYMENT:
                     parse_tenants(dep.get("user_config"), pool=args.pool)
+            check_tenant_sets(app)
         except ConfigError as e:
             raise ConfigError(f"{where}: applications[{i}] ({app.get('name')}): {e}") from None
 

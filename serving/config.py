@@ -1,6 +1,9 @@
 """The serve-config contract: what the operator generates and `deltafleet serve --config` reads (the owner module).
 
-A pool file is a standard Ray Serve config; each application is one base-model pool:
+A pool file is a standard Ray Serve config; each application is one base-model pool of
+three deployments — the Ingress (OpenAI API, keys, limits, streaming), the DeltaServer engine
+replicas (one base + the tenants each holds, batched together) and the TenantDirectory
+(which replica holds which tenant; the tenant-status route):
 
     applications:
       - name: <pool>                      # one application per base-model pool
@@ -10,22 +13,41 @@ A pool file is a standard Ray Serve config; each application is one base-model p
                max_batch_size: 16, max_queue: 256, gpu_bank_bytes: <int>, cpu_bank_bytes: <int>,
                store_root: <optional dir; delta URIs must resolve inside it>, max_request_bytes: 4194304,
                kv_cache_bytes: <optional int>, kv_block_size: 16, max_step_tokens: 512,
-               decode_mode: auto, prefix_caching: true, auth: keys}   # or none: no API keys (local use only)
+               decode_mode: auto, prefix_caching: true, auth: keys,   # or none: no API keys (local use only)
+               placement: routed, max_tenants_per_replica: <optional int>}
         deployments:
+          - name: Ingress
+            num_replicas: 1
+            max_ongoing_requests: 4096        # async and light: the engine replicas limit the load
+            ray_actor_options: {num_cpus: 0}
+            user_config: <the tenant set, as below>
           - name: DeltaServer
             autoscaling_config: {min_replicas: 1, max_replicas: 4, target_ongoing_requests: 24}  # 1.5 x max_batch_size
             max_ongoing_requests: 288         # batch + max_queue + a batch: the engine refuses (429) before Serve
-            max_queued_requests: 128          # Ray's router: a safety net (Serve's own plain-text 503 past it)
+            max_queued_requests: 128          # Ray's router: a safety net (a 503 from the ingress past it)
             ray_actor_options: {num_gpus: 0, num_cpus: 1}
+            request_router_config:            # placement: routed (serving/routing.py)
+              request_router_class: deltafleet.serving.routing:TenantRouter
+              request_router_kwargs: {spread_at: 16}   # max_batch_size
             user_config:
               tenants:
                 "<namespace>/<name>": {uri: "file:///models/deltas/ns/name/g1/delta.safetensors",
                                        key_sha256: [<sha256 hex of each API key that may call it>]}
               status_key_sha256: <sha256 hex of the pool status key>   # optional; who may read TENANT_STATUS_ROUTE
+          - name: TenantDirectory
+            user_config: <the tenant set, as above>
+
+Placement (`args.placement`): `routed` (the default) sends each request to the DeltaServer
+replicas through a handle whose multiplexed model id is the tenant, so Ray Serve routes it
+to a replica that already holds the tenant (or, when none does or those are busy, to the
+one holding the fewest); a replica holds at most `max_tenants_per_replica` (default: what
+its bank's host tier fits) and lets the least recently used go. Tenant capacity grows with
+replicas. `all`: every replica loads every tenant (a small pool, every tenant instant
+everywhere; capacity is one replica's).
 
 `serve_application(args, tenants, **deployment_options)` builds one such application (the
 operator's serveconfig.py, `deltafleet demo` and the tests use it, so the import path and the
-deployment name are spelled only here). A pool name is a DNS label (`POOL_NAME_PATTERN`, at
+deployment names are spelled only here); the options are the DeltaServer deployment's. A pool name is a DNS label (`POOL_NAME_PATTERN`, at
 most `POOL_NAME_MAX_LENGTH`): the operator's FineTune schema and `AppArgs.pool` use the same rule.
 
 `args` -> `AppArgs` (fixed for the replica's life); `user_config` -> `TenantsConfig`
@@ -39,10 +61,13 @@ other model, existing or not, is a 404), and the base model to any valid key; no
 unknown one is a 401. The config holds digests only, so it never carries a usable key, and a
 new config (a rotated key) takes effect at `reconfigure()`, without a restart.
 
-Tenant states (`GET /<pool>` + `TENANT_STATUS_ROUTE`): each replica answers a `TenantStatesReport`,
-`{"replica": <id>, "tenants": {"<tenant>": {"state": loading|ready|failed, "error": <str|null>}}}`
-for the tenants it holds; the operator reads it with `parse_tenant_states` (a body that is not
-one is refused with one line naming the field). With `auth: none` the route is open; with
+Tenant states (`GET /<pool>` + `TENANT_STATUS_ROUTE`): the ingress answers the directory's
+`TenantStatesReport`, `{"replica": <ingress id>, "replicas": [<engine replica ids>], "tenants":
+{"<tenant>": {"state": loading|ready|failed, "error": <str|null>, "replicas": [<ids holding it now>]}}}`
+for every tenant of the pool: ready = its delta loaded on some replica (by traffic or by the
+directory's load check), failed = a load of it failed (the replica's message); the operator
+reads it with `parse_tenant_states` (a body that is not one is refused with one line naming
+the field). With `auth: none` the route is open; with
 `auth: keys` only a bearer key whose sha256 is `user_config.status_key_sha256` reads it (the
 operator's status key), and anyone else gets the 404 of an unknown route, so tenant names
 never leak to callers.
@@ -65,7 +90,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 # The contract's names, owned here and imported by the operator (operator/serveconfig.py,
 # operator/replica_status.py, operator/api.py): this module is torch-free so the operator image can import it.
 IMPORT_PATH = "deltafleet.serving.app:build_app"
-DEPLOYMENT = "DeltaServer"
+INGRESS = "Ingress"  # the HTTP deployment: OpenAI API, keys, limits; calls DEPLOYMENT through a handle
+DEPLOYMENT = "DeltaServer"  # the engine deployment: the replicas that hold tenants and decode
+DIRECTORY = "TenantDirectory"  # which replica holds which tenant (TENANT_STATUS_ROUTE)
+ROUTER_CLASS = "deltafleet.serving.routing:TenantRouter"  # the engine deployment's request router (placement: routed)
+TENANT_SET_DEPLOYMENTS = (INGRESS, DEPLOYMENT, DIRECTORY)  # each takes the tenant set as its user_config
+INGRESS_MAX_ONGOING = 4096  # the ingress only awaits the engine: the engine replicas' limits answer first
+Placement = Literal["routed", "all"]
 DecodeMode = Literal["auto", "graphs", "static", "dynamic"]
 DECODE_MODES = DecodeMode.__args__
 BASE_ALIASES = ("base",)  # OpenAI `model` names that mean the pool's base model (besides the pool name)
@@ -113,6 +144,12 @@ class AppArgs(BaseModel):
     decode_mode: DecodeMode = Field(
         "auto", description="decode-only steps: graphs (fixed-shape buckets replayed as CUDA graphs), static (the same "
         "buckets run eagerly), dynamic (packed, no padding); auto = graphs on CUDA, dynamic on CPU")
+    placement: Placement = Field(
+        "routed", description="routed: a tenant is loaded on the replicas its requests are routed to (Serve's "
+        "multiplexing), so tenant capacity grows with replicas; all: every replica loads every tenant")
+    max_tenants_per_replica: int | None = Field(
+        None, ge=1, le=65536, description="tenants one replica holds at most under placement: routed, dropping the "
+        "least recently used (default: what its bank's host tier fits)")
     prefix_caching: bool = Field(
         True, description="reuse the KV blocks of a prompt prefix computed earlier for the same tenant (keyed by "
         "the tenant's registration and the tokens: never across tenants)")
@@ -184,40 +221,77 @@ class TenantsConfig(BaseModel):
         return v
 
 
+class TenantReport(BaseModel):
+    """One tenant on one engine replica, as the replica reports it to the directory."""
+
+    model_config = ConfigDict(extra="ignore")
+    state: TenantStateName
+    error: str | None = None
+    uri: str = ""  # the delta it holds (a tenant's new delta is another URI)
+
+
 class TenantLoadState(BaseModel):
-    """One tenant's delta on a replica."""
+    """One tenant of the pool: whether its delta loads, and the replicas holding it now."""
 
     model_config = ConfigDict(extra="ignore")  # a newer replica's extra fields do not break an older reader
     state: TenantStateName
     error: str | None = Field(None, description="why it is failed (or still loading after failed reads)")
+    replicas: list[str] = Field(default_factory=list, description="engine replicas holding it now")
 
 
 class TenantStatesReport(BaseModel):
-    """The body of TENANT_STATUS_ROUTE: the replica that answered and the tenants it holds.
-    serving/app.py builds and serializes it; operator/replica_status.py validates it."""
+    """The body of TENANT_STATUS_ROUTE: who answered, the pool's live engine replicas and every
+    tenant's state. serving/directory.py builds it, the ingress serializes it, and
+    operator/replica_status.py validates it."""
 
     model_config = ConfigDict(extra="ignore")
     replica: str = ""
+    replicas: list[str] = Field(default_factory=list)
     tenants: dict[str, TenantLoadState]
 
 
-def serve_application(args: AppArgs | dict, tenants: TenantsConfig | dict, **deployment: object) -> dict:
+def serve_application(args: AppArgs | dict, tenants: TenantsConfig | dict, ingress_replicas: int = 1,
+                      **deployment: object) -> dict:
     """One application of a serve config, validated as replicas will: the pool `args`, its
     DeltaServer deployment with the given Ray Serve options (autoscaling_config, num_replicas,
-    max_ongoing_requests, ray_actor_options, ...) and the tenant set as its user_config.
+    max_ongoing_requests, ray_actor_options, ...), `ingress_replicas` Ingress replicas, one
+    TenantDirectory, and the tenant set as each one's user_config.
     Raises ConfigError for what a replica would refuse."""
     args = args if isinstance(args, AppArgs) else parse_args(args)
     raw_tenants = tenants.model_dump() if isinstance(tenants, TenantsConfig) else tenants
-    user_config = parse_tenants(raw_tenants, pool=args.pool)
+    tenant_set = parse_tenants(raw_tenants, pool=args.pool)
+    if args.placement == "routed":  # a holder is free while it has less than a batch in flight (serving/routing.py)
+        router = {"request_router_class": ROUTER_CLASS, "request_router_kwargs": {"spread_at": args.max_batch_size}}
+        deployment = {"request_router_config": router, **deployment}
+
+    def user_config() -> dict:  # one copy each: a YAML dump would otherwise write aliases
+        return tenant_set.model_dump(exclude_defaults=True)
+
     return {
         "name": args.pool,
         "route_prefix": f"/{args.pool}",
         "import_path": IMPORT_PATH,
         "args": args.model_dump(exclude_unset=True),
         "deployments": [
-            {"name": DEPLOYMENT, **deployment, "user_config": user_config.model_dump(exclude_defaults=True)},
+            {"name": DEPLOYMENT, **deployment, "user_config": user_config()},
+            {"name": INGRESS, "num_replicas": ingress_replicas, "max_ongoing_requests": INGRESS_MAX_ONGOING,
+             "ray_actor_options": {"num_cpus": 0}, "user_config": user_config()},
+            {"name": DIRECTORY, "user_config": user_config()},
         ],
     }
+
+
+def check_tenant_sets(app: dict) -> None:
+    """The three deployments of an application must take the same tenant set: a hand-written
+    config that gives it to the DeltaServer only would leave the ingress serving no tenant."""
+    sets = {dep.get("name"): dep.get("user_config") for dep in app.get("deployments") or []
+            if dep.get("name") in TENANT_SET_DEPLOYMENTS}
+    if not any(sets.values()):
+        return
+    differ = [name for name in TENANT_SET_DEPLOYMENTS if sets.get(name) != sets.get(DEPLOYMENT)]
+    if differ:
+        raise ConfigError(f"deployments {', '.join(TENANT_SET_DEPLOYMENTS)} must each list the same user_config (the "
+                          f"tenant set); {', '.join(differ)} differs or is missing (a YAML anchor writes it once)")
 
 
 def parse_args(raw: dict) -> AppArgs:

@@ -69,7 +69,7 @@ log = logging.getLogger("deltafleet.serving")
 BASE_TENANT = None  # the tenant value meaning "the base model itself"
 # AppArgs fields that configure the Ray application, not the engine (every other field is an
 # Engine parameter of the same name: `Engine.from_args`).
-APP_ONLY_ARGS = frozenset({"pool", "store_root", "max_request_bytes", "auth"})
+APP_ONLY_ARGS = frozenset({"pool", "store_root", "max_request_bytes", "auth", "placement", "max_tenants_per_replica"})
 # Admission reserves KV blocks for up to this many more tokens of each admitted sequence, so
 # sequences admitted together can decode that far without preempting each other.
 KV_GROWTH_HORIZON = 256

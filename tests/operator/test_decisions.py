@@ -161,13 +161,23 @@ def test_serving(sentence, model, conflict, app, error, status, reason, endpoint
 
 
 def test_a_failed_load_shows_the_replicas_own_error_and_which_replica():
-    report = ReplicaReport({"team-a/bot": TenantState("failed", "/models/deltas/team-a/bot/g1/delta.safetensors: No such file\n")},
-                           replica="abc123")
+    report = ReplicaReport({"team-a/bot": TenantState(
+        "failed", "replica abc123: /models/deltas/team-a/bot/g1/delta.safetensors: No such file\n", replicas=1)},
+        replica="ingress-1", replicas=2)
     d = serve("team-a/bot", None, running(report), None)
     assert (d.status, d.reason) == (FALSE, Reason.TENANT_LOAD_FAILED)
-    assert d.message == ("model 'team-a/bot' failed to load on replica abc123 of application 'p': "
-                         "/models/deltas/team-a/bot/g1/delta.safetensors: No such file")
-    assert "endpoint" not in d.fields
+    assert d.message == ("model 'team-a/bot' failed to load in application 'p': "
+                         "replica abc123: /models/deltas/team-a/bot/g1/delta.safetensors: No such file")
+    assert "endpoint" not in d.fields and d.fields["replicas"] == 1
+
+
+def test_a_served_tenant_says_how_many_replicas_hold_it_now():
+    report = ReplicaReport({"team-a/bot": TenantState("ready", replicas=2)}, replica="ingress-1", replicas=8)
+    d = serve("team-a/bot", None, running(report), None)
+    assert d.status == TRUE and d.fields["replicas"] == 2 and d.message.endswith("(held by 2 of 8 replicas now)")
+    idle = ReplicaReport({"team-a/bot": TenantState("ready", replicas=0)}, replica="ingress-1", replicas=8)
+    d = serve("team-a/bot", None, running(idle), None)  # loaded once (its delta loads); no replica holds it now
+    assert d.status == TRUE and d.fields["replicas"] == 0
 
 
 def test_unreadable_tenant_states_say_why():
@@ -224,7 +234,7 @@ def test_an_out_of_memory_kill_names_itself_in_the_failure():
 def test_a_tenant_whose_pool_needs_keys_it_has_not_got_is_not_served_and_says_why():
     d = serve(None, None, RUNNING_APP, None, keys_problem="API key Secret team-a/bot-keys not found")
     assert (d.status, d.reason, d.message) == (FALSE, Reason.API_KEYS_MISSING, "API key Secret team-a/bot-keys not found")
-    assert d.fields == {"endpoint": None}
+    assert d.fields == {"endpoint": None, "replicas": None}
 
 
 POLICY = [

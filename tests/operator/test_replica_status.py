@@ -107,25 +107,32 @@ def test_an_answer_that_is_not_a_replicas_is_unreadable_and_says_which_field(rep
 
 
 def test_the_body_the_route_builds_is_what_the_operator_reads():
-    """One side's output fed to the other's validation: DeltaServer's own tenant-states handler
-    (over a bank holding a tenant in each state, with the bank's own state names) as JSON, read
-    by the operator's parser. The real route over Ray: tests/serving/test_ray_app.py."""
+    """One side's output fed to the other's validation, along the whole chain: an engine
+    replica's own report of its bank (a tenant in each of the bank's states), taken by the
+    pool's TenantDirectory, whose states() the route answers, as JSON, read by the operator's
+    parser. The real route over Ray: tests/serving/test_ray_app.py."""
     pytest.importorskip("ray")
-    import asyncio
     from types import SimpleNamespace
 
-    from deltafleet.serving.app import DeltaServer
     from deltafleet.serving.bank import FAILED, LOADING, READY
+    from deltafleet.serving.directory import TenantDirectory
+    from deltafleet.serving.replica import DeltaServer
 
     held = {"a/ready": SimpleNamespace(status=READY, error=None), "a/loading": SimpleNamespace(status=LOADING, error=None),
             "a/failed": SimpleNamespace(status=FAILED, error="no such file")}
-    bank = SimpleNamespace(names=lambda: [*held, "a/unloaded"], status=held.get)
-    server = SimpleNamespace(engine=SimpleNamespace(bank=bank), _may_read_states=lambda request: True)
-    body = json.loads(json.dumps(asyncio.run(DeltaServer.func_or_class.tenant_states(server, None))))
+    bank = SimpleNamespace(names=lambda: list(held), status=held.get)
+    uris = {name: f"file:///store/{name}.safetensors" for name in [*held, "a/unloaded"]}
+    replica = SimpleNamespace(engine=SimpleNamespace(bank=bank), dropped=set(), failures={}, uris=uris)
+    reported = {name: r.model_dump() for name, r in DeltaServer.func_or_class.held(replica).items()}
+
+    directory = TenantDirectory.func_or_class({"pool": "p", "base_model": "/base", "placement": "all"}, None)
+    directory.reconfigure({"tenants": {name: {"uri": uri} for name, uri in uris.items()}})
+    directory.report("r1", reported)
+    body = json.loads(json.dumps(directory.states("ingress-1")))
     report = rs.parse_report(body, "the route")
-    assert report.error == "" and report.replica == body["replica"] != ""
-    assert report.tenants == {"a/ready": TenantState("ready"), "a/loading": TenantState("loading"),
-                              "a/failed": TenantState("failed", "no such file")}
+    assert report.error == "" and report.replica == "ingress-1" and report.replicas == 1
+    assert report.tenants == {"a/ready": TenantState("ready", replicas=1), "a/loading": TenantState("loading"),
+                              "a/failed": TenantState("failed", "replica r1: no such file"), "a/unloaded": TenantState("loading")}
 
 
 def test_nothing_listening_is_unreadable():

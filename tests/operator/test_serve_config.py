@@ -23,6 +23,7 @@ def tenant(name, ns="team-a", base="bases/tiny", created="2026-01-01T00:00:00Z",
 def test_contract_shape_of_one_pool():
     t = tenant("bot", pool="tiny", maxReplicas=4, gpusPerReplica=0)
     config = sc.build_serve_config([t], SETTINGS)
+    tenants = {"tenants": {"team-a/bot": {"uri": "file:///mnt/store/deltas/team-a/bot/g1/delta.safetensors"}}}
     assert config == {"applications": [{
         "name": "tiny",
         "route_prefix": "/tiny",
@@ -35,7 +36,14 @@ def test_contract_shape_of_one_pool():
             "max_ongoing_requests": 288,  # batch + the engine's queue of 256 + a batch: the engine refuses first
             "max_queued_requests": 128,
             "ray_actor_options": {"num_gpus": 0, "num_cpus": 1},
-            "user_config": {"tenants": {"team-a/bot": {"uri": "file:///mnt/store/deltas/team-a/bot/g1/delta.safetensors"}}},
+            "request_router_config": {"request_router_class": "deltafleet.serving.routing:TenantRouter",
+                                      "request_router_kwargs": {"spread_at": 16}},  # a holder is free below a batch
+            "user_config": tenants,
+        }, {
+            "name": "Ingress", "num_replicas": 1, "max_ongoing_requests": 4096, "ray_actor_options": {"num_cpus": 0},
+            "user_config": tenants,
+        }, {
+            "name": "TenantDirectory", "user_config": tenants,
         }],
     }]}
 

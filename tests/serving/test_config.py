@@ -62,15 +62,25 @@ def test_cli_refuses_bad_configs_with_one_line(tmp_path, capsys):
 def test_one_builder_makes_every_application_and_refuses_what_a_replica_would():
     """serve_application: the operator, the demo and the tests build a pool's application
     with it, so the import path and the deployment name are spelled once."""
-    from deltafleet.serving.config import DEPLOYMENT, IMPORT_PATH, AppArgs, TenantsConfig, serve_application
+    from deltafleet.serving.config import (
+        DEPLOYMENT, DIRECTORY, IMPORT_PATH, INGRESS, AppArgs, TenantsConfig, serve_application,
+    )
 
     args = {"pool": "p", "base_model": "/m/b", "auth": "none"}
     tenants = {"tenants": {"a/b": {"uri": "/m/d.safetensors"}}}
     app = serve_application(args, tenants, num_replicas=2)
-    assert app == {"name": "p", "route_prefix": "/p", "import_path": IMPORT_PATH, "args": args,
-                   "deployments": [{"name": DEPLOYMENT, "num_replicas": 2, "user_config": tenants}]}
+    router = {"request_router_class": "deltafleet.serving.routing:TenantRouter", "request_router_kwargs": {"spread_at": 16}}
+    assert app == {"name": "p", "route_prefix": "/p", "import_path": IMPORT_PATH, "args": args, "deployments": [
+        {"name": DEPLOYMENT, "request_router_config": router, "num_replicas": 2, "user_config": tenants},
+        {"name": INGRESS, "num_replicas": 1, "max_ongoing_requests": 4096, "ray_actor_options": {"num_cpus": 0},
+         "user_config": tenants},
+        {"name": DIRECTORY, "user_config": tenants}]}
     assert serve_application(AppArgs(**args), TenantsConfig.model_validate(tenants), num_replicas=2) == app
     validate({"applications": [app]})  # Ray Serve's schema and `deltafleet serve --config`'s checks
+    # A hand-written config that gives the tenants to the engine only would serve none of them: refused.
+    only_engine = {**app, "deployments": [app["deployments"][0], {"name": INGRESS}]}
+    with pytest.raises(ConfigError, match=r"applications\[0\] \(p\): .*Ingress, TenantDirectory differs or is missing"):
+        validate({"applications": [only_engine]})
     with pytest.raises(ConfigError, match="pool's own name"):
         serve_application(args, {"tenants": {"p": {"uri": "/m/d"}}})
     with pytest.raises(ConfigError, match=r"^args\.pool: "):

@@ -10,6 +10,7 @@ import threading
 import time
 
 import pytest
+import torch
 
 from deltafleet.serving.engine import Engine, EngineStopped
 from deltafleet.serving.sampling import SamplingParams
@@ -79,7 +80,7 @@ def test_the_output_thread_stopping_fails_streams_and_the_health_check(engine, m
 
 
 def test_a_sticky_device_error_fails_the_health_check(toy, monkeypatch):
-    from deltafleet.serving.app import DeltaServer
+    from deltafleet.serving.replica import DeltaServer
 
     eng = Engine(str(toy.base_dir), device="cpu", dtype="float32", max_batch_size=4)
     try:
@@ -104,7 +105,7 @@ def test_a_client_who_leaves_while_its_prompt_is_tokenized_costs_no_step(engine,
     a request generating for nobody (before: 247 tokens for a chat nobody read)."""
     import asyncio
 
-    from deltafleet.serving.app import submitted
+    from deltafleet.serving.replica import submitted
 
     steps, original = [], engine.encode
 
@@ -135,24 +136,18 @@ def test_an_errored_stream_ends_with_the_error_event_and_no_done(engine):
     import json
     from types import SimpleNamespace
 
-    from deltafleet.serving.app import DeltaServer
+    from deltafleet.serving.app import Ingress
     from deltafleet.serving.engine import TenantUnavailable
     from deltafleet.serving.openai_api import completion_body
     from deltafleet.serving.output import Event
 
     recorded = []
-    replica = SimpleNamespace(_record=lambda *a: recorded.append(a))
-    stream = SimpleNamespace(cancel=lambda: None)
-    events = [Event("b", [5]), Event("", [], error=TenantUnavailable("model 'm' was removed"))]
-
-    async def aiter():
-        for ev in events:
-            yield ev
-
+    ingress = SimpleNamespace(_record=lambda *a: recorded.append(a))
+    stream = _Streamed([Event("b", [5]), Event("", [], error=TenantUnavailable("model 'm' was removed"))])
     body = SimpleNamespace(model="m", include_usage=False)
 
     async def collect():
-        gen = DeltaServer.func_or_class._sse(replica, stream, aiter(), Event("a", [4]), "id", body, completion_body, 0.0, 0.1)
+        gen = Ingress.func_or_class._sse(ingress, stream, Event("a", [4]), "id", body, completion_body, 0.0, 0.1)
         return [chunk async for chunk in gen]
 
     chunks = asyncio.run(collect())
@@ -224,23 +219,72 @@ def test_a_non_streaming_request_that_fails_mid_generation_is_recorded_with_its_
 
     from starlette.requests import Request
 
-    from deltafleet.serving.app import DeltaServer
-    from deltafleet.serving.engine import RequestStream, TenantUnavailable
+    from deltafleet.serving.app import Ingress
+    from deltafleet.serving.engine import TenantUnavailable
     from deltafleet.serving.openai_api import CompletionRequest, completion_body
     from deltafleet.serving.output import Event
 
-    def submit(tenant, prompt, params, loop, abandoned):
-        stream = RequestStream(loop)
-        stream.put(Event("a", [4], prompt_tokens=3, completion_tokens=1))
-        stream.put(Event("", [], error=TenantUnavailable("model 'm' was removed")))
-        return stream
-
+    # What the engine replica streams back through the handle: a token, then the failure.
+    events = [Event("a", [4], prompt_tokens=3, completion_tokens=1), Event("", [], error=TenantUnavailable("model 'm' was removed"))]
     recorded = []
-    replica = SimpleNamespace(_caller=lambda request: None, _may_call=lambda allowed, model: True, base_names=("pool",),
-                              engine=SimpleNamespace(submit=submit), _record=lambda *a: recorded.append(a))
+    ingress = SimpleNamespace(_caller=lambda request: None, _may_call=lambda allowed, model: True, base_names=("pool",),
+                              _call=lambda tenant, body: _Streamed(events), _record=lambda *a: recorded.append(a))
     body = CompletionRequest.model_validate({"model": "m", "prompt": "hi"})
-    response = asyncio.run(DeltaServer.func_or_class._serve(replica, body, "hi", completion_body, "cmpl",
-                                                            Request({"type": "http", "headers": []}), 16))
+    response = asyncio.run(Ingress.func_or_class._serve(ingress, body, completion_body, "cmpl",
+                                                        Request({"type": "http", "headers": []})))
     assert response.status_code == 503
     assert json.loads(response.body)["error"]["type"] == "tenant_unavailable"
     assert [r[:4] for r in recorded] == [("m", "tenant_unavailable", 3, 1)]
+
+
+class _Streamed:
+    """An engine call's answer as the ingress sees it (a DeploymentResponseGenerator): Events, then the end."""
+
+    def __init__(self, events):
+        self.events, self.cancelled = list(events), False
+
+    async def __anext__(self):
+        if not self.events:
+            raise StopAsyncIteration
+        return self.events.pop(0)
+
+    def cancel(self):
+        self.cancelled = True
+
+
+def test_a_delta_read_while_a_step_swaps_a_norm_weight_for_its_per_token_stack_is_accepted(toy, engine):
+    """The per-token norm hook runs the norm under torch.func.functional_call, which swaps its
+    weight for the step's [B, S, H] stack; a delta read on the loader thread meanwhile must be
+    checked against the base's shapes, not the swapped ones (before: 'model.norm.weight has
+    shape (64,), the base has (1, 2, 64)', and a good delta FAILED for good)."""
+    norm = engine.model.model.norm
+    hidden = norm.weight.shape[0]
+    seen = []
+    hook = norm.register_forward_hook(lambda mod, args, out: seen.append(engine.bank._read(toy.deltas["team-a/alpha"])))
+    try:
+        torch.func.functional_call(norm, {"weight": torch.ones(1, 2, hidden)}, (torch.randn(1, 2, hidden),))
+    finally:
+        hook.remove()
+    assert seen and "model.norm.weight" in seen[0].whole  # read, verified and checked while swapped
+
+
+def test_an_engine_call_that_fails_in_ray_is_an_openai_error_with_retry_after():
+    """Between the ingress and an engine replica: Serve's queue full is a 429, a replica gone
+    (or any other failure of the call) a 503 engine_unavailable; never a bare 500."""
+    from ray.serve.exceptions import BackPressureError
+
+    from deltafleet.serving.app import _error, _next
+
+    class Failing:
+        def __init__(self, e):
+            self.e = e
+
+        async def __anext__(self):
+            raise self.e
+
+    full = asyncio.run(_next(Failing(BackPressureError(num_queued_requests=128, max_queued_requests=128)))).error
+    gone = asyncio.run(_next(Failing(RuntimeError("The actor died unexpectedly")))).error
+    assert (full.status, full.type) == (429, "overloaded") and "at capacity" in str(full)
+    assert (gone.status, gone.type) == (503, "engine_unavailable") and "The actor died unexpectedly" in str(gone)
+    for e in (full, gone):
+        assert _error(e).headers["retry-after"] == "1"

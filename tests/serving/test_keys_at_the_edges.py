@@ -10,7 +10,7 @@ pytest.importorskip("fastapi")  # the app's side (not on the GPU machine, where 
 pytest.importorskip("ray")
 from starlette.requests import Request  # noqa: E402
 
-from deltafleet.serving.app import DeltaServer, Unauthorized  # noqa: E402
+from deltafleet.serving.app import Ingress, Unauthorized  # noqa: E402
 from deltafleet.serving.config import ConfigError, key_digest, parse_tenants  # noqa: E402
 
 KEY = "sk-team-a-0123456789abcdef0123456789abcdef"
@@ -20,21 +20,21 @@ def _request(*authorization: str) -> Request:
     return Request({"type": "http", "headers": [(b"authorization", v.encode()) for v in authorization]})
 
 
-def _replica() -> SimpleNamespace:
+def _ingress() -> SimpleNamespace:
     return SimpleNamespace(args=SimpleNamespace(auth="keys"), key_tenants={key_digest(KEY): frozenset({"team-a/bot"})},
                            status_key_sha256=key_digest(KEY))
 
 
 def test_one_bearer_key_selects_its_tenants():
-    assert DeltaServer.func_or_class._caller(_replica(), _request(f"Bearer {KEY}")) == {"team-a/bot"}
+    assert Ingress.func_or_class._caller(_ingress(), _request(f"Bearer {KEY}")) == {"team-a/bot"}
 
 
 def test_two_authorization_headers_are_refused_even_when_one_key_is_valid():
     for headers in ((f"Bearer {KEY}", "Bearer other"), ("Bearer other", f"Bearer {KEY}"), (f"Bearer {KEY}",) * 2):
         with pytest.raises(Unauthorized, match="2 Authorization headers") as e:
-            DeltaServer.func_or_class._caller(_replica(), _request(*headers))
+            Ingress.func_or_class._caller(_ingress(), _request(*headers))
         assert e.value.status == 401 and KEY not in str(e.value)
-    assert not DeltaServer.func_or_class._may_read_states(_replica(), _request(f"Bearer {KEY}", "Bearer x"))
+    assert not Ingress.func_or_class._may_read_states(_ingress(), _request(f"Bearer {KEY}", "Bearer x"))
 
 
 @pytest.mark.parametrize("config", [

@@ -50,14 +50,14 @@ def url(toy):
         ray.shutdown()
 
 
-def _wait_ready(base: str, names: list[str], timeout: float = 120) -> dict:
+def _wait_ready(base: str, names: list[str], timeout: float = 300) -> dict:
     import time
 
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline:  # ready: loaded by the pool's load check on the replica they are routed to
         try:
-            r = httpx.get(f"{base}/debug/replica", timeout=10)
-            if r.status_code == 200 and all(r.json()["bank"]["tenants"].get(n) == "ready" for n in names):
+            r = httpx.get(f"{base}/-/tenants", timeout=10)
+            if r.status_code == 200 and all(r.json()["tenants"].get(n, {}).get("state") == "ready" for n in names):
                 return r.json()
         except httpx.HTTPError:
             pass
@@ -125,15 +125,18 @@ def test_tenant_states_are_open_on_a_pool_without_keys(url):
     r = httpx.get(f"{url}/-/tenants")
     assert r.status_code == 200, r.text
     body = r.json()
-    assert body["tenants"] == {"team-a/alpha": {"state": "ready", "error": None}, "team-a/beta": {"state": "ready", "error": None}}
-    assert body["replica"]
+    assert {n: (t["state"], t["error"]) for n, t in body["tenants"].items()} == {"team-a/alpha": ("ready", None),
+                                                                                  "team-a/beta": ("ready", None)}
+    assert body["replica"] and len(body["replicas"]) == 1  # the ingress that answered; the one engine replica
+    for t in body["tenants"].values():  # the load check left each on the pool's one replica
+        assert t["replicas"] == body["replicas"]
     # the real route's body is what the operator's parser accepts (one model on both sides)
     from deltafleet.operator.backend import TenantState
     from deltafleet.operator.replica_status import parse_report
 
     report = parse_report(body, url)
     assert report.error == "" and report.replica == body["replica"]
-    assert report.tenants == {"team-a/alpha": TenantState("ready"), "team-a/beta": TenantState("ready")}
+    assert report.tenants == {"team-a/alpha": TenantState("ready", replicas=1), "team-a/beta": TenantState("ready", replicas=1)}
 
 
 def _error(r: httpx.Response, status: int) -> dict:
@@ -176,9 +179,11 @@ def test_tenant_hot_added_without_restarting_the_replica(url, toy):
     before = httpx.get(f"{url}/debug/replica").json()
     assert "team-b/gamma" not in before["bank"]["tenants"]
     _deploy(toy, ["team-a/alpha", "team-b/gamma"], urlparse(url).port)  # beta removed, gamma added
-    after = _wait_ready(url, ["team-b/gamma"])
+    states = _wait_ready(url, ["team-b/gamma"])
+    assert set(states["tenants"]) == {"team-a/alpha", "team-b/gamma"}
+    after = httpx.get(f"{url}/debug/replica").json()
     assert after["pid"] == before["pid"]
-    assert "team-a/beta" not in after["bank"]["tenants"]
+    assert "team-a/beta" not in after["bank"]["tenants"] and after["bank"]["tenants"]["team-b/gamma"] == "ready"
     assert _complete(url, "team-b/gamma", "one base saves")["choices"][0]["text"]
     r = httpx.post(f"{url}/v1/completions", json={"model": "team-a/beta", "prompt": "hi"})
     assert r.status_code == 404
@@ -190,7 +195,7 @@ def _post(url, model, key=None):
                       headers=headers, timeout=120)
 
 
-def _wait_status(url, model, key, status, timeout=120):
+def _wait_status(url, model, key, status, timeout=300):
     import time
 
     deadline = time.monotonic() + timeout

@@ -1,7 +1,9 @@
 """A saturated pool answers every case with its status and an OpenAI-shaped body (issue 23,
 point 8): the real FastAPI app, driven in-process over ASGI, on one replica built by its own
-__init__ and reconfigure (Serve's replica context is the only thing stood in for). Batch 1,
-a 4-deep queue (2 per tenant); no API key ever reaches a log record or an answer."""
+__init__ and reconfigure, its ingress calling it in-process (Serve's replica context and the
+handle between the two are the only things stood in for; placement: all, so no Serve
+multiplexing is needed). Batch 1, a 4-deep queue (2 per tenant); no API key ever reaches a
+log record or an answer."""
 
 from __future__ import annotations
 
@@ -27,19 +29,59 @@ GOOD = {"Authorization": f"Bearer {KEY}"}
 POOL = "toy"
 
 
+class InProcessHandle:
+    """The DeploymentHandle from the ingress to one engine replica, in this process:
+    `.options(...).generate.remote(...)` streams the replica's own generator; `cancel()` closes it
+    (as Serve cancels the replica's call when the client leaves)."""
+
+    def __init__(self, replica):
+        self.replica = replica
+
+    def options(self, **kw):
+        return self
+
+    @property
+    def generate(self):
+        replica = self.replica
+
+        class Call:
+            @staticmethod
+            def remote(tenant, body):
+                agen = replica.generate(tenant, body)
+
+                class Streamed:
+                    __anext__ = agen.__anext__
+
+                    @staticmethod
+                    def cancel():
+                        asyncio.ensure_future(agen.aclose())
+
+                return Streamed()
+
+        return Call
+
+
+def _ingress(*args):
+    cls = app_module.Ingress.func_or_class.__mro__[1]  # the class as written (serve.ingress wraps it)
+    obj = cls.__new__(cls)
+    cls.__init__(obj, *args)
+    return obj
+
+
 @pytest.fixture
 def replica(toy, monkeypatch, tmp_path):
-    cls = app_module.DeltaServer.func_or_class.__mro__[1]  # the class as written (Serve wraps it)
-    r = cls.__new__(cls)
-    cls.__init__(r, {"pool": POOL, "base_model": str(toy.base_dir), "device": "cpu", "dtype": "float32",
-                     "max_batch_size": 1, "max_queue": 4, "max_queue_per_tenant": 2, "queue_timeout_s": 600,
-                     "load_timeout_s": 1})
+    args = {"pool": POOL, "base_model": str(toy.base_dir), "device": "cpu", "dtype": "float32", "max_batch_size": 1,
+            "max_queue": 4, "max_queue_per_tenant": 2, "queue_timeout_s": 600, "load_timeout_s": 1, "placement": "all"}
+    r = app_module.DeltaServer.func_or_class(args)
+    ingress = _ingress(args, InProcessHandle(r), None)
     tenants = {"team-a/alpha": toy.deltas["team-a/alpha"], "team-a/beta": toy.deltas["team-a/beta"], "team-a/broken": toy.corrupt,
                "team-a/late": tmp_path / "not-there-yet.safetensors"}  # retried for ~30 s before it counts as failed
-    r.reconfigure({"tenants": {n: {"uri": str(p), "key_sha256": [key_digest(KEY)]} for n, p in tenants.items()}})
+    user_config = {"tenants": {n: {"uri": str(p), "key_sha256": [key_digest(KEY)]} for n, p in tenants.items()}}
+    r.reconfigure(user_config)
+    ingress.reconfigure(user_config)
     r.engine.wait_ready(["team-a/alpha", "team-a/beta", "team-a/broken"])
-    # Serve's class-based routes get `self` from the replica context: this replica.
-    monkeypatch.setattr(serve, "get_replica_context", lambda: SimpleNamespace(servable_object=r))
+    # Serve's class-based routes get `self` from the replica context: the ingress.
+    monkeypatch.setattr(serve, "get_replica_context", lambda: SimpleNamespace(servable_object=ingress))
     yield r
     r.engine.close()
 
