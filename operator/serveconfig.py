@@ -97,6 +97,8 @@ def build_application(pool: str, tenants: list[Tenant], settings: Settings) -> d
         max_batch_size=settings.max_batch_size, store_root=settings.replica_store_path, auth=settings.serve_auth,
         # only when off: the default leaves existing pools' configs (and hashes) as they were
         **({"prefix_caching": False} if settings.serve_prefix_caching == "off" else {}),
+        **({"placement": settings.serve_placement} if settings.serve_placement != "routed" else {}),
+        **({"max_tenants_per_replica": settings.serve_max_tenants_per_replica} if settings.serve_max_tenants_per_replica else {}),
     )
     return serve_application(
         args,

@@ -59,6 +59,10 @@ class Settings:
     # on: replicas reuse a tenant's cached prompt prefixes (never across tenants); off: a
     # tenant's users cannot tell from latency that one of them sent the same prefix before.
     serve_prefix_caching: str = "on"
+    # routed: a tenant is loaded on the replicas its requests are routed to (capacity grows with
+    # replicas); all: every replica loads every tenant. 0 tenants per replica: the bank's default.
+    serve_placement: str = "routed"
+    serve_max_tenants_per_replica: int = 0
     serve_auth: str = "keys"  # keys: pools need API keys (from each FineTune's Secret); none: open pools (local use)
     # A file holding the pool status key (the chart mounts a Secret): its sha256 goes into every
     # pool's config and the key reads the replicas' tenant states (GET /<pool>/-/tenants), which
@@ -147,6 +151,10 @@ _FLAGS: tuple[tuple[str, str], ...] = (
     ("max_batch_size", "sequences a serving replica decodes per step"),
     ("serve_prefix_caching",
      "on: replicas reuse a tenant's own cached prompt prefixes (never another tenant's); off: never"),
+    ("serve_placement", "routed: Serve routes each tenant's requests to the replicas holding it, so tenant capacity grows "
+     "with replicas; all: every replica loads every tenant"),
+    ("serve_max_tenants_per_replica", "tenants one replica holds at most under routed placement (0: what its bank's host "
+     "tier fits)"),
     ("serve_auth", "keys: pools require each FineTune's API keys; none: no authentication (local use)"),
     ("serve_status_key_file",
      "file holding the pool status key that reads replicas' tenant states (GET /<pool>/-/tenants; needed with --serve-auth keys)"),
@@ -204,6 +212,7 @@ _CHOICES = {
     "dtype": ("auto", "float32", "float16", "bfloat16"),
     "serve_auth": ("keys", "none"),
     "serve_prefix_caching": ("on", "off"),
+    "serve_placement": ("routed", "all"),
     "policy_host_path": ("allow", "deny"),
     "log_level": ("debug", "info", "warning", "error"),
 }

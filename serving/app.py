@@ -17,8 +17,6 @@ deployment the new tenant set without restarting a replica.
 import asyncio
 import hmac
 import json
-import os
-import threading
 import time
 
 from fastapi import FastAPI, Request

@@ -157,6 +157,7 @@ def test_rbac_cluster_wide_vs_per_namespace(helm):
         (("surprise=1",), "additional properties 'surprise' not allowed"),
         (("serve.backend=grpc",), "at '/serve/backend': value must be one of 'rayservice', 'ray-api'"),
         (("serve.prefixCaching=maybe",), "at '/serve/prefixCaching': got string, want boolean"),
+        (("serve.placement=somewhere",), "at '/serve/placement': value must be one of 'routed', 'all'"),
         (("watch.allNamespaces=false",), "at '/watch/namespaces': minItems: got 0, want 1"),
         (("modelStore.claimName=a", "modelStore.hostPath=/b"), "modelStore: set one of claimName or hostPath, not both"),
     ],
@@ -185,7 +186,8 @@ def test_the_operator_understands_the_chart_settings(helm):
             "serve.rayApi.dashboardUrl=http://ray-head:8265", "compression.runAsUser=4242", "serve.auth=none",
             "policy.allowHostPath=true", "policy.allowedImages={reg/a:1,reg/b:2}", "policy.maxGpus=2",
             "policy.maxMemory=64Gi", "policy.maxDeadlineSeconds=3600", "serve.prefixCaching=false",
-            "policy.maxReplicasPerPool=16", "policy.maxGpusPerReplica=2")
+            "policy.maxReplicasPerPool=16", "policy.maxGpusPerReplica=2", "serve.placement=all",
+            "serve.maxTenantsPerReplica=48")
     container = by_kind(template(helm, *sets), "Deployment")[0]["spec"]["template"]["spec"]["containers"][0]
     env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
     for name in env:
@@ -202,11 +204,13 @@ def test_the_operator_understands_the_chart_settings(helm):
     assert (settings.policy_max_memory, settings.policy_max_deadline_seconds) == ("64Gi", 3600)
     assert (settings.policy_max_replicas, settings.policy_max_gpus_per_replica) == (16, 2.0)
     assert settings.serve_prefix_caching == "off"
+    assert (settings.serve_placement, settings.serve_max_tenants_per_replica) == ("all", 48)
     defaults, _ = parse_settings([], environ={e["name"]: e["value"] for e in by_kind(template(helm), "Deployment")[0]
                                               ["spec"]["template"]["spec"]["containers"][0]["env"] if "value" in e})
     assert (defaults.serve_auth, defaults.policy_host_path, defaults.policy_max_gpus) == ("keys", "deny", 8)
     assert (defaults.policy_max_replicas, defaults.policy_max_gpus_per_replica) == (8, 1.0)
     assert defaults.serve_prefix_caching == "on"
+    assert (defaults.serve_placement, defaults.serve_max_tenants_per_replica) == ("routed", 0)
 
 
 def test_ray_auth_token_comes_from_a_mounted_secret(helm):

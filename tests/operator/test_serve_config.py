@@ -60,6 +60,20 @@ def test_prefix_caching_off_reaches_every_pool_and_the_default_writes_nothing():
     assert off["args"]["prefix_caching"] is False and parse_args(off["args"]).prefix_caching is False
 
 
+def test_placement_settings_reach_every_pool_and_the_defaults_write_nothing():
+    from dataclasses import replace
+
+    from deltafleet.serving.config import parse_args
+
+    t = tenant("bot", pool="tiny")
+    [routed] = sc.build_serve_config([t], SETTINGS)["applications"]
+    assert "placement" not in routed["args"] and parse_args(routed["args"]).placement == "routed"
+    assert routed["deployments"][0]["request_router_config"]["request_router_kwargs"] == {"spread_at": 16}
+    [every] = sc.build_serve_config([t], replace(SETTINGS, serve_placement="all", serve_max_tenants_per_replica=64))["applications"]
+    assert (every["args"]["placement"], every["args"]["max_tenants_per_replica"]) == ("all", 64)
+    assert "request_router_config" not in every["deployments"][0]  # no multiplexed id to route by
+
+
 def test_two_tenants_one_base_make_one_application_two_bases_two():
     a, b = tenant("a", pool="p1"), tenant("b", ns="team-b", pool="p1", maxReplicas=8, targetOngoingRequests=2)
     c = tenant("c", base="bases/other", pool="p2")
