@@ -185,7 +185,7 @@ def test_a_tenant_whose_delta_cannot_be_loaded_is_never_ready_while_its_pool_mat
 
     gone = fts.wait_condition("gone", "Served", "False", 120, reason="TenantLoadFailed", log=op.log)
     served = fts.condition("gone", "Served")
-    assert served["message"].startswith(f"model '{namespace}/gone' failed to load on replica ")
+    assert served["message"].startswith(f"model '{namespace}/gone' failed to load in application 'pair': replica ")
     assert str(delta) in served["message"], served["message"]  # the replica's own error names the missing file
     assert gone["status"]["phase"] != "Serving" and fts.condition("gone", "Ready")["status"] == "False"
     assert "TenantLoadFailed" in fts.event_reasons("gone")

@@ -108,7 +108,7 @@ def _the_replicas_reports_decide_served(fts, op, namespace, serve_url, digests, 
         fts.wait_condition("a2", "Served", "False", 60, reason="TenantLoading", log=op.log)
         fts.wait_condition("b1", "Served", "False", 60, reason="TenantLoadFailed", log=op.log)
         assert fts.condition("b1", "Served")["message"] == (
-            f"model '{namespace}/b1' failed to load on replica fake-{pool_b} of application '{pool_b}': "
+            f"model '{namespace}/b1' failed to load in application '{pool_b}': "
             "/models/deltas/b1/g1/delta.safetensors: No such file")
         assert fts.condition("b1", "Ready")["status"] == "False" and "TenantLoadFailed" in fts.event_reasons("b1")
         assert {auth for _, auth in replicas.seen} == {"Bearer pool-status-key"}
