@@ -29,7 +29,7 @@ from pathlib import Path
 from ray import serve
 
 from .bank import FAILED, READY
-from .config import DEPLOYMENT, DIRECTORY, TenantReport, parse_args, parse_tenants, resolve_uri
+from .config import DEPLOYMENT, DIRECTORY, AppArgs, TenantReport, parse_args, parse_tenants, resolve_uri
 from .engine import BASE_TENANT, Engine, EngineError, Event, TenantUnavailable, UnknownTenant
 from .openai_api import ChatRequest, CompletionRequest, chat_prompt
 
@@ -84,13 +84,7 @@ class HeldTenant:
 
 # Above what the engine runs and queues at its defaults (a batch + max_queue, and a batch of
 # slack), so that the engine's OpenAI-shaped 429 comes first, never Serve's own rejection.
-def _max_ongoing() -> int:
-    from .config import AppArgs
-
-    return 2 * AppArgs.model_fields["max_batch_size"].default + AppArgs.model_fields["max_queue"].default
-
-
-MAX_ONGOING_REQUESTS = _max_ongoing()
+MAX_ONGOING_REQUESTS = 2 * AppArgs.model_fields["max_batch_size"].default + AppArgs.model_fields["max_queue"].default
 
 
 @serve.deployment(name=DEPLOYMENT, max_ongoing_requests=MAX_ONGOING_REQUESTS, health_check_period_s=10)
@@ -107,13 +101,12 @@ class DeltaServer:
         self.dropped: set[str] = set()  # let go by Serve's LRU while requests of it were in flight
         self.failures: dict[str, tuple[str, str, float]] = {}  # tenant -> (uri, why, when) of a failed load
         self._lock = threading.Lock()
-        capacity = self.args.max_tenants_per_replica or self.engine.bank.capacity()
-        self.capacity = capacity
+        self.capacity = self.args.max_tenants_per_replica or self.engine.bank.capacity()
 
         async def hold(tenant: str) -> HeldTenant:  # Serve's LRU of the tenants this replica holds
             return await self._load(tenant)
 
-        self.hold = serve.multiplexed(max_num_models_per_replica=capacity)(hold)
+        self.hold = serve.multiplexed(max_num_models_per_replica=self.capacity)(hold)
         self._stop = threading.Event()
         self._changed = threading.Event()
         if in_replica():  # in-process use (tests, tools) has no directory to report to
